@@ -1,0 +1,286 @@
+//! The event envelope and the event types that travel from gateways to workers
+//! (SPEC §7). One envelope per broker message; usage events of concurrent
+//! requests travel grouped in one `usage.batch` message, each with its own id.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// What every broker message carries. `message_id` on the AMQP properties is `id`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope {
+    pub id: Uuid,
+    #[serde(flatten)]
+    pub event: Event,
+    pub version: u32,
+    pub occurred_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+}
+
+/// Typed payloads; `type` names the variant and is also the routing key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", content = "data")]
+pub enum Event {
+    #[serde(rename = "usage.batch")]
+    UsageBatch(UsageBatch),
+    #[serde(rename = "session.upsert")]
+    SessionUpsert(SessionUpsert),
+    #[serde(rename = "credit.consume")]
+    CreditConsume(CreditConsume),
+    #[serde(rename = "credit.hold_opened")]
+    HoldOpened(HoldOpened),
+    #[serde(rename = "credit.hold_settled")]
+    HoldSettled(HoldSettled),
+    #[serde(rename = "credit.hold_released")]
+    HoldReleased(HoldReleased),
+    #[serde(rename = "user.preferences")]
+    UserPreferences(UserPreferences),
+    #[serde(rename = "user.activity")]
+    UserActivity(UserActivity),
+}
+
+impl Event {
+    /// Routing key on the topic exchange; also the envelope's `type`.
+    pub fn routing_key(&self) -> &'static str {
+        match self {
+            Event::UsageBatch(_) => "usage.batch",
+            Event::SessionUpsert(_) => "session.upsert",
+            Event::CreditConsume(_) => "credit.consume",
+            Event::HoldOpened(_) => "credit.hold_opened",
+            Event::HoldSettled(_) => "credit.hold_settled",
+            Event::HoldReleased(_) => "credit.hold_released",
+            Event::UserPreferences(_) => "user.preferences",
+            Event::UserActivity(_) => "user.activity",
+        }
+    }
+}
+
+impl Envelope {
+    pub fn new(event: Event, user_id: Option<String>, occurred_at: DateTime<Utc>) -> Self {
+        Self {
+            id: Uuid::new_v4(),
+            event,
+            version: ENVELOPE_VERSION,
+            occurred_at,
+            received_at: Utc::now(),
+            user_id,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an envelope always serializes")
+    }
+
+    /// Decodes a message body; an error means the message is poison.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let env: Envelope = serde_json::from_slice(bytes).map_err(DecodeError::Json)?;
+        if env.version != ENVELOPE_VERSION {
+            return Err(DecodeError::Version(env.version));
+        }
+        Ok(env)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("undecodable envelope: {0}")]
+    Json(serde_json::Error),
+    #[error("unsupported envelope version {0}")]
+    Version(u32),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UsageBatch {
+    pub events: Vec<UsageEvent>,
+}
+
+/// One tracked usage event, already validated by the gateway.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UsageEvent {
+    pub id: Uuid,
+    pub user_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    #[serde(flatten)]
+    pub detail: UsageDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum UsageDetail {
+    Model {
+        provider: String,
+        model: String,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        latency_ms: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        success: Option<bool>,
+    },
+    Feature {
+        feature: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        action: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        duration_ms: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionUpsert {
+    pub session_id: String,
+    pub user_id: String,
+    pub extension_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vscode_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_token: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Details of what a credit movement paid for; all optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CreditContext {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+/// A consume the gateway already granted (reserved in Redis); the worker settles
+/// it into the ledger. `transaction_id` is the ledger row's id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreditConsume {
+    pub transaction_id: Uuid,
+    pub user_id: String,
+    pub amount: i64,
+    #[serde(flatten)]
+    pub context: CreditContext,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HoldOpened {
+    pub hold_id: Uuid,
+    pub user_id: String,
+    pub amount: i64,
+    pub expires_at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub context: CreditContext,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HoldSettled {
+    pub hold_id: Uuid,
+    pub transaction_id: Uuid,
+    pub user_id: String,
+    /// The hold's full amount (lets the worker create the hold row if the
+    /// settle arrives before the open).
+    pub held: i64,
+    pub amount: i64,
+    #[serde(flatten)]
+    pub context: CreditContext,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HoldReleased {
+    pub hold_id: Uuid,
+    pub user_id: String,
+    pub held: i64,
+    /// `released` (DELETE) or `expired` (nobody settled it in time).
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserPreferences {
+    pub user_id: String,
+    /// Merged into the stored preferences (a JSON object).
+    pub patch: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserActivity {
+    pub user_id: String,
+    pub at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_with_type_and_data_members() {
+        let env = Envelope::new(
+            Event::UsageBatch(UsageBatch {
+                events: vec![UsageEvent {
+                    id: Uuid::new_v4(),
+                    user_id: "user_1".into(),
+                    session_id: None,
+                    occurred_at: Utc::now(),
+                    received_at: Utc::now(),
+                    metadata: None,
+                    detail: UsageDetail::Feature {
+                        feature: "chat".into(),
+                        action: None,
+                        duration_ms: Some(3),
+                    },
+                }],
+            }),
+            None,
+            Utc::now(),
+        );
+        let bytes = env.to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["type"], "usage.batch");
+        assert_eq!(v["version"], 1);
+        assert_eq!(v["data"]["events"][0]["kind"], "feature");
+        assert_eq!(Envelope::from_bytes(&bytes).unwrap(), env);
+    }
+
+    #[test]
+    fn garbage_and_unknown_versions_are_poison() {
+        assert!(Envelope::from_bytes(b"not json").is_err());
+        assert!(Envelope::from_bytes(br#"{"id":"x","type":"nope"}"#).is_err());
+        let mut v: Value = serde_json::from_slice(
+            &Envelope::new(
+                Event::UserActivity(UserActivity { user_id: "u".into(), at: Utc::now() }),
+                Some("u".into()),
+                Utc::now(),
+            )
+            .to_bytes(),
+        )
+        .unwrap();
+        v["version"] = 2.into();
+        assert!(matches!(
+            Envelope::from_bytes(&serde_json::to_vec(&v).unwrap()),
+            Err(DecodeError::Version(2))
+        ));
+    }
+}

@@ -1,0 +1,590 @@
+//! The one typed configuration tree, loaded in layers (SPEC §2):
+//! built-in defaults → `config/default.toml` → `config/$APP_ENV.toml` →
+//! `APP__SECTION__KEY` variables → the well-known names (`DATABASE_URL`, …),
+//! which win over everything. Nothing else in the project reads the environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+use serde::{Deserialize, Serialize};
+
+/// Failure to produce a usable configuration. The message is one line naming
+/// the offending key, because it is what an operator sees when start-up stops.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {key}: {reason}")]
+pub struct SettingsError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl SettingsError {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppEnv {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub app_env: AppEnv,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub amqp: AmqpSettings,
+    pub gateway: GatewaySettings,
+    pub worker: WorkerSettings,
+    pub auth: AuthSettings,
+    pub rate_limit: RateLimitSettings,
+    pub plans: BTreeMap<String, PlanSettings>,
+    pub sessions: SessionSettings,
+    pub credits: CreditSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: String,
+    /// Pool size per process; Postgres connections are the scarce resource.
+    pub max_connections: u32,
+    /// How long a request waits for a pooled connection before it is 503.
+    pub acquire_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisSettings {
+    pub url: String,
+    pub pool_size: usize,
+    /// Every key starts with this, so tests (and co-tenants) stay apart.
+    /// It must not contain `{` or `}`: the first hash tag of a key is the user.
+    pub key_prefix: String,
+    /// Bound on one Redis round trip; past it the dependency counts as down.
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSettings {
+    pub url: String,
+    /// Prefix of every exchange and queue name (tests use one of their own).
+    pub namespace: String,
+    /// The longest a request waits for a publisher confirm before it is 503.
+    pub confirm_timeout_ms: u64,
+    /// Quorum queues' `x-delivery-limit`: past it a message is dead-lettered.
+    pub delivery_limit: u32,
+    /// How long the gateway gathers concurrent usage events into one message.
+    pub linger_us: u64,
+    /// Most events carried in one grouped usage message.
+    pub max_batch_events: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GatewaySettings {
+    pub listen: String,
+    /// Largest request body accepted (SPEC §5.2: 1 MiB).
+    pub body_limit_bytes: usize,
+    pub request_timeout_ms: u64,
+    /// How long a gateway may keep a user's plan/status/overrides locally (≤ 5 s).
+    pub user_cache_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    pub listen: String,
+    /// Queues this process consumes: any of usage, credits, sessions, users.
+    pub queues: Vec<String>,
+    pub prefetch: u16,
+    pub batch_size: usize,
+    /// How long a batch waits to fill before it is written anyway.
+    pub batch_wait_ms: u64,
+    pub cleanup_interval_secs: u64,
+    pub reconcile_interval_secs: u64,
+    /// Debounce of analytics cache refreshes per user.
+    pub analytics_refresh_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    pub jwt_secret: Option<String>,
+    pub jwks_url: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub dev_tokens: bool,
+    pub leeway_secs: u64,
+    /// At most one re-fetch of the JWKS for an unknown `kid` per this many seconds.
+    pub jwks_refetch_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisErrorPolicy {
+    Postgres,
+    Allow,
+    Deny,
+}
+
+impl RedisErrorPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ClassLimit {
+    pub limit: u64,
+    pub window_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub classes: HashMap<String, ClassLimit>,
+    pub auth_failures: ClassLimit,
+    pub on_redis_error: RedisErrorPolicy,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PlanSettings {
+    pub starting_credits: i64,
+    pub rate_limit_multiplier: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SessionSettings {
+    pub ttl_secs: u64,
+    pub min_extension_version: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CreditSettings {
+    /// Default and maximum lifetime of a hold (SPEC §5.5b).
+    pub hold_default_ttl_secs: u64,
+    pub hold_max_ttl_secs: u64,
+    /// How long idempotency answers and ended holds are remembered.
+    pub idempotency_ttl_secs: u64,
+}
+
+/// Largest credit amount and balance: Redis scripts compute in doubles.
+pub const MAX_CREDITS: i64 = (1 << 53) - 1;
+
+/// Endpoint classes of SPEC §6.
+pub const RATE_LIMIT_CLASSES: [&str; 6] =
+    ["session", "usage", "analytics", "profile", "credits", "admin"];
+
+const DEFAULTS: &str = r#"
+app_env = "development"
+
+[database]
+url = "postgres://postgres@127.0.0.1:5432/postgres"
+max_connections = 16
+acquire_timeout_ms = 3000
+
+[redis]
+url = "redis://127.0.0.1:6379"
+pool_size = 32
+key_prefix = "vsc"
+timeout_ms = 2000
+
+[amqp]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+namespace = "vsc"
+confirm_timeout_ms = 5000
+delivery_limit = 20
+linger_us = 1000
+max_batch_events = 2000
+
+[gateway]
+listen = "0.0.0.0:8080"
+body_limit_bytes = 1048576
+request_timeout_ms = 15000
+user_cache_ttl_ms = 2000
+
+[worker]
+listen = "0.0.0.0:9090"
+queues = ["usage", "credits", "sessions", "users"]
+prefetch = 2000
+batch_size = 1000
+batch_wait_ms = 20
+cleanup_interval_secs = 300
+reconcile_interval_secs = 60
+analytics_refresh_ms = 250
+
+[auth]
+dev_tokens = false
+leeway_secs = 60
+jwks_refetch_interval_secs = 30
+
+[rate_limit]
+on_redis_error = "postgres"
+auth_failures = { limit = 300, window_secs = 60 }
+
+[rate_limit.classes]
+session = { limit = 60, window_secs = 60 }
+usage = { limit = 1200, window_secs = 60 }
+analytics = { limit = 300, window_secs = 60 }
+profile = { limit = 300, window_secs = 60 }
+credits = { limit = 1200, window_secs = 60 }
+admin = { limit = 600, window_secs = 60 }
+
+[plans]
+free = { starting_credits = 100, rate_limit_multiplier = 1 }
+pro = { starting_credits = 1000, rate_limit_multiplier = 5 }
+team = { starting_credits = 5000, rate_limit_multiplier = 10 }
+enterprise = { starting_credits = 20000, rate_limit_multiplier = 20 }
+
+[sessions]
+ttl_secs = 86400
+
+[credits]
+hold_default_ttl_secs = 300
+hold_max_ttl_secs = 3600
+idempotency_ttl_secs = 86400
+"#;
+
+/// The well-known variables of SPEC §2 and the key each one sets.
+pub const WELL_KNOWN: [(&str, &str); 11] = [
+    ("DATABASE_URL", "database.url"),
+    ("REDIS_URL", "redis.url"),
+    ("AMQP_URL", "amqp.url"),
+    ("GATEWAY_LISTEN", "gateway.listen"),
+    ("WORKER_LISTEN", "worker.listen"),
+    ("JWT_SECRET", "auth.jwt_secret"),
+    ("JWKS_URL", "auth.jwks_url"),
+    ("JWT_ISSUER", "auth.jwt_issuer"),
+    ("JWT_AUDIENCE", "auth.jwt_audience"),
+    ("APP_ENV", "app_env"),
+    ("AUTH_DEV_TOKENS", "auth.dev_tokens"),
+];
+
+impl Settings {
+    /// Loads from the process environment and `./config`.
+    pub fn load() -> Result<Self, SettingsError> {
+        let vars: HashMap<String, String> = std::env::vars().collect();
+        Self::load_from(Path::new("config"), &vars)
+    }
+
+    /// Loads from an explicit config directory and variable map (tests use this
+    /// instead of mutating the process environment).
+    pub fn load_from(
+        config_dir: &Path,
+        vars: &HashMap<String, String>,
+    ) -> Result<Self, SettingsError> {
+        let app_env = vars
+            .get("APP_ENV")
+            .or_else(|| vars.get("APP__APP_ENV"))
+            .cloned()
+            .unwrap_or_else(|| "development".into());
+        if app_env != "development" && app_env != "production" {
+            return Err(SettingsError::new(
+                "APP_ENV",
+                format!("must be development or production, got {app_env:?}"),
+            ));
+        }
+        let file = |name: &str| -> PathBuf { config_dir.join(name) };
+        let mut builder = Config::builder()
+            .add_source(File::from_str(DEFAULTS, FileFormat::Toml))
+            .add_source(File::from(file("default.toml")).required(false))
+            .add_source(File::from(file(&format!("{app_env}.toml"))).required(false))
+            .add_source(
+                Environment::with_prefix("APP")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("worker.queues")
+                    .try_parsing(true)
+                    .source(Some(
+                        vars.iter()
+                            .filter(|(k, _)| k.starts_with("APP__"))
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    )),
+            );
+        for (var, key) in WELL_KNOWN {
+            if let Some(value) = vars.get(var) {
+                builder = builder
+                    .set_override(key, value.as_str())
+                    .map_err(|e| SettingsError::new(var, e.to_string()))?;
+            }
+        }
+        let raw = builder
+            .build()
+            .map_err(|e| SettingsError::new(error_key(&e), e.to_string()))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| SettingsError::new(error_key(&e), e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types alone cannot: every rule here names its key.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let auth = &self.auth;
+        if self.app_env == AppEnv::Production && auth.dev_tokens {
+            return Err(SettingsError::new(
+                "AUTH_DEV_TOKENS",
+                "dev tokens are refused when APP_ENV=production",
+            ));
+        }
+        let secret = auth.jwt_secret.as_deref().filter(|s| !s.is_empty());
+        let jwks = auth.jwks_url.as_deref().filter(|s| !s.is_empty());
+        if secret.is_none() && jwks.is_none() && !auth.dev_tokens {
+            return Err(SettingsError::new(
+                "JWT_SECRET",
+                "no key source for JWTs: set JWT_SECRET and/or JWKS_URL (or AUTH_DEV_TOKENS=true in development)",
+            ));
+        }
+        if let Some(url) = jwks {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(SettingsError::new("JWKS_URL", "must be an http(s) URL"));
+            }
+        }
+        if self.redis.key_prefix.contains(['{', '}']) {
+            return Err(SettingsError::new(
+                "redis.key_prefix",
+                "must not contain { or }",
+            ));
+        }
+        for (var, url, schemes) in [
+            ("DATABASE_URL", &self.database.url, &["postgres://", "postgresql://"][..]),
+            ("REDIS_URL", &self.redis.url, &["redis://", "rediss://", "unix://"][..]),
+            ("AMQP_URL", &self.amqp.url, &["amqp://", "amqps://"][..]),
+        ] {
+            if !schemes.iter().any(|s| url.starts_with(s)) {
+                return Err(SettingsError::new(
+                    var,
+                    format!("must start with one of {}", schemes.join(", ")),
+                ));
+            }
+        }
+        for (var, addr) in [
+            ("GATEWAY_LISTEN", &self.gateway.listen),
+            ("WORKER_LISTEN", &self.worker.listen),
+        ] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(SettingsError::new(var, format!("not a socket address: {addr:?}")));
+            }
+        }
+        for class in RATE_LIMIT_CLASSES {
+            match self.rate_limit.classes.get(class) {
+                Some(c) if c.limit >= 1 && c.window_secs >= 1 => {}
+                _ => {
+                    return Err(SettingsError::new(
+                        format!("rate_limit.classes.{class}"),
+                        "needs limit >= 1 and window_secs >= 1",
+                    ))
+                }
+            }
+        }
+        if !self.plans.contains_key("free") {
+            return Err(SettingsError::new("plans.free", "the free plan must exist"));
+        }
+        for (name, plan) in &self.plans {
+            if !(0..=MAX_CREDITS).contains(&plan.starting_credits) {
+                return Err(SettingsError::new(
+                    format!("plans.{name}.starting_credits"),
+                    "must be 0..=2^53-1",
+                ));
+            }
+            if plan.rate_limit_multiplier == 0 {
+                return Err(SettingsError::new(
+                    format!("plans.{name}.rate_limit_multiplier"),
+                    "must be >= 1",
+                ));
+            }
+        }
+        if let Some(v) = &self.sessions.min_extension_version {
+            if semver::Version::parse(v).is_err() {
+                return Err(SettingsError::new(
+                    "sessions.min_extension_version",
+                    "must be a semantic version",
+                ));
+            }
+        }
+        for q in &self.worker.queues {
+            if !crate::topology::QUEUES.contains(&q.as_str()) {
+                return Err(SettingsError::new(
+                    "worker.queues",
+                    format!("unknown queue {q:?}"),
+                ));
+            }
+        }
+        if self.amqp.delivery_limit < 20 {
+            return Err(SettingsError::new("amqp.delivery_limit", "must be at least 20"));
+        }
+        Ok(())
+    }
+
+    /// The effective per-class limit for a plan, before per-user overrides.
+    pub fn class_limit(&self, class: &str, plan: &str) -> Option<ClassLimit> {
+        let base = self.rate_limit.classes.get(class)?;
+        let mult = self
+            .plans
+            .get(plan)
+            .map(|p| p.rate_limit_multiplier)
+            .unwrap_or(1);
+        Some(ClassLimit {
+            limit: base.limit.saturating_mul(mult),
+            window_secs: base.window_secs,
+        })
+    }
+
+    pub fn starting_credits(&self, plan: &str) -> i64 {
+        self.plans.get(plan).map(|p| p.starting_credits).unwrap_or(0)
+    }
+}
+
+/// Pulls the key out of a `config` error so the one line names it.
+fn error_key(e: &config::ConfigError) -> String {
+    let text = e.to_string();
+    // config's messages read like: invalid type: ... for key `rate_limit.classes.usage.limit`
+    if let Some(start) = text.find('`') {
+        if let Some(len) = text[start + 1..].find('`') {
+            let key = &text[start + 1..start + 1 + len];
+            for (var, k) in WELL_KNOWN {
+                if k == key {
+                    return format!("{var} ({key})");
+                }
+            }
+            return key.to_string();
+        }
+    }
+    "configuration".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.entry("JWT_SECRET".into()).or_insert_with(|| "s3cret".into());
+        m
+    }
+
+    fn dir_with(files: &[(&str, &str)]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, body) in files {
+            std::fs::write(dir.join(name), body).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let s = Settings::load_from(Path::new("/nonexistent"), &vars(&[])).unwrap();
+        assert_eq!(s.database.url, "postgres://postgres@127.0.0.1:5432/postgres");
+        assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.gateway.listen, "0.0.0.0:8080");
+        assert_eq!(s.worker.listen, "0.0.0.0:9090");
+        assert_eq!(s.app_env, AppEnv::Development);
+        assert!(!s.auth.dev_tokens);
+        assert_eq!(s.rate_limit.classes["usage"], ClassLimit { limit: 1200, window_secs: 60 });
+        assert_eq!(s.rate_limit.classes["session"].limit, 60);
+        assert_eq!(s.plans["free"].starting_credits, 100);
+        assert_eq!(s.plans["enterprise"].rate_limit_multiplier, 20);
+        assert_eq!(s.rate_limit.on_redis_error, RedisErrorPolicy::Postgres);
+        assert_eq!(s.sessions.ttl_secs, 86400);
+    }
+
+    #[test]
+    fn well_known_variables_and_app_keys_override_the_files() {
+        let dir = dir_with(&[
+            (
+                "default.toml",
+                "[database]\nurl = \"postgres://file@h/db\"\n[rate_limit.classes.usage]\nlimit = 7\nwindow_secs = 60\n",
+            ),
+            ("production.toml", "[redis]\nurl = \"redis://prodfile:6379\"\n"),
+        ]);
+        let env = vars(&[
+            ("DATABASE_URL", "postgres://env@h/db"),
+            ("APP__DATABASE__URL", "postgres://twin@h/db"),
+            ("REDIS_URL", "redis://env:6379/3"),
+            ("AMQP_URL", "amqp://u:p@h:5672/vh"),
+            ("GATEWAY_LISTEN", "127.0.0.1:1"),
+            ("WORKER_LISTEN", "127.0.0.1:2"),
+            ("JWT_SECRET", "envsecret"),
+            ("JWKS_URL", "http://127.0.0.1:9/jwks"),
+            ("JWT_ISSUER", "iss"),
+            ("JWT_AUDIENCE", "aud"),
+            ("APP_ENV", "production"),
+            ("AUTH_DEV_TOKENS", "false"),
+            ("APP__RATE_LIMIT__CLASSES__USAGE__LIMIT", "5"),
+        ]);
+        let s = Settings::load_from(&dir, &env).unwrap();
+        assert_eq!(s.database.url, "postgres://env@h/db");
+        assert_eq!(s.redis.url, "redis://env:6379/3");
+        assert_eq!(s.amqp.url, "amqp://u:p@h:5672/vh");
+        assert_eq!(s.gateway.listen, "127.0.0.1:1");
+        assert_eq!(s.worker.listen, "127.0.0.1:2");
+        assert_eq!(s.auth.jwt_secret.as_deref(), Some("envsecret"));
+        assert_eq!(s.auth.jwks_url.as_deref(), Some("http://127.0.0.1:9/jwks"));
+        assert_eq!(s.auth.jwt_issuer.as_deref(), Some("iss"));
+        assert_eq!(s.auth.jwt_audience.as_deref(), Some("aud"));
+        assert_eq!(s.app_env, AppEnv::Production);
+        assert_eq!(s.rate_limit.classes["usage"].limit, 5);
+    }
+
+    #[test]
+    fn the_environment_file_is_layered_over_default_toml() {
+        let dir = dir_with(&[
+            ("default.toml", "[redis]\nurl = \"redis://default:6379\"\npool_size = 3\n"),
+            ("production.toml", "[redis]\nurl = \"redis://prodfile:6379\"\n"),
+        ]);
+        let s = Settings::load_from(&dir, &vars(&[("APP_ENV", "production")])).unwrap();
+        assert_eq!(s.redis.url, "redis://prodfile:6379");
+        assert_eq!(s.redis.pool_size, 3);
+        let twin = vars(&[("APP__REDIS__URL", "redis://twin:1")]);
+        assert_eq!(Settings::load_from(&dir, &twin).unwrap().redis.url, "redis://twin:1");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("APP__RATE_LIMIT__CLASSES__USAGE__LIMIT", "lots")], "rate_limit.classes.usage.limit"),
+            (&[("AUTH_DEV_TOKENS", "maybe")], "AUTH_DEV_TOKENS"),
+            (&[("APP_ENV", "staging")], "APP_ENV"),
+            (&[("GATEWAY_LISTEN", "nowhere")], "GATEWAY_LISTEN"),
+            (&[("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
+            (&[("APP_ENV", "production"), ("AUTH_DEV_TOKENS", "true")], "AUTH_DEV_TOKENS"),
+            (&[("APP__RATE_LIMIT__ON_REDIS_ERROR", "pray")], "rate_limit.on_redis_error"),
+        ];
+        for (env, key) in cases {
+            let err = Settings::load_from(Path::new("/nonexistent"), &vars(env)).unwrap_err();
+            let line = err.to_string();
+            assert!(line.contains(key), "{line:?} should name {key}");
+            assert!(!line.contains('\n'), "{line:?} should be one line");
+        }
+    }
+
+    #[test]
+    fn no_key_source_is_refused() {
+        let env: HashMap<String, String> = HashMap::new();
+        let err = Settings::load_from(Path::new("/nonexistent"), &env).unwrap_err();
+        assert_eq!(err.key, "JWT_SECRET");
+        let dev: HashMap<String, String> =
+            [("AUTH_DEV_TOKENS".to_string(), "true".to_string())].into();
+        assert!(Settings::load_from(Path::new("/nonexistent"), &dev).is_ok());
+    }
+
+    #[test]
+    fn effective_class_limit_scales_by_plan() {
+        let s = Settings::load_from(Path::new("/nonexistent"), &vars(&[])).unwrap();
+        assert_eq!(s.class_limit("usage", "pro").unwrap().limit, 6000);
+        assert_eq!(s.class_limit("session", "free").unwrap().limit, 60);
+        assert!(s.class_limit("nope", "free").is_none());
+    }
+}

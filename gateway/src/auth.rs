@@ -1,0 +1,311 @@
+//! Token verification (SPEC §4). The key decides the algorithm, never the
+//! token: a token with a `kid` is checked only against that JWKS key with the
+//! algorithm the key implies; a token without one only against `JWT_SECRET`
+//! with HS256. Dev tokens (`dev:USER[:admin]`) only when enabled.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::settings::AuthSettings;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use tokio::sync::{Mutex, RwLock};
+
+/// Who the token says the caller is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    pub sub: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    pub admin: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer token")]
+    Missing,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    /// The JWKS endpoint could not be reached and no cached key fits.
+    #[error("key set unavailable")]
+    KeysUnavailable,
+}
+
+/// A user id as Clerk issues them: 1..=64 of `[A-Za-z0-9_-]`.
+pub fn valid_user_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[derive(Deserialize)]
+struct RawClaims {
+    sub: String,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    role: Option<serde_json::Value>,
+}
+
+struct JwksCache {
+    keys: HashMap<String, (DecodingKey, Algorithm)>,
+    /// When the last re-fetch for an unknown `kid` ran (the first fetch does not count).
+    last_refetch: Option<Instant>,
+    fetched_once: bool,
+}
+
+pub struct Authenticator {
+    settings: AuthSettings,
+    hs_key: Option<DecodingKey>,
+    http: reqwest::Client,
+    jwks: RwLock<JwksCache>,
+    /// Serializes fetches so a burst of unknown kids makes one request.
+    fetch_lock: Mutex<()>,
+}
+
+impl Authenticator {
+    pub fn new(settings: &AuthSettings) -> Arc<Self> {
+        let hs_key = settings
+            .jwt_secret
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|s| DecodingKey::from_secret(s.as_bytes()));
+        Arc::new(Self {
+            settings: settings.clone(),
+            hs_key,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .expect("http client"),
+            jwks: RwLock::new(JwksCache {
+                keys: HashMap::new(),
+                last_refetch: None,
+                fetched_once: false,
+            }),
+            fetch_lock: Mutex::new(()),
+        })
+    }
+
+    /// Fetches the key set once at start (failure is not fatal: first use retries).
+    pub async fn prefetch(&self) {
+        if self.settings.jwks_url.is_some() {
+            let _ = self.refresh(false).await;
+        }
+    }
+
+    /// Verifies an `Authorization` header value.
+    pub async fn verify_header(&self, header: Option<&str>) -> Result<Claims, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or(AuthError::Missing)?
+            .trim();
+        self.verify(token).await
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        if let Some(rest) = token.strip_prefix("dev:") {
+            return self.verify_dev(rest);
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| AuthError::Invalid(format!("malformed header: {e}")))?;
+        let (key, alg) = match header.kid {
+            Some(kid) => self.key_for(&kid).await?,
+            None => (
+                self.hs_key
+                    .clone()
+                    .ok_or_else(|| AuthError::Invalid("token without kid and no secret".into()))?,
+                Algorithm::HS256,
+            ),
+        };
+        // The token's own `alg` must equal the key's; jsonwebtoken also checks this.
+        if header.alg != alg {
+            return Err(AuthError::Invalid("algorithm does not match the key".into()));
+        }
+        let mut validation = Validation::new(alg);
+        validation.leeway = self.settings.leeway_secs;
+        validation.validate_nbf = true;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &self.settings.jwt_issuer {
+            Some(iss) if !iss.is_empty() => validation.set_issuer(&[iss]),
+            _ => {}
+        }
+        match &self.settings.jwt_audience {
+            Some(aud) if !aud.is_empty() => validation.set_audience(&[aud]),
+            _ => validation.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<RawClaims>(token, &key, &validation)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let c = data.claims;
+        if !valid_user_id(&c.sub) {
+            return Err(AuthError::Invalid("malformed sub".into()));
+        }
+        Ok(Claims {
+            sub: c.sub,
+            email: c.email.filter(|e| e.len() <= 320),
+            name: c.name.filter(|n| n.len() <= 256),
+            admin: matches!(c.role, Some(serde_json::Value::String(ref r)) if r == "admin"),
+        })
+    }
+
+    fn verify_dev(&self, rest: &str) -> Result<Claims, AuthError> {
+        if !self.settings.dev_tokens {
+            return Err(AuthError::Invalid("dev tokens are disabled".into()));
+        }
+        let (sub, admin) = match rest.rsplit_once(':') {
+            Some((sub, "admin")) => (sub, true),
+            Some(_) => return Err(AuthError::Invalid("malformed dev token".into())),
+            None => (rest, false),
+        };
+        if !valid_user_id(sub) {
+            return Err(AuthError::Invalid("malformed sub".into()));
+        }
+        Ok(Claims {
+            sub: sub.to_string(),
+            email: None,
+            name: None,
+            admin,
+        })
+    }
+
+    async fn key_for(&self, kid: &str) -> Result<(DecodingKey, Algorithm), AuthError> {
+        if self.settings.jwks_url.is_none() {
+            return Err(AuthError::Invalid("token has a kid but no JWKS is configured".into()));
+        }
+        if let Some(k) = self.jwks.read().await.keys.get(kid) {
+            return Ok(k.clone());
+        }
+        let fetched = {
+            let cache = self.jwks.read().await;
+            cache.fetched_once
+        };
+        // The first fetch (at start or first use) is free; re-fetches for an
+        // unknown kid happen at most once per interval.
+        self.refresh(fetched).await?;
+        self.jwks
+            .read()
+            .await
+            .keys
+            .get(kid)
+            .cloned()
+            .ok_or_else(|| AuthError::Invalid("unknown kid".into()))
+    }
+
+    async fn refresh(&self, is_refetch: bool) -> Result<(), AuthError> {
+        let _guard = self.fetch_lock.lock().await;
+        {
+            let cache = self.jwks.read().await;
+            let interval = Duration::from_secs(self.settings.jwks_refetch_interval_secs);
+            if is_refetch && cache.fetched_once {
+                if let Some(at) = cache.last_refetch {
+                    if at.elapsed() < interval {
+                        return Ok(());
+                    }
+                }
+            }
+            if !is_refetch && cache.fetched_once {
+                return Ok(());
+            }
+        }
+        let url = self.settings.jwks_url.as_deref().unwrap_or_default();
+        let result = async {
+            let resp = self.http.get(url).send().await?.error_for_status()?;
+            resp.json::<JwkSet>().await
+        }
+        .await;
+        let mut cache = self.jwks.write().await;
+        if cache.fetched_once {
+            cache.last_refetch = Some(Instant::now());
+        }
+        match result {
+            Ok(set) => {
+                cache.fetched_once = true;
+                cache.keys = set
+                    .keys
+                    .iter()
+                    .filter_map(|jwk| {
+                        let kid = jwk.common.key_id.clone()?;
+                        let alg = algorithm_of(jwk)?;
+                        let key = DecodingKey::from_jwk(jwk).ok()?;
+                        Some((kid, (key, alg)))
+                    })
+                    .collect();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "JWKS fetch failed");
+                Err(AuthError::KeysUnavailable)
+            }
+        }
+    }
+}
+
+/// The algorithm a JWK implies: its `alg` when it names an asymmetric one that
+/// fits the key type, else the key type's own (RSA → RS256, P-256 → ES256,
+/// Ed25519 → EdDSA). Symmetric keys in a JWKS are never accepted.
+pub fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
+    let from_alg = jwk.common.key_algorithm.and_then(|a| match a {
+        KeyAlgorithm::RS256 => Some(Algorithm::RS256),
+        KeyAlgorithm::RS384 => Some(Algorithm::RS384),
+        KeyAlgorithm::RS512 => Some(Algorithm::RS512),
+        KeyAlgorithm::PS256 => Some(Algorithm::PS256),
+        KeyAlgorithm::PS384 => Some(Algorithm::PS384),
+        KeyAlgorithm::PS512 => Some(Algorithm::PS512),
+        KeyAlgorithm::ES256 => Some(Algorithm::ES256),
+        KeyAlgorithm::ES384 => Some(Algorithm::ES384),
+        KeyAlgorithm::EdDSA => Some(Algorithm::EdDSA),
+        _ => None,
+    });
+    let by_type = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => {
+            if let Some(a) = from_alg {
+                return matches!(
+                    a,
+                    Algorithm::RS256
+                        | Algorithm::RS384
+                        | Algorithm::RS512
+                        | Algorithm::PS256
+                        | Algorithm::PS384
+                        | Algorithm::PS512
+                )
+                .then_some(a);
+            }
+            Algorithm::RS256
+        }
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => Algorithm::ES256,
+            EllipticCurve::P384 => Algorithm::ES384,
+            _ => return None,
+        },
+        AlgorithmParameters::OctetKeyPair(okp) => match okp.curve {
+            EllipticCurve::Ed25519 => Algorithm::EdDSA,
+            _ => return None,
+        },
+        AlgorithmParameters::OctetKey(_) => return None,
+    };
+    match from_alg {
+        Some(a) if a != by_type => None,
+        _ => Some(by_type),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_ids_follow_clerks_form() {
+        assert!(valid_user_id("user_2abcXYZ-9"));
+        assert!(!valid_user_id(""));
+        assert!(!valid_user_id(&"a".repeat(65)));
+        assert!(!valid_user_id("user 1"));
+        assert!(!valid_user_id("user/../1"));
+        assert!(!valid_user_id("üser"));
+    }
+}

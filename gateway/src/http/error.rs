@@ -1,0 +1,253 @@
+//! The gateway's one error type, mapped once to `application/problem+json`
+//! (SPEC §5). 5xx causes are logged here, once; the client sees only what it may.
+
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+pub type Result<T, E = ApiError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("this account is suspended")]
+    AccountSuspended,
+    #[error("this account has been deleted")]
+    AccountDeleted,
+    #[error("{0}")]
+    NotFound(String),
+    /// 400: the body is not JSON at all.
+    #[error("{0}")]
+    MalformedJson(String),
+    /// 422: JSON of the wrong shape or values, or a bad query parameter.
+    /// `field` is the path of the offending member (`events[3].model`).
+    #[error("{field}: {message}")]
+    Validation { field: String, message: String },
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("the body must be application/json")]
+    UnsupportedMediaType,
+    #[error("rate limit exceeded; retry after {retry_after} s")]
+    RateLimited { retry_after: u64 },
+    #[error("the balance cannot cover this amount")]
+    InsufficientCredits { balance: i64, required: i64 },
+    #[error("{0}")]
+    IdempotencyConflict(String),
+    #[error("this hold has expired or was released")]
+    HoldExpired,
+    #[error("extension version {have} is below the minimum {need}")]
+    UpgradeRequired { have: String, need: String },
+    /// 503: a dependency is down; the client should retry later.
+    #[error("{what} is unavailable")]
+    Unavailable {
+        what: &'static str,
+        retry_after: u64,
+        #[source]
+        cause: Option<anyhow::Error>,
+    },
+    /// 500: a bug. Never expected.
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Validation {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn unavailable(what: &'static str, cause: impl Into<anyhow::Error>) -> Self {
+        Self::Unavailable {
+            what,
+            retry_after: 5,
+            cause: Some(cause.into()),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) | Self::AccountSuspended | Self::AccountDeleted => {
+                StatusCode::FORBIDDEN
+            }
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+            Self::IdempotencyConflict(_) | Self::HoldExpired => StatusCode::CONFLICT,
+            Self::UpgradeRequired { .. } => StatusCode::UPGRADE_REQUIRED,
+            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::AccountSuspended => "account_suspended",
+            Self::AccountDeleted => "account_deleted",
+            Self::NotFound(_) => "not_found",
+            Self::MalformedJson(_) | Self::Validation { .. } => "validation_failed",
+            Self::PayloadTooLarge(_) => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::InsufficientCredits { .. } => "insufficient_credits",
+            Self::IdempotencyConflict(_) => "idempotency_conflict",
+            Self::HoldExpired => "hold_expired",
+            Self::UpgradeRequired { .. } => "upgrade_required",
+            Self::Unavailable { .. } => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Self::Unauthorized(_) => "Unauthorized",
+            Self::Forbidden(_) => "Forbidden",
+            Self::AccountSuspended => "Account suspended",
+            Self::AccountDeleted => "Account deleted",
+            Self::NotFound(_) => "Not found",
+            Self::MalformedJson(_) => "Malformed JSON",
+            Self::Validation { .. } => "Validation failed",
+            Self::PayloadTooLarge(_) => "Payload too large",
+            Self::UnsupportedMediaType => "Unsupported media type",
+            Self::RateLimited { .. } => "Too many requests",
+            Self::InsufficientCredits { .. } => "Insufficient credits",
+            Self::IdempotencyConflict(_) => "Idempotency conflict",
+            Self::HoldExpired => "Hold expired",
+            Self::UpgradeRequired { .. } => "Upgrade required",
+            Self::Unavailable { .. } => "Service unavailable",
+            Self::Internal(_) => "Internal server error",
+        }
+    }
+
+    /// The problem document, with the original backend's `error`/`message` twins.
+    pub fn body(&self) -> Value {
+        let detail = self.to_string();
+        let mut body = Map::new();
+        body.insert("type".into(), json!(format!("https://errors.vsc-backend.dev/{}", self.code())));
+        body.insert("title".into(), json!(self.title()));
+        body.insert("status".into(), json!(self.status().as_u16()));
+        body.insert("detail".into(), json!(detail));
+        body.insert("code".into(), json!(self.code()));
+        body.insert("error".into(), json!(self.title()));
+        body.insert("message".into(), json!(detail));
+        match self {
+            Self::InsufficientCredits { balance, required } => {
+                body.insert("balance".into(), json!(balance));
+                body.insert("required".into(), json!(required));
+            }
+            Self::Validation { field, .. } => {
+                body.insert("field".into(), json!(field));
+            }
+            Self::UpgradeRequired { need, .. } => {
+                body.insert("min_extension_version".into(), json!(need));
+            }
+            _ => {}
+        }
+        Value::Object(body)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match &self {
+            Self::Internal(cause) => tracing::error!(error = ?cause, "internal error"),
+            Self::Unavailable { what, cause, .. } => {
+                tracing::warn!(dependency = what, error = ?cause, "dependency unavailable")
+            }
+            _ => {}
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        match &self {
+            Self::RateLimited { retry_after } | Self::Unavailable { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            _ => {}
+        }
+        let bytes = serde_json::to_vec(&self.body()).unwrap_or_default();
+        let mut resp = (status, headers, bytes).into_response();
+        // Lets middleware (metrics, rate-limit headers) see what was decided.
+        resp.extensions_mut().insert(ErrorCode(self.code()));
+        resp
+    }
+}
+
+/// Marker left on error responses for middleware.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Self::unavailable("postgres", e)
+            }
+            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")) => {
+                Self::unavailable("postgres", e)
+            }
+            other => Self::Internal(other.into()),
+        }
+    }
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(e: redis::RedisError) -> Self {
+        Self::unavailable("redis", e)
+    }
+}
+
+impl From<deadpool_redis::PoolError> for ApiError {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        Self::unavailable("redis", e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_has_the_spec_members_and_the_original_twins() {
+        let e = ApiError::InsufficientCredits { balance: 3, required: 5 };
+        let b = e.body();
+        for k in ["type", "title", "status", "detail", "code", "error", "message"] {
+            assert!(b.get(k).is_some(), "{k}");
+        }
+        assert_eq!(b["status"], 402);
+        assert_eq!(b["balance"], 3);
+        assert_eq!(b["required"], 5);
+        assert_eq!(b["error"], b["title"]);
+        assert_eq!(b["message"], b["detail"]);
+    }
+
+    #[test]
+    fn internal_errors_never_show_their_cause() {
+        let e = ApiError::Internal(anyhow::anyhow!("syntax error at or near SELECT"));
+        assert_eq!(e.body()["detail"], "internal error");
+        let u = ApiError::unavailable("postgres", anyhow::anyhow!("connection refused 10.0.0.1"));
+        assert_eq!(u.body()["detail"], "postgres is unavailable");
+        assert_eq!(u.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn validation_detail_names_the_field() {
+        let e = ApiError::validation("events[2].model", "must be at most 128 characters");
+        assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(e.body()["detail"].as_str().unwrap().starts_with("events[2].model"));
+    }
+}

@@ -1,0 +1,177 @@
+//! The guard in front of every `/api/` route: authenticate the token, load (or
+//! provision) the user, refuse suspended/deleted accounts, apply the class's
+//! rate limit, and put `RateLimit-*` headers on whatever is answered.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use common::settings::ClassLimit;
+
+use super::error::ApiError;
+use super::Class;
+use crate::auth::{AuthError, Claims};
+use crate::rate_limit::{self, Decision};
+use crate::state::AppState;
+use crate::users::{Status, UserRecord};
+
+/// The authenticated caller, put on the request by the guard.
+#[derive(Debug, Clone)]
+pub struct CurrentUser {
+    pub claims: Claims,
+    pub record: Arc<UserRecord>,
+}
+
+impl CurrentUser {
+    pub fn id(&self) -> &str {
+        &self.claims.sub
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.claims.admin
+    }
+
+    /// A user reaches only their own `/api/users/:id/...`; admins reach anyone.
+    pub fn authorize(&self, target: &str) -> Result<(), ApiError> {
+        if self.is_admin() || self.id() == target {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden("you may only access your own account".into()))
+        }
+    }
+
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden("admin role required".into()))
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CurrentUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<CurrentUser>()
+            .cloned()
+            .ok_or_else(|| ApiError::Unauthorized("missing credentials".into()))
+    }
+}
+
+/// The effective limit: the per-user override, else class × plan multiplier.
+pub fn effective_limit(state: &AppState, rec: &UserRecord, class: Class) -> ClassLimit {
+    rec.overrides
+        .get(class.as_str())
+        .copied()
+        .or_else(|| state.settings.class_limit(class.as_str(), &rec.plan))
+        .unwrap_or(ClassLimit {
+            limit: 60,
+            window_secs: 60,
+        })
+}
+
+/// Routes a suspended user may still use: settling and releasing holds.
+fn allowed_while_suspended(method: &Method, path: &str) -> bool {
+    path.contains("/credits/holds/")
+        && ((method == Method::POST && path.ends_with("/settle")) || method == Method::DELETE)
+}
+
+pub async fn guard(State(state): State<AppState>, class: Class, mut req: Request, next: Next) -> Response {
+    let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let claims = match state.auth.verify_header(header).await {
+        Ok(c) => c,
+        Err(AuthError::KeysUnavailable) => {
+            return ApiError::Unavailable {
+                what: "jwks",
+                retry_after: 5,
+                cause: None,
+            }
+            .into_response()
+        }
+        Err(e) => {
+            let addr = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip().to_string())
+                .unwrap_or_else(|| "unknown".into());
+            return auth_failure(&state, &addr, e).await;
+        }
+    };
+    let record = match state.users.get(&state, &claims).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match record.status {
+        Status::Active => {}
+        Status::Suspended if allowed_while_suspended(req.method(), req.uri().path()) => {}
+        Status::Suspended => return ApiError::AccountSuspended.into_response(),
+        Status::Deleted => return ApiError::AccountDeleted.into_response(),
+    }
+    let limit = effective_limit(&state, &record, class);
+    let key = state.keys.rate_limit(&claims.sub, class.as_str());
+    let decision = rate_limit::check(&state, &key, &claims.sub, class.as_str(), limit).await;
+    if !decision.allowed {
+        let mut resp = ApiError::RateLimited {
+            retry_after: decision.retry_after_secs.max(1),
+        }
+        .into_response();
+        put_headers(resp.headers_mut(), &decision);
+        return resp;
+    }
+    req.extensions_mut().insert(CurrentUser { claims, record });
+    let mut resp = next.run(req).await;
+    put_headers(resp.headers_mut(), &decision);
+    resp
+}
+
+/// Failed authentication is limited per client address; over the limit the
+/// failure is a 429 instead of a 401. Valid tokens never reach this.
+async fn auth_failure(state: &AppState, addr: &str, e: AuthError) -> Response {
+    let limit = state.settings.rate_limit.auth_failures;
+    let key = state.keys.auth_failures(addr);
+    let d = rate_limit::check(state, &key, addr, "auth_failures", limit).await;
+    if !d.allowed && d.degraded.is_none() {
+        return ApiError::RateLimited {
+            retry_after: d.retry_after_secs.max(1),
+        }
+        .into_response();
+    }
+    ApiError::Unauthorized(e.to_string()).into_response()
+}
+
+pub fn put_headers(h: &mut HeaderMap, d: &Decision) {
+    h.insert("ratelimit-limit", HeaderValue::from(d.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
+    h.insert("ratelimit-reset", HeaderValue::from(d.reset_secs));
+    if let Ok(v) = HeaderValue::from_str(&format!("{};w={}", d.limit, d.window_secs)) {
+        h.insert("ratelimit-policy", v);
+    }
+    if let Some(policy) = d.degraded {
+        h.insert("ratelimit-degraded", HeaderValue::from_static(policy));
+    }
+    if !d.allowed {
+        h.insert("retry-after", HeaderValue::from(d.retry_after_secs.max(1)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_settle_and_release_pass_while_suspended() {
+        let p = "/api/users/u/credits/holds/h/settle";
+        assert!(allowed_while_suspended(&Method::POST, p));
+        assert!(allowed_while_suspended(&Method::DELETE, "/api/users/u/credits/holds/h"));
+        assert!(!allowed_while_suspended(&Method::POST, "/api/users/u/credits/holds"));
+        assert!(!allowed_while_suspended(&Method::POST, "/api/users/u/credits/consume"));
+    }
+}

@@ -1,0 +1,86 @@
+//! The HTTP surface: one module per resource, merged here, behind the guard
+//! (authentication → user → status → rate limit) and the metrics layer.
+
+pub mod error;
+pub mod extract;
+pub mod guard;
+pub mod ops;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+
+use crate::state::AppState;
+use extract::BodyLimit;
+
+/// Endpoint classes of SPEC §6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Session,
+    Usage,
+    Analytics,
+    Profile,
+    Credits,
+    Admin,
+}
+
+impl Class {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Usage => "usage",
+            Self::Analytics => "analytics",
+            Self::Profile => "profile",
+            Self::Credits => "credits",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// Routes of one class, behind that class's guard.
+pub fn guarded(state: &AppState, class: Class, routes: Router<AppState>) -> Router<AppState> {
+    routes.route_layer(middleware::from_fn_with_state(
+        state.clone(),
+        move |s: State<AppState>, req: Request, next: Next| guard::guard(s, class, req, next),
+    ))
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.settings.gateway.body_limit_bytes;
+    let api = Router::new().merge(api_routes(&state));
+    Router::new()
+        .merge(ops::router())
+        .merge(api)
+        .fallback(|| async { error::ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn(track_metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(move |mut req: Request, next: Next| {
+            req.extensions_mut().insert(BodyLimit(limit));
+            next.run(req)
+        }))
+        .with_state(state)
+}
+
+/// Every `/api/` route, by class. Resource modules add theirs here.
+fn api_routes(state: &AppState) -> Router<AppState> {
+    let _ = state;
+    Router::new()
+}
+
+async fn track_metrics(req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}

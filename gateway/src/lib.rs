@@ -1,0 +1,11 @@
+//! The gateway: authenticates, rate-limits, answers what it can from Redis and
+//! publishes events to RabbitMQ with confirms.
+
+pub mod auth;
+pub mod http;
+pub mod metrics;
+pub mod publisher;
+pub mod rate_limit;
+pub mod startup;
+pub mod state;
+pub mod users;

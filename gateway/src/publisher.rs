@@ -1,0 +1,275 @@
+//! Publishing to RabbitMQ with publisher confirms.
+//!
+//! One long-lived connection and channel per gateway, in confirm mode, with many
+//! confirms in flight at once. A supervisor task owns the connection: when the
+//! broker goes away it drops the channel (publishes then fail fast with 503) and
+//! reconnects with backoff, redeclaring the topology. We do not rely on lapin's
+//! own recovery.
+//!
+//! Usage events of concurrent requests are grouped: a batcher gathers what
+//! arrives within `amqp.linger_us` into one `usage.batch` message, and answers
+//! every waiting request when the broker confirms that one message.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::events::{Envelope, Event, UsageBatch, UsageEvent};
+use common::settings::Settings;
+use common::topology::{self, Topology};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel};
+use tokio::sync::{mpsc, oneshot, Notify, RwLock};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum PublishError {
+    #[error("not connected to the broker")]
+    NotConnected,
+    #[error("no confirm within the timeout")]
+    Timeout,
+    #[error("the broker refused the message")]
+    Nacked,
+    #[error("the message was unroutable")]
+    Returned,
+    #[error("broker error: {0}")]
+    Broker(String),
+}
+
+struct Inner {
+    url: String,
+    topology: Topology,
+    confirm_timeout: Duration,
+    channel: RwLock<Option<Channel>>,
+    connected: AtomicBool,
+    /// Woken when a publish sees the channel broken, so the supervisor reconnects now.
+    broken: Notify,
+}
+
+/// Cheap to clone; all clones share one connection.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+    batcher: mpsc::Sender<BatchItem>,
+}
+
+type BatchItem = (Vec<UsageEvent>, oneshot::Sender<Result<(), PublishError>>);
+
+impl Publisher {
+    /// Starts the supervisor and the usage batcher; returns at once.
+    pub fn start(settings: &Settings, shutdown: CancellationToken) -> Self {
+        let inner = Arc::new(Inner {
+            url: settings.amqp.url.clone(),
+            topology: Topology::new(&settings.amqp.namespace, settings.amqp.delivery_limit),
+            confirm_timeout: Duration::from_millis(settings.amqp.confirm_timeout_ms),
+            channel: RwLock::new(None),
+            connected: AtomicBool::new(false),
+            broken: Notify::new(),
+        });
+        let (tx, rx) = mpsc::channel(65_536);
+        let publisher = Self { inner, batcher: tx };
+        tokio::spawn(supervise(publisher.inner.clone(), shutdown));
+        tokio::spawn(run_batcher(
+            publisher.clone(),
+            rx,
+            Duration::from_micros(settings.amqp.linger_us),
+            settings.amqp.max_batch_events,
+        ));
+        publisher
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.inner.connected.load(Ordering::Relaxed)
+    }
+
+    /// Waits until connected or the timeout passes (start-up, tests).
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.is_connected() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Publishes one envelope and waits for the broker's confirm (bounded).
+    pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.inner.confirm_timeout, self.publish_inner(envelope))
+            .await
+            .unwrap_or(Err(PublishError::Timeout));
+        let outcome = if result.is_ok() { "ack" } else { "fail" };
+        metrics::counter!("publish_confirms_total", "outcome" => outcome).increment(1);
+        metrics::histogram!("publish_confirm_seconds").record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn publish_inner(&self, envelope: &Envelope) -> Result<(), PublishError> {
+        let channel = self
+            .inner
+            .channel
+            .read()
+            .await
+            .clone()
+            .ok_or(PublishError::NotConnected)?;
+        let props = BasicProperties::default()
+            .with_message_id(ShortString::from(envelope.id.to_string()))
+            .with_type(ShortString::from(envelope.event.routing_key()))
+            .with_content_type(ShortString::from("application/json"))
+            // Persistent: the message survives a broker restart once confirmed.
+            .with_delivery_mode(2)
+            .with_timestamp(envelope.received_at.timestamp() as u64);
+        let confirm = channel
+            .basic_publish(
+                &self.inner.topology.exchange(),
+                envelope.event.routing_key(),
+                // Mandatory: an unroutable message comes back and counts as a failure.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &envelope.to_bytes(),
+                props,
+            )
+            .await
+            .map_err(|e| self.broken(e))?;
+        match confirm.await.map_err(|e| self.broken(e))? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Returned),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+            Confirmation::NotRequested => Err(PublishError::Broker("confirms not enabled".into())),
+        }
+    }
+
+    fn broken(&self, e: lapin::Error) -> PublishError {
+        self.inner.broken.notify_one();
+        PublishError::Broker(e.to_string())
+    }
+
+    /// Publishes usage events grouped with those of concurrent requests; returns
+    /// once the message carrying them is confirmed.
+    pub async fn publish_usage(&self, events: Vec<UsageEvent>) -> Result<(), PublishError> {
+        if !self.is_connected() {
+            return Err(PublishError::NotConnected);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.batcher
+            .send((events, tx))
+            .await
+            .map_err(|_| PublishError::NotConnected)?;
+        rx.await.unwrap_or(Err(PublishError::NotConnected))
+    }
+}
+
+async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match connect(&inner).await {
+            Ok((conn, channel)) => {
+                backoff = Duration::from_millis(100);
+                let lost = Arc::new(Notify::new());
+                let l = lost.clone();
+                conn.on_error(move |e| {
+                    tracing::warn!(error = %e, "broker connection lost");
+                    l.notify_one();
+                });
+                *inner.channel.write().await = Some(channel.clone());
+                inner.connected.store(true, Ordering::Relaxed);
+                tracing::info!("connected to the broker");
+                // Also poll: a closed channel without a connection error counts too.
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = lost.notified() => break,
+                        _ = inner.broken.notified() => {
+                            if !channel.status().connected() || !conn.status().connected() { break; }
+                        }
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                            if !channel.status().connected() || !conn.status().connected() { break; }
+                        }
+                    }
+                }
+                inner.connected.store(false, Ordering::Relaxed);
+                *inner.channel.write().await = None;
+                if shutdown.is_cancelled() {
+                    // In-flight confirms finished before we got here (see startup).
+                    let _ = conn.close(200, "shutdown").await;
+                    return;
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(320, "reconnect")).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "broker connect failed; retrying");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn connect(inner: &Inner) -> anyhow::Result<(lapin::Connection, Channel)> {
+    let conn = tokio::time::timeout(Duration::from_secs(5), topology::connect(&inner.url)).await??;
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    inner.topology.declare(&channel).await?;
+    Ok((conn, channel))
+}
+
+async fn run_batcher(
+    publisher: Publisher,
+    mut rx: mpsc::Receiver<BatchItem>,
+    linger: Duration,
+    max_events: usize,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut events = first.0;
+        let mut waiters = vec![first.1];
+        let deadline = tokio::time::Instant::now() + linger;
+        while events.len() < max_events {
+            // Take what is already queued without waiting, then linger briefly.
+            let next = match rx.try_recv() {
+                Ok(item) => Some(item),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if linger.is_zero() {
+                        None
+                    } else {
+                        tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten()
+                    }
+                }
+            };
+            match next {
+                Some((more, tx)) => {
+                    events.extend(more);
+                    waiters.push(tx);
+                }
+                None => break,
+            }
+        }
+        metrics::histogram!("publish_batch_events").record(events.len() as f64);
+        let p = publisher.clone();
+        // Confirms of successive batches overlap: the batcher never waits for one.
+        tokio::spawn(async move {
+            let env = Envelope::new(Event::UsageBatch(UsageBatch { events }), None, Utc::now());
+            let result = p.publish(&env).await;
+            for w in waiters {
+                let _ = w.send(result.clone());
+            }
+        });
+    }
+}

@@ -1,0 +1,75 @@
+//! Builds the application from settings and serves it until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::keys::Keys;
+use common::settings::Settings;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Authenticator;
+use crate::publisher::Publisher;
+use crate::state::AppState;
+use crate::users::Directory;
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Connects lazily to the dependencies and binds the listener (port 0 in tests).
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
+        let pg = common::infra::pg_pool(&settings)?;
+        let redis = common::infra::redis_pool(&settings)?;
+        let publisher = Publisher::start(&settings, shutdown.child_token());
+        let auth = Authenticator::new(&settings.auth);
+        let a = auth.clone();
+        tokio::spawn(async move { a.prefetch().await });
+        let state = AppState {
+            keys: Keys::new(&settings.redis.key_prefix),
+            users: Arc::new(Directory::new(Duration::from_millis(
+                settings.gateway.user_cache_ttl_ms,
+            ))),
+            metrics: crate::metrics::handle(),
+            settings: settings.clone(),
+            pg,
+            redis,
+            publisher,
+            auth,
+        };
+        let listener = TcpListener::bind(&settings.gateway.listen).await?;
+        Ok(Self {
+            listener,
+            state,
+            shutdown,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until the shutdown token fires, then stops accepting and lets
+    /// in-flight requests (and their confirms) finish.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let app = crate::http::router(self.state.clone());
+        let shutdown = self.shutdown.clone();
+        tracing::info!(addr = %self.local_addr(), "gateway listening");
+        axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,30 @@
+//! What every handler shares.
+
+use std::sync::Arc;
+
+use common::keys::Keys;
+use common::settings::Settings;
+use sqlx::PgPool;
+
+use crate::auth::Authenticator;
+use crate::publisher::Publisher;
+use crate::users::Directory;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub pg: PgPool,
+    pub redis: deadpool_redis::Pool,
+    pub keys: Keys,
+    pub publisher: Publisher,
+    pub auth: Arc<Authenticator>,
+    pub users: Arc<Directory>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+impl AppState {
+    /// A pooled Redis connection (503 when Redis is down).
+    pub async fn redis(&self) -> crate::http::error::Result<deadpool_redis::Connection> {
+        Ok(self.redis.get().await?)
+    }
+}

@@ -1,0 +1,4 @@
+//! The gateway's integration tests: one binary, one module per resource.
+
+mod helpers;
+mod ops;

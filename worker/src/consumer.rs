@@ -1,0 +1,245 @@
+//! One consumer per queue: decode → handle (one Postgres transaction per
+//! batch) → ack (multiple) after commit.
+//!
+//! - Prefetch in the thousands and batches of up to `worker.batch_size`, so
+//!   Postgres sees a few large statements instead of many small ones.
+//! - Postgres unavailable: the batch stays unacked and is retried with backoff
+//!   until Postgres answers (never dead-lettered for that).
+//! - A message that cannot be decoded, or whose data Postgres refuses, is
+//!   rejected without requeue and so dead-lettered; the rest of its batch lands.
+//! - The broker gone: unacked deliveries return to the queue; we reconnect.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::events::Envelope;
+use common::topology;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use tokio_util::sync::CancellationToken;
+
+use crate::handlers::{self, Effects};
+use crate::startup::Ctx;
+
+/// What one step of a consumer did (tests drive the worker step by step).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub delivered: usize,
+    pub stored: usize,
+    pub dead_lettered: usize,
+}
+
+pub struct QueueConsumer {
+    ctx: Ctx,
+    queue: String,
+    /// Keeps the connection alive as long as the consumer.
+    _conn: lapin::Connection,
+    channel: Channel,
+    consumer: Consumer,
+}
+
+impl QueueConsumer {
+    /// Connects, declares the topology and starts consuming `short` (e.g. "usage").
+    pub async fn connect(ctx: Ctx, short: &str) -> anyhow::Result<Self> {
+        let conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            topology::connect(&ctx.settings.amqp.url),
+        )
+        .await??;
+        let channel = conn.create_channel().await?;
+        ctx.topology.declare(&channel).await?;
+        // Prefetch bounds unacked messages per consumer: large enough to fill a
+        // batch, small enough that a crash redelivers a bounded amount.
+        channel
+            .basic_qos(ctx.settings.worker.prefetch, BasicQosOptions::default())
+            .await?;
+        let queue = ctx.topology.queue(short);
+        let consumer = channel
+            .basic_consume(
+                &queue,
+                &format!("worker-{}-{}", std::process::id(), uuid::Uuid::new_v4()),
+                // Manual acks: a message is settled only after its commit.
+                BasicConsumeOptions {
+                    no_ack: false,
+                    exclusive: false,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            ctx,
+            queue,
+            _conn: conn,
+            channel,
+            consumer,
+        })
+    }
+
+    /// Waits for the next batch: the first delivery, then whatever follows
+    /// within `batch_wait_ms`, up to `batch_size`. `None` when the stream ended
+    /// (broker gone) or shutdown was requested before anything arrived.
+    pub async fn next_batch(&mut self, shutdown: &CancellationToken) -> Option<Vec<Delivery>> {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            d = self.consumer.next() => d?.ok()?,
+        };
+        let mut batch = vec![first];
+        let max = self.ctx.settings.worker.batch_size;
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.ctx.settings.worker.batch_wait_ms);
+        while batch.len() < max {
+            match tokio::time::timeout_at(deadline, self.consumer.next()).await {
+                Ok(Some(Ok(d))) => batch.push(d),
+                _ => break,
+            }
+        }
+        Some(batch)
+    }
+
+    /// Handles one batch to the end: stores it (retrying while Postgres is
+    /// down), dead-letters what is poison, then acks.
+    pub async fn process(&self, batch: Vec<Delivery>, shutdown: &CancellationToken) -> anyhow::Result<Outcome> {
+        let mut outcome = Outcome {
+            delivered: batch.len(),
+            ..Default::default()
+        };
+        let mut good: Vec<(u64, Envelope)> = Vec::with_capacity(batch.len());
+        for d in &batch {
+            match Envelope::from_bytes(&d.data) {
+                Ok(env) => good.push((d.delivery_tag, env)),
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "poison message dead-lettered");
+                    self.reject(d.delivery_tag).await?;
+                    outcome.dead_lettered += 1;
+                }
+            }
+        }
+        let last_tag = batch.last().map(|d| d.delivery_tag).unwrap_or(0);
+        let mut rejected: HashSet<u64> = HashSet::new();
+        let effects = loop {
+            let envs: Vec<&Envelope> = good
+                .iter()
+                .filter(|(t, _)| !rejected.contains(t))
+                .map(|(_, e)| e)
+                .collect();
+            match self.store(&envs, shutdown).await? {
+                Ok(effects) => break effects,
+                Err(_) => {
+                    // Postgres refused the data of some message: find it alone,
+                    // dead-letter it, and store the rest.
+                    let mut found = false;
+                    for (tag, env) in &good {
+                        if rejected.contains(tag) {
+                            continue;
+                        }
+                        if let Err(e) = self.store(&[env], shutdown).await? {
+                            tracing::warn!(queue = %self.queue, error = %e, id = %env.id, "message refused by Postgres; dead-lettered");
+                            self.reject(*tag).await?;
+                            rejected.insert(*tag);
+                            outcome.dead_lettered += 1;
+                            found = true;
+                        }
+                    }
+                    if !found {
+                        // Refused together but not alone: try the batch again shortly.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        };
+        outcome.stored = effects.stored;
+        if last_tag > 0 {
+            // Multiple: one ack settles the whole batch (rejected ones are already settled).
+            self.channel
+                .basic_ack(last_tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        metrics::histogram!("worker_batch_messages", "queue" => self.queue.clone())
+            .record(outcome.delivered as f64);
+        metrics::counter!("worker_events_stored_total", "queue" => self.queue.clone())
+            .increment(outcome.stored as u64);
+        handlers::after_commit(&self.ctx, effects).await;
+        Ok(outcome)
+    }
+
+    /// One transaction for the given envelopes. Outer error: shutdown while
+    /// Postgres was down (the batch stays unacked). Inner error: refused data.
+    async fn store(
+        &self,
+        envs: &[&Envelope],
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Result<Effects, sqlx::Error>> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match handlers::apply(&self.ctx, envs).await {
+                Ok(effects) => return Ok(Ok(effects)),
+                Err(e) if crate::is_transient(&e) => {
+                    tracing::warn!(queue = %self.queue, error = %e, "Postgres unavailable; batch held, retrying");
+                    metrics::counter!("worker_db_retries_total").increment(1);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => anyhow::bail!("shutdown while Postgres is unavailable"),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    }
+
+    async fn reject(&self, tag: u64) -> anyhow::Result<()> {
+        self.channel
+            .basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: false,
+                },
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Consumes one queue until shutdown, reconnecting whenever the broker goes away.
+pub async fn run(ctx: Ctx, short: String, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let mut consumer = match QueueConsumer::connect(ctx.clone(), &short).await {
+            Ok(c) => {
+                tracing::info!(queue = %short, "consuming");
+                backoff = Duration::from_millis(200);
+                c
+            }
+            Err(e) => {
+                tracing::warn!(queue = %short, error = %e, "broker connect failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let Some(batch) = consumer.next_batch(&shutdown).await else {
+                break;
+            };
+            // A batch in hand is finished even when shutdown arrives meanwhile.
+            if let Err(e) = consumer.process(batch, &shutdown).await {
+                tracing::warn!(queue = %short, error = %e, "batch not acknowledged; it will be redelivered");
+                break;
+            }
+        }
+        if shutdown.is_cancelled() {
+            let _ = consumer.channel.close(200, "shutdown").await;
+            let _ = consumer._conn.close(200, "shutdown").await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,97 @@
+//! Event handlers. `apply` writes a whole batch in one transaction; every
+//! handler is idempotent (event ids are unique keys) and order-independent, so
+//! redelivery and reordering give the same end state.
+
+pub mod credits;
+pub mod sessions;
+pub mod usage;
+pub mod users;
+
+use std::collections::HashSet;
+
+use chrono::Utc;
+use common::events::{Envelope, Event};
+
+use crate::startup::Ctx;
+
+/// What a committed batch changed, for the Redis follow-ups after commit.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Events newly stored (redeliveries count 0).
+    pub stored: usize,
+    /// Users whose analytics changed.
+    pub analytics_users: HashSet<String>,
+    /// Users whose cached profile changed.
+    pub profile_users: HashSet<String>,
+    /// Reservations now settled in the ledger: (user, transaction id).
+    pub settled: Vec<(String, uuid::Uuid)>,
+    /// Users whose ledger moved (their balance `as_of` advances).
+    pub credit_users: HashSet<String>,
+    /// Seconds from the gateway's receipt to this commit, per stored event.
+    pub lags: Vec<f64>,
+}
+
+pub async fn apply(ctx: &Ctx, envs: &[&Envelope]) -> Result<Effects, sqlx::Error> {
+    let mut usage = Vec::new();
+    let mut sessions = Vec::new();
+    let mut credit = Vec::new();
+    let mut user = Vec::new();
+    for env in envs {
+        match &env.event {
+            Event::UsageBatch(b) => usage.extend(b.events.iter()),
+            Event::SessionUpsert(s) => sessions.push(s),
+            Event::CreditConsume(_)
+            | Event::HoldOpened(_)
+            | Event::HoldSettled(_)
+            | Event::HoldReleased(_) => credit.push(*env),
+            Event::UserPreferences(_) | Event::UserActivity(_) => user.push(*env),
+        }
+    }
+    let mut effects = Effects::default();
+    let mut tx = ctx.pg.begin().await?;
+    if !usage.is_empty() {
+        usage::store(&mut tx, &usage, &mut effects).await?;
+    }
+    if !sessions.is_empty() {
+        sessions::store(&mut tx, &sessions, &mut effects).await?;
+    }
+    if !credit.is_empty() {
+        credits::store(&mut tx, &credit, &mut effects).await?;
+    }
+    if !user.is_empty() {
+        users::store(&mut tx, &user, &mut effects).await?;
+    }
+    tx.commit().await?;
+    let now = Utc::now();
+    for e in &usage {
+        effects
+            .lags
+            .push((now - e.received_at).num_microseconds().unwrap_or(0) as f64 / 1e6);
+    }
+    Ok(effects)
+}
+
+/// Redis follow-ups after a commit. Best effort: Redis is a cache here, and
+/// the reconciler repairs what a failure leaves behind.
+pub async fn after_commit(ctx: &Ctx, effects: Effects) {
+    for lag in &effects.lags {
+        metrics::histogram!("publish_to_postgres_lag_seconds").record(*lag);
+    }
+    if let Err(e) = credits::after_commit(ctx, &effects).await {
+        tracing::warn!(error = %e, "credit follow-up failed; the reconciler will repair");
+    }
+    if let Err(e) = invalidate_caches(ctx, &effects).await {
+        tracing::warn!(error = %e, "cache invalidation failed");
+    }
+}
+
+async fn invalidate_caches(ctx: &Ctx, effects: &Effects) -> anyhow::Result<()> {
+    if effects.analytics_users.is_empty() && effects.profile_users.is_empty() {
+        return Ok(());
+    }
+    let mut conn = ctx.redis.get().await?;
+    for u in effects.analytics_users.iter().chain(effects.profile_users.iter()) {
+        crate::handlers::users::drop_cached_views(ctx, &mut conn, u).await?;
+    }
+    Ok(())
+}

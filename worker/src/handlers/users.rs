@@ -1,0 +1,61 @@
+//! User events → `users` (preferences merged, activity times forward only).
+
+use common::events::{Envelope, Event};
+use sqlx::{Postgres, Transaction};
+
+use super::Effects;
+use crate::startup::Ctx;
+
+pub async fn store(
+    tx: &mut Transaction<'_, Postgres>,
+    envs: &[&Envelope],
+    effects: &mut Effects,
+) -> Result<(), sqlx::Error> {
+    for env in envs {
+        match &env.event {
+            Event::UserPreferences(p) => {
+                // A deleted account keeps no preferences, even ones still queued.
+                sqlx::query(
+                    "update users set preferences = preferences || $2::jsonb, updated_at = now() \
+                     where id = $1 and status <> 'deleted' and jsonb_typeof($2::jsonb) = 'object'",
+                )
+                .bind(&p.user_id)
+                .bind(&p.patch)
+                .execute(&mut **tx)
+                .await?;
+                effects.stored += 1;
+                effects.profile_users.insert(p.user_id.clone());
+            }
+            Event::UserActivity(a) => {
+                sqlx::query(
+                    "update users set last_active_at = greatest(last_active_at, $2) where id = $1",
+                )
+                .bind(&a.user_id)
+                .bind(a.at)
+                .execute(&mut **tx)
+                .await?;
+                effects.stored += 1;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Drops a user's cached analytics and profile so the next read recomputes.
+pub async fn drop_cached_views(
+    ctx: &Ctx,
+    conn: &mut deadpool_redis::Connection,
+    user_id: &str,
+) -> anyhow::Result<()> {
+    let index = ctx.keys.analytics_index(user_id);
+    let keys: Vec<String> = redis::cmd("SMEMBERS").arg(&index).query_async(&mut **conn).await?;
+    let mut pipe = redis::pipe();
+    for k in keys {
+        pipe.del(k).ignore();
+    }
+    pipe.del(&index).ignore();
+    pipe.del(ctx.keys.profile(user_id)).ignore();
+    pipe.query_async::<()>(&mut **conn).await?;
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! Builds the worker from settings: one consumer task per queue, the scheduled
+//! jobs, and the health/metrics listener.
+
+use std::sync::Arc;
+
+use common::keys::Keys;
+use common::settings::Settings;
+use common::topology::Topology;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What every consumer and job shares.
+#[derive(Clone)]
+pub struct Ctx {
+    pub settings: Arc<Settings>,
+    pub pg: PgPool,
+    pub redis: deadpool_redis::Pool,
+    pub keys: Keys,
+    pub topology: Topology,
+}
+
+impl Ctx {
+    pub fn new(settings: Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            pg: common::infra::pg_pool(&settings)?,
+            redis: common::infra::redis_pool(&settings)?,
+            keys: Keys::new(&settings.redis.key_prefix),
+            topology: Topology::new(&settings.amqp.namespace, settings.amqp.delivery_limit),
+            settings: Arc::new(settings),
+        })
+    }
+}
+
+pub struct Worker {
+    ctx: Ctx,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(&settings.worker.listen).await?;
+        Ok(Self {
+            ctx: Ctx::new(settings)?,
+            listener,
+            shutdown,
+        })
+    }
+
+    pub fn ctx(&self) -> &Ctx {
+        &self.ctx
+    }
+
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.listener.local_addr().expect("bound listener")
+    }
+
+    /// Runs consumers and jobs until shutdown; consumers finish their batch,
+    /// ack, and only then does this return.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let metrics = crate::http::metrics_handle();
+        let app = crate::http::router(metrics);
+        let stop = self.shutdown.clone();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(self.listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        let mut tasks = Vec::new();
+        for q in &self.ctx.settings.worker.queues {
+            tasks.push(tokio::spawn(crate::consumer::run(
+                self.ctx.clone(),
+                q.clone(),
+                self.shutdown.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(crate::schedule::run(
+            self.ctx.clone(),
+            self.shutdown.clone(),
+        )));
+        tracing::info!(queues = ?self.ctx.settings.worker.queues, "worker running");
+        for t in tasks {
+            let _ = t.await;
+        }
+        let _ = server.await;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}
