@@ -2,6 +2,7 @@
 //! publishes events to RabbitMQ with confirms.
 
 pub mod auth;
+pub mod credits;
 pub mod http;
 pub mod metrics;
 pub mod publisher;

@@ -1,10 +1,17 @@
 //! The HTTP surface: one module per resource, merged here, behind the guard
 //! (authentication → user → status → rate limit) and the metrics layer.
 
+pub mod admin;
+pub mod analytics;
+pub mod compat;
+pub mod credits;
 pub mod error;
 pub mod extract;
 pub mod guard;
 pub mod ops;
+pub mod sessions;
+pub mod usage;
+pub mod users;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
@@ -62,10 +69,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Every `/api/` route, by class. Resource modules add theirs here.
+/// Every `/api/` route. Each resource module wraps its routes in the guard of
+/// their class with [`guarded`].
 fn api_routes(state: &AppState) -> Router<AppState> {
-    let _ = state;
     Router::new()
+        .merge(sessions::router(state))
+        .merge(usage::router(state))
+        .merge(analytics::router(state))
+        .merge(users::router(state))
+        .merge(credits::router(state))
+        .merge(admin::router(state))
+        .merge(compat::router(state))
 }
 
 async fn track_metrics(req: Request, next: Next) -> Response {
