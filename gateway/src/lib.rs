@@ -7,6 +7,8 @@ pub mod http;
 pub mod metrics;
 pub mod publisher;
 pub mod rate_limit;
+pub mod sessions;
 pub mod startup;
 pub mod state;
+pub mod usage;
 pub mod users;

@@ -1,10 +1,48 @@
-//! Usage tracking (SPEC §5.2).
+//! Usage tracking (SPEC §5.2, §5.10): validate the whole request, publish its
+//! events (grouped with concurrent requests' events), answer 202 only once the
+//! broker confirmed them.
 
-use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
 
+use super::error::{ApiError, Result};
+use super::extract::ApiJson;
+use super::guard::CurrentUser;
+use super::{guarded, Class};
 use crate::state::AppState;
+use crate::usage::{parse_track, Shape};
 
 pub fn router(state: &AppState) -> Router<AppState> {
-    let _ = state;
-    Router::new()
+    guarded(
+        state,
+        Class::Usage,
+        Router::new().route("/api/vscode/usage/track", post(track)),
+    )
+}
+
+async fn track(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<impl IntoResponse> {
+    let (shape, events) = parse_track(&body, user.id(), chrono::Utc::now())?;
+    let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+    let n = events.len();
+    state
+        .publisher
+        .publish_usage(events)
+        .await
+        .map_err(|e| ApiError::unavailable("rabbitmq", e))?;
+    let mut answer = json!({"accepted": n, "event_ids": ids});
+    if shape == Shape::Legacy {
+        // The original client reads these; usage never moves credits.
+        let balance = crate::credits::balance(&state, user.id()).await.ok();
+        answer["success"] = json!(true);
+        answer["remainingCredits"] = json!(balance.map(|b| b.balance));
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)))
 }

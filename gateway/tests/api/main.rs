@@ -2,3 +2,5 @@
 
 mod helpers;
 mod ops;
+mod sessions;
+mod usage;

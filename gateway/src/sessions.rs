@@ -1,0 +1,157 @@
+//! VS Code sessions (SPEC §5.1, §5.10): live in Redis with a sliding TTL, under
+//! the user's hash tag so they never cross users; a worker persists them.
+
+use chrono::{DateTime, Duration, Utc};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+
+use crate::http::error::{ApiError, Result};
+use crate::state::AppState;
+
+/// What Redis keeps per session (JSON under `session:{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    pub user_id: String,
+    pub created_at: DateTime<Utc>,
+    pub last_seen_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub extension_version: String,
+    #[serde(default)]
+    pub session_token: Option<String>,
+}
+
+/// The client's request, already validated.
+#[derive(Debug, Clone)]
+pub struct ValidateRequest {
+    pub session_id: Option<String>,
+    pub session_token: Option<String>,
+    pub extension_version: String,
+}
+
+/// Whether `have` is below the configured minimum (both semver).
+pub fn below_minimum(have: &semver::Version, min: Option<&str>) -> Option<String> {
+    let min = semver::Version::parse(min?).ok()?;
+    (have < &min).then(|| min.to_string())
+}
+
+/// Permissions by plan, as the original client expects them.
+pub fn permissions(plan: &str) -> Vec<&'static str> {
+    let mut p = vec!["basic_models", "basic_features"];
+    if matches!(plan, "pro" | "team" | "enterprise") {
+        p.extend(["advanced_models", "priority_support"]);
+    }
+    if matches!(plan, "team" | "enterprise") {
+        p.extend(["team_features", "analytics"]);
+    }
+    p
+}
+
+pub fn new_session_id() -> String {
+    format!("sess_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Finds the caller's live session (by id or by the client's token) and slides
+/// it, or creates a new one. Returns the record and whether it was created.
+pub async fn validate(
+    state: &AppState,
+    user_id: &str,
+    req: &ValidateRequest,
+) -> Result<(SessionRecord, bool)> {
+    let ttl = state.settings.sessions.ttl_secs;
+    let now = Utc::now();
+    let mut conn = state.redis().await?;
+    let keys = &state.keys;
+
+    // Which existing session does the request name?
+    let mut existing_id = req.session_id.clone();
+    let mut claimed_token = false;
+    let mut candidate = new_session_id();
+    if let Some(token) = &req.session_token {
+        let tkey = keys.session_token(user_id, token);
+        // The first call with a token binds it to a new session; later calls find it.
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&tkey)
+            .arg(&candidate)
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl)
+            .query_async(&mut *conn)
+            .await?;
+        if set.is_some() {
+            claimed_token = true;
+            existing_id = None;
+        } else {
+            existing_id = conn.get(&tkey).await?;
+        }
+    }
+    if let Some(id) = existing_id.as_deref() {
+        let raw: Option<String> = conn.get(keys.session(user_id, id)).await?;
+        if let Some(rec) = raw.and_then(|r| serde_json::from_str::<SessionRecord>(&r).ok()) {
+            if rec.user_id == user_id && rec.expires_at > now {
+                let rec = SessionRecord {
+                    last_seen_at: now,
+                    expires_at: now + Duration::seconds(ttl as i64),
+                    extension_version: req.extension_version.clone(),
+                    ..rec
+                };
+                store(state, &mut conn, &rec, ttl).await?;
+                return Ok((rec, false));
+            }
+        }
+        if req.session_token.is_some() && !claimed_token {
+            // The token's session expired: bind the token to a fresh one.
+            candidate = new_session_id();
+        }
+    }
+    let rec = SessionRecord {
+        id: candidate,
+        user_id: user_id.to_string(),
+        created_at: now,
+        last_seen_at: now,
+        expires_at: now + Duration::seconds(ttl as i64),
+        extension_version: req.extension_version.clone(),
+        session_token: req.session_token.clone(),
+    };
+    store(state, &mut conn, &rec, ttl).await?;
+    Ok((rec, true))
+}
+
+async fn store(
+    state: &AppState,
+    conn: &mut deadpool_redis::Connection,
+    rec: &SessionRecord,
+    ttl: u64,
+) -> Result<()> {
+    let json = serde_json::to_string(rec).map_err(|e| ApiError::Internal(e.into()))?;
+    let mut pipe = redis::pipe();
+    pipe.set_ex(state.keys.session(&rec.user_id, &rec.id), json, ttl)
+        .ignore();
+    if let Some(t) = &rec.session_token {
+        pipe.set_ex(state.keys.session_token(&rec.user_id, t), &rec.id, ttl)
+            .ignore();
+    }
+    pipe.query_async::<()>(&mut **conn).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permissions_grow_with_the_plan() {
+        assert_eq!(permissions("free"), vec!["basic_models", "basic_features"]);
+        assert!(permissions("pro").contains(&"advanced_models"));
+        assert!(!permissions("pro").contains(&"team_features"));
+        assert!(permissions("enterprise").contains(&"analytics"));
+    }
+
+    #[test]
+    fn versions_below_the_minimum_are_named() {
+        let v = semver::Version::parse("1.2.3").unwrap();
+        assert_eq!(below_minimum(&v, Some("1.3.0")), Some("1.3.0".into()));
+        assert_eq!(below_minimum(&v, Some("1.2.3")), None);
+        assert_eq!(below_minimum(&v, None), None);
+    }
+}

@@ -1,0 +1,478 @@
+//! Parsing and validating a `usage/track` body (SPEC §5.2, §5.10) into events.
+//! Plain functions: every rule here is unit-tested without IO. Any invalid
+//! event refuses the whole request, naming `events[i].field`.
+
+use chrono::{DateTime, Duration, Utc};
+use common::events::{UsageDetail, UsageEvent};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::http::error::ApiError;
+
+pub const MAX_EVENTS: usize = 500;
+pub const MAX_METADATA_BYTES: usize = 4096;
+
+/// Which shape the body had; the legacy one gets extra answer members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Single,
+    Batch,
+    /// The original backend's `{"sessionToken","action","modelId","tokensUsed","costInCredits"}`.
+    Legacy,
+}
+
+/// Turns a body into validated events stamped with `now` as `received_at`.
+pub fn parse_track(
+    body: &Value,
+    user_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(Shape, Vec<UsageEvent>), ApiError> {
+    let obj = body.as_object().ok_or_else(|| {
+        ApiError::validation("body", "must be an event object or {\"events\": [...]}")
+    })?;
+    if let Some(events) = obj.get("events") {
+        let list = events
+            .as_array()
+            .ok_or_else(|| ApiError::validation("events", "must be an array"))?;
+        if list.is_empty() || list.len() > MAX_EVENTS {
+            return Err(ApiError::validation(
+                "events",
+                format!("must hold 1..={MAX_EVENTS} events"),
+            ));
+        }
+        let parsed = list
+            .iter()
+            .enumerate()
+            .map(|(i, e)| parse_event(e, &format!("events[{i}]."), user_id, now))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok((Shape::Batch, parsed));
+    }
+    if obj.contains_key("modelId") && !obj.contains_key("kind") {
+        return Ok((Shape::Legacy, vec![parse_legacy(obj, user_id, now)?]));
+    }
+    Ok((Shape::Single, vec![parse_event(body, "", user_id, now)?]))
+}
+
+fn parse_event(
+    v: &Value,
+    at: &str,
+    user_id: &str,
+    now: DateTime<Utc>,
+) -> Result<UsageEvent, ApiError> {
+    let f = |name: &str| format!("{at}{name}");
+    let obj = v.as_object().ok_or_else(|| {
+        let name = if at.is_empty() {
+            "body"
+        } else {
+            at.trim_end_matches('.')
+        };
+        ApiError::validation(name, "must be an object")
+    })?;
+    let id = match obj.get("event_id") {
+        None | Some(Value::Null) => Uuid::new_v4(),
+        Some(Value::String(s)) => {
+            Uuid::parse_str(s).map_err(|_| ApiError::validation(f("event_id"), "must be a UUID"))?
+        }
+        Some(_) => return Err(ApiError::validation(f("event_id"), "must be a UUID string")),
+    };
+    let session_id = opt_str(obj, "session_id", 128, &f)?;
+    if let Some(s) = &session_id {
+        if !valid_session_id(s) {
+            return Err(ApiError::validation(
+                f("session_id"),
+                "must be 1..=128 of [A-Za-z0-9_.:-]",
+            ));
+        }
+    }
+    let occurred_at = match obj.get("occurred_at") {
+        None | Some(Value::Null) => now,
+        Some(Value::String(s)) => {
+            let t = DateTime::parse_from_rfc3339(s)
+                .map_err(|_| ApiError::validation(f("occurred_at"), "must be an RFC 3339 time"))?
+                .with_timezone(&Utc);
+            if t > now + Duration::minutes(5) {
+                return Err(ApiError::validation(
+                    f("occurred_at"),
+                    "is more than 5 minutes in the future",
+                ));
+            }
+            if t < now - Duration::days(30) {
+                return Err(ApiError::validation(
+                    f("occurred_at"),
+                    "is more than 30 days in the past",
+                ));
+            }
+            t
+        }
+        Some(_) => {
+            return Err(ApiError::validation(
+                f("occurred_at"),
+                "must be an RFC 3339 time string",
+            ))
+        }
+    };
+    let metadata = parse_metadata(obj.get("metadata"), &f("metadata"))?;
+    let kind = match obj.get("kind") {
+        Some(Value::String(k)) => k.as_str(),
+        _ => {
+            return Err(ApiError::validation(
+                f("kind"),
+                "must be \"model\" or \"feature\"",
+            ))
+        }
+    };
+    let detail = match kind {
+        "model" => UsageDetail::Model {
+            provider: req_str(obj, "provider", 64, &f)?,
+            model: req_str(obj, "model", 128, &f)?,
+            prompt_tokens: req_count(obj, "prompt_tokens", &f)?,
+            completion_tokens: req_count(obj, "completion_tokens", &f)?,
+            latency_ms: opt_count(obj, "latency_ms", &f)?,
+            success: match obj.get("success") {
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
+                Some(_) => return Err(ApiError::validation(f("success"), "must be a boolean")),
+            },
+        },
+        "feature" => UsageDetail::Feature {
+            feature: req_str(obj, "feature", 64, &f)?,
+            action: opt_str(obj, "action", 64, &f)?,
+            duration_ms: opt_count(obj, "duration_ms", &f)?,
+        },
+        _ => {
+            return Err(ApiError::validation(
+                f("kind"),
+                "must be \"model\" or \"feature\"",
+            ))
+        }
+    };
+    Ok(UsageEvent {
+        id,
+        user_id: user_id.to_string(),
+        session_id,
+        occurred_at,
+        received_at: now,
+        metadata,
+        detail,
+    })
+}
+
+/// The original client's shape: one model event, provider from `modelId`.
+fn parse_legacy(
+    obj: &Map<String, Value>,
+    user_id: &str,
+    now: DateTime<Utc>,
+) -> Result<UsageEvent, ApiError> {
+    let f = |name: &str| name.to_string();
+    let model = req_str(obj, "modelId", 128, &f)?;
+    let provider = provider_of(&model);
+    let tokens = opt_count(obj, "tokensUsed", &f)?.unwrap_or(0);
+    let action = opt_str(obj, "action", 64, &f)?;
+    let cost = match obj.get("costInCredits") {
+        None | Some(Value::Null) => Value::Null,
+        Some(v @ Value::Number(n)) if n.as_f64().is_some_and(|x| x >= 0.0) => v.clone(),
+        Some(_) => {
+            return Err(ApiError::validation(
+                "costInCredits",
+                "must be a number ≥ 0",
+            ))
+        }
+    };
+    let session_id = opt_str(obj, "sessionToken", 128, &f)?;
+    if let Some(s) = &session_id {
+        if !valid_session_token(s) {
+            return Err(ApiError::validation(
+                "sessionToken",
+                "must be 8..=128 of [A-Za-z0-9_.-]",
+            ));
+        }
+    }
+    let mut meta = Map::new();
+    meta.insert(
+        "action".into(),
+        action.map(Value::String).unwrap_or(Value::Null),
+    );
+    meta.insert("cost_in_credits".into(), cost);
+    Ok(UsageEvent {
+        id: Uuid::new_v4(),
+        user_id: user_id.to_string(),
+        session_id,
+        occurred_at: now,
+        received_at: now,
+        metadata: Some(Value::Object(meta)),
+        detail: UsageDetail::Model {
+            provider,
+            model,
+            prompt_tokens: tokens,
+            completion_tokens: 0,
+            latency_ms: None,
+            success: None,
+        },
+    })
+}
+
+/// `openai/gpt-4o` → `openai`; no slash → `openrouter` (SPEC §5.10).
+pub fn provider_of(model_id: &str) -> String {
+    match model_id.split_once('/') {
+        Some((p, _)) if !p.is_empty() => p.chars().take(64).collect(),
+        _ => "openrouter".into(),
+    }
+}
+
+pub fn valid_session_id(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// The original client's own session key: 8..=128 of `[A-Za-z0-9_.-]`.
+pub fn valid_session_token(s: &str) -> bool {
+    (8..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn parse_metadata(v: Option<&Value>, field: &str) -> Result<Option<Value>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(m @ Value::Object(_)) => {
+            let size = serde_json::to_vec(m).map(|b| b.len()).unwrap_or(usize::MAX);
+            if size > MAX_METADATA_BYTES {
+                Err(ApiError::validation(field, "must be at most 4 KiB"))
+            } else {
+                Ok(Some(m.clone()))
+            }
+        }
+        Some(_) => Err(ApiError::validation(field, "must be an object")),
+    }
+}
+
+fn req_str(
+    obj: &Map<String, Value>,
+    name: &str,
+    max: usize,
+    f: &dyn Fn(&str) -> String,
+) -> Result<String, ApiError> {
+    match opt_str(obj, name, max, f)? {
+        Some(s) => Ok(s),
+        None => Err(ApiError::validation(f(name), "is required")),
+    }
+}
+
+fn opt_str(
+    obj: &Map<String, Value>,
+    name: &str,
+    max: usize,
+    f: &dyn Fn(&str) -> String,
+) -> Result<Option<String>, ApiError> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => {
+            Err(ApiError::validation(f(name), "must not be empty"))
+        }
+        Some(Value::String(s)) if s.chars().count() > max => Err(ApiError::validation(
+            f(name),
+            format!("must be at most {max} characters"),
+        )),
+        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(ApiError::validation(
+            f(name),
+            "must not contain control characters",
+        )),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::validation(f(name), "must be a string")),
+    }
+}
+
+fn req_count(
+    obj: &Map<String, Value>,
+    name: &str,
+    f: &dyn Fn(&str) -> String,
+) -> Result<i64, ApiError> {
+    opt_count(obj, name, f)?.ok_or_else(|| ApiError::validation(f(name), "is required"))
+}
+
+/// A non-negative JSON integer that fits i64 (no floats, no strings).
+fn opt_count(
+    obj: &Map<String, Value>,
+    name: &str,
+    f: &dyn Fn(&str) -> String,
+) -> Result<Option<i64>, ApiError> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(i) if i >= 0 => Ok(Some(i)),
+            _ => Err(ApiError::validation(f(name), "must be an integer ≥ 0")),
+        },
+        Some(_) => Err(ApiError::validation(f(name), "must be an integer ≥ 0")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-25T12:00:00Z".parse().unwrap()
+    }
+
+    fn field_of(r: Result<(Shape, Vec<UsageEvent>), ApiError>) -> String {
+        match r {
+            Err(ApiError::Validation { field, .. }) => field,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    fn model() -> Value {
+        json!({"kind": "model", "provider": "openai", "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5})
+    }
+
+    #[test]
+    fn a_single_model_event_parses_with_defaults() {
+        let (shape, ev) = parse_track(&model(), "u", now()).unwrap();
+        assert_eq!(shape, Shape::Single);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].occurred_at, now());
+        assert_eq!(ev[0].user_id, "u");
+    }
+
+    #[test]
+    fn a_batch_names_the_index_of_the_bad_event() {
+        let mut bad = model();
+        bad["prompt_tokens"] = json!(-1);
+        let body = json!({"events": [model(), model(), bad]});
+        assert_eq!(
+            field_of(parse_track(&body, "u", now())),
+            "events[2].prompt_tokens"
+        );
+    }
+
+    #[test]
+    fn every_rule_of_the_spec_refuses() {
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({"kind": "nope"}), "kind"),
+            (
+                json!({"kind": "model", "provider": "p".repeat(65), "model": "m", "prompt_tokens": 1, "completion_tokens": 1}),
+                "provider",
+            ),
+            (
+                json!({"kind": "model", "provider": "p", "model": "m".repeat(129), "prompt_tokens": 1, "completion_tokens": 1}),
+                "model",
+            ),
+            (
+                json!({"kind": "model", "provider": "p", "model": "m", "prompt_tokens": 1.5, "completion_tokens": 1}),
+                "prompt_tokens",
+            ),
+            (
+                json!({"kind": "model", "provider": "p", "model": "m", "prompt_tokens": "1", "completion_tokens": 1}),
+                "prompt_tokens",
+            ),
+            (
+                json!({"kind": "model", "provider": "p", "model": "m", "prompt_tokens": 1}),
+                "completion_tokens",
+            ),
+            (
+                json!({"kind": "model", "provider": "p", "model": "m", "prompt_tokens": 1, "completion_tokens": 1, "latency_ms": -3}),
+                "latency_ms",
+            ),
+            (
+                json!({"kind": "model", "provider": "p", "model": "m", "prompt_tokens": 1, "completion_tokens": 1, "success": "yes"}),
+                "success",
+            ),
+            (json!({"kind": "feature"}), "feature"),
+            (
+                json!({"kind": "feature", "feature": "f".repeat(65)}),
+                "feature",
+            ),
+            (
+                json!({"kind": "feature", "feature": "chat", "action": "a".repeat(65)}),
+                "action",
+            ),
+            (
+                json!({"kind": "feature", "feature": "chat", "duration_ms": 18446744073709551615u64}),
+                "duration_ms",
+            ),
+            (
+                json!({"kind": "feature", "feature": "chat", "event_id": "not-a-uuid"}),
+                "event_id",
+            ),
+            (
+                json!({"kind": "feature", "feature": "chat", "occurred_at": "2026-11-25T12:06:00Z"}),
+                "occurred_at",
+            ),
+            (
+                json!({"kind": "feature", "feature": "chat", "occurred_at": "2026-10-25T11:59:00Z"}),
+                "occurred_at",
+            ),
+            (
+                json!({"kind": "feature", "feature": "chat", "occurred_at": "yesterday"}),
+                "occurred_at",
+            ),
+            (
+                json!({"kind": "feature", "feature": "chat", "metadata": [1]}),
+                "metadata",
+            ),
+            (
+                json!({"kind": "feature", "feature": "chat", "metadata": {"x": "y".repeat(4100)}}),
+                "metadata",
+            ),
+            (
+                json!({"kind": "feature", "feature": "chat", "session_id": "a b"}),
+                "session_id",
+            ),
+        ];
+        for (body, field) in cases {
+            assert_eq!(field_of(parse_track(&body, "u", now())), field, "{body}");
+        }
+        assert_eq!(
+            field_of(parse_track(&json!({"events": []}), "u", now())),
+            "events"
+        );
+        let many: Vec<Value> = (0..501).map(|_| model()).collect();
+        assert_eq!(
+            field_of(parse_track(&json!({"events": many}), "u", now())),
+            "events"
+        );
+        assert_eq!(field_of(parse_track(&json!([1]), "u", now())), "body");
+    }
+
+    #[test]
+    fn times_within_the_window_are_kept_as_sent() {
+        let body = json!({"kind": "feature", "feature": "chat", "occurred_at": "2026-11-01T08:00:00+02:00"});
+        let (_, ev) = parse_track(&body, "u", now()).unwrap();
+        assert_eq!(
+            ev[0].occurred_at,
+            "2026-11-01T06:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_original_clients_body_maps_onto_a_model_event() {
+        let body = json!({"sessionToken": "tok_12345678", "action": "complete", "modelId": "anthropic/claude-3", "tokensUsed": 42, "costInCredits": 3});
+        let (shape, ev) = parse_track(&body, "u", now()).unwrap();
+        assert_eq!(shape, Shape::Legacy);
+        match &ev[0].detail {
+            UsageDetail::Model {
+                provider,
+                model,
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => {
+                assert_eq!(provider, "anthropic");
+                assert_eq!(model, "anthropic/claude-3");
+                assert_eq!(*prompt_tokens, 42);
+                assert_eq!(*completion_tokens, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            ev[0].metadata,
+            Some(json!({"action": "complete", "cost_in_credits": 3}))
+        );
+        let (_, ev) = parse_track(&json!({"modelId": "gpt-4"}), "u", now()).unwrap();
+        assert!(
+            matches!(&ev[0].detail, UsageDetail::Model { provider, prompt_tokens: 0, .. } if provider == "openrouter")
+        );
+    }
+}
