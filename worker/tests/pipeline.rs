@@ -1,0 +1,343 @@
+//! The worker driven step by step against the real broker and database:
+//! crash between commit and ack, poison messages, refused data.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::Utc;
+use common::events::{
+    CreditConsume, CreditContext, Envelope, Event, UsageBatch, UsageDetail, UsageEvent,
+};
+use common::settings::Settings;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+use worker::consumer::QueueConsumer;
+use worker::startup::Ctx;
+
+struct Env {
+    ctx: Ctx,
+    db: String,
+    settings: Settings,
+}
+
+fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+async fn env() -> Env {
+    let db = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
+    sqlx::query(&format!("create database \"{db}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("{}/{db}", admin_url().rsplit_once('/').unwrap().0);
+    let tag = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let vars: HashMap<String, String> = [
+        ("DATABASE_URL", url.as_str()),
+        ("JWT_SECRET", "x"),
+        ("APP__REDIS__KEY_PREFIX", tag.as_str()),
+        ("APP__AMQP__NAMESPACE", tag.as_str()),
+        ("APP__WORKER__BATCH_WAIT_MS", "200"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let settings = Settings::load_from(Path::new("/nonexistent"), &vars).unwrap();
+    worker::migrate(&settings).await.unwrap();
+    Env {
+        ctx: Ctx::new(settings.clone()).unwrap(),
+        db,
+        settings,
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let db = self.db.clone();
+        let s = self.settings.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(&format!("drop database if exists \"{db}\" with (force)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+                if let Ok(conn) = common::topology::connect(&s.amqp.url).await {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = common::topology::Topology::new(&s.amqp.namespace, 20)
+                            .delete(&ch)
+                            .await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+impl Env {
+    async fn publish_raw(&self, routing_key: &str, bodies: &[Vec<u8>]) {
+        let conn = common::topology::connect(&self.settings.amqp.url)
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        self.ctx.topology.declare(&ch).await.unwrap();
+        for b in bodies {
+            ch.basic_publish(
+                &self.ctx.topology.exchange(),
+                routing_key,
+                BasicPublishOptions::default(),
+                b,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        }
+        let _ = conn.close(200, "done").await;
+    }
+
+    async fn publish(&self, envs: &[Envelope]) {
+        for e in envs {
+            self.publish_raw(e.event.routing_key(), &[e.to_bytes()])
+                .await;
+        }
+    }
+
+    async fn add_user(&self, id: &str, balance: i64) {
+        sqlx::query("insert into users (id, credits_balance) values ($1, 0)")
+            .bind(id)
+            .execute(&self.ctx.pg)
+            .await
+            .unwrap();
+        if balance > 0 {
+            sqlx::query("select * from grant_credits($1, $2, $3)")
+                .bind(uuid::Uuid::new_v4())
+                .bind(id)
+                .bind(balance)
+                .execute(&self.ctx.pg)
+                .await
+                .unwrap();
+        }
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.ctx.pg)
+            .await
+            .unwrap()
+    }
+
+    async fn queue_depth(&self, queue: &str) -> u32 {
+        let conn = common::topology::connect(&self.settings.amqp.url)
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = conn.close(200, "done").await;
+        q.message_count()
+    }
+}
+
+fn usage_batch(user: &str, n: usize) -> Envelope {
+    let now = Utc::now();
+    let events = (0..n)
+        .map(|i| UsageEvent {
+            id: uuid::Uuid::new_v4(),
+            user_id: user.into(),
+            session_id: Some("s1".into()),
+            occurred_at: now,
+            received_at: now,
+            metadata: None,
+            detail: UsageDetail::Model {
+                provider: "openai".into(),
+                model: "gpt".into(),
+                prompt_tokens: i as i64,
+                completion_tokens: 1,
+                latency_ms: None,
+                success: Some(true),
+            },
+        })
+        .collect();
+    Envelope::new(Event::UsageBatch(UsageBatch { events }), None, now)
+}
+
+#[tokio::test]
+async fn a_worker_killed_between_commit_and_ack_loses_nothing_and_duplicates_nothing() {
+    let env = env().await;
+    env.add_user("u1", 0).await;
+    let msgs: Vec<Envelope> = (0..10).map(|_| usage_batch("u1", 25)).collect();
+    env.publish(&msgs).await;
+    let stop = CancellationToken::new();
+
+    // First worker: takes a batch, commits it, and "dies" before acking.
+    let mut first = QueueConsumer::connect(env.ctx.clone(), "usage")
+        .await
+        .unwrap();
+    let batch = first.next_batch(&stop).await.unwrap();
+    let decoded: Vec<Envelope> = batch
+        .iter()
+        .map(|d| Envelope::from_bytes(&d.data).unwrap())
+        .collect();
+    let refs: Vec<&Envelope> = decoded.iter().collect();
+    worker::handlers::apply(&env.ctx, &refs).await.unwrap();
+    let committed = env.count("select count(*) from model_usage").await;
+    assert!(committed > 0);
+    drop(batch);
+    drop(first); // connection closed without ack: the broker redelivers
+
+    // Second worker: everything is redelivered; the committed part is not doubled.
+    let mut second = QueueConsumer::connect(env.ctx.clone(), "usage")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while env.count("select count(*) from usage_event_ids").await < 250 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all events landed"
+        );
+        if let Ok(Some(batch)) =
+            tokio::time::timeout(Duration::from_secs(2), second.next_batch(&stop)).await
+        {
+            second.process(batch, &stop).await.unwrap();
+        }
+    }
+    assert_eq!(env.count("select count(*) from model_usage").await, 250);
+    assert_eq!(
+        env.count("select coalesce(sum(requests), 0)::int8 from usage_daily")
+            .await,
+        250
+    );
+    let expected_tokens: i64 = 10 * (0..25).sum::<i64>();
+    assert_eq!(
+        env.count("select coalesce(sum(prompt_tokens), 0)::int8 from usage_daily")
+            .await,
+        expected_tokens
+    );
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_and_the_events_behind_it_are_stored() {
+    let env = env().await;
+    env.add_user("u2", 0).await;
+    let good = usage_batch("u2", 5);
+    env.publish_raw(
+        "usage.batch",
+        &[
+            b"{ this is not an envelope".to_vec(),
+            br#"{"id":"x"}"#.to_vec(),
+        ],
+    )
+    .await;
+    env.publish(&[good.clone(), usage_batch("u2", 5)]).await;
+    let stop = CancellationToken::new();
+    let mut c = QueueConsumer::connect(env.ctx.clone(), "usage")
+        .await
+        .unwrap();
+    let mut dead = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while env.count("select count(*) from model_usage").await < 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "good events did not land"
+        );
+        if let Ok(Some(batch)) =
+            tokio::time::timeout(Duration::from_secs(2), c.next_batch(&stop)).await
+        {
+            dead += c.process(batch, &stop).await.unwrap().dead_lettered;
+        }
+    }
+    assert_eq!(dead, 2);
+    let dlq = env.ctx.topology.dead_letter_queue();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while env.queue_depth(&dlq).await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dead letters missing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(env.queue_depth(&dlq).await, 2);
+    assert_eq!(env.queue_depth(&env.ctx.topology.queue("usage")).await, 0);
+}
+
+#[tokio::test]
+async fn a_credit_event_postgres_refuses_is_dead_lettered_alone_and_the_rest_settle() {
+    let env = env().await;
+    env.add_user("payer", 100).await;
+    let consume = |user: &str, amount: i64| {
+        Envelope::new(
+            Event::CreditConsume(CreditConsume {
+                transaction_id: uuid::Uuid::new_v4(),
+                user_id: user.into(),
+                amount,
+                context: CreditContext::default(),
+            }),
+            Some(user.into()),
+            Utc::now(),
+        )
+    };
+    // An event for a user Postgres has never seen cannot be settled.
+    env.publish(&[
+        consume("payer", 10),
+        consume("ghost", 5),
+        consume("payer", 20),
+    ])
+    .await;
+    let stop = CancellationToken::new();
+    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits")
+        .await
+        .unwrap();
+    let mut dead = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while env
+        .count("select count(*) from credit_transactions where kind = 'consume'")
+        .await
+        < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "settlements missing"
+        );
+        if let Ok(Some(batch)) =
+            tokio::time::timeout(Duration::from_secs(2), c.next_batch(&stop)).await
+        {
+            dead += c.process(batch, &stop).await.unwrap().dead_lettered;
+        }
+    }
+    assert_eq!(dead, 1);
+    assert_eq!(
+        env.count("select credits_balance from users where id = 'payer'")
+            .await,
+        70
+    );
+    assert_eq!(
+        env.count("select sum(amount)::int8 from credit_transactions where user_id = 'payer'")
+            .await,
+        70
+    );
+}
