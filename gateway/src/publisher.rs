@@ -47,6 +47,8 @@ struct Inner {
     connected: AtomicBool,
     /// Woken when a publish sees the channel broken, so the supervisor reconnects now.
     broken: Notify,
+    /// Cancelled once the supervisor has closed the connection for good.
+    closed: CancellationToken,
 }
 
 /// Cheap to clone; all clones share one connection.
@@ -68,6 +70,7 @@ impl Publisher {
             channel: RwLock::new(None),
             connected: AtomicBool::new(false),
             broken: Notify::new(),
+            closed: CancellationToken::new(),
         });
         let (tx, rx) = mpsc::channel(65_536);
         let publisher = Self { inner, batcher: tx };
@@ -95,6 +98,11 @@ impl Publisher {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         true
+    }
+
+    /// Resolves once the connection is closed after shutdown.
+    pub async fn closed(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.inner.closed.cancelled()).await;
     }
 
     pub fn topology(&self) -> &Topology {
@@ -171,6 +179,7 @@ impl Publisher {
 }
 
 async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let _closed = inner.closed.clone().drop_guard();
     let mut backoff = Duration::from_millis(100);
     loop {
         if shutdown.is_cancelled() {

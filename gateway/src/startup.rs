@@ -18,6 +18,7 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
+    publisher_stop: CancellationToken,
 }
 
 impl Application {
@@ -26,7 +27,10 @@ impl Application {
         let settings = Arc::new(settings);
         let pg = common::infra::pg_pool(&settings)?;
         let redis = common::infra::redis_pool(&settings)?;
-        let publisher = Publisher::start(&settings, shutdown.child_token());
+        // The publisher outlives the HTTP server: requests still in flight at
+        // shutdown get their confirms; it stops after the server has drained.
+        let publisher_stop = CancellationToken::new();
+        let publisher = Publisher::start(&settings, publisher_stop.clone());
         let auth = Authenticator::new(&settings.auth);
         let a = auth.clone();
         tokio::spawn(async move { a.prefetch().await });
@@ -47,6 +51,7 @@ impl Application {
             listener,
             state,
             shutdown,
+            publisher_stop,
         })
     }
 
@@ -70,6 +75,9 @@ impl Application {
         )
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
+        self.publisher_stop.cancel();
+        self.state.publisher.closed().await;
+        tracing::info!("gateway stopped");
         Ok(())
     }
 }
