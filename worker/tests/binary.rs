@@ -14,7 +14,8 @@ use lapin::BasicProperties;
 use sqlx::Connection;
 
 fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_ADMIN_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("TEST_DATABASE_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 struct Env {
@@ -27,7 +28,10 @@ struct Env {
 async fn env() -> Env {
     let db = format!("t_{}", uuid::Uuid::new_v4().simple());
     let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
-    sqlx::query(&format!("create database \"{db}\"")).execute(&mut admin).await.unwrap();
+    sqlx::query(&format!("create database \"{db}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
     let url = format!("{}/{db}", admin_url().rsplit_once('/').unwrap().0);
     let tag = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     let vars: HashMap<String, String> = [
@@ -46,8 +50,16 @@ async fn env() -> Env {
     let settings = Settings::load_from(Path::new("/nonexistent"), &vars).unwrap();
     worker::migrate(&settings).await.unwrap();
     let pg = sqlx::PgPool::connect(&url).await.unwrap();
-    sqlx::query("insert into users (id) values ('u')").execute(&pg).await.unwrap();
-    Env { db, vars, settings, pg }
+    sqlx::query("insert into users (id) values ('u')")
+        .execute(&pg)
+        .await
+        .unwrap();
+    Env {
+        db,
+        vars,
+        settings,
+        pg,
+    }
 }
 
 impl Drop for Env {
@@ -55,14 +67,21 @@ impl Drop for Env {
         let db = self.db.clone();
         let s = self.settings.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
-                    let _ = sqlx::query(&format!("drop database if exists \"{db}\" with (force)")).execute(&mut admin).await;
+                    let _ = sqlx::query(&format!("drop database if exists \"{db}\" with (force)"))
+                        .execute(&mut admin)
+                        .await;
                 }
                 if let Ok(conn) = common::topology::connect(&s.amqp.url).await {
                     if let Ok(ch) = conn.create_channel().await {
-                        let _ = common::topology::Topology::new(&s.amqp.namespace, 20).delete(&ch).await;
+                        let _ = common::topology::Topology::new(&s.amqp.namespace, 20)
+                            .delete(&ch)
+                            .await;
                     }
                 }
             });
@@ -88,9 +107,13 @@ impl Env {
 
     /// Publishes `messages` usage batches of `per` events each; returns the event count.
     async fn publish(&self, messages: usize, per: usize) -> i64 {
-        let conn = common::topology::connect(&self.settings.amqp.url).await.unwrap();
+        let conn = common::topology::connect(&self.settings.amqp.url)
+            .await
+            .unwrap();
         let ch = conn.create_channel().await.unwrap();
-        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
         let topo = common::topology::Topology::new(&self.settings.amqp.namespace, 20);
         topo.declare(&ch).await.unwrap();
         let mut confirms = Vec::new();
@@ -104,14 +127,24 @@ impl Env {
                     occurred_at: now,
                     received_at: now,
                     metadata: None,
-                    detail: UsageDetail::Feature { feature: "chat".into(), action: None, duration_ms: None },
+                    detail: UsageDetail::Feature {
+                        feature: "chat".into(),
+                        action: None,
+                        duration_ms: None,
+                    },
                 })
                 .collect();
             let env = Envelope::new(Event::UsageBatch(UsageBatch { events }), None, now);
             confirms.push(
-                ch.basic_publish(&topo.exchange(), "usage.batch", BasicPublishOptions::default(), &env.to_bytes(), BasicProperties::default().with_delivery_mode(2))
-                    .await
-                    .unwrap(),
+                ch.basic_publish(
+                    &topo.exchange(),
+                    "usage.batch",
+                    BasicPublishOptions::default(),
+                    &env.to_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await
+                .unwrap(),
             );
         }
         for c in confirms {
@@ -122,20 +155,32 @@ impl Env {
     }
 
     async fn stored(&self) -> i64 {
-        sqlx::query_scalar("select count(*) from feature_usage").fetch_one(&self.pg).await.unwrap()
+        sqlx::query_scalar("select count(*) from feature_usage")
+            .fetch_one(&self.pg)
+            .await
+            .unwrap()
     }
 
     async fn wait_for(&self, at_least: i64, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         while self.stored().await < at_least {
-            assert!(tokio::time::Instant::now() < deadline, "only {} of {at_least} stored", self.stored().await);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {at_least} stored",
+                self.stored().await
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").arg(sig).arg(child.id().to_string()).status().unwrap().success();
+    let ok = Command::new("kill")
+        .arg(sig)
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "kill {sig}");
 }
 
@@ -145,7 +190,10 @@ async fn wait_exit(mut child: Child) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(tokio::time::Instant::now() < deadline, "worker did not exit");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker did not exit"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -168,7 +216,10 @@ async fn sigterm_finishes_the_batch_acks_and_exits_zero_and_nothing_is_lost() {
     let stored = env.stored().await;
     println!("accepted = {total}, stored after first SIGTERM = {after_stop}, stored = {stored}");
     assert_eq!(stored, total);
-    let distinct: i64 = sqlx::query_scalar("select count(distinct id) from feature_usage").fetch_one(&env.pg).await.unwrap();
+    let distinct: i64 = sqlx::query_scalar("select count(distinct id) from feature_usage")
+        .fetch_one(&env.pg)
+        .await
+        .unwrap();
     assert_eq!(distinct, total);
 }
 
@@ -188,8 +239,15 @@ async fn a_worker_killed_with_sigkill_mid_stream_loses_nothing_and_doubles_nothi
     let stored = env.stored().await;
     println!("accepted = {total}, stored at kill = {at_kill}, stored = {stored}");
     assert_eq!(stored, total);
-    let guard: i64 = sqlx::query_scalar("select count(*) from usage_event_ids").fetch_one(&env.pg).await.unwrap();
+    let guard: i64 = sqlx::query_scalar("select count(*) from usage_event_ids")
+        .fetch_one(&env.pg)
+        .await
+        .unwrap();
     assert_eq!(guard, total);
-    let rollup: i64 = sqlx::query_scalar("select coalesce(sum(requests), 0)::int8 from usage_daily").fetch_one(&env.pg).await.unwrap();
+    let rollup: i64 =
+        sqlx::query_scalar("select coalesce(sum(requests), 0)::int8 from usage_daily")
+            .fetch_one(&env.pg)
+            .await
+            .unwrap();
     assert_eq!(rollup, total, "the rollup counts each event once");
 }

@@ -10,7 +10,11 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test]
@@ -37,7 +41,10 @@ async fn sigterm_under_load_exits_zero_and_every_accepted_event_is_stored() {
                 break;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "gateway binary never became ready");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway binary never became ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (user, token) = new_user();
@@ -51,12 +58,22 @@ async fn sigterm_under_load_exits_zero_and_every_accepted_event_is_stored() {
             let mut accepted = Vec::new();
             for _ in 0..400 {
                 let body = json!({"kind": "feature", "feature": "load"});
-                match client.post(format!("{base}/api/vscode/usage/track")).bearer_auth(&token).json(&body).send().await {
+                match client
+                    .post(format!("{base}/api/vscode/usage/track"))
+                    .bearer_auth(&token)
+                    .json(&body)
+                    .send()
+                    .await
+                {
                     Ok(r) if r.status() == 202 => {
                         let v: Value = r.json().await.unwrap();
                         accepted.push(v["event_ids"][0].as_str().unwrap().to_string());
                     }
-                    Ok(r) => assert!(r.status() == 503 || r.status() == 429, "unexpected {}", r.status()),
+                    Ok(r) => assert!(
+                        r.status() == 503 || r.status() == 429,
+                        "unexpected {}",
+                        r.status()
+                    ),
                     Err(_) => break, // the listener closed
                 }
             }
@@ -64,7 +81,12 @@ async fn sigterm_under_load_exits_zero_and_every_accepted_event_is_stored() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+    assert!(Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
     let mut accepted = Vec::new();
     for t in tasks {
         accepted.extend(t.await.unwrap());
@@ -74,7 +96,10 @@ async fn sigterm_under_load_exits_zero_and_every_accepted_event_is_stored() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(tokio::time::Instant::now() < deadline, "gateway did not exit");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway did not exit"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.code(), Some(0));
