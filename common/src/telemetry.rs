@@ -28,6 +28,16 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                     10.0, 30.0, 100.0, 1000.0,
                 ])
                 .expect("buckets")
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_events".into()),
+                    &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0],
+                )
+                .expect("buckets")
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_messages".into()),
+                    &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0],
+                )
+                .expect("buckets")
                 .install_recorder()
                 .expect("one recorder per process")
         })

@@ -205,6 +205,25 @@ pub async fn store(
     .bind(&r.ct)
     .execute(&mut **tx)
     .await?;
+    // Activity: last_active_at only moves forward.
+    let (au, at): (Vec<String>, Vec<DateTime<Utc>>) = {
+        let mut latest: HashMap<&str, DateTime<Utc>> = HashMap::new();
+        for e in &fresh {
+            let t = latest.entry(e.user_id.as_str()).or_insert(e.occurred_at);
+            *t = (*t).max(e.occurred_at);
+        }
+        let mut v: Vec<_> = latest.into_iter().map(|(u, t)| (u.to_string(), t)).collect();
+        v.sort();
+        v.into_iter().unzip()
+    };
+    sqlx::query(
+        "update users u set last_active_at = greatest(u.last_active_at, t.at) \
+         from unnest($1::text[], $2::timestamptz[]) as t(user_id, at) where u.id = t.user_id",
+    )
+    .bind(&au)
+    .bind(&at)
+    .execute(&mut **tx)
+    .await?;
     effects.stored += fresh.len();
     Ok(())
 }
