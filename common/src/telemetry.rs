@@ -30,12 +30,16 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                 .expect("buckets")
                 .set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Suffix("_events".into()),
-                    &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0],
+                    &[
+                        1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0,
+                    ],
                 )
                 .expect("buckets")
                 .set_buckets_for_metric(
                     metrics_exporter_prometheus::Matcher::Suffix("_messages".into()),
-                    &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0],
+                    &[
+                        1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0,
+                    ],
                 )
                 .expect("buckets")
                 .install_recorder()

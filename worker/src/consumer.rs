@@ -112,17 +112,18 @@ impl QueueConsumer {
             ..Default::default()
         };
         let mut good: Vec<(u64, Envelope)> = Vec::with_capacity(batch.len());
+        let mut settled: HashSet<u64> = HashSet::new();
         for d in &batch {
             match Envelope::from_bytes(&d.data) {
                 Ok(env) => good.push((d.delivery_tag, env)),
                 Err(e) => {
                     tracing::warn!(queue = %self.queue, error = %e, "poison message dead-lettered");
                     self.reject(d.delivery_tag).await?;
+                    settled.insert(d.delivery_tag);
                     outcome.dead_lettered += 1;
                 }
             }
         }
-        let last_tag = batch.last().map(|d| d.delivery_tag).unwrap_or(0);
         let mut rejected: HashSet<u64> = HashSet::new();
         let effects = loop {
             let envs: Vec<&Envelope> = good
@@ -156,6 +157,14 @@ impl QueueConsumer {
             }
         };
         outcome.stored = effects.stored;
+        // Ack up to the last delivery not already rejected: acking a settled tag
+        // is a channel error.
+        let last_tag = batch
+            .iter()
+            .map(|d| d.delivery_tag)
+            .filter(|t| !settled.contains(t) && !rejected.contains(t))
+            .max()
+            .unwrap_or(0);
         if last_tag > 0 {
             // Multiple: one ack settles the whole batch (rejected ones are already settled).
             self.channel

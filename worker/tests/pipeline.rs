@@ -341,3 +341,119 @@ async fn a_credit_event_postgres_refuses_is_dead_lettered_alone_and_the_rest_set
         70
     );
 }
+
+fn worker_cli(env: &Env, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &env.settings.database.url)
+        .env("JWT_SECRET", "x")
+        .env("APP__AMQP__NAMESPACE", &env.settings.amqp.namespace)
+        .env("APP__REDIS__KEY_PREFIX", &env.settings.redis.key_prefix)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn a_poison_message_replayed_after_its_cause_is_fixed_lands_once_and_purge_removes_only_what_it_names(
+) {
+    let env = env().await;
+    let tx = uuid::Uuid::new_v4();
+    let late = Envelope::new(
+        Event::CreditConsume(CreditConsume {
+            transaction_id: tx,
+            user_id: "late_user".into(),
+            amount: 5,
+            context: CreditContext::default(),
+        }),
+        Some("late_user".into()),
+        Utc::now(),
+    );
+    // Dead-lettered: its user does not exist yet. Plus one undecodable message.
+    env.publish(&[late.clone()]).await;
+    env.publish_raw("credit.consume", &[b"garbage".to_vec()])
+        .await;
+    let stop = CancellationToken::new();
+    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits")
+        .await
+        .unwrap();
+    let mut dead = 0;
+    while dead < 2 {
+        let batch = tokio::time::timeout(Duration::from_secs(10), c.next_batch(&stop))
+            .await
+            .unwrap()
+            .unwrap();
+        dead += c.process(batch, &stop).await.unwrap().dead_lettered;
+    }
+    let dlq = env.ctx.topology.dead_letter_queue();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while env.queue_depth(&dlq).await < 2 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (ok, out) = worker_cli(&env, &["dlq", "list"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&late.id.to_string()), "{out}");
+    assert!(out.contains("credit.consume"), "{out}");
+    assert!(out.contains("2 dead letter(s)"), "{out}");
+    assert_eq!(env.queue_depth(&dlq).await, 2, "list removes nothing");
+    let (ok, out) = worker_cli(&env, &["dlq", "show", &late.id.to_string()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("late_user"), "{out}");
+
+    // Fix the cause, replay that one message: it lands exactly once.
+    env.add_user("late_user", 50).await;
+    let (ok, out) = worker_cli(&env, &["dlq", "replay", "--id", &late.id.to_string()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1 replayed"), "{out}");
+    let (ok, out) = worker_cli(&env, &["dlq", "replay", "--id", &late.id.to_string()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("0 replayed"),
+        "a second replay finds nothing: {out}"
+    );
+    let batch = tokio::time::timeout(Duration::from_secs(10), c.next_batch(&stop))
+        .await
+        .unwrap()
+        .unwrap();
+    c.process(batch, &stop).await.unwrap();
+    assert_eq!(
+        env.count(&format!(
+            "select count(*) from credit_transactions where id = '{tx}'"
+        ))
+        .await,
+        1
+    );
+    assert_eq!(
+        env.count("select credits_balance from users where id = 'late_user'")
+            .await,
+        45
+    );
+    assert_eq!(env.queue_depth(&dlq).await, 1, "the garbage is still there");
+
+    // Purge of an id that is not there removes nothing; --all removes the rest.
+    let (ok, out) = worker_cli(
+        &env,
+        &[
+            "dlq",
+            "purge",
+            "--id",
+            "00000000-0000-0000-0000-000000000000",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("0 purged"), "{out}");
+    assert_eq!(env.queue_depth(&dlq).await, 1);
+    let (ok, out) = worker_cli(&env, &["dlq", "purge", "--all"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1 purged"), "{out}");
+    assert_eq!(env.queue_depth(&dlq).await, 0);
+}

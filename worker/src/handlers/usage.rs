@@ -212,7 +212,10 @@ pub async fn store(
             let t = latest.entry(e.user_id.as_str()).or_insert(e.occurred_at);
             *t = (*t).max(e.occurred_at);
         }
-        let mut v: Vec<_> = latest.into_iter().map(|(u, t)| (u.to_string(), t)).collect();
+        let mut v: Vec<_> = latest
+            .into_iter()
+            .map(|(u, t)| (u.to_string(), t))
+            .collect();
         v.sort();
         v.into_iter().unzip()
     };

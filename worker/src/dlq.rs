@@ -1,0 +1,262 @@
+//! Operator commands for the dead-letter queue: list, show, replay, purge.
+//!
+//! Messages are fetched with `basic.get` and manual acks: what a command does
+//! not consume is returned with `nack(requeue)`, so listing changes nothing and
+//! purge or replay removes only the messages it names.
+
+use std::time::Duration;
+
+use common::settings::Settings;
+use common::topology::Topology;
+use lapin::message::BasicGetMessage;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use serde::Serialize;
+
+/// One dead-lettered message as an operator sees it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeadLetter {
+    /// The envelope id (AMQP `message_id`), or `-` when the message has none.
+    pub id: String,
+    /// Routing key it was first published with (from `x-death`), e.g. `usage.batch`.
+    pub routing_key: String,
+    /// Queue it died in and why (`rejected`, `delivery_limit`, ...).
+    pub queue: String,
+    pub reason: String,
+    pub size: usize,
+    /// The body, as text (truncated for `list`).
+    pub body: String,
+}
+
+/// Which messages a command applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    All,
+    Ids(Vec<String>),
+}
+
+impl Selection {
+    fn matches(&self, id: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Ids(ids) => ids.iter().any(|i| i == id),
+        }
+    }
+}
+
+pub struct Dlq {
+    conn: Connection,
+    channel: Channel,
+    topology: Topology,
+}
+
+impl Dlq {
+    pub async fn connect(settings: &Settings) -> anyhow::Result<Self> {
+        let conn = tokio::time::timeout(
+            Duration::from_secs(5),
+            common::topology::connect(&settings.amqp.url),
+        )
+        .await??;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let topology = Topology::new(&settings.amqp.namespace, settings.amqp.delivery_limit);
+        topology.declare(&channel).await?;
+        Ok(Self {
+            conn,
+            channel,
+            topology,
+        })
+    }
+
+    /// Lists up to `limit` dead letters without removing any.
+    pub async fn list(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        let (msgs, _) = self.take(limit).await?;
+        let out = msgs.iter().map(|m| describe(m, 512)).collect();
+        self.requeue(&msgs).await?;
+        Ok(out)
+    }
+
+    /// The full message with this id, if present.
+    pub async fn show(&self, id: &str) -> anyhow::Result<Option<DeadLetter>> {
+        let (msgs, _) = self.take(usize::MAX).await?;
+        let found = msgs
+            .iter()
+            .map(|m| describe(m, usize::MAX))
+            .find(|d| d.id == id);
+        self.requeue(&msgs).await?;
+        Ok(found)
+    }
+
+    /// Republishes the selected messages to the events exchange with their
+    /// original routing key (confirmed), then removes them from the dead-letter
+    /// queue. Returns what was replayed.
+    pub async fn replay(&self, sel: &Selection) -> anyhow::Result<Vec<DeadLetter>> {
+        let (msgs, _) = self.take(usize::MAX).await?;
+        let mut done = Vec::new();
+        let mut keep = Vec::new();
+        for m in msgs {
+            let d = describe(&m, 512);
+            if !sel.matches(&d.id) {
+                keep.push(m);
+                continue;
+            }
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type(ShortString::from("application/json"));
+            let props = match m.delivery.properties.message_id() {
+                Some(id) => props.with_message_id(id.clone()),
+                None => props,
+            };
+            let confirm = self
+                .channel
+                .basic_publish(
+                    &self.topology.exchange(),
+                    &d.routing_key,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &m.delivery.data,
+                    props,
+                )
+                .await?
+                .await?;
+            match confirm {
+                Confirmation::Ack(None) => {
+                    self.channel
+                        .basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
+                        .await?;
+                    done.push(d);
+                }
+                _ => {
+                    keep.push(m);
+                    anyhow::bail!("the broker did not take the replay of {}", d.id);
+                }
+            }
+        }
+        self.requeue(&keep).await?;
+        Ok(done)
+    }
+
+    /// Deletes the selected messages; everything else stays.
+    pub async fn purge(&self, sel: &Selection) -> anyhow::Result<Vec<DeadLetter>> {
+        let (msgs, _) = self.take(usize::MAX).await?;
+        let mut done = Vec::new();
+        let mut keep = Vec::new();
+        for m in msgs {
+            let d = describe(&m, 512);
+            if sel.matches(&d.id) {
+                self.channel
+                    .basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
+                    .await?;
+                done.push(d);
+            } else {
+                keep.push(m);
+            }
+        }
+        self.requeue(&keep).await?;
+        Ok(done)
+    }
+
+    /// Takes up to `limit` messages (unacked) off the dead-letter queue.
+    async fn take(&self, limit: usize) -> anyhow::Result<(Vec<BasicGetMessage>, u32)> {
+        let queue = self.topology.dead_letter_queue();
+        let mut out = Vec::new();
+        let mut remaining = 0;
+        while out.len() < limit {
+            match self
+                .channel
+                .basic_get(&queue, BasicGetOptions { no_ack: false })
+                .await?
+            {
+                Some(m) => {
+                    remaining = m.message_count;
+                    out.push(m);
+                }
+                None => break,
+            }
+        }
+        Ok((out, remaining))
+    }
+
+    async fn requeue(&self, msgs: &[BasicGetMessage]) -> anyhow::Result<()> {
+        for m in msgs {
+            self.channel
+                .basic_nack(
+                    m.delivery.delivery_tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    },
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done").await;
+        let _ = self.conn.close(200, "done").await;
+    }
+}
+
+fn describe(m: &BasicGetMessage, max_body: usize) -> DeadLetter {
+    let props = &m.delivery.properties;
+    let id = props
+        .message_id()
+        .as_ref()
+        .map(|s| s.to_string())
+        .or_else(|| envelope_field(&m.delivery.data, "id"))
+        .unwrap_or_else(|| "-".into());
+    let (queue, reason, key) = death_of(props.headers().as_ref());
+    let routing_key = key
+        .or_else(|| envelope_field(&m.delivery.data, "type"))
+        .unwrap_or_else(|| m.delivery.routing_key.to_string());
+    let text = String::from_utf8_lossy(&m.delivery.data);
+    DeadLetter {
+        id,
+        routing_key,
+        queue,
+        reason,
+        size: m.delivery.data.len(),
+        body: text.chars().take(max_body).collect(),
+    }
+}
+
+fn envelope_field(body: &[u8], field: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.get(field)?.as_str().map(str::to_string)
+}
+
+/// Reads the first `x-death` entry: (queue, reason, first routing key).
+fn death_of(headers: Option<&FieldTable>) -> (String, String, Option<String>) {
+    let first = headers
+        .and_then(|h| h.inner().get("x-death"))
+        .and_then(|v| match v {
+            AMQPValue::FieldArray(a) => a.as_slice().first().cloned(),
+            _ => None,
+        });
+    let Some(AMQPValue::FieldTable(t)) = first else {
+        return ("-".into(), "-".into(), None);
+    };
+    let s = |k: &str| match t.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        Some(AMQPValue::ShortString(s)) => s.to_string(),
+        _ => "-".into(),
+    };
+    let key = match t.inner().get("routing-keys") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().first().and_then(|v| match v {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            AMQPValue::ShortString(s) => Some(s.to_string()),
+            _ => None,
+        }),
+        _ => None,
+    };
+    (s("queue"), s("reason"), key)
+}
