@@ -377,7 +377,7 @@ async fn a_poison_message_replayed_after_its_cause_is_fixed_lands_once_and_purge
         Utc::now(),
     );
     // Dead-lettered: its user does not exist yet. Plus one undecodable message.
-    env.publish(&[late.clone()]).await;
+    env.publish(std::slice::from_ref(&late)).await;
     env.publish_raw("credit.consume", &[b"garbage".to_vec()])
         .await;
     let stop = CancellationToken::new();
