@@ -2,6 +2,7 @@
 //! batches, acks only after commit, and refreshes Redis caches.
 
 pub mod consumer;
+pub mod demo;
 pub mod dlq;
 pub mod handlers;
 pub mod http;

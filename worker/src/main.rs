@@ -23,6 +23,23 @@ enum Command {
     },
     /// Apply migrations/ and exit (idempotent).
     Migrate,
+    /// Load demo data through a running gateway (dev tokens must be on):
+    /// sessions, usage over several days, credit grants and spends.
+    Demo {
+        /// Gateway base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        #[arg(long, default_value_t = 10)]
+        users: usize,
+        /// Days of history (at most 30: usage/track's acceptance window).
+        #[arg(long, default_value_t = 14)]
+        days: u32,
+        #[arg(long, default_value_t = 40)]
+        events_per_day: usize,
+        /// Demo users are PREFIX0, PREFIX1, ...
+        #[arg(long, default_value = "demo_user_")]
+        user_prefix: String,
+    },
     /// Inspect and act on dead-lettered messages (queue `<namespace>.dead`).
     Dlq {
         #[command(subcommand)]
@@ -72,6 +89,15 @@ async fn main() {
     let result = match cli.command.unwrap_or(Command::Run { queues: None }) {
         Command::Migrate => worker::migrate(&settings).await,
         Command::Dlq { action } => dlq(&settings, action).await,
+        Command::Demo { gateway, users, days, events_per_day, user_prefix } => {
+            let plan = worker::demo::DemoPlan { gateway, users, days, events_per_day, user_prefix };
+            worker::demo::load(&plan).await.map(|r| {
+                println!(
+                    "demo: {} users, {} usage events, {} grants, {} consumes",
+                    r.users, r.events, r.grants, r.consumes
+                );
+            })
+        }
         Command::Run { queues } => {
             if let Some(q) = queues {
                 settings.worker.queues = q;
