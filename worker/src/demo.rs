@@ -62,8 +62,9 @@ pub async fn load(plan: &DemoPlan) -> anyhow::Result<DemoReport> {
         let auth = format!("Bearer dev:{user}");
         let mut sessions = Vec::new();
         for s in 0..3 {
+            let platform = ["linux", "darwin", "win32"][s % 3];
             let r: Value = call(&http, &format!("{base}/api/vscode/session/validate"), &auth, &json!({
-                "extension_version": "1.8.0", "platform": ["linux", "darwin", "win32"][s % 3], "machine_id": format!("machine-{user}-{s}")
+                "extension_version": "1.8.0", "platform": platform, "machine_id": format!("machine-{user}-{s}")
             }))
             .await?;
             sessions.push(r["session_id"].as_str().unwrap_or_default().to_string());
