@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::publisher::Publisher;
+use crate::redis_link::RedisLink;
 use crate::state::AppState;
 use crate::users::Directory;
 
@@ -26,6 +27,10 @@ impl Application {
         let settings = Arc::new(settings);
         let pg = common::infra::pg_pool(&settings)?;
         let redis = common::infra::redis_pool(&settings)?;
+        let redis_link = Arc::new(RedisLink::new(
+            &settings.redis.url,
+            Duration::from_millis(settings.redis.timeout_ms),
+        )?);
         let publisher = Publisher::start(&settings, shutdown.child_token());
         let auth = Authenticator::new(&settings.auth);
         let a = auth.clone();
@@ -39,6 +44,7 @@ impl Application {
             settings: settings.clone(),
             pg,
             redis,
+            redis_link,
             publisher,
             auth,
         };
