@@ -42,6 +42,20 @@ pub fn router(state: &AppState) -> Router<AppState> {
     )
 }
 
+/// The caller, when an admin; 403 `forbidden` otherwise. First among a
+/// handler's arguments, so a non-admin learns nothing from input validation.
+pub struct AdminUser(pub CurrentUser);
+
+impl<S: Send + Sync> FromRequestParts<S> for AdminUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
+        let user = CurrentUser::from_request_parts(parts, state).await?;
+        user.require_admin()?;
+        Ok(Self(user))
+    }
+}
+
 /// The `:id` of an admin route: a well-formed user id, else 422 naming `id`.
 pub struct TargetId(pub String);
 
@@ -87,9 +101,8 @@ fn view(state: &AppState, rec: &UserRecord) -> Value {
     })
 }
 
-/// Admin only; the target is provisioned first when never seen (SPEC §4).
-async fn prepare(state: &AppState, caller: &CurrentUser, id: &str) -> Result<()> {
-    caller.require_admin()?;
+/// The target is provisioned first when never seen (SPEC §4).
+async fn provision(state: &AppState, id: &str) -> Result<()> {
     state.users.get_by_id(state, id, None).await?;
     Ok(())
 }
@@ -101,12 +114,11 @@ struct PlanBody {
 
 async fn set_plan(
     State(state): State<AppState>,
-    caller: CurrentUser,
+    AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
     ApiJson(body): ApiJson<PlanBody>,
 ) -> Result<Json<Value>> {
-    caller.require_admin()?;
     if !state.settings.plans.contains_key(&body.plan) {
         let known: Vec<&str> = state.settings.plans.keys().map(String::as_str).collect();
         return Err(ApiError::validation(
@@ -114,7 +126,7 @@ async fn set_plan(
             format!("unknown plan; one of {}", known.join(", ")),
         ));
     }
-    prepare(&state, &caller, &id).await?;
+    provision(&state, &id).await?;
     let action = Action {
         actor: caller.id(),
         action: "user.plan",
@@ -152,12 +164,11 @@ fn parse_class(field: &str, class: &str) -> Result<Class> {
 
 async fn set_rate_limit(
     State(state): State<AppState>,
-    caller: CurrentUser,
+    AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
     ApiJson(body): ApiJson<RateLimitBody>,
 ) -> Result<Json<Value>> {
-    caller.require_admin()?;
     let class = parse_class("class", &body.class)?;
     if !(1..=MAX_OVERRIDE_LIMIT).contains(&body.limit) {
         return Err(ApiError::validation(
@@ -171,7 +182,7 @@ async fn set_rate_limit(
             format!("must be 1..={MAX_OVERRIDE_WINDOW_SECS}"),
         ));
     }
-    prepare(&state, &caller, &id).await?;
+    provision(&state, &id).await?;
     let action = Action {
         actor: caller.id(),
         action: "user.rate_limit.set",
@@ -214,17 +225,16 @@ struct ClassQuery {
 
 async fn delete_rate_limit(
     State(state): State<AppState>,
-    caller: CurrentUser,
+    AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
     ApiQuery(q): ApiQuery<ClassQuery>,
 ) -> Result<Json<Value>> {
-    caller.require_admin()?;
     let class = q
         .class
         .ok_or_else(|| ApiError::validation("class", "is required"))?;
     let class = parse_class("class", &class)?;
-    prepare(&state, &caller, &id).await?;
+    provision(&state, &id).await?;
     let action = Action {
         actor: caller.id(),
         action: "user.rate_limit.delete",
@@ -263,12 +273,11 @@ struct StatusBody {
 
 async fn set_status(
     State(state): State<AppState>,
-    caller: CurrentUser,
+    AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
     ApiJson(body): ApiJson<StatusBody>,
 ) -> Result<Json<Value>> {
-    caller.require_admin()?;
     let status = match Status::parse(&body.status) {
         Some(s @ (Status::Active | Status::Suspended)) => s,
         _ => {
@@ -278,7 +287,7 @@ async fn set_status(
             ))
         }
     };
-    prepare(&state, &caller, &id).await?;
+    provision(&state, &id).await?;
     let action = Action {
         actor: caller.id(),
         action: "user.status",
@@ -324,10 +333,9 @@ fn audit_limit(raw: Option<&str>) -> Result<i64> {
 
 async fn list_audit(
     State(state): State<AppState>,
-    caller: CurrentUser,
+    _admin: AdminUser,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> Result<Json<Value>> {
-    caller.require_admin()?;
     let limit = audit_limit(q.limit.as_deref())?;
     let target = q.user_id.filter(|u| !u.is_empty());
     if let Some(u) = &target {
