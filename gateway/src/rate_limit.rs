@@ -7,7 +7,9 @@
 //! `max(TAT, now) + T`. That admits a burst of `limit` and `limit` per window
 //! after it: at most `limit + ⌊t·limit/window⌋` in any span of t seconds.
 
-use common::settings::ClassLimit;
+use common::settings::{ClassLimit, RedisErrorPolicy};
+
+use crate::redis_link::RedisLink;
 
 /// One decision, with what the `RateLimit-*` headers need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +32,8 @@ pub struct Decision {
 pub fn gcra(tat_us: Option<i64>, now_us: i64, limit: ClassLimit) -> (Decision, i64) {
     let limit_n = limit.limit.max(1) as i64;
     let window_us = (limit.window_secs.max(1) as i64) * 1_000_000;
-    let t = window_us / limit_n;
+    // At least 1 µs, so a limit above the window's microseconds cannot divide by 0.
+    let t = (window_us / limit_n).max(1);
     let tat = tat_us.unwrap_or(now_us).max(now_us);
     let new_tat = tat + t;
     let allow_at = new_tat - window_us;
@@ -59,14 +62,22 @@ fn ceil_secs(us: i64) -> u64 {
     }
 }
 
-/// KEYS[1] = GCRA key; ARGV = limit, window_secs. Returns
-/// {allowed, remaining, reset_us, retry_us}. Uses Redis's clock (`TIME`).
+/// KEYS[1] = GCRA key; ARGV = limit, window_secs[, now_us]. Returns
+/// {allowed, remaining, reset_us, retry_us}. Uses Redis's clock (`TIME`);
+/// `now_us` exists only so a test can drive the script with a synthetic clock
+/// and compare it with [`gcra`] — production never passes it.
 pub const GCRA_LUA: &str = r#"
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2]) * 1000000
 local t = math.floor(window / limit)
-local now_t = redis.call('TIME')
-local now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
+if t < 1 then t = 1 end
+local now
+if ARGV[3] then
+  now = tonumber(ARGV[3])
+else
+  local now_t = redis.call('TIME')
+  now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
+end
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local new_tat = tat + t
@@ -92,8 +103,9 @@ pub fn decision_from_reply(reply: &[i64], limit: ClassLimit) -> Decision {
     }
 }
 
-/// Decides one request in Redis; when Redis fails, follows
-/// `rate_limit.on_redis_error` and marks the decision degraded.
+/// Decides one request against Redis; when Redis fails, follows
+/// `rate_limit.on_redis_error` and marks the decision degraded. Counts every
+/// decision in `rate_limit_decisions_total{class, decision, degraded}`.
 pub async fn check(
     state: &crate::state::AppState,
     key: &str,
@@ -101,49 +113,75 @@ pub async fn check(
     class: &str,
     limit: ClassLimit,
 ) -> Decision {
-    let outcome = async {
-        let mut conn = state.redis.get().await?;
-        let reply: Vec<i64> = script()
-            .key(key)
-            .arg(limit.limit)
-            .arg(limit.window_secs)
-            .invoke_async(&mut *conn)
-            .await?;
-        anyhow::Ok(reply)
-    }
+    let policy = state.settings.rate_limit.on_redis_error;
+    let d = decide(
+        &state.redis_link,
+        &state.pg,
+        policy,
+        key,
+        user_id,
+        class,
+        limit,
+    )
     .await;
-    let decision = match outcome {
-        Ok(reply) => decision_from_reply(&reply, limit),
-        Err(e) => {
-            tracing::warn!(error = %e, class, "rate limit: Redis unavailable, using fallback");
-            fallback(state, user_id, class, limit).await
-        }
-    };
-    let verdict = if decision.allowed { "allow" } else { "deny" };
+    let verdict = if d.allowed { "allow" } else { "deny" };
     metrics::counter!(
         "rate_limit_decisions_total",
         "class" => class.to_string(),
         "decision" => verdict,
-        "degraded" => decision.degraded.unwrap_or("no")
+        "degraded" => d.degraded.unwrap_or("no")
     )
     .increment(1);
-    decision
+    d
 }
 
-fn script() -> &'static redis::Script {
-    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-    // redis::Script calls EVALSHA and reloads the script on NOSCRIPT by itself.
-    SCRIPT.get_or_init(|| redis::Script::new(GCRA_LUA))
-}
-
-async fn fallback(
-    state: &crate::state::AppState,
+/// [`check`] without the application state (and without the metric): what
+/// the benchmark measures.
+pub async fn decide(
+    link: &RedisLink,
+    pg: &sqlx::PgPool,
+    policy: RedisErrorPolicy,
+    key: &str,
     user_id: &str,
     class: &str,
     limit: ClassLimit,
 ) -> Decision {
-    use common::settings::RedisErrorPolicy;
-    let policy = state.settings.rate_limit.on_redis_error;
+    let outcome = link
+        .run(|mut conn| async move {
+            script()
+                .key(key)
+                .arg(limit.limit)
+                .arg(limit.window_secs)
+                .invoke_async::<Vec<i64>>(&mut conn)
+                .await
+        })
+        .await;
+    match outcome {
+        Ok(reply) => decision_from_reply(&reply, limit),
+        Err(e) => {
+            tracing::debug!(error = %e, class, "rate limit: Redis unavailable, using fallback");
+            fallback(pg, policy, user_id, class, limit).await
+        }
+    }
+}
+
+/// The GCRA script; `redis::Script` sends EVALSHA and reloads it on NOSCRIPT.
+pub fn script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(GCRA_LUA))
+}
+
+/// How long a refused client should wait when the fallback refused it: Redis
+/// may be back any moment, so not a whole window.
+const FALLBACK_RETRY_SECS: u64 = 5;
+
+async fn fallback(
+    pg: &sqlx::PgPool,
+    policy: RedisErrorPolicy,
+    user_id: &str,
+    class: &str,
+    limit: ClassLimit,
+) -> Decision {
     let base = Decision {
         allowed: true,
         limit: limit.limit,
@@ -158,17 +196,19 @@ async fn fallback(
         RedisErrorPolicy::Deny => Decision {
             allowed: false,
             remaining: 0,
-            retry_after_secs: limit.window_secs.min(60),
+            retry_after_secs: FALLBACK_RETRY_SECS.min(limit.window_secs),
             ..base
         },
         RedisErrorPolicy::Postgres => {
+            // A fixed window shared by every gateway: coarser than GCRA (up to
+            // 2×limit across a window edge) but still a limit.
             let row: Result<(bool, i64, i64), _> =
                 sqlx::query_as("select * from check_rate_limit($1, $2, $3, $4)")
                     .bind(user_id)
                     .bind(class)
-                    .bind(limit.limit as i64)
-                    .bind(limit.window_secs as i64)
-                    .fetch_one(&state.pg)
+                    .bind(limit.limit.min(i64::MAX as u64) as i64)
+                    .bind(limit.window_secs.min(i64::MAX as u64) as i64)
+                    .fetch_one(pg)
                     .await;
             match row {
                 Ok((allowed, remaining, reset)) => Decision {
@@ -178,13 +218,16 @@ async fn fallback(
                     retry_after_secs: if allowed { 0 } else { reset.max(1) as u64 },
                     ..base
                 },
-                // Both stores down: refuse rather than run unlimited.
-                Err(_) => Decision {
-                    allowed: false,
-                    remaining: 0,
-                    retry_after_secs: 5,
-                    ..base
-                },
+                Err(e) => {
+                    // Both stores down: refuse rather than run unlimited.
+                    tracing::warn!(error = %e, class, "rate limit: Postgres fallback failed too");
+                    Decision {
+                        allowed: false,
+                        remaining: 0,
+                        retry_after_secs: FALLBACK_RETRY_SECS,
+                        ..base
+                    }
+                }
             }
         }
     }
@@ -245,5 +288,30 @@ mod tests {
         }
         assert!(passed <= 20 + 30 * 20 / 60, "{passed}");
         assert!(passed >= 20 + 29 * 20 / 60);
+    }
+
+    #[test]
+    fn a_limit_finer_than_a_microsecond_does_not_divide_by_zero() {
+        let l = ClassLimit {
+            limit: 5_000_000,
+            window_secs: 1,
+        };
+        let (d, _) = gcra(None, 0, l);
+        assert!(d.allowed);
+    }
+
+    #[test]
+    fn a_refusal_says_when_to_retry_and_keeps_the_tat() {
+        let l = ClassLimit {
+            limit: 1,
+            window_secs: 10,
+        };
+        let (d, tat) = gcra(None, 0, l);
+        assert!(d.allowed);
+        assert_eq!((d.remaining, d.reset_secs), (0, 10));
+        let (d, tat2) = gcra(Some(tat), 4_000_000, l);
+        assert!(!d.allowed);
+        assert_eq!(tat2, tat);
+        assert_eq!(d.retry_after_secs, 6);
     }
 }

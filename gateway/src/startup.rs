@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
 use crate::publisher::Publisher;
+use crate::redis_link::RedisLink;
 use crate::state::AppState;
 use crate::users::Directory;
 
@@ -27,6 +28,10 @@ impl Application {
         let settings = Arc::new(settings);
         let pg = common::infra::pg_pool(&settings)?;
         let redis = common::infra::redis_pool(&settings)?;
+        let redis_link = Arc::new(RedisLink::new(
+            &settings.redis.url,
+            Duration::from_millis(settings.redis.timeout_ms),
+        )?);
         // The publisher outlives the HTTP server: requests still in flight at
         // shutdown get their confirms; it stops after the server has drained.
         let publisher_stop = CancellationToken::new();
@@ -43,6 +48,7 @@ impl Application {
             settings: settings.clone(),
             pg,
             redis,
+            redis_link,
             publisher,
             auth,
         };

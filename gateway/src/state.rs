@@ -8,6 +8,7 @@ use sqlx::PgPool;
 
 use crate::auth::Authenticator;
 use crate::publisher::Publisher;
+use crate::redis_link::RedisLink;
 use crate::users::Directory;
 
 #[derive(Clone)]
@@ -15,6 +16,9 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub pg: PgPool,
     pub redis: deadpool_redis::Pool,
+    /// One multiplexed connection with a breaker, for the per-request hot
+    /// path (rate limits, user lookups): no stall while Redis is down.
+    pub redis_link: Arc<RedisLink>,
     pub keys: Keys,
     pub publisher: Publisher,
     pub auth: Arc<Authenticator>,

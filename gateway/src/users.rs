@@ -66,6 +66,7 @@ impl Directory {
     }
 
     /// Drops a user from this gateway's cache (after an admin change here).
+    /// Other gateways see the change when their entry expires (`ttl` ≤ 5 s).
     pub fn forget(&self, user_id: &str) {
         self.local.lock().expect("lock").remove(user_id);
     }
@@ -104,7 +105,7 @@ impl Directory {
             Ok(None) => {
                 let r = load_or_provision(state, user_id, claims).await?;
                 // Best effort: a Redis failure here only costs a later re-read.
-                let _ = write_redis(state, &r).await;
+                let _ = fill_redis(state, &r).await;
                 r
             }
             Err(e) => {
@@ -120,8 +121,11 @@ impl Directory {
 }
 
 async fn read_redis(state: &AppState, user_id: &str) -> anyhow::Result<Option<UserRecord>> {
-    let mut conn = state.redis.get().await?;
-    let map: HashMap<String, String> = conn.hgetall(state.keys.user_info(user_id)).await?;
+    let key = state.keys.user_info(user_id);
+    let map: HashMap<String, String> = state
+        .redis_link
+        .run(|mut c| async move { c.hgetall(key).await })
+        .await?;
     Ok(record_from_hash(user_id, &map))
 }
 
@@ -151,10 +155,7 @@ pub fn record_from_hash(user_id: &str, map: &HashMap<String, String>) -> Option<
     })
 }
 
-/// Writes the whole user hash (replacing stale override fields).
-pub async fn write_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<()> {
-    let mut conn = state.redis.get().await?;
-    let key = state.keys.user_info(&rec.id);
+fn hash_fields(rec: &UserRecord) -> Vec<(String, String)> {
     let mut fields: Vec<(String, String)> = vec![
         ("plan".into(), rec.plan.clone()),
         ("status".into(), rec.status.as_str().into()),
@@ -165,11 +166,51 @@ pub async fn write_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<(
             format!("{}/{}", l.limit, l.window_secs),
         ));
     }
-    redis::pipe()
-        .atomic()
-        .del(&key)
-        .hset_multiple(&key, &fields)
-        .query_async::<()>(&mut *conn)
+    fields
+}
+
+/// Writes the whole user hash (replacing stale override fields). Admin
+/// changes call this while they hold the user's row lock, so two changes
+/// reach Redis in the order they reached Postgres.
+pub async fn write_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<()> {
+    let key = state.keys.user_info(&rec.id);
+    let fields = hash_fields(rec);
+    state
+        .redis_link
+        .run(|mut c| async move {
+            redis::pipe()
+                .atomic()
+                .del(&key)
+                .hset_multiple(&key, &fields)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await?;
+    Ok(())
+}
+
+/// Fills the hash after a cache miss, unless it appeared meanwhile: a miss
+/// read Postgres earlier, and must not overwrite what an admin change wrote
+/// after that read.
+async fn fill_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<()> {
+    static FILL: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    let script = FILL.get_or_init(|| {
+        redis::Script::new(
+            "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
+             redis.call('HSET', KEYS[1], unpack(ARGV)) return 1",
+        )
+    });
+    let key = state.keys.user_info(&rec.id);
+    let fields = hash_fields(rec);
+    state
+        .redis_link
+        .run(|mut c| async move {
+            let mut inv = script.key(&key);
+            for (k, v) in &fields {
+                inv.arg(k).arg(v);
+            }
+            inv.invoke_async::<i64>(&mut c).await
+        })
         .await?;
     Ok(())
 }
@@ -220,10 +261,20 @@ pub fn starting_grant_id(user_id: &str) -> Uuid {
 }
 
 async fn load_pg(state: &AppState, user_id: &str) -> Result<Option<UserRecord>> {
+    let mut conn = state.pg.acquire().await?;
+    load_record(&mut conn, user_id).await
+}
+
+/// Reads plan, status and overrides; inside a transaction it sees that
+/// transaction's own writes.
+pub async fn load_record(
+    conn: &mut sqlx::PgConnection,
+    user_id: &str,
+) -> Result<Option<UserRecord>> {
     let row: Option<(String, String)> =
         sqlx::query_as("select plan, status from users where id = $1")
             .bind(user_id)
-            .fetch_optional(&state.pg)
+            .fetch_optional(&mut *conn)
             .await?;
     let Some((plan, status)) = row else {
         return Ok(None);
@@ -232,7 +283,7 @@ async fn load_pg(state: &AppState, user_id: &str) -> Result<Option<UserRecord>> 
         "select class, \"limit\", window_secs from api_rate_limits where user_id = $1",
     )
     .bind(user_id)
-    .fetch_all(&state.pg)
+    .fetch_all(&mut *conn)
     .await?;
     Ok(Some(UserRecord {
         id: user_id.to_string(),

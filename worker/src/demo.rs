@@ -19,7 +19,13 @@ const MODELS: [(&str, &str); 6] = [
     ("google", "gemini-1.5-pro"),
     ("mistral", "codestral"),
 ];
-const FEATURES: [&str; 5] = ["chat", "inline_completion", "code_review", "explain", "refactor"];
+const FEATURES: [&str; 5] = [
+    "chat",
+    "inline_completion",
+    "code_review",
+    "explain",
+    "refactor",
+];
 
 #[derive(Debug, Clone)]
 pub struct DemoPlan {
@@ -42,7 +48,10 @@ pub struct DemoReport {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn pick<T: Copy>(&mut self, items: &[T]) -> T {
@@ -52,7 +61,9 @@ impl Lcg {
 
 pub async fn load(plan: &DemoPlan) -> anyhow::Result<DemoReport> {
     let days = plan.days.clamp(1, 30);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
     let base = plan.gateway.trim_end_matches('/');
     let admin = "Bearer dev:demo_admin:admin";
     let mut report = DemoReport::default();
@@ -69,14 +80,21 @@ pub async fn load(plan: &DemoPlan) -> anyhow::Result<DemoReport> {
             .await?;
             sessions.push(r["session_id"].as_str().unwrap_or_default().to_string());
         }
-        call(&http, &format!("{base}/api/admin/users/{user}/credits/grant"), admin, &json!({"amount": 5000, "reason": "demo grant"})).await?;
+        call(
+            &http,
+            &format!("{base}/api/admin/users/{user}/credits/grant"),
+            admin,
+            &json!({"amount": 5000, "reason": "demo grant"}),
+        )
+        .await?;
         report.grants += 1;
         let now = Utc::now();
         let mut events = Vec::new();
         for d in 0..days {
             for _ in 0..plan.events_per_day {
                 // Keep a minute's margin inside the 30-day acceptance window.
-                let at = now - chrono::Duration::days(d as i64) + chrono::Duration::minutes(-1 - (rng.next() % 600) as i64);
+                let at = now - chrono::Duration::days(d as i64)
+                    + chrono::Duration::minutes(-1 - (rng.next() % 600) as i64);
                 let session = sessions[(rng.next() as usize) % sessions.len()].clone();
                 let ev = if rng.next() % 3 == 0 {
                     json!({"kind": "feature", "feature": rng.pick(&FEATURES), "action": "invoke",
@@ -92,7 +110,13 @@ pub async fn load(plan: &DemoPlan) -> anyhow::Result<DemoReport> {
             }
         }
         for chunk in events.chunks(500) {
-            call(&http, &format!("{base}/api/vscode/usage/track"), &auth, &json!({"events": chunk})).await?;
+            call(
+                &http,
+                &format!("{base}/api/vscode/usage/track"),
+                &auth,
+                &json!({"events": chunk}),
+            )
+            .await?;
             report.events += chunk.len();
         }
         for _ in 0..(days as usize).min(20) {
@@ -108,9 +132,19 @@ pub async fn load(plan: &DemoPlan) -> anyhow::Result<DemoReport> {
     Ok(report)
 }
 
-async fn call(http: &reqwest::Client, url: &str, auth: &str, body: &Value) -> anyhow::Result<Value> {
+async fn call(
+    http: &reqwest::Client,
+    url: &str,
+    auth: &str,
+    body: &Value,
+) -> anyhow::Result<Value> {
     for attempt in 0..20 {
-        let r = http.post(url).header("authorization", auth).json(body).send().await?;
+        let r = http
+            .post(url)
+            .header("authorization", auth)
+            .json(body)
+            .send()
+            .await?;
         let status = r.status();
         if status.is_success() {
             return Ok(r.json().await.unwrap_or(Value::Null));

@@ -89,8 +89,20 @@ async fn main() {
     let result = match cli.command.unwrap_or(Command::Run { queues: None }) {
         Command::Migrate => worker::migrate(&settings).await,
         Command::Dlq { action } => dlq(&settings, action).await,
-        Command::Demo { gateway, users, days, events_per_day, user_prefix } => {
-            let plan = worker::demo::DemoPlan { gateway, users, days, events_per_day, user_prefix };
+        Command::Demo {
+            gateway,
+            users,
+            days,
+            events_per_day,
+            user_prefix,
+        } => {
+            let plan = worker::demo::DemoPlan {
+                gateway,
+                users,
+                days,
+                events_per_day,
+                user_prefix,
+            };
             worker::demo::load(&plan).await.map(|r| {
                 println!(
                     "demo: {} users, {} usage events, {} grants, {} consumes",

@@ -119,20 +119,24 @@ pub async fn guard(
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match record.status {
-        Status::Active => {}
-        Status::Suspended if allowed_while_suspended(req.method(), req.uri().path()) => {}
-        Status::Suspended => return ApiError::AccountSuspended.into_response(),
-        Status::Deleted => return ApiError::AccountDeleted.into_response(),
-    }
+    // The limit is decided before the status so that a 403 carries the
+    // RateLimit-* headers too (SPEC §6: every /api/ answer).
     let limit = effective_limit(&state, &record, class);
     let key = state.keys.rate_limit(&claims.sub, class.as_str());
     let decision = rate_limit::check(&state, &key, &claims.sub, class.as_str(), limit).await;
-    if !decision.allowed {
-        let mut resp = ApiError::RateLimited {
+    let refused = match record.status {
+        Status::Active => None,
+        Status::Suspended if allowed_while_suspended(req.method(), req.uri().path()) => None,
+        Status::Suspended => Some(ApiError::AccountSuspended),
+        Status::Deleted => Some(ApiError::AccountDeleted),
+    };
+    let refused = refused.or_else(|| {
+        (!decision.allowed).then(|| ApiError::RateLimited {
             retry_after: decision.retry_after_secs.max(1),
-        }
-        .into_response();
+        })
+    });
+    if let Some(e) = refused {
+        let mut resp = e.into_response();
         put_headers(resp.headers_mut(), &decision);
         return resp;
     }
@@ -143,20 +147,29 @@ pub async fn guard(
 }
 
 /// Failed authentication is limited per client address; over the limit the
-/// failure is a 429 instead of a 401. Valid tokens never reach this.
+/// failure is a 429 instead of a 401. Valid tokens never reach this. When
+/// Redis is down, a Postgres decision counts; `allow` and `deny` leave the
+/// answer a 401 (a failing token is refused either way, and a client that
+/// sees 401 re-authenticates instead of retrying).
 async fn auth_failure(state: &AppState, addr: &str, e: AuthError) -> Response {
     let limit = state.settings.rate_limit.auth_failures;
     let key = state.keys.auth_failures(addr);
     let d = rate_limit::check(state, &key, addr, "auth_failures", limit).await;
-    if !d.allowed && d.degraded.is_none() {
-        return ApiError::RateLimited {
+    let counts = matches!(d.degraded, None | Some("postgres"));
+    let mut resp = if !d.allowed && counts {
+        ApiError::RateLimited {
             retry_after: d.retry_after_secs.max(1),
         }
-        .into_response();
-    }
-    ApiError::Unauthorized(e.to_string()).into_response()
+        .into_response()
+    } else {
+        ApiError::Unauthorized(e.to_string()).into_response()
+    };
+    put_headers(resp.headers_mut(), &d);
+    resp
 }
 
+/// The `RateLimit-*` headers of a decision (and `RateLimit-Degraded` when a
+/// fallback policy made it). `Retry-After` comes with the 429 itself.
 pub fn put_headers(h: &mut HeaderMap, d: &Decision) {
     h.insert("ratelimit-limit", HeaderValue::from(d.limit));
     h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
@@ -166,9 +179,6 @@ pub fn put_headers(h: &mut HeaderMap, d: &Decision) {
     }
     if let Some(policy) = d.degraded {
         h.insert("ratelimit-degraded", HeaderValue::from_static(policy));
-    }
-    if !d.allowed {
-        h.insert("retry-after", HeaderValue::from(d.retry_after_secs.max(1)));
     }
 }
 

@@ -33,6 +33,19 @@ pub enum Class {
 }
 
 impl Class {
+    pub const ALL: [Class; 6] = [
+        Self::Session,
+        Self::Usage,
+        Self::Analytics,
+        Self::Profile,
+        Self::Credits,
+        Self::Admin,
+    ];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Session => "session",

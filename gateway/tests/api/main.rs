@@ -2,6 +2,7 @@
 
 mod helpers;
 mod ops;
+mod rate_limits;
 mod sessions;
 mod signals;
 mod usage;

@@ -1,0 +1,229 @@
+//! The audit trail (SPEC §5.7): an admin or privacy change writes Postgres
+//! directly, and its `audit_log` row commits in the same transaction, so there
+//! is never a change without its row nor a row without its change.
+//!
+//! [`write`] is the general form (credit grants, exports); [`change_user`]
+//! adds what a change of plan, status or limits needs: the user's row lock and
+//! the refresh of the Redis user hash, so every gateway sees it within its
+//! local cache's lifetime (`gateway.user_cache_ttl_ms`, ≤ 5 s).
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures_util::future::BoxFuture;
+use serde_json::{json, Value};
+use sqlx::{PgConnection, PgPool};
+
+use crate::http::error::{ApiError, Result};
+use crate::state::AppState;
+use crate::users::{self, UserRecord};
+
+/// Who did what to whom, under which request; the details come from the write.
+#[derive(Debug, Clone, Copy)]
+pub struct Action<'a> {
+    /// The caller's user id.
+    pub actor: &'a str,
+    /// Dotted name, e.g. `user.plan`, `user.rate_limit.set`, `credits.grant`.
+    pub action: &'a str,
+    /// The user (or other object) acted on.
+    pub target: Option<&'a str>,
+    pub request_id: &'a str,
+}
+
+/// Inserts one audit row on `conn` (call it inside the change's transaction).
+pub async fn insert(conn: &mut PgConnection, a: Action<'_>, details: &Value) -> Result<()> {
+    sqlx::query(
+        "insert into audit_log (actor, action, target, request_id, details) \
+         values ($1, $2, $3, $4, $5)",
+    )
+    .bind(a.actor)
+    .bind(a.action)
+    .bind(a.target)
+    .bind(a.request_id)
+    .bind(details)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Runs `write` and its audit row in one transaction. `write` returns its
+/// result and the action's details (amount, reason, the previous value, ...).
+pub async fn write<T, F>(pg: &PgPool, a: Action<'_>, write: F) -> Result<T>
+where
+    F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<(T, Value)>>,
+{
+    let mut tx = pg.begin().await?;
+    let (out, details) = write(&mut tx).await?;
+    insert(&mut tx, a, &details).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// A change of one user's plan, status or limits, audited and propagated:
+///
+/// 1. lock the user's row (changes of one user serialize here),
+/// 2. run `write` with the record as it was, then the audit row,
+/// 3. reload the record inside the transaction and write the Redis user hash
+///    while still holding the lock, so two changes reach Redis in commit order,
+/// 4. commit, and drop this gateway's cached copy.
+///
+/// Redis down: the transaction rolls back and the answer is 503, rather than
+/// a committed change that Redis (and so other gateways) would not show.
+/// The target must exist (provision it first with `Directory::get_by_id`).
+pub async fn change_user<T, F>(
+    state: &AppState,
+    a: Action<'_>,
+    user_id: &str,
+    write: F,
+) -> Result<(T, Arc<UserRecord>)>
+where
+    F: for<'c> FnOnce(&'c mut PgConnection, &'c UserRecord) -> BoxFuture<'c, Result<(T, Value)>>,
+{
+    let mut tx = state.pg.begin().await?;
+    let locked: Option<(String,)> = sqlx::query_as("select id from users where id = $1 for update")
+        .bind(user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if locked.is_none() {
+        return Err(ApiError::NotFound(format!("no user {user_id}")));
+    }
+    let before = users::load_record(&mut tx, user_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no user {user_id}")))?;
+    let (out, details) = write(&mut tx, &before).await?;
+    insert(&mut tx, a, &details).await?;
+    let after = users::load_record(&mut tx, user_id)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("user vanished inside its own lock")))?;
+    users::write_redis(state, &after)
+        .await
+        .map_err(|e| ApiError::unavailable("redis", e))?;
+    if let Err(e) = tx.commit().await {
+        // Redis already shows a change that did not commit: drop the hash so
+        // the next read goes back to Postgres.
+        let key = state.keys.user_info(user_id);
+        let _ = state
+            .redis_link
+            .run(|mut c| async move { redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await })
+            .await;
+        return Err(e.into());
+    }
+    state.users.forget(user_id);
+    Ok((out, Arc::new(after)))
+}
+
+/// One row of the trail as the API shows it.
+pub fn entry_json(
+    at: DateTime<Utc>,
+    actor: &str,
+    action: &str,
+    target: Option<&str>,
+    request_id: Option<&str>,
+    details: &Value,
+) -> Value {
+    json!({
+        "at": at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        "actor": actor,
+        "action": action,
+        "target": target,
+        "request_id": request_id,
+        "details": details,
+    })
+}
+
+/// The newest `limit` rows, of one target when given.
+pub async fn list(pg: &PgPool, target: Option<&str>, limit: i64) -> Result<Vec<Value>> {
+    type Row = (
+        DateTime<Utc>,
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Value,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "select at, actor, action, target, request_id, details from audit_log \
+         where ($1::text is null or target = $1) order by at desc, id desc limit $2",
+    )
+    .bind(target)
+    .bind(limit)
+    .fetch_all(pg)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|(at, actor, action, target, rid, details)| {
+            entry_json(
+                *at,
+                actor,
+                action,
+                target.as_deref(),
+                rid.as_deref(),
+                details,
+            )
+        })
+        .collect())
+}
+
+/// The request's id for the audit row: the caller's `x-request-id` when it is
+/// a sane token (1..=128 visible ASCII characters), else a fresh UUID.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    pub fn from_header(value: Option<&str>) -> Self {
+        match value {
+            Some(v) if (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) => {
+                Self(v.to_string())
+            }
+            _ => Self(uuid::Uuid::new_v4().to_string()),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok());
+        Ok(Self::from_header(header))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_id_is_the_callers_when_sane_else_fresh() {
+        assert_eq!(RequestId::from_header(Some("req-123")).0, "req-123");
+        for bad in [None, Some(""), Some("has space"), Some(&*"x".repeat(129))] {
+            let id = RequestId::from_header(bad).0;
+            assert!(uuid::Uuid::parse_str(&id).is_ok(), "{bad:?} -> {id}");
+        }
+    }
+
+    #[test]
+    fn an_entry_has_the_spec_members_in_utc() {
+        let at = DateTime::parse_from_rfc3339("2024-05-01T10:00:00+02:00")
+            .unwrap()
+            .to_utc();
+        let e = entry_json(
+            at,
+            "admin_1",
+            "user.plan",
+            Some("u1"),
+            Some("r1"),
+            &json!({"plan": "pro"}),
+        );
+        assert_eq!(e["at"], "2024-05-01T08:00:00.000000Z");
+        for k in ["at", "actor", "action", "target", "request_id", "details"] {
+            assert!(e.get(k).is_some(), "{k}");
+        }
+        assert_eq!(e["details"]["plan"], "pro");
+    }
+}

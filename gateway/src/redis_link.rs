@@ -1,0 +1,248 @@
+//! The hot path's Redis link: one multiplexed connection (requests of every
+//! task are pipelined on it), a bound on every round trip, and a breaker so
+//! that, while Redis is down, requests take their fallback at once instead of
+//! each waiting out `redis.timeout_ms`.
+//!
+//! Why not the deadpool pool: `Pool::get` recycles a connection with a
+//! `PING` round trip before handing it out, which doubles the cost of a rate
+//! limit check (see docs/benchmarks.md), and a pool has no memory of Redis
+//! being down, so every request pays the connect timeout again.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError};
+
+/// While Redis is marked down, one request per this interval probes it
+/// (reconnects); every other request takes its fallback without waiting.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Marked down recently; no round trip was attempted.
+    #[error("redis is marked down; next probe within {PROBE_INTERVAL:?}")]
+    Down,
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+}
+
+pub struct RedisLink {
+    client: redis::Client,
+    /// Bound on connecting and on each round trip (`redis.timeout_ms`).
+    timeout: Duration,
+    /// The shared connection; `None` until the first use and after a failure.
+    current: Mutex<Option<MultiplexedConnection>>,
+    /// Serializes connecting so a burst of first requests opens one socket.
+    connecting: tokio::sync::Mutex<()>,
+    breaker: Breaker,
+}
+
+impl RedisLink {
+    /// Checks the URL only; the first use connects (`redis://host/N` selects db N).
+    pub fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
+        Ok(Self {
+            client,
+            timeout,
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            breaker: Breaker::new(),
+        })
+    }
+
+    /// True while Redis is marked down (for readiness and logs).
+    pub fn is_down(&self) -> bool {
+        self.breaker.is_down()
+    }
+
+    /// Runs `op` on the shared connection within the timeout. A failure of
+    /// the link itself (refused, dropped, timed out) drops the connection and
+    /// marks Redis down; a Redis reply error (a script bug) does not.
+    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, LinkError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.conn().await?;
+        match tokio::time::timeout(self.timeout, op(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if is_link_failure(&e) {
+                    self.fail();
+                }
+                Err(e.into())
+            }
+            Err(_) => {
+                self.fail();
+                Err(LinkError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    async fn conn(&self) -> Result<MultiplexedConnection, LinkError> {
+        if let Some(c) = self.current.lock().expect("lock").clone() {
+            return Ok(c);
+        }
+        // Healthy (or never tried): wait for whoever is connecting. Marked
+        // down: only the one request that wins the probe slot tries.
+        let _guard = match self.breaker.admit(self.breaker.now_ms()) {
+            Admit::Pass => self.connecting.lock().await,
+            Admit::Probe => match self.connecting.try_lock() {
+                Ok(g) => g,
+                Err(_) => return Err(LinkError::Down),
+            },
+            Admit::Refuse => return Err(LinkError::Down),
+        };
+        if let Some(c) = self.current.lock().expect("lock").clone() {
+            return Ok(c);
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout);
+        let connect = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config);
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(Ok(c)) => {
+                *self.current.lock().expect("lock") = Some(c.clone());
+                if self.breaker.recover() {
+                    tracing::info!("redis reachable again");
+                }
+                Ok(c)
+            }
+            Ok(Err(e)) => {
+                self.breaker.trip(self.breaker.now_ms());
+                Err(e.into())
+            }
+            Err(_) => {
+                self.breaker.trip(self.breaker.now_ms());
+                Err(LinkError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    fn fail(&self) {
+        *self.current.lock().expect("lock") = None;
+        if self.breaker.trip(self.breaker.now_ms()) {
+            tracing::warn!("redis unreachable; using fallbacks, probing every {PROBE_INTERVAL:?}");
+        }
+    }
+}
+
+fn is_link_failure(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// Not marked down: go ahead.
+    Pass,
+    /// Marked down and this caller won the probe for this interval.
+    Probe,
+    /// Marked down; someone probed recently.
+    Refuse,
+}
+
+/// When Redis may be tried next, as milliseconds since `epoch` (0 = up).
+struct Breaker {
+    epoch: Instant,
+    next_probe_ms: AtomicU64,
+}
+
+impl Breaker {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            next_probe_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1 so that a real instant is never the "up" sentinel 0.
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn is_down(&self) -> bool {
+        self.next_probe_ms.load(Ordering::Acquire) != 0
+    }
+
+    fn admit(&self, now_ms: u64) -> Admit {
+        let next = self.next_probe_ms.load(Ordering::Acquire);
+        if next == 0 {
+            return Admit::Pass;
+        }
+        if now_ms < next {
+            return Admit::Refuse;
+        }
+        // Claim this interval's probe; losers of the race are refused.
+        let claimed = now_ms + PROBE_INTERVAL.as_millis() as u64;
+        match self.next_probe_ms.compare_exchange(
+            next,
+            claimed,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Admit::Probe,
+            Err(_) => Admit::Refuse,
+        }
+    }
+
+    /// Marks Redis down; true when it was up before (worth one log line).
+    fn trip(&self, now_ms: u64) -> bool {
+        let next = now_ms + PROBE_INTERVAL.as_millis() as u64;
+        self.next_probe_ms.swap(next, Ordering::AcqRel) == 0
+    }
+
+    /// Marks Redis up; true when it was down before.
+    fn recover(&self) -> bool {
+        self.next_probe_ms.swap(0, Ordering::AcqRel) != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tripped_breaker_admits_one_probe_per_interval() {
+        let b = Breaker::new();
+        assert_eq!(b.admit(10), Admit::Pass);
+        assert!(b.trip(10));
+        assert!(!b.trip(10), "already down");
+        assert_eq!(b.admit(500), Admit::Refuse);
+        assert_eq!(b.admit(1010), Admit::Probe);
+        assert_eq!(b.admit(1011), Admit::Refuse, "one probe per interval");
+        assert_eq!(b.admit(2010), Admit::Probe);
+        assert!(b.recover());
+        assert_eq!(b.admit(2011), Admit::Pass);
+        assert!(!b.is_down());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_costs_one_attempt_per_interval() {
+        let link = RedisLink::new("redis://127.0.0.1:1", Duration::from_millis(200)).unwrap();
+        let first =
+            link.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await });
+        assert!(matches!(
+            first.await,
+            Err(LinkError::Redis(_) | LinkError::Timeout(_))
+        ));
+        assert!(link.is_down());
+        let started = Instant::now();
+        for _ in 0..100 {
+            let r = link
+                .run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await });
+            assert!(matches!(r.await, Err(LinkError::Down)));
+        }
+        assert!(started.elapsed() < Duration::from_millis(100));
+    }
+}
