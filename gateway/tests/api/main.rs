@@ -1,6 +1,8 @@
 //! The gateway's integration tests: one binary, one module per resource.
 
+mod analytics;
 mod helpers;
 mod ops;
+mod privacy;
 mod sessions;
 mod usage;
