@@ -82,6 +82,13 @@ impl Keys {
         self.user(user_id, "analytics_keys")
     }
 
+    /// Counter bumped by workers whenever they drop the user's cached
+    /// analytics; a cached view remembers the value it was computed under, so
+    /// a view computed before a commit but stored after its drop is ignored.
+    pub fn analytics_gen(&self, user_id: &str) -> String {
+        self.user(user_id, "analytics_gen")
+    }
+
     /// Failed authentications per client address (not a user key).
     pub fn auth_failures(&self, addr: &str) -> String {
         format!("{}:authfail:{{{addr}}}", self.prefix)

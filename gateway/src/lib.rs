@@ -1,6 +1,7 @@
 //! The gateway: authenticates, rate-limits, answers what it can from Redis and
 //! publishes events to RabbitMQ with confirms.
 
+pub mod analytics;
 pub mod audit;
 pub mod auth;
 pub mod credits;

@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 pub mod guard;
 pub mod ops;
+pub mod privacy;
 pub mod sessions;
 pub mod usage;
 pub mod users;
@@ -93,6 +94,7 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .merge(credits::router(state))
         .merge(admin::router(state))
         .merge(compat::router(state))
+        .merge(privacy::router(state))
 }
 
 async fn track_metrics(req: Request, next: Next) -> Response {

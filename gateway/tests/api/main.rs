@@ -1,7 +1,9 @@
 //! The gateway's integration tests: one binary, one module per resource.
 
+mod analytics;
 mod helpers;
 mod ops;
+mod privacy;
 mod rate_limits;
 mod sessions;
 mod signals;

@@ -27,8 +27,11 @@ pub async fn store(
             }
             Event::HoldOpened(h) => {
                 let n = sqlx::query(
+                    // A deleted user's holds keep no free-form data, even ones still queued.
                     "insert into credit_holds (id, user_id, amount, status, session_id, model, provider, metadata, expires_at, created_at) \
-                     values ($1, $2, $3, 'open', $4, $5, $6, $7, $8, $9) on conflict (id) do nothing",
+                     select $1, $2, $3, 'open', $4, $5, $6, case when u.status = 'deleted' then null else $7::jsonb end, $8, $9 \
+                     from (select 1) one left join users u on u.id = $2 \
+                     on conflict (id) do nothing",
                 )
                 .bind(h.hold_id)
                 .bind(&h.user_id)

@@ -86,15 +86,18 @@ pub async fn after_commit(ctx: &Ctx, effects: Effects) {
 }
 
 async fn invalidate_caches(ctx: &Ctx, effects: &Effects) -> anyhow::Result<()> {
-    if effects.analytics_users.is_empty() && effects.profile_users.is_empty() {
-        return Ok(());
-    }
-    let mut conn = ctx.redis.get().await?;
-    for u in effects
+    // A ledger move changes analytics too (credits_consumed).
+    let users: HashSet<&String> = effects
         .analytics_users
         .iter()
         .chain(effects.profile_users.iter())
-    {
+        .chain(effects.credit_users.iter())
+        .collect();
+    if users.is_empty() {
+        return Ok(());
+    }
+    let mut conn = ctx.redis.get().await?;
+    for u in users {
         crate::handlers::users::drop_cached_views(ctx, &mut conn, u).await?;
     }
     Ok(())

@@ -191,7 +191,8 @@ pub async fn store(
          on conflict (user_id, day, kind, provider, model, feature, session_id) do update set \
            requests = usage_daily.requests + excluded.requests, \
            prompt_tokens = usage_daily.prompt_tokens + excluded.prompt_tokens, \
-           completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens",
+           completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens, \
+           updated_at = now()",
     )
     .bind(&r.user)
     .bind(&r.day)

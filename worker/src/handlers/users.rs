@@ -42,7 +42,10 @@ pub async fn store(
     Ok(())
 }
 
-/// Drops a user's cached analytics and profile so the next read recomputes.
+/// Drops a user's cached analytics and profile so the next read recomputes,
+/// and bumps the analytics generation: a gateway that read Postgres before
+/// this commit but stores its view after this drop stores it under the old
+/// generation, and readers ignore it (see gateway `analytics::cached`).
 pub async fn drop_cached_views(
     ctx: &Ctx,
     conn: &mut deadpool_redis::Connection,
@@ -59,6 +62,10 @@ pub async fn drop_cached_views(
     }
     pipe.del(&index).ignore();
     pipe.del(ctx.keys.profile(user_id)).ignore();
+    let gen = ctx.keys.analytics_gen(user_id);
+    pipe.incr(&gen, 1).ignore();
+    // Outlives any cached view (5 min); an expired counter reads as a fresh one.
+    pipe.expire(&gen, 86_400).ignore();
     pipe.query_async::<()>(&mut **conn).await?;
     Ok(())
 }

@@ -1,0 +1,431 @@
+//! Privacy (SPEC §5.8): export everything stored about a user, and erase a
+//! user's personal data. Both are rare and read their own writes, so they
+//! work on Postgres directly (with their audit row in the same transaction)
+//! and then on Redis. Class `profile`; a user reaches only their own id,
+//! admins any.
+//!
+//! Erasure keeps `users.id` as the pseudonym and the ledger's amounts (the
+//! balance must still equal the ledger's sum), and nulls the free-form data:
+//! email, name, preferences, machine ids, usage/ledger/hold metadata and
+//! ledger descriptions. Events still queued are stripped by the worker when
+//! they land (it checks `users.status`).
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::mpsc;
+
+use super::analytics::target_id;
+use super::error::{ApiError, Result};
+use super::guard::CurrentUser;
+use super::{guarded, Class};
+use crate::state::AppState;
+use crate::users::Status;
+
+pub fn router(state: &AppState) -> Router<AppState> {
+    guarded(
+        state,
+        Class::Profile,
+        Router::new()
+            .route("/api/users/{id}/export", get(export))
+            .route("/api/users/{id}", axum::routing::delete(erase)),
+    )
+}
+
+/// The request's `x-request-id` when it is a sane token, else a new uuid.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+async fn audit(
+    conn: &mut PgConnection,
+    actor: &str,
+    action: &str,
+    target: &str,
+    request_id: &str,
+    details: Value,
+) -> Result<()> {
+    sqlx::query(
+        "insert into audit_log (actor, action, target, request_id, details) values ($1, $2, $3, $4, $5)",
+    )
+    .bind(actor)
+    .bind(action)
+    .bind(target)
+    .bind(request_id)
+    .bind(details)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Export
+// ---------------------------------------------------------------------------
+
+/// Sections of the export after `user`, in order: (member, rows as JSON text).
+/// Every table that holds rows of the user, oldest first. `usage_event_ids`
+/// is left out: it holds only the ids of the exported usage rows.
+const SECTIONS: [(&str, &str); 11] = [
+    ("subscriptions", "select to_jsonb(t)::text from subscriptions t where user_id = $1 order by created_at, id"),
+    ("credit_transactions", "select to_jsonb(t)::text from credit_transactions t where user_id = $1 order by created_at, id"),
+    ("credit_holds", "select to_jsonb(t)::text from credit_holds t where user_id = $1 order by created_at, id"),
+    ("vscode_sessions", "select to_jsonb(t)::text from vscode_sessions t where user_id = $1 order by created_at, id"),
+    ("api_rate_limits", "select to_jsonb(t)::text from api_rate_limits t where user_id = $1 order by class"),
+    ("rate_limit_windows", "select to_jsonb(t)::text from rate_limit_windows t where user_id = $1 order by class, window_start"),
+    ("audit_log", "select to_jsonb(t)::text from audit_log t where target = $1 order by at, id"),
+    ("usage_daily", "select to_jsonb(t)::text from usage_daily t where user_id = $1 order by day, kind, provider, model, feature, session_id"),
+    ("model_usage", "select to_jsonb(t)::text from model_usage t where user_id = $1 order by occurred_at, id"),
+    ("feature_usage", "select to_jsonb(t)::text from feature_usage t where user_id = $1 order by occurred_at, id"),
+    ("credit_balance", "select jsonb_build_object('credits_balance', credits_balance)::text from users where id = $1"),
+];
+
+/// Rows are sent in chunks of about this many bytes.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// `GET /api/users/:id/export`: one JSON document, streamed, so a user with
+/// millions of usage rows is exported whole without holding it in memory.
+/// It is read in one repeatable-read snapshot. A failure after the first byte
+/// cannot become a problem document: the connection is cut, and the
+/// truncated JSON does not parse (see docs/analytics.md).
+async fn export(
+    State(state): State<AppState>,
+    caller: CurrentUser,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = target_id(&caller, path)?;
+    let rid = request_id(&headers);
+    let mut tx = state.pg.begin().await?;
+    let user: Option<String> =
+        sqlx::query_scalar("select to_jsonb(u)::text from users u where id = $1")
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some(user) = user else {
+        return Err(ApiError::NotFound("no such user".into()));
+    };
+    audit(&mut tx, caller.id(), "user.export", &id, &rid, json!({})).await?;
+    tx.commit().await?;
+
+    let (send, recv) = mpsc::channel::<std::io::Result<Bytes>>(8);
+    let head = format!(
+        "{{\"user_id\":{},\"exported_at\":{},\"user\":{}",
+        json!(id),
+        json!(Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        user
+    );
+    let pg = state.pg.clone();
+    tokio::spawn(async move {
+        if let Err(e) = stream_export(&pg, &id, head, &send).await {
+            tracing::warn!(error = %e, user_id = %id, "export cut short");
+            let _ = send.send(Err(std::io::Error::other("export failed"))).await;
+        }
+    });
+    let mut recv = recv;
+    let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| recv.poll_recv(cx)));
+    let mut resp = (StatusCode::OK, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"export.json\""),
+    );
+    Ok(resp)
+}
+
+/// Writes the document's sections to `send`; stops when the client leaves.
+async fn stream_export(
+    pg: &PgPool,
+    id: &str,
+    head: String,
+    send: &mpsc::Sender<std::io::Result<Bytes>>,
+) -> anyhow::Result<()> {
+    let mut tx = pg.begin().await?;
+    sqlx::query("set transaction isolation level repeatable read, read only")
+        .execute(&mut *tx)
+        .await?;
+    let mut buf = head;
+    for (name, sql) in SECTIONS {
+        let single = name == "credit_balance";
+        buf.push_str(&format!(",{}:", json!(name)));
+        if !single {
+            buf.push('[');
+        }
+        let mut rows = sqlx::query_scalar::<_, String>(sql)
+            .bind(id)
+            .fetch(&mut *tx);
+        let mut first = true;
+        while let Some(row) = rows.next().await {
+            if !first {
+                buf.push(',');
+            }
+            first = false;
+            buf.push_str(&row?);
+            if buf.len() >= CHUNK_BYTES {
+                let chunk = Bytes::from(std::mem::take(&mut buf));
+                if send.send(Ok(chunk)).await.is_err() {
+                    return Ok(()); // the client left
+                }
+            }
+        }
+        if single && first {
+            buf.push_str("null");
+        }
+        if !single {
+            buf.push(']');
+        }
+    }
+    buf.push('}');
+    let _ = send.send(Ok(Bytes::from(buf))).await;
+    tx.commit().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Erasure
+// ---------------------------------------------------------------------------
+
+/// How many rows each step of an erasure changed (kept in the audit row).
+#[derive(Debug, Default, serde::Serialize)]
+struct Scrubbed {
+    vscode_sessions: u64,
+    model_usage: u64,
+    feature_usage: u64,
+    credit_transactions: u64,
+    credit_holds: u64,
+}
+
+/// `DELETE /api/users/:id`: 202 once Postgres holds no personal data of the
+/// user and this gateway refuses the account; Redis is swept now and once
+/// more after the other gateways' user caches have expired.
+async fn erase(
+    State(state): State<AppState>,
+    caller: CurrentUser,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = target_id(&caller, path)?;
+    let rid = request_id(&headers);
+    let deleted_at = erase_in_postgres(&state.pg, caller.id(), &id, &rid).await?;
+    // From here on this gateway answers 403 account_deleted; others within
+    // their local cache's lifetime (gateway.user_cache_ttl_ms, ≤ 5 s).
+    state.users.forget(&id);
+    if let Err(e) = erase_in_redis(&state, &id).await {
+        tracing::warn!(error = %e, user_id = %id, "redis erasure deferred to the second sweep");
+    }
+    state.users.forget(&id);
+    let later = state.clone();
+    let uid = id.clone();
+    let wait = Duration::from_millis(state.settings.gateway.user_cache_ttl_ms + 2_000)
+        .min(Duration::from_secs(8));
+    tokio::spawn(async move {
+        // Requests that passed another gateway's guard before it saw the
+        // deletion may still have written session or cache keys.
+        tokio::time::sleep(wait).await;
+        if let Err(e) = erase_in_redis(&later, &uid).await {
+            tracing::error!(error = %e, user_id = %uid, "second redis erasure sweep failed");
+        }
+    });
+    let body = json!({
+        "user_id": id,
+        "status": "deleted",
+        "deleted_at": deleted_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        "request_id": rid,
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// One transaction: the user row, every table's free-form data, the audit row.
+async fn erase_in_postgres(pg: &PgPool, actor: &str, id: &str, rid: &str) -> Result<DateTime<Utc>> {
+    let mut tx = pg.begin().await?;
+    // The row lock orders this against concurrent settles of the same user.
+    let found: Option<String> =
+        sqlx::query_scalar("select status from users where id = $1 for update")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if found.is_none() {
+        return Err(ApiError::NotFound("no such user".into()));
+    }
+    let deleted_at: DateTime<Utc> = sqlx::query_scalar(
+        "update users set email = null, name = null, preferences = '{}'::jsonb, status = 'deleted', \
+           deleted_at = coalesce(deleted_at, now()), updated_at = now() \
+         where id = $1 returning deleted_at",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut s = Scrubbed::default();
+    let run = |sql: &'static str| sqlx::query(sql).bind(id);
+    s.vscode_sessions = run(
+        "update vscode_sessions set machine_id = null where user_id = $1 and machine_id is not null",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    s.model_usage =
+        run("update model_usage set metadata = null where user_id = $1 and metadata is not null")
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    s.feature_usage =
+        run("update feature_usage set metadata = null where user_id = $1 and metadata is not null")
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    // The one update the ledger's trigger allows.
+    s.credit_transactions = run(
+        "update credit_transactions set description = null, metadata = null \
+         where user_id = $1 and (description is not null or metadata is not null)",
+    )
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    s.credit_holds =
+        run("update credit_holds set metadata = null where user_id = $1 and metadata is not null")
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    let by = if actor == id { "self" } else { "admin" };
+    audit(
+        &mut tx,
+        actor,
+        "user.delete",
+        id,
+        rid,
+        json!({"by": by, "scrubbed": s}),
+    )
+    .await?;
+    tx.commit().await?;
+    metrics::counter!("users_deleted_total").increment(1);
+    Ok(deleted_at)
+}
+
+/// Whether a key (the part after `PREFIX:{USER}:`) is kept on erasure: only
+/// what credits need to finish settling what is in flight. They hold amounts
+/// and ids, no personal data.
+fn kept_on_erasure(rest: &str) -> bool {
+    matches!(
+        rest,
+        "credits" | "pending" | "holds" | "grants_applied" | "user"
+    ) || rest.starts_with("hold_end:")
+}
+
+/// Escapes glob characters for a `SCAN MATCH` pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Marks the user deleted in Redis (so every gateway refuses it once its
+/// local cache expires) and deletes every other key of the user except the
+/// credit keys: sessions, session tokens, cached analytics and profile,
+/// idempotency answers, rate-limit state.
+async fn erase_in_redis(state: &AppState, id: &str) -> anyhow::Result<()> {
+    let mut rec = crate::users::load_or_provision(state, id, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    rec.status = Status::Deleted;
+    crate::users::write_redis(state, &rec).await?;
+    let mut conn = state.redis.get().await?;
+    let base = state.keys.user_info(id);
+    let prefix = base.strip_suffix("user").unwrap_or(&base).to_string();
+    let pattern = format!("{}*", glob_escape(&prefix));
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut *conn)
+            .await?;
+        let doomed: Vec<&String> = keys
+            .iter()
+            .filter(|k| !kept_on_erasure(k.strip_prefix(&prefix).unwrap_or(k)))
+            .collect();
+        if !doomed.is_empty() {
+            redis::cmd("DEL")
+                .arg(doomed)
+                .query_async::<()>(&mut *conn)
+                .await?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erasure_keeps_only_the_credit_keys_and_the_user_hash() {
+        for kept in [
+            "credits",
+            "pending",
+            "holds",
+            "grants_applied",
+            "hold_end:abc",
+            "user",
+        ] {
+            assert!(kept_on_erasure(kept), "{kept}");
+        }
+        for gone in [
+            "session:sess_1",
+            "stoken:tok",
+            "analytics:30",
+            "analytics_keys",
+            "analytics_gen",
+            "profile",
+            "idem:consume:k",
+            "rl:usage",
+            "anything_new",
+        ] {
+            assert!(!kept_on_erasure(gone), "{gone}");
+        }
+    }
+
+    #[test]
+    fn scan_patterns_escape_glob_characters() {
+        assert_eq!(glob_escape("vsc:{u_1}:"), "vsc:{u_1}:");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+
+    #[test]
+    fn request_ids_come_from_the_header_when_sane() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("req-123"));
+        assert_eq!(request_id(&h), "req-123");
+        h.insert("x-request-id", HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
+        assert_eq!(request_id(&HeaderMap::new()).len(), 36);
+    }
+}
