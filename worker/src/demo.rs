@@ -96,7 +96,7 @@ pub async fn load(plan: &DemoPlan) -> anyhow::Result<DemoReport> {
                 let at = now - chrono::Duration::days(d as i64)
                     + chrono::Duration::minutes(-1 - (rng.next() % 600) as i64);
                 let session = sessions[(rng.next() as usize) % sessions.len()].clone();
-                let ev = if rng.next() % 3 == 0 {
+                let ev = if rng.next().is_multiple_of(3) {
                     json!({"kind": "feature", "feature": rng.pick(&FEATURES), "action": "invoke",
                            "duration_ms": rng.next() % 5000, "session_id": session, "occurred_at": at.to_rfc3339()})
                 } else {
