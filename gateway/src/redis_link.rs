@@ -35,8 +35,12 @@ pub struct RedisLink {
     client: redis::Client,
     /// Bound on connecting and on each round trip (`redis.timeout_ms`).
     timeout: Duration,
-    /// The shared connection; `None` until the first use and after a failure.
-    current: Mutex<Option<MultiplexedConnection>>,
+    /// The shared connection and its generation; `None` until the first use
+    /// and after a failure.
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    /// Numbers connections, so a late failure on an old one leaves its
+    /// replacement alone.
+    generation: AtomicU64,
     /// Serializes connecting so a burst of first requests opens one socket.
     connecting: tokio::sync::Mutex<()>,
     breaker: Breaker,
@@ -50,6 +54,7 @@ impl RedisLink {
             client,
             timeout,
             current: Mutex::new(None),
+            generation: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
             breaker: Breaker::new(),
         })
@@ -68,30 +73,37 @@ impl RedisLink {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.conn().await?;
+        let (generation, conn) = self.conn().await?;
         match tokio::time::timeout(self.timeout, op(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 if is_link_failure(&e) {
-                    self.fail();
+                    self.fail(generation);
                 }
                 Err(e.into())
             }
             Err(_) => {
-                self.fail();
+                self.fail(generation);
                 Err(LinkError::Timeout(self.timeout))
             }
         }
     }
 
-    async fn conn(&self) -> Result<MultiplexedConnection, LinkError> {
+    async fn conn(&self) -> Result<(u64, MultiplexedConnection), LinkError> {
         if let Some(c) = self.current.lock().expect("lock").clone() {
             return Ok(c);
         }
         // Healthy (or never tried): wait for whoever is connecting. Marked
         // down: only the one request that wins the probe slot tries.
         let _guard = match self.breaker.admit(self.breaker.now_ms()) {
-            Admit::Pass => self.connecting.lock().await,
+            Admit::Pass => {
+                let g = self.connecting.lock().await;
+                // The connect we waited for failed: don't queue up another.
+                if self.breaker.is_down() {
+                    return Err(LinkError::Down);
+                }
+                g
+            }
             Admit::Probe => match self.connecting.try_lock() {
                 Ok(g) => g,
                 Err(_) => return Err(LinkError::Down),
@@ -109,11 +121,12 @@ impl RedisLink {
             .get_multiplexed_async_connection_with_config(&config);
         match tokio::time::timeout(self.timeout, connect).await {
             Ok(Ok(c)) => {
-                *self.current.lock().expect("lock") = Some(c.clone());
+                let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                *self.current.lock().expect("lock") = Some((generation, c.clone()));
                 if self.breaker.recover() {
                     tracing::info!("redis reachable again");
                 }
-                Ok(c)
+                Ok((generation, c))
             }
             Ok(Err(e)) => {
                 self.breaker.trip(self.breaker.now_ms());
@@ -126,8 +139,15 @@ impl RedisLink {
         }
     }
 
-    fn fail(&self) {
-        *self.current.lock().expect("lock") = None;
+    fn fail(&self, generation: u64) {
+        {
+            let mut current = self.current.lock().expect("lock");
+            match &*current {
+                Some((g, _)) if *g == generation => *current = None,
+                // Already replaced: that connection's failure is old news.
+                _ => return,
+            }
+        }
         if self.breaker.trip(self.breaker.now_ms()) {
             tracing::warn!("redis unreachable; using fallbacks, probing every {PROBE_INTERVAL:?}");
         }

@@ -155,6 +155,37 @@ pub fn record_from_hash(user_id: &str, map: &HashMap<String, String>) -> Option<
     })
 }
 
+/// Writes the directory's fields of the user hash: `plan`, `status`, and
+/// exactly the current `rl:CLASS` overrides (stale ones are removed; fields
+/// that others keep in the hash stay). Admin changes call this while they
+/// hold the user's row lock, so two changes reach Redis in commit order.
+pub async fn write_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<()> {
+    static WRITE: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    let script = WRITE.get_or_init(|| {
+        redis::Script::new(
+            "for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do \
+               if string.sub(k, 1, 3) == 'rl:' then redis.call('HDEL', KEYS[1], k) end \
+             end \
+             redis.call('HSET', KEYS[1], unpack(ARGV)) return 1",
+        )
+    });
+    set_fields(state, script, rec).await
+}
+
+/// Fills the hash after a cache miss, unless a record appeared meanwhile: a
+/// miss read Postgres earlier, and must not overwrite what an admin change
+/// wrote after that read.
+async fn fill_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<()> {
+    static FILL: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    let script = FILL.get_or_init(|| {
+        redis::Script::new(
+            "if redis.call('HEXISTS', KEYS[1], 'plan') == 1 then return 0 end \
+             redis.call('HSET', KEYS[1], unpack(ARGV)) return 1",
+        )
+    });
+    set_fields(state, script, rec).await
+}
+
 fn hash_fields(rec: &UserRecord) -> Vec<(String, String)> {
     let mut fields: Vec<(String, String)> = vec![
         ("plan".into(), rec.plan.clone()),
@@ -169,37 +200,11 @@ fn hash_fields(rec: &UserRecord) -> Vec<(String, String)> {
     fields
 }
 
-/// Writes the whole user hash (replacing stale override fields). Admin
-/// changes call this while they hold the user's row lock, so two changes
-/// reach Redis in the order they reached Postgres.
-pub async fn write_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<()> {
-    let key = state.keys.user_info(&rec.id);
-    let fields = hash_fields(rec);
-    state
-        .redis_link
-        .run(|mut c| async move {
-            redis::pipe()
-                .atomic()
-                .del(&key)
-                .hset_multiple(&key, &fields)
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await?;
-    Ok(())
-}
-
-/// Fills the hash after a cache miss, unless it appeared meanwhile: a miss
-/// read Postgres earlier, and must not overwrite what an admin change wrote
-/// after that read.
-async fn fill_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<()> {
-    static FILL: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-    let script = FILL.get_or_init(|| {
-        redis::Script::new(
-            "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end \
-             redis.call('HSET', KEYS[1], unpack(ARGV)) return 1",
-        )
-    });
+async fn set_fields(
+    state: &AppState,
+    script: &redis::Script,
+    rec: &UserRecord,
+) -> anyhow::Result<()> {
     let key = state.keys.user_info(&rec.id);
     let fields = hash_fields(rec);
     state
