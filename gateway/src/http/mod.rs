@@ -8,6 +8,7 @@ pub mod credits;
 pub mod error;
 pub mod extract;
 pub mod guard;
+pub mod openapi;
 pub mod ops;
 pub mod privacy;
 pub mod sessions;
@@ -72,8 +73,14 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new().merge(api_routes(&state));
     Router::new()
         .merge(ops::router())
+        .merge(openapi::router())
         .merge(api)
         .fallback(|| async { error::ApiError::NotFound("no such route".into()) })
+        // The error codes of SPEC §5 have no 405: a known path with another
+        // method is a route that does not exist.
+        .method_not_allowed_fallback(|| async {
+            error::ApiError::NotFound("no such route for this method".into())
+        })
         .layer(middleware::from_fn(track_metrics))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(move |mut req: Request, next: Next| {

@@ -2,6 +2,7 @@
 
 mod analytics;
 mod helpers;
+mod openapi;
 mod ops;
 mod privacy;
 mod rate_limits;
