@@ -1,6 +1,7 @@
 //! The gateway's integration tests: one binary, one module per resource.
 
 mod analytics;
+mod fuzz;
 mod helpers;
 mod openapi;
 mod ops;
