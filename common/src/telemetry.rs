@@ -14,3 +14,22 @@ pub fn init(env: AppEnv) {
         AppEnv::Development => builder.try_init(),
     };
 }
+
+/// The process-wide Prometheus recorder, installed on first use (a test
+/// process may hold a gateway and a worker; they share it).
+pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    use std::sync::OnceLock;
+    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 100.0, 1000.0,
+                ])
+                .expect("buckets")
+                .install_recorder()
+                .expect("one recorder per process")
+        })
+        .clone()
+}

@@ -1,25 +1,14 @@
 //! The worker's own `/healthz` and `/metrics` on `WORKER_LISTEN`.
 
-use std::sync::OnceLock;
-
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 
 pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            PrometheusBuilder::new()
-                .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0, 5000.0])
-                .expect("buckets")
-                .install_recorder()
-                .expect("one recorder per process")
-        })
-        .clone()
+    common::telemetry::metrics_handle()
 }
 
 pub fn router(handle: PrometheusHandle) -> Router {
@@ -29,7 +18,13 @@ pub fn router(handle: PrometheusHandle) -> Router {
             "/metrics",
             get(move || {
                 let h = handle.clone();
-                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response() }
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        h.render(),
+                    )
+                        .into_response()
+                }
             }),
         )
 }
