@@ -208,6 +208,9 @@ create table audit_log (
     actor      text not null,
     action     text not null,
     target     text,
+    -- The user an action concerns, for tools that join every table on user_id
+    -- (SPEC §3); admin actions target users, so it is the target itself.
+    user_id    text generated always as (target) stored,
     request_id text,
     details    jsonb not null default '{}'::jsonb
 );
@@ -259,10 +262,13 @@ begin
         return;
     end if;
     v_balance := v_balance - p_amount;
+    -- clock_timestamp(), not now(): taken after the lock, so ordering the ledger
+    -- by created_at follows the balance_after chain even for concurrent calls.
     insert into credit_transactions (id, user_id, kind, amount, balance_after, session_id, model,
-        provider, prompt_tokens, completion_tokens, feature, hold_id, description, metadata)
+        provider, prompt_tokens, completion_tokens, feature, hold_id, description, metadata, created_at)
     values (p_event_id, p_user_id, 'consume', -p_amount, v_balance, p_session_id, p_model,
-        p_provider, p_prompt_tokens, p_completion_tokens, p_feature, p_hold_id, p_description, p_metadata);
+        p_provider, p_prompt_tokens, p_completion_tokens, p_feature, p_hold_id, p_description, p_metadata,
+        clock_timestamp());
     update users set credits_balance = v_balance, updated_at = now() where id = p_user_id;
     return query select true, true, v_balance;
 end $$;
@@ -292,8 +298,8 @@ begin
         raise exception 'grant out of range' using errcode = '22003';
     end if;
     v_balance := v_balance + p_amount;
-    insert into credit_transactions (id, user_id, kind, amount, balance_after, description, metadata)
-    values (p_event_id, p_user_id, p_kind, p_amount, v_balance, p_description, p_metadata);
+    insert into credit_transactions (id, user_id, kind, amount, balance_after, description, metadata, created_at)
+    values (p_event_id, p_user_id, p_kind, p_amount, v_balance, p_description, p_metadata, clock_timestamp());
     update users set credits_balance = v_balance, updated_at = now() where id = p_user_id;
     return query select true, v_balance;
 end $$;

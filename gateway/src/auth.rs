@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::settings::AuthSettings;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::sync::{Mutex, RwLock};
@@ -51,12 +51,24 @@ struct RawClaims {
     role: Option<serde_json::Value>,
 }
 
+/// A JWKS whose keys are parsed one by one.
+#[derive(Deserialize)]
+struct RawJwkSet {
+    keys: Vec<serde_json::Value>,
+}
+
 struct JwksCache {
     keys: HashMap<String, (DecodingKey, Algorithm)>,
     /// When the last re-fetch for an unknown `kid` ran (the first fetch does not count).
     last_refetch: Option<Instant>,
     fetched_once: bool,
+    /// When a fetch last failed: until one succeeds, an unreachable JWKS is
+    /// asked at most once per [`FAILED_FETCH_BACKOFF`], not once per request.
+    last_failure: Option<Instant>,
 }
+
+/// How long kid tokens answer 503 at once after a failed first fetch.
+const FAILED_FETCH_BACKOFF: Duration = Duration::from_secs(1);
 
 pub struct Authenticator {
     settings: AuthSettings,
@@ -85,6 +97,7 @@ impl Authenticator {
                 keys: HashMap::new(),
                 last_refetch: None,
                 fetched_once: false,
+                last_failure: None,
             }),
             fetch_lock: Mutex::new(()),
         })
@@ -133,15 +146,25 @@ impl Authenticator {
         validation.leeway = self.settings.leeway_secs;
         validation.validate_nbf = true;
         validation.validate_exp = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken checks `iss`/`aud` only when the token carries them, so a
+        // configured issuer or audience must also be a required claim: a token
+        // without one (or with one of the wrong type) is refused, not waved through.
+        let mut required = vec!["exp", "sub"];
         match &self.settings.jwt_issuer {
-            Some(iss) if !iss.is_empty() => validation.set_issuer(&[iss]),
+            Some(iss) if !iss.is_empty() => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
             _ => {}
         }
         match &self.settings.jwt_audience {
-            Some(aud) if !aud.is_empty() => validation.set_audience(&[aud]),
+            Some(aud) if !aud.is_empty() => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             _ => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<RawClaims>(token, &key, &validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         let c = data.claims;
@@ -216,11 +239,18 @@ impl Authenticator {
             if !is_refetch && cache.fetched_once {
                 return Ok(());
             }
+            if !cache.fetched_once
+                && cache
+                    .last_failure
+                    .is_some_and(|at| at.elapsed() < FAILED_FETCH_BACKOFF)
+            {
+                return Err(AuthError::KeysUnavailable);
+            }
         }
         let url = self.settings.jwks_url.as_deref().unwrap_or_default();
         let result = async {
             let resp = self.http.get(url).send().await?.error_for_status()?;
-            resp.json::<JwkSet>().await
+            resp.json::<RawJwkSet>().await
         }
         .await;
         let mut cache = self.jwks.write().await;
@@ -230,19 +260,27 @@ impl Authenticator {
         match result {
             Ok(set) => {
                 cache.fetched_once = true;
+                cache.last_failure = None;
                 cache.keys = set
                     .keys
-                    .iter()
+                    .into_iter()
+                    // One key of a form we do not know (an encryption key, a new
+                    // key type) must not cost us the others.
+                    .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
+                    .filter(|jwk| {
+                        !matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption))
+                    })
                     .filter_map(|jwk| {
                         let kid = jwk.common.key_id.clone()?;
-                        let alg = algorithm_of(jwk)?;
-                        let key = DecodingKey::from_jwk(jwk).ok()?;
+                        let alg = algorithm_of(&jwk)?;
+                        let key = DecodingKey::from_jwk(&jwk).ok()?;
                         Some((kid, (key, alg)))
                     })
                     .collect();
                 Ok(())
             }
             Err(e) => {
+                cache.last_failure = Some(Instant::now());
                 tracing::warn!(error = %e, "JWKS fetch failed");
                 Err(AuthError::KeysUnavailable)
             }

@@ -1,6 +1,7 @@
 //! The gateway's integration tests: one binary, one module per resource.
 
 mod analytics;
+mod auth;
 mod fuzz;
 mod helpers;
 mod openapi;
@@ -9,4 +10,6 @@ mod privacy;
 mod rate_limits;
 mod sessions;
 mod signals;
+mod startup;
 mod usage;
+mod users;

@@ -1,0 +1,103 @@
+//! A fresh Postgres database per test, dropped (WITH FORCE) when the guard
+//! drops, even while the test unwinds from a failed assertion.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::settings::Settings;
+use sqlx::{Connection, PgPool};
+
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn db_url(name: &str) -> String {
+    let admin = admin_url();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{name}")
+}
+
+/// Owns one `t_<uuid>` database; drops it on drop.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// An empty database: no schema at all.
+    pub async fn empty() -> Self {
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(&admin_url())
+            .await
+            .expect("admin connection");
+        sqlx::query(&format!("create database \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        let url = db_url(&name);
+        Self { name, url }
+    }
+
+    /// A database with every migration applied.
+    pub async fn migrated() -> Self {
+        let db = Self::empty().await;
+        let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("test db");
+        common::infra::MIGRATOR
+            .run(&mut conn)
+            .await
+            .expect("migrations");
+        db
+    }
+
+    pub async fn pool(&self, max_connections: u32) -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect(&self.url)
+            .await
+            .expect("pool")
+    }
+
+    pub async fn connect(&self) -> sqlx::PgConnection {
+        sqlx::PgConnection::connect(&self.url)
+            .await
+            .expect("connection")
+    }
+
+    /// Settings pointing at this database (and nothing else the test needs).
+    pub fn settings(&self) -> Settings {
+        let vars: HashMap<String, String> = [
+            ("DATABASE_URL".to_string(), self.url.clone()),
+            (
+                "JWT_SECRET".to_string(),
+                "unused-in-these-tests".to_string(),
+            ),
+        ]
+        .into();
+        Settings::load_from(Path::new("/nonexistent"), &vars).expect("settings")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Dropping needs async IO; a thread with its own runtime works even
+        // while the test's runtime is unwinding from a panic.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+                    let _ =
+                        sqlx::query(&format!("drop database if exists \"{name}\" with (force)"))
+                            .execute(&mut admin)
+                            .await;
+                }
+            });
+        })
+        .join();
+    }
+}
