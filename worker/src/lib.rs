@@ -4,6 +4,7 @@
 pub mod consumer;
 pub mod handlers;
 pub mod http;
+pub mod reconcile;
 pub mod schedule;
 pub mod startup;
 
