@@ -36,20 +36,27 @@ use std::sync::OnceLock;
 /// Number of Redis Cluster hash slots.
 pub const SLOTS: u16 = 16384;
 
-/// CRC16/XMODEM, the hash Redis Cluster places keys with.
+/// CRC16/XMODEM, the hash Redis Cluster places keys with (table-driven: the
+/// slot-tag table below hashes some 170 000 candidates at start-up).
 pub fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in bytes {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
+    const TABLE: [u16; 256] = {
+        let mut t = [0u16; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut crc = (i as u16) << 8;
+            let mut b = 0;
+            while b < 8 {
+                crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+                b += 1;
+            }
+            t[i] = crc;
+            i += 1;
         }
-    }
-    crc
+        t
+    };
+    bytes
+        .iter()
+        .fold(0u16, |crc, &b| (crc << 8) ^ TABLE[usize::from((crc >> 8) as u8 ^ b)])
 }
 
 /// The cluster slot of a hash tag (e.g. a user id).
@@ -64,13 +71,23 @@ pub fn slot_tag(slot: u16) -> &'static str {
     let tags = TAGS.get_or_init(|| {
         let mut tags: Vec<Option<String>> = vec![None; SLOTS as usize];
         let mut missing = SLOTS as usize;
-        let mut n: u64 = 0;
-        // About 170 000 tries cover all 16384 slots (coupon collector).
+        let mut n: u32 = 0;
+        let mut buf = [0u8; 9];
+        // About 170 000 tries cover all 16384 slots (coupon collector). The
+        // candidate "s" + hex(n) is built in place: no allocation per try.
         while missing > 0 {
-            let t = format!("s{n:x}");
-            let slot = &mut tags[slot_of(&t) as usize];
+            buf[0] = b's';
+            let mut len = 1;
+            for shift in (0..8).rev() {
+                let d = ((n >> (shift * 4)) & 0xf) as u8;
+                if d != 0 || len > 1 || shift == 0 {
+                    buf[len] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+                    len += 1;
+                }
+            }
+            let slot = &mut tags[usize::from(crc16(&buf[..len]) % SLOTS)];
             if slot.is_none() {
-                *slot = Some(t);
+                *slot = Some(String::from_utf8_lossy(&buf[..len]).into_owned());
                 missing -= 1;
             }
             n += 1;

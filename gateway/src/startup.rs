@@ -45,7 +45,7 @@ impl Application {
         };
         // Before serving: an empty deployment gets its sentinels now, so its
         // first credit request is not mistaken for one after a data loss.
-        match tokio::time::timeout(Duration::from_secs(3), crate::credits::recovery::prepare(&state)).await {
+        match tokio::time::timeout(Duration::from_secs(10), crate::credits::recovery::prepare(&state)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "credit sentinel check failed; the watcher retries"),
             Err(_) => tracing::warn!("credit sentinel check timed out; the watcher retries"),

@@ -17,7 +17,9 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0, 5000.0])
                 .expect("buckets")
                 .install_recorder()
-                .expect("one recorder per process")
+                // Another recorder already serves this process (a gateway in the
+                // same test binary): record there, and keep a detached handle.
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle())
         })
         .clone()
 }

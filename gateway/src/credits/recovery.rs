@@ -96,9 +96,10 @@ async fn start(state: &AppState) -> anyhow::Result<String> {
     Ok(v)
 }
 
-/// At start-up: an absent sentinel on an empty deployment (no user in
-/// Postgres, so nothing was ever reserved) is simply written; an absent
-/// sentinel anywhere else means Redis lost its data, and a recovery starts.
+/// At start-up (and whenever the watcher finds no sentinel and no recovery):
+/// an absent sentinel on an empty deployment (no user in Postgres, so nothing
+/// was ever reserved; a reservation needs the sentinel) is simply written; an
+/// absent sentinel anywhere else means Redis lost its data: a recovery starts.
 pub async fn prepare(state: &AppState) -> anyhow::Result<()> {
     let mut conn = state.redis.get().await?;
     let (global, recovering): (bool, Option<String>) = redis::pipe()
@@ -113,6 +114,7 @@ pub async fn prepare(state: &AppState) -> anyhow::Result<()> {
     if global {
         return Ok(());
     }
+    // Postgres unreachable: assume data existed (the safe side).
     let fresh: bool = sqlx::query_scalar("select not exists (select 1 from users)")
         .fetch_one(&state.pg)
         .await
@@ -228,11 +230,12 @@ impl Watcher {
             self.amqp = None;
             return Ok(());
         }
-        state.recovery.set(true);
-        let value = match recovering {
-            Some(v) => v,
-            None => start(state).await?,
+        let Some(value) = recovering else {
+            // No sentinel and no recovery: a start-up that did not finish
+            // its check, or a loss. `prepare` tells them apart.
+            return prepare(state).await;
         };
+        state.recovery.set(true);
         let started = parse_started(&value)
             .ok_or_else(|| anyhow::anyhow!("unreadable recovery key {value:?}"))?;
         let now = redis_now(&mut conn).await?;
