@@ -46,7 +46,11 @@ pub fn crc16(bytes: &[u8]) -> u16 {
             let mut crc = (i as u16) << 8;
             let mut b = 0;
             while b < 8 {
-                crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
                 b += 1;
             }
             t[i] = crc;
@@ -54,9 +58,9 @@ pub fn crc16(bytes: &[u8]) -> u16 {
         }
         t
     };
-    bytes
-        .iter()
-        .fold(0u16, |crc, &b| (crc << 8) ^ TABLE[usize::from((crc >> 8) as u8 ^ b)])
+    bytes.iter().fold(0u16, |crc, &b| {
+        (crc << 8) ^ TABLE[usize::from((crc >> 8) as u8 ^ b)]
+    })
 }
 
 /// The cluster slot of a hash tag (e.g. a user id).
@@ -92,7 +96,9 @@ pub fn slot_tag(slot: u16) -> &'static str {
             }
             n += 1;
         }
-        tags.into_iter().map(|t| t.expect("every slot found")).collect()
+        tags.into_iter()
+            .map(|t| t.expect("every slot found"))
+            .collect()
     });
     &tags[usize::from(slot % SLOTS)]
 }
@@ -594,7 +600,11 @@ impl UserKeys {
 
     /// An invocation of a prelude script with KEYS[1..4] and ARGV[1..2] set;
     /// the caller adds KEYS[5] and ARGV[3..].
-    pub fn invoke<'a>(&self, script: &'a redis::Script, end_ttl_ms: u64) -> redis::ScriptInvocation<'a> {
+    pub fn invoke<'a>(
+        &self,
+        script: &'a redis::Script,
+        end_ttl_ms: u64,
+    ) -> redis::ScriptInvocation<'a> {
         let mut inv = script.prepare_invoke();
         inv.key(&self.sentinel)
             .key(&self.credits)
@@ -725,13 +735,24 @@ mod tests {
 
     #[test]
     fn replies_split_into_tag_expired_holds_and_fields() {
-        let raw = ["OK", "2", "h1", "5", "h2", "7", "90", "0", "1"].map(String::from).to_vec();
+        let raw = ["OK", "2", "h1", "5", "h2", "7", "90", "0", "1"]
+            .map(String::from)
+            .to_vec();
         let r = Reply::parse(raw).unwrap();
         assert_eq!(r.tag, "OK");
-        assert_eq!(r.expired, vec![
-            ExpiredHold { hold_id: "h1".into(), amount: 5 },
-            ExpiredHold { hold_id: "h2".into(), amount: 7 },
-        ]);
+        assert_eq!(
+            r.expired,
+            vec![
+                ExpiredHold {
+                    hold_id: "h1".into(),
+                    amount: 5
+                },
+                ExpiredHold {
+                    hold_id: "h2".into(),
+                    amount: 7
+                },
+            ]
+        );
         assert_eq!(r.int(0).unwrap(), 90);
         assert!(r.flag(2).unwrap());
         assert!(r.int(3).is_err());
@@ -750,12 +771,19 @@ mod tests {
     #[test]
     fn largest_amounts_survive_the_text_forms() {
         let max = crate::settings::MAX_CREDITS;
-        assert_eq!(hold_json(max, 1_700_000_000_000), r#"{"amount":9007199254740991,"expires_at_ms":1700000000000}"#);
+        assert_eq!(
+            hold_json(max, 1_700_000_000_000),
+            r#"{"amount":9007199254740991,"expires_at_ms":1700000000000}"#
+        );
         assert_eq!(parse_pending(&format!("{max}:17")), Some((max, 17)));
         assert_eq!(parse_pending("5"), None);
         assert_eq!(
             Heartbeat::parse("0:100:200"),
-            Some(Heartbeat { unacked: 0, idle_since_ms: 100, beat_ms: 200 })
+            Some(Heartbeat {
+                unacked: 0,
+                idle_since_ms: 100,
+                beat_ms: 200
+            })
         );
         assert_eq!(Heartbeat::parse("0:100"), None);
         assert_eq!(Heartbeat::parse("0:100:2:3"), None);

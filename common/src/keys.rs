@@ -69,7 +69,11 @@ impl Keys {
 
     /// The sentinel of one cluster slot (0..16384).
     pub fn slot_sentinel_for(&self, slot: u16) -> String {
-        format!("{}:sentinel:{{{}}}", self.prefix, crate::credits::slot_tag(slot))
+        format!(
+            "{}:sentinel:{{{}}}",
+            self.prefix,
+            crate::credits::slot_tag(slot)
+        )
     }
 
     /// Idempotency record for one key of one route.
@@ -150,7 +154,10 @@ mod tests {
         let k = Keys::new("vsc");
         assert_eq!(k.credits("user_1"), "vsc:{user_1}:credits");
         assert_eq!(k.rate_limit("u", "usage"), "vsc:{u}:rl:usage");
-        assert_eq!(k.idempotency("u", "consume", "abc"), "vsc:{u}:idem:consume:abc");
+        assert_eq!(
+            k.idempotency("u", "consume", "abc"),
+            "vsc:{u}:idem:consume:abc"
+        );
         assert_eq!(k.hold_end("u", "h1"), "vsc:{u}:hold_end:h1");
         assert_eq!(k.user_of_credits_key(&k.credits("user_1")), Some("user_1"));
         assert_eq!(k.user_of_credits_key("vsc:{u}:pending"), None);

@@ -63,14 +63,15 @@ impl<'de, const MIN: i64> Deserialize<'de> for Credits<MIN> {
             }
 
             fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Self::Value, E> {
-                Credits::new(v).ok_or_else(|| E::custom(format!("must be an integer from {MIN} to {MAX_CREDITS}")))
+                Credits::new(v).ok_or_else(|| {
+                    E::custom(format!("must be an integer from {MIN} to {MAX_CREDITS}"))
+                })
             }
 
             fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Self::Value, E> {
-                i64::try_from(v)
-                    .ok()
-                    .and_then(Credits::new)
-                    .ok_or_else(|| E::custom(format!("must be an integer from {MIN} to {MAX_CREDITS}")))
+                i64::try_from(v).ok().and_then(Credits::new).ok_or_else(|| {
+                    E::custom(format!("must be an integer from {MIN} to {MAX_CREDITS}"))
+                })
             }
         }
         d.deserialize_i64(V::<MIN>)
@@ -233,7 +234,10 @@ impl GrantBody {
     pub fn validate(self) -> Result<(i64, String)> {
         let reason = self.reason.trim().to_string();
         if reason.is_empty() || reason.chars().count() > 500 {
-            return Err(ApiError::validation("reason", "must be 1 to 500 characters"));
+            return Err(ApiError::validation(
+                "reason",
+                "must be 1 to 500 characters",
+            ));
         }
         Ok((self.amount.get(), reason))
     }
@@ -396,7 +400,9 @@ pub fn publish_surely_failed(e: &PublishError) -> bool {
 }
 
 fn millis_to_time(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or_else(Utc::now)
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or_else(Utc::now)
 }
 
 fn bad_reply(e: impl std::error::Error + Send + Sync + 'static) -> ApiError {
@@ -454,7 +460,11 @@ fn publish_failed(e: PublishError) -> ApiError {
     ApiError::unavailable("rabbitmq", e)
 }
 
-async fn publish(state: &AppState, user_id: &str, event: Event) -> std::result::Result<(), PublishError> {
+async fn publish(
+    state: &AppState,
+    user_id: &str,
+    event: Event,
+) -> std::result::Result<(), PublishError> {
     let env = Envelope::new(event, Some(user_id.to_string()), Utc::now());
     state.publisher.publish(&env).await
 }
@@ -466,13 +476,16 @@ fn publish_expired(state: &AppState, user_id: &str, expired: &[ExpiredHold]) {
     if expired.is_empty() {
         return;
     }
-    metrics::counter!("credit_holds_expired_total", "by" => "gateway").increment(expired.len() as u64);
+    metrics::counter!("credit_holds_expired_total", "by" => "gateway")
+        .increment(expired.len() as u64);
     let state = state.clone();
     let user = user_id.to_string();
     let expired = expired.to_vec();
     tokio::spawn(async move {
         for h in expired {
-            let Ok(hold_id) = h.hold_id.parse::<Uuid>() else { continue };
+            let Ok(hold_id) = h.hold_id.parse::<Uuid>() else {
+                continue;
+            };
             let ev = Event::HoldReleased(HoldReleased {
                 hold_id,
                 user_id: user.clone(),
@@ -510,7 +523,9 @@ async fn run(
             _ => return Ok(reply),
         }
     }
-    Err(ApiError::Internal(anyhow::anyhow!("credits of {user_id} could not be loaded into Redis")))
+    Err(ApiError::Internal(anyhow::anyhow!(
+        "credits of {user_id} could not be loaded into Redis"
+    )))
 }
 
 /// Loads a user's credits from Postgres into Redis (only if absent): the
@@ -518,7 +533,13 @@ async fn run(
 /// so balance and holds are one snapshot.
 #[tracing::instrument(skip_all, fields(user_id))]
 async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
-    type Row = (i64, Option<DateTime<Utc>>, Vec<Uuid>, Vec<i64>, Vec<DateTime<Utc>>);
+    type Row = (
+        i64,
+        Option<DateTime<Utc>>,
+        Vec<Uuid>,
+        Vec<i64>,
+        Vec<DateTime<Utc>>,
+    );
     let row: Option<Row> = sqlx::query_as(
         "select u.credits_balance, \
                 (select max(t.created_at) from credit_transactions t where t.user_id = u.id), \
@@ -543,7 +564,8 @@ async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
             .unwrap_or_default(),
     );
     for ((id, amount), exp) in ids.iter().zip(&amounts).zip(&expires) {
-        inv.arg(id.to_string()).arg(hold_json(*amount, exp.timestamp_millis()));
+        inv.arg(id.to_string())
+            .arg(hold_json(*amount, exp.timestamp_millis()));
     }
     let raw: Vec<String> = {
         let mut conn = state.redis().await?;
@@ -710,7 +732,8 @@ pub async fn consume(
             // confirm timeout plus 30 s, since no event will settle it.
             tracing::warn!(error = %u, "reservation not given back after a failed publish");
         }
-        metrics::counter!("credit_decisions_total", "op" => "consume", "outcome" => "unavailable").increment(1);
+        metrics::counter!("credit_decisions_total", "op" => "consume", "outcome" => "unavailable")
+            .increment(1);
         return Err(publish_failed(e));
     }
     let body = json!({
@@ -1091,7 +1114,10 @@ mod tests {
     #[test]
     fn amounts_are_integers_from_one_to_two_pow_53_minus_one() {
         assert_eq!(consume(json!({"amount": 1})).unwrap().0, 1);
-        assert_eq!(consume(json!({"amount": MAX_CREDITS})).unwrap().0, MAX_CREDITS);
+        assert_eq!(
+            consume(json!({"amount": MAX_CREDITS})).unwrap().0,
+            MAX_CREDITS
+        );
         for bad in [
             json!(0),
             json!(-1),
@@ -1127,29 +1153,61 @@ mod tests {
 
     #[test]
     fn bad_details_name_their_field() {
-        assert_eq!(field_of(consume(json!({"amount": 1, "model": "m".repeat(129)})).unwrap_err()), "model");
-        assert_eq!(field_of(consume(json!({"amount": 1, "metadata": [1]})).unwrap_err()), "metadata");
-        assert_eq!(field_of(consume(json!({"amount": 1, "prompt_tokens": -1})).unwrap_err()), "prompt_tokens");
+        assert_eq!(
+            field_of(consume(json!({"amount": 1, "model": "m".repeat(129)})).unwrap_err()),
+            "model"
+        );
+        assert_eq!(
+            field_of(consume(json!({"amount": 1, "metadata": [1]})).unwrap_err()),
+            "metadata"
+        );
+        assert_eq!(
+            field_of(consume(json!({"amount": 1, "prompt_tokens": -1})).unwrap_err()),
+            "prompt_tokens"
+        );
         let hold = |v| from_value::<HoldBody>(v).unwrap().validate(300, 3600);
         assert_eq!(hold(json!({"amount": 1})).unwrap().1, 300);
-        assert_eq!(field_of(hold(json!({"amount": 1, "ttl_secs": 0})).unwrap_err()), "ttl_secs");
-        assert_eq!(field_of(hold(json!({"amount": 1, "ttl_secs": 3601})).unwrap_err()), "ttl_secs");
-        let settle = from_value::<SettleBody>(json!({"amount": 0})).unwrap().validate().unwrap();
+        assert_eq!(
+            field_of(hold(json!({"amount": 1, "ttl_secs": 0})).unwrap_err()),
+            "ttl_secs"
+        );
+        assert_eq!(
+            field_of(hold(json!({"amount": 1, "ttl_secs": 3601})).unwrap_err()),
+            "ttl_secs"
+        );
+        let settle = from_value::<SettleBody>(json!({"amount": 0}))
+            .unwrap()
+            .validate()
+            .unwrap();
         assert_eq!(settle.0, 0);
         let grant = |v| from_value::<GrantBody>(v).and_then(GrantBody::validate);
-        assert_eq!(field_of(grant(json!({"amount": 5, "reason": " "})).unwrap_err()), "reason");
+        assert_eq!(
+            field_of(grant(json!({"amount": 5, "reason": " "})).unwrap_err()),
+            "reason"
+        );
         assert_eq!(field_of(grant(json!({"amount": 5})).unwrap_err()), "reason");
     }
 
     #[test]
     fn equal_parsed_bodies_hash_equal_whatever_the_key_order() {
-        let a: Value = serde_json::from_str(r#"{"amount": 5, "metadata": {"b": 1, "a": [1, {"y": 2, "x": 1}]}}"#).unwrap();
-        let b: Value = serde_json::from_str(r#"{"metadata":{"a":[1,{"x":1,"y":2}],"b":1},"amount":5}"#).unwrap();
+        let a: Value = serde_json::from_str(
+            r#"{"amount": 5, "metadata": {"b": 1, "a": [1, {"y": 2, "x": 1}]}}"#,
+        )
+        .unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"metadata":{"a":[1,{"x":1,"y":2}],"b":1},"amount":5}"#)
+                .unwrap();
         assert_eq!(body_hash(&a), body_hash(&b));
-        assert_eq!(canonical_json(&b), r#"{"amount":5,"metadata":{"a":[1,{"x":1,"y":2}],"b":1}}"#);
+        assert_eq!(
+            canonical_json(&b),
+            r#"{"amount":5,"metadata":{"a":[1,{"x":1,"y":2}],"b":1}}"#
+        );
         let c = json!({"amount": 6, "metadata": {"b": 1, "a": [1, {"y": 2, "x": 1}]}});
         assert_ne!(body_hash(&a), body_hash(&c));
-        assert_ne!(body_hash(&json!({"a": [1, 2]})), body_hash(&json!({"a": [2, 1]})));
+        assert_ne!(
+            body_hash(&json!({"a": [1, 2]})),
+            body_hash(&json!({"a": [2, 1]}))
+        );
         assert_eq!(body_hash(&a).len(), 64);
     }
 
@@ -1162,7 +1220,10 @@ mod tests {
         h.insert("idempotency-key", "k".repeat(255).parse().unwrap());
         assert!(idempotency_key(&h).is_ok());
         h.insert("idempotency-key", "k".repeat(256).parse().unwrap());
-        assert_eq!(field_of(idempotency_key(&h).unwrap_err()), "Idempotency-Key");
+        assert_eq!(
+            field_of(idempotency_key(&h).unwrap_err()),
+            "Idempotency-Key"
+        );
         h.insert("idempotency-key", "".parse().unwrap());
         assert!(idempotency_key(&h).is_err());
     }
@@ -1173,41 +1234,78 @@ mod tests {
         assert_eq!(a, derived_id("consume", "u1", Some("k")));
         assert_ne!(a, derived_id("consume", "u2", Some("k")));
         assert_ne!(a, derived_id("hold", "u1", Some("k")));
-        assert_ne!(derived_id("consume", "u1", None), derived_id("consume", "u1", None));
+        assert_ne!(
+            derived_id("consume", "u1", None),
+            derived_id("consume", "u1", None)
+        );
         let h = Uuid::new_v4();
         assert_eq!(settle_id(h), settle_id(h));
     }
 
     #[test]
     fn remembered_answers_round_trip() {
-        let ok = Remembered::Ok(json!({"transaction_id": "t", "balance": 9_007_199_254_740_990i64}));
+        let ok =
+            Remembered::Ok(json!({"transaction_id": "t", "balance": 9_007_199_254_740_990i64}));
         assert_eq!(Remembered::parse(&ok.to_json()), Some(ok));
         // The scripts write the 402 form themselves.
         assert_eq!(
             Remembered::parse(r#"{"status":402,"balance":3,"required":5}"#),
-            Some(Remembered::Insufficient { balance: 3, required: 5 })
+            Some(Remembered::Insufficient {
+                balance: 3,
+                required: 5
+            })
         );
         assert_eq!(Remembered::parse("nope"), None);
         assert_eq!(
-            HoldEnd::parse(r#"{"state":"settled","transaction_id":"t","amount":3,"released":2,"balance":7}"#),
-            Some(HoldEnd::Settled(json!({"transaction_id": "t", "amount": 3, "released": 2, "balance": 7})))
+            HoldEnd::parse(
+                r#"{"state":"settled","transaction_id":"t","amount":3,"released":2,"balance":7}"#
+            ),
+            Some(HoldEnd::Settled(
+                json!({"transaction_id": "t", "amount": 3, "released": 2, "balance": 7})
+            ))
         );
-        assert_eq!(HoldEnd::parse(r#"{"state":"expired"}"#), Some(HoldEnd::Expired));
-        assert_eq!(HoldEnd::parse(r#"{"state":"released"}"#), Some(HoldEnd::Released));
+        assert_eq!(
+            HoldEnd::parse(r#"{"state":"expired"}"#),
+            Some(HoldEnd::Expired)
+        );
+        assert_eq!(
+            HoldEnd::parse(r#"{"state":"released"}"#),
+            Some(HoldEnd::Released)
+        );
     }
 
     #[test]
     fn early_replies_become_answers() {
         let r = |v: &[&str]| Reply::parse(v.iter().map(|s| s.to_string()).collect()).unwrap();
-        assert!(matches!(keyed_early(&r(&["CONFLICT", "0"])), Err(ApiError::IdempotencyConflict(_))));
-        assert!(matches!(keyed_early(&r(&["BUSY", "0"])), Err(ApiError::IdempotencyConflict(_))));
         assert!(matches!(
-            with_required(keyed_early(&r(&["INSUFFICIENT", "0", "4", "0"])).unwrap_err(), 7),
-            ApiError::InsufficientCredits { balance: 4, required: 7 }
+            keyed_early(&r(&["CONFLICT", "0"])),
+            Err(ApiError::IdempotencyConflict(_))
+        ));
+        assert!(matches!(
+            keyed_early(&r(&["BUSY", "0"])),
+            Err(ApiError::IdempotencyConflict(_))
+        ));
+        assert!(matches!(
+            with_required(
+                keyed_early(&r(&["INSUFFICIENT", "0", "4", "0"])).unwrap_err(),
+                7
+            ),
+            ApiError::InsufficientCredits {
+                balance: 4,
+                required: 7
+            }
         ));
         assert_eq!(
-            keyed_early(&r(&["REPLAY", "0", r#"{"status":402,"balance":1,"required":2}"#])).unwrap(),
-            Some(Answer::Replayed(Remembered::Insufficient { balance: 1, required: 2 }))
+            keyed_early(&r(&[
+                "REPLAY",
+                "0",
+                r#"{"status":402,"balance":1,"required":2}"#
+            ]))
+            .unwrap(),
+            Some(Answer::Replayed(Remembered::Insufficient {
+                balance: 1,
+                required: 2
+            }))
         );
         assert_eq!(keyed_early(&r(&["OK", "0", "1", "0", "1"])).unwrap(), None);
     }
@@ -1217,6 +1315,8 @@ mod tests {
         assert!(publish_surely_failed(&PublishError::NotConnected));
         assert!(publish_surely_failed(&PublishError::Nacked));
         assert!(!publish_surely_failed(&PublishError::Timeout));
-        assert!(!publish_surely_failed(&PublishError::Broker("reset".into())));
+        assert!(!publish_surely_failed(&PublishError::Broker(
+            "reset".into()
+        )));
     }
 }

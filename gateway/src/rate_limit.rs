@@ -96,7 +96,10 @@ pub fn decision_from_reply(reply: &[i64], limit: ClassLimit) -> Decision {
 mod tests {
     use super::*;
 
-    const L: ClassLimit = ClassLimit { limit: 20, window_secs: 60 };
+    const L: ClassLimit = ClassLimit {
+        limit: 20,
+        window_secs: 60,
+    };
 
     #[test]
     fn a_fresh_key_allows_a_burst_of_limit_then_refuses() {

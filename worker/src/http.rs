@@ -14,7 +14,10 @@ pub fn metrics_handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             PrometheusBuilder::new()
-                .set_buckets(&[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0, 5000.0])
+                .set_buckets(&[
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0,
+                    5000.0,
+                ])
                 .expect("buckets")
                 .install_recorder()
                 // Another recorder already serves this process (a gateway in the
@@ -31,7 +34,13 @@ pub fn router(handle: PrometheusHandle) -> Router {
             "/metrics",
             get(move || {
                 let h = handle.clone();
-                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response() }
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        h.render(),
+                    )
+                        .into_response()
+                }
             }),
         )
 }

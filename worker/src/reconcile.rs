@@ -90,10 +90,11 @@ async fn snapshot(ctx: &Ctx, keys: &UserKeys) -> anyhow::Result<Option<Snapshot>
 /// Which of these transaction ids the ledger holds.
 async fn in_ledger(ctx: &Ctx, ids: &[String]) -> anyhow::Result<HashSet<String>> {
     let uuids: Vec<Uuid> = ids.iter().filter_map(|i| i.parse().ok()).collect();
-    let found: Vec<Uuid> = sqlx::query_scalar("select id from credit_transactions where id = any($1)")
-        .bind(&uuids)
-        .fetch_all(&ctx.pg)
-        .await?;
+    let found: Vec<Uuid> =
+        sqlx::query_scalar("select id from credit_transactions where id = any($1)")
+            .bind(&uuids)
+            .fetch_all(&ctx.pg)
+            .await?;
     Ok(found.into_iter().map(|u| u.to_string()).collect())
 }
 
@@ -138,7 +139,10 @@ pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<R
                 inv.arg(id);
             }
             let r = call(ctx, inv).await?;
-            tracing::info!(dropped = r.int(0).unwrap_or(0), "settled reservations left pending");
+            tracing::info!(
+                dropped = r.int(0).unwrap_or(0),
+                "settled reservations left pending"
+            );
         }
         let max_age = (ctx.settings.amqp.confirm_timeout_ms
             + ctx.settings.credits.stale_reservation_secs * 1000) as i64;
@@ -162,7 +166,10 @@ pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<R
             let n = r.int(0).unwrap_or(0);
             if n > 0 {
                 metrics::counter!("credit_reservations_released_total").increment(n as u64);
-                tracing::warn!(released = n, "stale reservations without an event given back");
+                tracing::warn!(
+                    released = n,
+                    "stale reservations without an event given back"
+                );
             }
         }
         match snapshot(ctx, &keys).await? {
@@ -212,7 +219,11 @@ pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<R
         to: expected,
     };
     metrics::counter!("credit_reconcile_repairs_total").increment(1);
-    tracing::warn!(from = repair.from, to = repair.to, "credit balance repaired from the ledger");
+    tracing::warn!(
+        from = repair.from,
+        to = repair.to,
+        "credit balance repaired from the ledger"
+    );
     Ok(Some(repair))
 }
 
@@ -235,12 +246,16 @@ pub async fn reconcile_all(ctx: &Ctx) -> anyhow::Result<Summary> {
                 .await?
         };
         for key in &keys {
-            let Some(user) = ctx.keys.user_of_credits_key(key) else { continue };
+            let Some(user) = ctx.keys.user_of_credits_key(key) else {
+                continue;
+            };
             summary.users += 1;
             match reconcile_user(ctx, user).await {
                 Ok(Some(r)) => summary.repairs.push(r),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, user_id = user, "reconcile failed for one user"),
+                Err(e) => {
+                    tracing::warn!(error = %e, user_id = user, "reconcile failed for one user")
+                }
             }
         }
         cursor = next;
@@ -276,7 +291,9 @@ pub async fn expire_holds(ctx: &Ctx) -> anyhow::Result<usize> {
                 metrics::counter!("credit_holds_expired_total", "by" => "worker")
                     .increment(r.expired.len() as u64);
                 for h in &r.expired {
-                    let Ok(id) = h.hold_id.parse::<Uuid>() else { continue };
+                    let Ok(id) = h.hold_id.parse::<Uuid>() else {
+                        continue;
+                    };
                     // Upsert: a hold of this user whose open event has not landed
                     // yet gets its row in its final state (the late open is a no-op).
                     marked += sqlx::query(

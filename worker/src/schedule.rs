@@ -40,11 +40,7 @@ async fn housekeeping(ctx: Ctx, shutdown: CancellationToken) {
 
 /// Runs `f` only if this process takes the advisory lock (transaction-scoped,
 /// so a crash releases it). `None` when another worker holds it.
-async fn with_lock<T>(
-    ctx: &Ctx,
-    lock: i64,
-    sql: &str,
-) -> Result<Option<T>, sqlx::Error>
+async fn with_lock<T>(ctx: &Ctx, lock: i64, sql: &str) -> Result<Option<T>, sqlx::Error>
 where
     T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
 {
@@ -116,7 +112,11 @@ async fn credit_jobs(ctx: Ctx, shutdown: CancellationToken) {
         if tokio::time::Instant::now() >= next_reconcile {
             next_reconcile = tokio::time::Instant::now() + reconcile_every;
             match locked(&ctx, LOCK_RECONCILE, crate::reconcile::reconcile_all(&ctx)).await {
-                Ok(Some(s)) => tracing::info!(users = s.users, repairs = s.repairs.len(), "credits reconciled"),
+                Ok(Some(s)) => tracing::info!(
+                    users = s.users,
+                    repairs = s.repairs.len(),
+                    "credits reconciled"
+                ),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "reconciler failed"),
             }

@@ -239,7 +239,8 @@ impl Watcher {
         let started = parse_started(&value)
             .ok_or_else(|| anyhow::anyhow!("unreadable recovery key {value:?}"))?;
         let now = redis_now(&mut conn).await?;
-        let window = (state.settings.amqp.confirm_timeout_ms + state.settings.credits.recovery_grace_ms) as i64;
+        let window = (state.settings.amqp.confirm_timeout_ms
+            + state.settings.credits.recovery_grace_ms) as i64;
         if now < started + window {
             self.t_a = None;
             return Ok(());
@@ -271,7 +272,10 @@ impl Watcher {
             write_sentinels(&mut conn, state, false).await?;
             let _: () = conn.del(state.keys.recovery()).await?;
             metrics::counter!("credit_recoveries_total").increment(1);
-            tracing::info!(waited_ms = now - started, "credit recovery complete: balances load from the ledger again");
+            tracing::info!(
+                waited_ms = now - started,
+                "credit recovery complete: balances load from the ledger again"
+            );
         }
         state.recovery.set(false);
         self.t_a = None;
@@ -281,7 +285,11 @@ impl Watcher {
 
     /// Ready messages in the credits queue.
     async fn queue_ready(&mut self, state: &AppState) -> anyhow::Result<u32> {
-        if self.amqp.as_ref().is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected()) {
+        if self
+            .amqp
+            .as_ref()
+            .is_none_or(|(c, ch)| !c.status().connected() || !ch.status().connected())
+        {
             let conn = tokio::time::timeout(
                 Duration::from_secs(5),
                 common::topology::connect(&state.settings.amqp.url),
@@ -317,26 +325,48 @@ mod tests {
     use super::*;
 
     fn beats(v: &[&str]) -> HashMap<String, String> {
-        v.iter().enumerate().map(|(i, b)| (format!("c{i}"), b.to_string())).collect()
+        v.iter()
+            .enumerate()
+            .map(|(i, b)| (format!("c{i}"), b.to_string()))
+            .collect()
     }
 
     #[test]
     fn no_consumers_means_settled() {
-        assert_eq!(consumers_settled_since(1000, 5000, &beats(&[])), Verdict::Settled);
+        assert_eq!(
+            consumers_settled_since(1000, 5000, &beats(&[])),
+            Verdict::Settled
+        );
     }
 
     #[test]
     fn consumers_must_stay_idle_from_before_t_a_until_past_the_transit_bound() {
         let t_a = 10_000;
         // Idle since before t_a, but the last beat is too soon after it.
-        assert_eq!(consumers_settled_since(t_a, 10_500, &beats(&["0:9000:10400"])), Verdict::Wait);
-        assert_eq!(consumers_settled_since(t_a, 11_100, &beats(&["0:9000:11050"])), Verdict::Settled);
+        assert_eq!(
+            consumers_settled_since(t_a, 10_500, &beats(&["0:9000:10400"])),
+            Verdict::Wait
+        );
+        assert_eq!(
+            consumers_settled_since(t_a, 11_100, &beats(&["0:9000:11050"])),
+            Verdict::Settled
+        );
         // Busy, or it settled something after t_a: start over.
-        assert_eq!(consumers_settled_since(t_a, 11_100, &beats(&["3:9000:11050"])), Verdict::Restart);
-        assert_eq!(consumers_settled_since(t_a, 11_100, &beats(&["0:10200:11050"])), Verdict::Restart);
+        assert_eq!(
+            consumers_settled_since(t_a, 11_100, &beats(&["3:9000:11050"])),
+            Verdict::Restart
+        );
+        assert_eq!(
+            consumers_settled_since(t_a, 11_100, &beats(&["0:10200:11050"])),
+            Verdict::Restart
+        );
         // A dead consumer's last beat is ignored; garbage too.
         assert_eq!(
-            consumers_settled_since(t_a, 20_000, &beats(&["5:9000:12000", "0:9000:19900", "junk"])),
+            consumers_settled_since(
+                t_a,
+                20_000,
+                &beats(&["5:9000:12000", "0:9000:19900", "junk"])
+            ),
             Verdict::Settled
         );
     }

@@ -22,10 +22,15 @@ pub fn router(state: &AppState) -> Router<AppState> {
     let user_routes = Router::new()
         .route("/api/users/{id}/credits/consume", post(consume))
         .route("/api/users/{id}/credits/holds", post(open_hold))
-        .route("/api/users/{id}/credits/holds/{hold_id}/settle", post(settle_hold))
-        .route("/api/users/{id}/credits/holds/{hold_id}", delete(release_hold));
-    let admin_routes =
-        Router::new().route("/api/admin/users/{id}/credits/grant", post(grant));
+        .route(
+            "/api/users/{id}/credits/holds/{hold_id}/settle",
+            post(settle_hold),
+        )
+        .route(
+            "/api/users/{id}/credits/holds/{hold_id}",
+            delete(release_hold),
+        );
+    let admin_routes = Router::new().route("/api/admin/users/{id}/credits/grant", post(grant));
     Router::new()
         .merge(guarded(state, Class::Credits, user_routes))
         .merge(guarded(state, Class::Admin, admin_routes))
@@ -53,7 +58,9 @@ fn hold_id(raw: &str) -> Result<Uuid> {
 fn respond(answer: Answer) -> Response {
     let (mut resp, replayed) = match answer {
         Answer::Fresh(body) => ((StatusCode::OK, Json(body)).into_response(), false),
-        Answer::Replayed(Remembered::Ok(body)) => ((StatusCode::OK, Json(body)).into_response(), true),
+        Answer::Replayed(Remembered::Ok(body)) => {
+            ((StatusCode::OK, Json(body)).into_response(), true)
+        }
         Answer::Replayed(Remembered::Insufficient { balance, required }) => (
             ApiError::InsufficientCredits { balance, required }.into_response(),
             true,
@@ -77,7 +84,9 @@ async fn consume(
     let key = credits::idempotency_key(&headers)?;
     let (amount, context) = credits::parse_body::<ConsumeBody>(body.clone())?.validate()?;
     let idem = key.map(|k| Idem::new(&state, &id, "consume", k, &body));
-    Ok(respond(credits::consume(&state, &id, amount, context, idem).await?))
+    Ok(respond(
+        credits::consume(&state, &id, amount, context, idem).await?,
+    ))
 }
 
 async fn open_hold(
@@ -90,10 +99,12 @@ async fn open_hold(
     target(&state, &user, &id).await?;
     let key = credits::idempotency_key(&headers)?;
     let c = &state.settings.credits;
-    let (amount, ttl, context) =
-        credits::parse_body::<HoldBody>(body.clone())?.validate(c.hold_default_ttl_secs, c.hold_max_ttl_secs)?;
+    let (amount, ttl, context) = credits::parse_body::<HoldBody>(body.clone())?
+        .validate(c.hold_default_ttl_secs, c.hold_max_ttl_secs)?;
     let idem = key.map(|k| Idem::new(&state, &id, "holds", k, &body));
-    Ok(respond(credits::open_hold(&state, &id, amount, ttl, context, idem).await?))
+    Ok(respond(
+        credits::open_hold(&state, &id, amount, ttl, context, idem).await?,
+    ))
 }
 
 async fn settle_hold(
@@ -105,7 +116,9 @@ async fn settle_hold(
     target(&state, &user, &id).await?;
     let hold = hold_id(&hold)?;
     let (amount, context) = credits::parse_body::<SettleBody>(body)?.validate()?;
-    Ok(respond(credits::settle_hold(&state, &id, hold, amount, context).await?))
+    Ok(respond(
+        credits::settle_hold(&state, &id, hold, amount, context).await?,
+    ))
 }
 
 async fn release_hold(
