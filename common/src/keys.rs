@@ -44,7 +44,36 @@ impl Keys {
 
     /// Remembered answer of an ended hold (settled/released), kept 24 h.
     pub fn hold_end(&self, user_id: &str, hold_id: &str) -> String {
-        self.user(user_id, &format!("hold_end:{hold_id}"))
+        format!("{}{hold_id}", self.hold_end_prefix(user_id))
+    }
+
+    /// What credit scripts append a hold id to, to name its `hold_end` key
+    /// (same slot as the user's other keys).
+    pub fn hold_end_prefix(&self, user_id: &str) -> String {
+        self.user(user_id, "hold_end:")
+    }
+
+    /// Set of admin grant ids already added to the Redis balance, so a grant
+    /// reaches Redis once even when the reconciler absorbed it first.
+    pub fn grants_applied(&self, user_id: &str) -> String {
+        self.user(user_id, "grants_applied")
+    }
+
+    /// The data-loss sentinel of the user's cluster slot: a key written only
+    /// at start-up (or when a recovery completes) whose hash tag falls in the
+    /// same slot as `{USER_ID}`, so every credit script can check it atomically
+    /// and still touch a single slot (see `crate::credits::slot_tag`).
+    pub fn slot_sentinel(&self, user_id: &str) -> String {
+        self.slot_sentinel_for(crate::credits::slot_of(user_id))
+    }
+
+    /// The sentinel of one cluster slot (0..16384).
+    pub fn slot_sentinel_for(&self, slot: u16) -> String {
+        format!(
+            "{}:sentinel:{{{}}}",
+            self.prefix,
+            crate::credits::slot_tag(slot)
+        )
     }
 
     /// Idempotency record for one key of one route.
@@ -103,6 +132,24 @@ impl Keys {
     pub fn recovery(&self) -> String {
         format!("{}:recovery", self.prefix)
     }
+
+    /// Hash: credits-queue consumer tag → "unacked:idle_since_ms:beat_ms",
+    /// the heartbeats a recovery reads to know the queue is settled.
+    pub fn credit_consumers(&self) -> String {
+        format!("{}:credit_consumers", self.prefix)
+    }
+
+    /// SCAN pattern matching every user's `credits` hash (the reconciler).
+    pub fn credits_pattern(&self) -> String {
+        format!("{}:{{*}}:credits", self.prefix)
+    }
+
+    /// The user id inside a key built by [`Keys::credits`], if it is one.
+    pub fn user_of_credits_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(&self.prefix)?
+            .strip_prefix(":{")?
+            .strip_suffix("}:credits")
+    }
 }
 
 #[cfg(test)]
@@ -118,5 +165,18 @@ mod tests {
             k.idempotency("u", "consume", "abc"),
             "vsc:{u}:idem:consume:abc"
         );
+        assert_eq!(k.hold_end("u", "h1"), "vsc:{u}:hold_end:h1");
+        assert_eq!(k.user_of_credits_key(&k.credits("user_1")), Some("user_1"));
+        assert_eq!(k.user_of_credits_key("vsc:{u}:pending"), None);
+    }
+
+    #[test]
+    fn a_slot_sentinel_shares_the_slot_of_its_user() {
+        let k = Keys::new("vsc");
+        for user in ["user_1", "user_2abc", "x", "user_2NzvQ3x"] {
+            let key = k.slot_sentinel(user);
+            let tag = key.split('{').nth(1).unwrap().trim_end_matches('}');
+            assert_eq!(crate::credits::slot_of(tag), crate::credits::slot_of(user));
+        }
     }
 }

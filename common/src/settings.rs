@@ -171,6 +171,17 @@ pub struct CreditSettings {
     pub hold_max_ttl_secs: u64,
     /// How long idempotency answers and ended holds are remembered.
     pub idempotency_ttl_secs: u64,
+    /// A reservation older than the confirm timeout plus this, with no ledger
+    /// row and the credits queue drained, is released by the reconciler.
+    pub stale_reservation_secs: u64,
+    /// How often the worker looks for holds past their expiry in Postgres.
+    pub expiry_interval_secs: u64,
+    /// How long past `expires_at` the worker waits before it expires a hold
+    /// itself (gateways release it lazily first, and publish the event).
+    pub hold_expiry_grace_secs: u64,
+    /// After a Redis data loss, how long past the confirm timeout a recovery
+    /// waits before it trusts the queue depth (publishes still in flight).
+    pub recovery_grace_ms: u64,
 }
 
 /// Largest credit amount and balance: Redis scripts compute in doubles.
@@ -254,6 +265,10 @@ ttl_secs = 86400
 hold_default_ttl_secs = 300
 hold_max_ttl_secs = 3600
 idempotency_ttl_secs = 86400
+stale_reservation_secs = 30
+expiry_interval_secs = 5
+hold_expiry_grace_secs = 5
+recovery_grace_ms = 2000
 "#;
 
 /// The well-known variables of SPEC §2 and the key each one sets.

@@ -51,7 +51,26 @@ impl Application {
             redis_link,
             publisher,
             auth,
+            recovery: Arc::new(crate::credits::recovery::Recovery::new()),
         };
+        // Before serving: an empty deployment gets its sentinels now, so its
+        // first credit request is not mistaken for one after a data loss.
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            crate::credits::recovery::prepare(&state),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "credit sentinel check failed; the watcher retries")
+            }
+            Err(_) => tracing::warn!("credit sentinel check timed out; the watcher retries"),
+        }
+        tokio::spawn(crate::credits::recovery::watch(
+            state.clone(),
+            shutdown.child_token(),
+        ));
         let listener = TcpListener::bind(&settings.gateway.listen).await?;
         Ok(Self {
             listener,

@@ -7,6 +7,7 @@ use common::settings::Settings;
 use sqlx::PgPool;
 
 use crate::auth::Authenticator;
+use crate::credits::recovery::Recovery;
 use crate::publisher::Publisher;
 use crate::redis_link::RedisLink;
 use crate::users::Directory;
@@ -24,6 +25,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub users: Arc<Directory>,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Whether Redis lost its credit data and a recovery is running.
+    pub recovery: Arc<Recovery>,
 }
 
 impl AppState {

@@ -8,9 +8,12 @@
 //! - A message that cannot be decoded, or whose data Postgres refuses, is
 //!   rejected without requeue and so dead-lettered; the rest of its batch lands.
 //! - The broker gone: unacked deliveries return to the queue; we reconnect.
+//! - The credits consumer reports what it holds in a heartbeat (see [`Probe`]),
+//!   which a recovery after a Redis data loss reads (docs/credits.md).
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::events::Envelope;
 use common::topology;
@@ -39,6 +42,66 @@ pub struct QueueConsumer {
     _conn: lapin::Connection,
     channel: Channel,
     consumer: Consumer,
+    /// What this consumer holds; only the credits queue reports it.
+    probe: Option<Arc<Probe>>,
+    /// Stops the probe's heartbeat (and removes it) when the consumer drops.
+    _beat: Option<tokio_util::sync::DropGuard>,
+}
+
+/// Deliveries a consumer has taken and not yet settled (acked or rejected),
+/// and since when that count last changed. A heartbeat task copies it into
+/// Redis every `BEAT`, on Redis's clock: "unacked:idle_since_ms:beat_ms".
+#[derive(Debug)]
+pub struct Probe {
+    state: Mutex<(usize, Instant)>,
+}
+
+const BEAT: Duration = Duration::from_millis(250);
+
+impl Probe {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((0, Instant::now())),
+        }
+    }
+
+    fn set(&self, unacked: usize) {
+        *self.state.lock().expect("probe lock") = (unacked, Instant::now());
+    }
+
+    fn read(&self) -> (usize, u64) {
+        let (n, at) = *self.state.lock().expect("probe lock");
+        (n, at.elapsed().as_millis() as u64)
+    }
+}
+
+async fn heartbeat(ctx: Ctx, tag: String, probe: Arc<Probe>, stop: CancellationToken) {
+    let key = ctx.keys.credit_consumers();
+    let script = &common::credits::scripts().heartbeat;
+    loop {
+        let (unacked, idle_ms) = probe.read();
+        let remove = stop.is_cancelled();
+        if let Ok(mut conn) = ctx.redis.get().await {
+            let r: redis::RedisResult<i64> = script
+                .key(&key)
+                .arg(&tag)
+                .arg(unacked)
+                .arg(idle_ms)
+                .arg(if remove { "1" } else { "0" })
+                .invoke_async(&mut *conn)
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "credits consumer heartbeat failed");
+            }
+        }
+        if remove {
+            return;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(BEAT) => {}
+        }
+    }
 }
 
 impl QueueConsumer {
@@ -57,10 +120,11 @@ impl QueueConsumer {
             .basic_qos(ctx.settings.worker.prefetch, BasicQosOptions::default())
             .await?;
         let queue = ctx.topology.queue(short);
+        let tag = format!("worker-{}-{}", std::process::id(), uuid::Uuid::new_v4());
         let consumer = channel
             .basic_consume(
                 &queue,
-                &format!("worker-{}-{}", std::process::id(), uuid::Uuid::new_v4()),
+                &tag,
                 // Manual acks: a message is settled only after its commit.
                 BasicConsumeOptions {
                     no_ack: false,
@@ -70,13 +134,29 @@ impl QueueConsumer {
                 FieldTable::default(),
             )
             .await?;
+        let (probe, beat) = if short == "credits" {
+            let probe = Arc::new(Probe::new());
+            let stop = CancellationToken::new();
+            tokio::spawn(heartbeat(ctx.clone(), tag, probe.clone(), stop.clone()));
+            (Some(probe), Some(stop.drop_guard()))
+        } else {
+            (None, None)
+        };
         Ok(Self {
             ctx,
             queue,
             _conn: conn,
             channel,
             consumer,
+            probe,
+            _beat: beat,
         })
+    }
+
+    fn probe_set(&self, unacked: usize) {
+        if let Some(p) = &self.probe {
+            p.set(unacked);
+        }
     }
 
     /// Waits for the next batch: the first delivery, then whatever follows
@@ -87,6 +167,7 @@ impl QueueConsumer {
             _ = shutdown.cancelled() => return None,
             d = self.consumer.next() => d?.ok()?,
         };
+        self.probe_set(1);
         let mut batch = vec![first];
         let max = self.ctx.settings.worker.batch_size;
         let deadline = tokio::time::Instant::now()
@@ -97,6 +178,7 @@ impl QueueConsumer {
                 _ => break,
             }
         }
+        self.probe_set(batch.len());
         Some(batch)
     }
 
@@ -171,6 +253,7 @@ impl QueueConsumer {
                 .basic_ack(last_tag, BasicAckOptions { multiple: true })
                 .await?;
         }
+        self.probe_set(0);
         metrics::histogram!("worker_batch_messages", "queue" => self.queue.clone())
             .record(outcome.delivered as f64);
         metrics::counter!("worker_events_stored_total", "queue" => self.queue.clone())
@@ -248,9 +331,15 @@ pub async fn run(ctx: Ctx, short: String, shutdown: CancellationToken) {
                 break;
             }
         }
+        // Closed, not just dropped: the broker returns what this connection
+        // still holds to the queue at once, instead of when the socket dies.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = consumer.channel.close(200, "done").await;
+            let _ = consumer._conn.close(200, "done").await;
+        })
+        .await;
+        drop(consumer);
         if shutdown.is_cancelled() {
-            let _ = consumer.channel.close(200, "shutdown").await;
-            let _ = consumer._conn.close(200, "shutdown").await;
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1,4 +1,6 @@
-//! Read routes of the original backend's client (SPEC §5.10).
+//! Read routes of the original backend's client (SPEC §5.10), class `profile`:
+//! `GET /api/vscode/user/balance`, `GET /api/vscode/user/subscription`,
+//! `GET /api/auth/user-info`.
 
 use axum::extract::State;
 use axum::routing::get;
@@ -11,11 +13,41 @@ use super::{guarded, Class};
 use crate::state::AppState;
 
 pub fn router(state: &AppState) -> Router<AppState> {
-    guarded(
-        state,
-        Class::Profile,
-        Router::new().route("/api/auth/user-info", get(user_info)),
+    let routes = Router::new()
+        .route("/api/auth/user-info", get(user_info))
+        .route("/api/vscode/user/balance", get(balance))
+        .route("/api/vscode/user/subscription", get(subscription));
+    guarded(state, Class::Profile, routes)
+}
+
+/// `GET /api/vscode/user/balance` → `{balance, held, as_of, plan}`.
+async fn balance(State(state): State<AppState>, user: CurrentUser) -> Result<Json<Value>> {
+    let b = crate::credits::balance(&state, user.id()).await?;
+    Ok(Json(json!({
+        "balance": b.balance,
+        "held": b.held,
+        "as_of": b.as_of.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        "plan": user.record.plan,
+    })))
+}
+
+/// `GET /api/vscode/user/subscription` → `{plan, status, subscription}`: the
+/// newest `subscriptions` row, or null for users on a plan without one.
+async fn subscription(State(state): State<AppState>, user: CurrentUser) -> Result<Json<Value>> {
+    let row: Option<Value> = sqlx::query_scalar(
+        "select jsonb_build_object('id', id::text, 'plan', plan, 'status', status, \
+           'current_period_start', current_period_start, 'current_period_end', current_period_end, \
+           'created_at', created_at) \
+         from subscriptions where user_id = $1 order by created_at desc limit 1",
     )
+    .bind(user.id())
+    .fetch_optional(&state.pg)
+    .await?;
+    Ok(Json(json!({
+        "plan": user.record.plan,
+        "status": user.record.status.as_str(),
+        "subscription": row,
+    })))
 }
 
 /// Splits a display name the way the original client shows it: the first

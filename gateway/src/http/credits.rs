@@ -1,10 +1,167 @@
-//! Credits: consume, holds, admin grant (SPEC §5.5, §5.5b, §5.7).
+//! Credits: consume, holds, admin grant (SPEC §5.5, §5.5b, §5.7). Thin: parse,
+//! authorize, call `crate::credits`, map the answer.
 
-use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post};
+use axum::{Json, Router};
+use serde_json::Value;
+use uuid::Uuid;
 
+use super::error::{ApiError, Result};
+use super::extract::ApiJson;
+use super::guard::CurrentUser;
+use super::{guarded, Class};
+use crate::credits::{
+    self, Answer, ConsumeBody, GrantBody, GrantRequest, HoldBody, Idem, Remembered, SettleBody,
+};
 use crate::state::AppState;
 
 pub fn router(state: &AppState) -> Router<AppState> {
-    let _ = state;
+    let user_routes = Router::new()
+        .route("/api/users/{id}/credits/consume", post(consume))
+        .route("/api/users/{id}/credits/holds", post(open_hold))
+        .route(
+            "/api/users/{id}/credits/holds/{hold_id}/settle",
+            post(settle_hold),
+        )
+        .route(
+            "/api/users/{id}/credits/holds/{hold_id}",
+            delete(release_hold),
+        );
+    let admin_routes = Router::new().route("/api/admin/users/{id}/credits/grant", post(grant));
     Router::new()
+        .merge(guarded(state, Class::Credits, user_routes))
+        .merge(guarded(state, Class::Admin, admin_routes))
+}
+
+/// The user a credit route acts on: the caller, or anyone for an admin (an
+/// id never seen is provisioned first, SPEC §4).
+async fn target(state: &AppState, caller: &CurrentUser, id: &str) -> Result<()> {
+    caller.authorize(id)?;
+    if id != caller.id() {
+        if !crate::auth::valid_user_id(id) {
+            return Err(ApiError::NotFound("no such user".into()));
+        }
+        state.users.get_by_id(state, id, None).await?;
+    }
+    Ok(())
+}
+
+fn hold_id(raw: &str) -> Result<Uuid> {
+    raw.parse()
+        .map_err(|_| ApiError::NotFound("no such hold".into()))
+}
+
+/// A fresh answer is 200; a remembered one says so in `Idempotent-Replayed`.
+fn respond(answer: Answer) -> Response {
+    let (mut resp, replayed) = match answer {
+        Answer::Fresh(body) => ((StatusCode::OK, Json(body)).into_response(), false),
+        Answer::Replayed(Remembered::Ok(body)) => {
+            ((StatusCode::OK, Json(body)).into_response(), true)
+        }
+        Answer::Replayed(Remembered::Insufficient { balance, required }) => (
+            ApiError::InsufficientCredits { balance, required }.into_response(),
+            true,
+        ),
+    };
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    resp
+}
+
+async fn consume(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response> {
+    target(&state, &user, &id).await?;
+    let key = credits::idempotency_key(&headers)?;
+    let (amount, context) = credits::parse_body::<ConsumeBody>(body.clone())?.validate()?;
+    let idem = key.map(|k| Idem::new(&state, &id, "consume", k, &body));
+    Ok(respond(
+        credits::consume(&state, &id, amount, context, idem).await?,
+    ))
+}
+
+async fn open_hold(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response> {
+    target(&state, &user, &id).await?;
+    let key = credits::idempotency_key(&headers)?;
+    let c = &state.settings.credits;
+    let (amount, ttl, context) = credits::parse_body::<HoldBody>(body.clone())?
+        .validate(c.hold_default_ttl_secs, c.hold_max_ttl_secs)?;
+    let idem = key.map(|k| Idem::new(&state, &id, "holds", k, &body));
+    Ok(respond(
+        credits::open_hold(&state, &id, amount, ttl, context, idem).await?,
+    ))
+}
+
+async fn settle_hold(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path((id, hold)): Path<(String, String)>,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response> {
+    target(&state, &user, &id).await?;
+    let hold = hold_id(&hold)?;
+    let (amount, context) = credits::parse_body::<SettleBody>(body)?.validate()?;
+    Ok(respond(
+        credits::settle_hold(&state, &id, hold, amount, context).await?,
+    ))
+}
+
+async fn release_hold(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path((id, hold)): Path<(String, String)>,
+) -> Result<StatusCode> {
+    target(&state, &user, &id).await?;
+    credits::release_hold(&state, &id, hold_id(&hold)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn grant(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response> {
+    user.require_admin()?;
+    if !crate::auth::valid_user_id(&id) {
+        return Err(ApiError::NotFound("no such user".into()));
+    }
+    let key = credits::idempotency_key(&headers)?;
+    let (amount, reason) = credits::parse_body::<GrantBody>(body)?.validate()?;
+    state.users.get_by_id(&state, &id, None).await?;
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| Uuid::new_v4().to_string());
+    let answer = credits::grant(
+        &state,
+        GrantRequest {
+            actor: user.id().to_string(),
+            user_id: id,
+            amount,
+            reason,
+            key,
+            request_id,
+        },
+    )
+    .await?;
+    Ok(respond(answer))
 }

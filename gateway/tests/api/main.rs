@@ -2,6 +2,7 @@
 
 mod analytics;
 mod auth;
+mod credits;
 mod fuzz;
 mod helpers;
 mod openapi;
