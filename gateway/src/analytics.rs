@@ -1,10 +1,12 @@
 //! Analytics and usage statistics (SPEC §5.3, §5.6, §5.10, §8).
 //!
-//! Every figure comes from two places that stay small as usage grows: the
-//! `usage_daily` rollup (one row per user, day, model/feature and session,
-//! written by the worker in the same transaction as the raw rows) and the
-//! ledger's `consume` rows, read through its `(user_id, created_at)` index.
-//! The raw `model_usage`/`feature_usage` partitions are never read here.
+//! Every figure comes from two rollups that stay small as usage grows:
+//! `usage_daily` (one row per user, day, model/feature and session, written
+//! by the worker in the same transaction as the raw rows) and `credit_daily`
+//! (credits consumed per user, day, model, provider, feature and session,
+//! kept by a trigger on the ledger in the ledger's own transaction). Neither
+//! the raw `model_usage`/`feature_usage` partitions nor the ledger's rows are
+//! read here: a year of a heavy user is a few thousand rows either way.
 //!
 //! Windows are whole UTC days. Window arithmetic, query parsing and the
 //! shaping of rows into the answers are plain functions, unit-tested below;
@@ -147,21 +149,10 @@ impl GroupBy {
         }
     }
 
-    /// The key column of the rollup ('' means "none" there).
-    fn rollup_key(self) -> &'static str {
+    /// The key column in both rollups ('' means "none" there).
+    fn key_column(self) -> &'static str {
         match self {
             Self::Day => "to_char(day, 'YYYY-MM-DD')",
-            Self::Model => "nullif(model, '')",
-            Self::Provider => "nullif(provider, '')",
-            Self::Feature => "nullif(feature, '')",
-            Self::Session => "nullif(session_id, '')",
-        }
-    }
-
-    /// The key column of the ledger.
-    fn ledger_key(self) -> &'static str {
-        match self {
-            Self::Day => "to_char(created_at at time zone 'UTC', 'YYYY-MM-DD')",
             Self::Model => "nullif(model, '')",
             Self::Provider => "nullif(provider, '')",
             Self::Feature => "nullif(feature, '')",
@@ -547,16 +538,14 @@ pub async fn load_analytics(
     .collect();
     let sessions = rows.first().map(|r| r.1).unwrap_or(0);
     let rollup_as_of = rows.first().and_then(|r| r.2);
-    // Ledger rows through (user_id, created_at); `kind` and `amount` from the heap.
+    // The ledger's daily rollup (kept by a trigger on the ledger, 0002).
     let credits: Vec<(NaiveDate, i64, DateTime<Utc>)> = sqlx::query_as(
-        "select (created_at at time zone 'UTC')::date, (-sum(amount))::int8, max(created_at) \
-         from credit_transactions \
-         where user_id = $1 and created_at >= $2 and created_at < $3 and kind = 'consume' \
-         group by 1",
+        "select day, sum(consumed)::int8, max(updated_at) from credit_daily \
+         where user_id = $1 and day >= $2 and day <= $3 group by day",
     )
     .bind(user_id)
-    .bind(window.from())
-    .bind(window.to())
+    .bind(window.first)
+    .bind(window.last)
     .fetch_all(pg)
     .await?;
     let ledger_as_of = credits.iter().map(|c| c.2).max();
@@ -578,7 +567,7 @@ pub async fn stats(pg: &sqlx::PgPool, user_id: &str, req: StatsRequest) -> Resul
                 coalesce(sum(completion_tokens), 0)::int8 as completion_tokens, \
                 coalesce(sum(requests) filter (where kind = 'feature'), 0)::int8 as feature_events \
          from usage_daily where user_id = $1 and day >= $2 and day <= $3 group by 1",
-        key = req.group_by.rollup_key()
+        key = req.group_by.key_column()
     ))
     .bind(user_id)
     .bind(req.window.first)
@@ -586,14 +575,13 @@ pub async fn stats(pg: &sqlx::PgPool, user_id: &str, req: StatsRequest) -> Resul
     .fetch_all(pg)
     .await?;
     let credits: Vec<(Option<String>, i64)> = sqlx::query_as(&format!(
-        "select {key}, (-sum(amount))::int8 from credit_transactions \
-         where user_id = $1 and created_at >= $2 and created_at < $3 and kind = 'consume' \
-         group by 1",
-        key = req.group_by.ledger_key()
+        "select {key}, sum(consumed)::int8 from credit_daily \
+         where user_id = $1 and day >= $2 and day <= $3 group by 1",
+        key = req.group_by.key_column()
     ))
     .bind(user_id)
-    .bind(req.window.from())
-    .bind(req.window.to())
+    .bind(req.window.first)
+    .bind(req.window.last)
     .fetch_all(pg)
     .await?;
     Ok(shape_stats(user_id, req, &usage, &credits))

@@ -80,7 +80,7 @@ async fn audit(
 /// Sections of the export after `user`, in order: (member, rows as JSON text).
 /// Every table that holds rows of the user, oldest first. `usage_event_ids`
 /// is left out: it holds only the ids of the exported usage rows.
-const SECTIONS: [(&str, &str); 11] = [
+const SECTIONS: [(&str, &str); 12] = [
     ("subscriptions", "select to_jsonb(t)::text from subscriptions t where user_id = $1 order by created_at, id"),
     ("credit_transactions", "select to_jsonb(t)::text from credit_transactions t where user_id = $1 order by created_at, id"),
     ("credit_holds", "select to_jsonb(t)::text from credit_holds t where user_id = $1 order by created_at, id"),
@@ -89,6 +89,7 @@ const SECTIONS: [(&str, &str); 11] = [
     ("rate_limit_windows", "select to_jsonb(t)::text from rate_limit_windows t where user_id = $1 order by class, window_start"),
     ("audit_log", "select to_jsonb(t)::text from audit_log t where target = $1 order by at, id"),
     ("usage_daily", "select to_jsonb(t)::text from usage_daily t where user_id = $1 order by day, kind, provider, model, feature, session_id"),
+    ("credit_daily", "select to_jsonb(t)::text from credit_daily t where user_id = $1 order by day, model, provider, feature, session_id"),
     ("model_usage", "select to_jsonb(t)::text from model_usage t where user_id = $1 order by occurred_at, id"),
     ("feature_usage", "select to_jsonb(t)::text from feature_usage t where user_id = $1 order by occurred_at, id"),
     ("credit_balance", "select jsonb_build_object('credits_balance', credits_balance)::text from users where id = $1"),

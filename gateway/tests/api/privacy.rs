@@ -198,6 +198,7 @@ async fn an_export_holds_the_users_email_sessions_usage_and_ledger() {
     assert_eq!(v["feature_usage"].as_array().unwrap().len(), 3);
     assert_eq!(v["model_usage"][0]["metadata"]["who"], p.email);
     assert_eq!(v["usage_daily"].as_array().unwrap().len(), 2);
+    assert_eq!(v["credit_daily"][0]["consumed"], 10);
     // The starting grant and the two consumes, in order.
     let ledger: Vec<i64> = v["credit_transactions"]
         .as_array()
