@@ -270,7 +270,10 @@ mod tests {
         assert!(Envelope::from_bytes(br#"{"id":"x","type":"nope"}"#).is_err());
         let mut v: Value = serde_json::from_slice(
             &Envelope::new(
-                Event::UserActivity(UserActivity { user_id: "u".into(), at: Utc::now() }),
+                Event::UserActivity(UserActivity {
+                    user_id: "u".into(),
+                    at: Utc::now(),
+                }),
                 Some("u".into()),
                 Utc::now(),
             )

@@ -107,6 +107,9 @@ mod tests {
         let k = Keys::new("vsc");
         assert_eq!(k.credits("user_1"), "vsc:{user_1}:credits");
         assert_eq!(k.rate_limit("u", "usage"), "vsc:{u}:rl:usage");
-        assert_eq!(k.idempotency("u", "consume", "abc"), "vsc:{u}:idem:consume:abc");
+        assert_eq!(
+            k.idempotency("u", "consume", "abc"),
+            "vsc:{u}:idem:consume:abc"
+        );
     }
 }

@@ -177,8 +177,14 @@ pub struct CreditSettings {
 pub const MAX_CREDITS: i64 = (1 << 53) - 1;
 
 /// Endpoint classes of SPEC §6.
-pub const RATE_LIMIT_CLASSES: [&str; 6] =
-    ["session", "usage", "analytics", "profile", "credits", "admin"];
+pub const RATE_LIMIT_CLASSES: [&str; 6] = [
+    "session",
+    "usage",
+    "analytics",
+    "profile",
+    "credits",
+    "admin",
+];
 
 const DEFAULTS: &str = r#"
 app_env = "development"
@@ -354,8 +360,16 @@ impl Settings {
             ));
         }
         for (var, url, schemes) in [
-            ("DATABASE_URL", &self.database.url, &["postgres://", "postgresql://"][..]),
-            ("REDIS_URL", &self.redis.url, &["redis://", "rediss://", "unix://"][..]),
+            (
+                "DATABASE_URL",
+                &self.database.url,
+                &["postgres://", "postgresql://"][..],
+            ),
+            (
+                "REDIS_URL",
+                &self.redis.url,
+                &["redis://", "rediss://", "unix://"][..],
+            ),
             ("AMQP_URL", &self.amqp.url, &["amqp://", "amqps://"][..]),
         ] {
             if !schemes.iter().any(|s| url.starts_with(s)) {
@@ -370,7 +384,10 @@ impl Settings {
             ("WORKER_LISTEN", &self.worker.listen),
         ] {
             if addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(SettingsError::new(var, format!("not a socket address: {addr:?}")));
+                return Err(SettingsError::new(
+                    var,
+                    format!("not a socket address: {addr:?}"),
+                ));
             }
         }
         for class in RATE_LIMIT_CLASSES {
@@ -418,7 +435,10 @@ impl Settings {
             }
         }
         if self.amqp.delivery_limit < 20 {
-            return Err(SettingsError::new("amqp.delivery_limit", "must be at least 20"));
+            return Err(SettingsError::new(
+                "amqp.delivery_limit",
+                "must be at least 20",
+            ));
         }
         Ok(())
     }
@@ -438,7 +458,10 @@ impl Settings {
     }
 
     pub fn starting_credits(&self, plan: &str) -> i64 {
-        self.plans.get(plan).map(|p| p.starting_credits).unwrap_or(0)
+        self.plans
+            .get(plan)
+            .map(|p| p.starting_credits)
+            .unwrap_or(0)
     }
 }
 
@@ -469,7 +492,8 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        m.entry("JWT_SECRET".into()).or_insert_with(|| "s3cret".into());
+        m.entry("JWT_SECRET".into())
+            .or_insert_with(|| "s3cret".into());
         m
     }
 
@@ -485,14 +509,23 @@ mod tests {
     #[test]
     fn defaults_match_the_spec() {
         let s = Settings::load_from(Path::new("/nonexistent"), &vars(&[])).unwrap();
-        assert_eq!(s.database.url, "postgres://postgres@127.0.0.1:5432/postgres");
+        assert_eq!(
+            s.database.url,
+            "postgres://postgres@127.0.0.1:5432/postgres"
+        );
         assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
         assert_eq!(s.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(s.gateway.listen, "0.0.0.0:8080");
         assert_eq!(s.worker.listen, "0.0.0.0:9090");
         assert_eq!(s.app_env, AppEnv::Development);
         assert!(!s.auth.dev_tokens);
-        assert_eq!(s.rate_limit.classes["usage"], ClassLimit { limit: 1200, window_secs: 60 });
+        assert_eq!(
+            s.rate_limit.classes["usage"],
+            ClassLimit {
+                limit: 1200,
+                window_secs: 60
+            }
+        );
         assert_eq!(s.rate_limit.classes["session"].limit, 60);
         assert_eq!(s.plans["free"].starting_credits, 100);
         assert_eq!(s.plans["enterprise"].rate_limit_multiplier, 20);
@@ -541,26 +574,44 @@ mod tests {
     #[test]
     fn the_environment_file_is_layered_over_default_toml() {
         let dir = dir_with(&[
-            ("default.toml", "[redis]\nurl = \"redis://default:6379\"\npool_size = 3\n"),
-            ("production.toml", "[redis]\nurl = \"redis://prodfile:6379\"\n"),
+            (
+                "default.toml",
+                "[redis]\nurl = \"redis://default:6379\"\npool_size = 3\n",
+            ),
+            (
+                "production.toml",
+                "[redis]\nurl = \"redis://prodfile:6379\"\n",
+            ),
         ]);
         let s = Settings::load_from(&dir, &vars(&[("APP_ENV", "production")])).unwrap();
         assert_eq!(s.redis.url, "redis://prodfile:6379");
         assert_eq!(s.redis.pool_size, 3);
         let twin = vars(&[("APP__REDIS__URL", "redis://twin:1")]);
-        assert_eq!(Settings::load_from(&dir, &twin).unwrap().redis.url, "redis://twin:1");
+        assert_eq!(
+            Settings::load_from(&dir, &twin).unwrap().redis.url,
+            "redis://twin:1"
+        );
     }
 
     #[test]
     fn a_bad_value_names_its_key() {
         let cases: &[(&[(&str, &str)], &str)] = &[
-            (&[("APP__RATE_LIMIT__CLASSES__USAGE__LIMIT", "lots")], "rate_limit.classes.usage.limit"),
+            (
+                &[("APP__RATE_LIMIT__CLASSES__USAGE__LIMIT", "lots")],
+                "rate_limit.classes.usage.limit",
+            ),
             (&[("AUTH_DEV_TOKENS", "maybe")], "AUTH_DEV_TOKENS"),
             (&[("APP_ENV", "staging")], "APP_ENV"),
             (&[("GATEWAY_LISTEN", "nowhere")], "GATEWAY_LISTEN"),
             (&[("DATABASE_URL", "mysql://x")], "DATABASE_URL"),
-            (&[("APP_ENV", "production"), ("AUTH_DEV_TOKENS", "true")], "AUTH_DEV_TOKENS"),
-            (&[("APP__RATE_LIMIT__ON_REDIS_ERROR", "pray")], "rate_limit.on_redis_error"),
+            (
+                &[("APP_ENV", "production"), ("AUTH_DEV_TOKENS", "true")],
+                "AUTH_DEV_TOKENS",
+            ),
+            (
+                &[("APP__RATE_LIMIT__ON_REDIS_ERROR", "pray")],
+                "rate_limit.on_redis_error",
+            ),
         ];
         for (env, key) in cases {
             let err = Settings::load_from(Path::new("/nonexistent"), &vars(env)).unwrap_err();

@@ -138,7 +138,9 @@ impl Authenticator {
         };
         // The token's own `alg` must equal the key's; jsonwebtoken also checks this.
         if header.alg != alg {
-            return Err(AuthError::Invalid("algorithm does not match the key".into()));
+            return Err(AuthError::Invalid(
+                "algorithm does not match the key".into(),
+            ));
         }
         let mut validation = Validation::new(alg);
         validation.leeway = self.settings.leeway_secs;
@@ -199,7 +201,9 @@ impl Authenticator {
 
     async fn key_for(&self, kid: &str) -> Result<(DecodingKey, Algorithm), AuthError> {
         if self.settings.jwks_url.is_none() {
-            return Err(AuthError::Invalid("token has a kid but no JWKS is configured".into()));
+            return Err(AuthError::Invalid(
+                "token has a kid but no JWKS is configured".into(),
+            ));
         }
         if let Some(k) = self.jwks.read().await.keys.get(kid) {
             return Ok(k.clone());

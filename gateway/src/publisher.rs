@@ -208,7 +208,8 @@ async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
                     let _ = conn.close(200, "shutdown").await;
                     return;
                 }
-                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(320, "reconnect")).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.close(320, "reconnect"))
+                    .await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "broker connect failed; retrying");
@@ -223,9 +224,12 @@ async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
 }
 
 async fn connect(inner: &Inner) -> anyhow::Result<(lapin::Connection, Channel)> {
-    let conn = tokio::time::timeout(Duration::from_secs(5), topology::connect(&inner.url)).await??;
+    let conn =
+        tokio::time::timeout(Duration::from_secs(5), topology::connect(&inner.url)).await??;
     let channel = conn.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     inner.topology.declare(&channel).await?;
     Ok((conn, channel))
 }
@@ -249,7 +253,10 @@ async fn run_batcher(
                     if linger.is_zero() {
                         None
                     } else {
-                        tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten()
+                        tokio::time::timeout_at(deadline, rx.recv())
+                            .await
+                            .ok()
+                            .flatten()
                     }
                 }
             };

@@ -92,61 +92,6 @@ pub fn decision_from_reply(reply: &[i64], limit: ClassLimit) -> Decision {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const L: ClassLimit = ClassLimit { limit: 20, window_secs: 60 };
-
-    #[test]
-    fn a_fresh_key_allows_a_burst_of_limit_then_refuses() {
-        let mut tat = None;
-        let now = 1_000_000_000;
-        for i in 0..20 {
-            let (d, t) = gcra(tat, now, L);
-            assert!(d.allowed, "request {i}");
-            assert_eq!(d.remaining, 19 - i);
-            tat = Some(t);
-        }
-        let (d, _) = gcra(tat, now, L);
-        assert!(!d.allowed);
-        assert_eq!(d.retry_after_secs, 3); // one emission interval: 60 s / 20
-        assert_eq!(d.reset_secs, 60);
-    }
-
-    #[test]
-    fn one_request_per_interval_refills() {
-        let now = 0;
-        let mut tat = None;
-        for _ in 0..20 {
-            tat = Some(gcra(tat, now, L).1);
-        }
-        let (d, _) = gcra(tat, now + 2_999_999, L);
-        assert!(!d.allowed);
-        let (d, t) = gcra(tat, now + 3_000_000, L);
-        assert!(d.allowed);
-        assert_eq!(d.remaining, 0);
-        let (d, _) = gcra(Some(t), now + 3_000_000, L);
-        assert!(!d.allowed);
-    }
-
-    #[test]
-    fn no_span_admits_more_than_limit_plus_refill() {
-        // Arrivals every 100 ms for 30 s: at most 20 + 30*20/60 = 30 pass.
-        let mut tat = None;
-        let mut passed = 0;
-        for i in 0..300 {
-            let (d, t) = gcra(tat, i * 100_000, L);
-            if d.allowed {
-                passed += 1;
-                tat = Some(t);
-            }
-        }
-        assert!(passed <= 20 + 30 * 20 / 60, "{passed}");
-        assert!(passed >= 20 + 29 * 20 / 60);
-    }
-}
-
 /// Decides one request in Redis; when Redis fails, follows
 /// `rate_limit.on_redis_error` and marks the decision degraded.
 pub async fn check(
@@ -242,5 +187,63 @@ async fn fallback(
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: ClassLimit = ClassLimit {
+        limit: 20,
+        window_secs: 60,
+    };
+
+    #[test]
+    fn a_fresh_key_allows_a_burst_of_limit_then_refuses() {
+        let mut tat = None;
+        let now = 1_000_000_000;
+        for i in 0..20 {
+            let (d, t) = gcra(tat, now, L);
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.remaining, 19 - i);
+            tat = Some(t);
+        }
+        let (d, _) = gcra(tat, now, L);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_secs, 3); // one emission interval: 60 s / 20
+        assert_eq!(d.reset_secs, 60);
+    }
+
+    #[test]
+    fn one_request_per_interval_refills() {
+        let now = 0;
+        let mut tat = None;
+        for _ in 0..20 {
+            tat = Some(gcra(tat, now, L).1);
+        }
+        let (d, _) = gcra(tat, now + 2_999_999, L);
+        assert!(!d.allowed);
+        let (d, t) = gcra(tat, now + 3_000_000, L);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 0);
+        let (d, _) = gcra(Some(t), now + 3_000_000, L);
+        assert!(!d.allowed);
+    }
+
+    #[test]
+    fn no_span_admits_more_than_limit_plus_refill() {
+        // Arrivals every 100 ms for 30 s: at most 20 + 30*20/60 = 30 pass.
+        let mut tat = None;
+        let mut passed = 0;
+        for i in 0..300 {
+            let (d, t) = gcra(tat, i * 100_000, L);
+            if d.allowed {
+                passed += 1;
+                tat = Some(t);
+            }
+        }
+        assert!(passed <= 20 + 30 * 20 / 60, "{passed}");
+        assert!(passed >= 20 + 29 * 20 / 60);
     }
 }

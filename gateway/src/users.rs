@@ -160,7 +160,10 @@ pub async fn write_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<(
         ("status".into(), rec.status.as_str().into()),
     ];
     for (class, l) in &rec.overrides {
-        fields.push((format!("rl:{class}"), format!("{}/{}", l.limit, l.window_secs)));
+        fields.push((
+            format!("rl:{class}"),
+            format!("{}/{}", l.limit, l.window_secs),
+        ));
     }
     redis::pipe()
         .atomic()

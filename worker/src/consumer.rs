@@ -102,7 +102,11 @@ impl QueueConsumer {
 
     /// Handles one batch to the end: stores it (retrying while Postgres is
     /// down), dead-letters what is poison, then acks.
-    pub async fn process(&self, batch: Vec<Delivery>, shutdown: &CancellationToken) -> anyhow::Result<Outcome> {
+    pub async fn process(
+        &self,
+        batch: Vec<Delivery>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Outcome> {
         let mut outcome = Outcome {
             delivered: batch.len(),
             ..Default::default()

@@ -32,7 +32,11 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
             // connection exceptions, operator intervention (shutdown), resources,
             // serialization/deadlock: all worth retrying.
-            c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c == "40001" || c == "40P01"
+            c.starts_with("08")
+                || c.starts_with("57")
+                || c.starts_with("53")
+                || c == "40001"
+                || c == "40P01"
         }),
         _ => false,
     }

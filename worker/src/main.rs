@@ -4,7 +4,10 @@ use clap::{Parser, Subcommand};
 use common::settings::Settings;
 
 #[derive(Parser)]
-#[command(name = "worker", about = "Consumes gateway events into Postgres and refreshes Redis caches")]
+#[command(
+    name = "worker",
+    about = "Consumes gateway events into Postgres and refreshes Redis caches"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

@@ -31,11 +31,7 @@ pub async fn run(ctx: Ctx, shutdown: CancellationToken) {
 
 /// Runs `f` only if this process takes the advisory lock (transaction-scoped,
 /// so a crash releases it). `None` when another worker holds it.
-async fn with_lock<T>(
-    ctx: &Ctx,
-    lock: i64,
-    sql: &str,
-) -> Result<Option<T>, sqlx::Error>
+async fn with_lock<T>(ctx: &Ctx, lock: i64, sql: &str) -> Result<Option<T>, sqlx::Error>
 where
     T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
 {

@@ -104,7 +104,9 @@ async fn migrating_a_fresh_database_twice_succeeds_and_builds_every_table_column
     let db = TestDb::empty().await;
     let settings = db.settings();
     worker::migrate(&settings).await.expect("first migrate");
-    worker::migrate(&settings).await.expect("second migrate is a no-op");
+    worker::migrate(&settings)
+        .await
+        .expect("second migrate is a no-op");
     assert_full_schema(&db).await;
 }
 

@@ -28,7 +28,12 @@ async fn user_with(pool: &PgPool, balance: i64) -> String {
 }
 
 /// `grant_credits`: (applied, balance).
-async fn grant(pool: &PgPool, event: Uuid, user: &str, amount: i64) -> Result<(bool, i64), sqlx::Error> {
+async fn grant(
+    pool: &PgPool,
+    event: Uuid,
+    user: &str,
+    amount: i64,
+) -> Result<(bool, i64), sqlx::Error> {
     sqlx::query_as("select applied, balance from grant_credits($1, $2, $3)")
         .bind(event)
         .bind(user)
@@ -38,7 +43,13 @@ async fn grant(pool: &PgPool, event: Uuid, user: &str, amount: i64) -> Result<(b
 }
 
 /// `consume_credits_with_session`: (applied, ok, balance).
-async fn consume<'e, E>(db: E, event: Uuid, user: &str, amount: i64, mode: &str) -> Result<(bool, bool, i64), sqlx::Error>
+async fn consume<'e, E>(
+    db: E,
+    event: Uuid,
+    user: &str,
+    amount: i64,
+    mode: &str,
+) -> Result<(bool, bool, i64), sqlx::Error>
 where
     E: sqlx::PgExecutor<'e>,
 {
@@ -74,9 +85,16 @@ async fn assert_ledger_consistent(pool: &PgPool, user: &str) {
     let mut running = 0;
     for (i, (amount, after)) in rows.iter().enumerate() {
         running += amount;
-        assert_eq!(*after, running, "balance_after of ledger row {i} in {rows:?}");
+        assert_eq!(
+            *after, running,
+            "balance_after of ledger row {i} in {rows:?}"
+        );
     }
-    assert_eq!(balance(pool, user).await, running, "users.credits_balance = sum of the ledger");
+    assert_eq!(
+        balance(pool, user).await,
+        running,
+        "users.credits_balance = sum of the ledger"
+    );
 }
 
 fn sql_state(e: &sqlx::Error) -> Option<String> {
@@ -87,7 +105,13 @@ fn sql_state(e: &sqlx::Error) -> Option<String> {
 }
 
 /// Runs `n` checked consumes of `amount` at once, each on its own connection.
-async fn race_consumes(db: &TestDb, user: &str, n: usize, amount: i64, same_event: Option<Uuid>) -> Vec<(bool, bool, i64)> {
+async fn race_consumes(
+    db: &TestDb,
+    user: &str,
+    n: usize,
+    amount: i64,
+    same_event: Option<Uuid>,
+) -> Vec<(bool, bool, i64)> {
     let barrier = Arc::new(Barrier::new(n));
     let mut tasks = Vec::new();
     for _ in 0..n {
@@ -96,7 +120,9 @@ async fn race_consumes(db: &TestDb, user: &str, n: usize, amount: i64, same_even
         let event = same_event.unwrap_or_else(Uuid::new_v4);
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            consume(&mut conn, event, &user, amount, "check").await.unwrap()
+            consume(&mut conn, event, &user, amount, "check")
+                .await
+                .unwrap()
         }));
     }
     let mut out = Vec::new();
@@ -107,15 +133,22 @@ async fn race_consumes(db: &TestDb, user: &str, n: usize, amount: i64, same_even
 }
 
 #[tokio::test]
-async fn concurrent_checked_consumes_never_overspend_and_apply_exactly_floor_of_balance_over_amount() {
+async fn concurrent_checked_consumes_never_overspend_and_apply_exactly_floor_of_balance_over_amount(
+) {
     let db = TestDb::migrated().await;
     let pool = db.pool(4).await;
     let user = user_with(&pool, 95).await;
     let results = race_consumes(&db, &user, 20, 10, None).await;
     let applied = results.iter().filter(|r| r.0).count();
     assert_eq!(applied, 9, "floor(95 / 10)");
-    assert!(results.iter().all(|&(applied, ok, _)| applied == ok), "a refusal applies nothing");
-    assert!(results.iter().all(|r| r.2 >= 0), "never below zero: {results:?}");
+    assert!(
+        results.iter().all(|&(applied, ok, _)| applied == ok),
+        "a refusal applies nothing"
+    );
+    assert!(
+        results.iter().all(|r| r.2 >= 0),
+        "never below zero: {results:?}"
+    );
     assert_eq!(balance(&pool, &user).await, 5);
     assert_ledger_consistent(&pool, &user).await;
 }
@@ -127,7 +160,11 @@ async fn two_concurrent_checked_consumes_of_60_from_100_apply_exactly_one() {
     let user = user_with(&pool, 100).await;
     let results = race_consumes(&db, &user, 2, 60, None).await;
     assert_eq!(results.iter().filter(|r| r.0).count(), 1, "{results:?}");
-    assert_eq!(results.iter().filter(|r| !r.1).count(), 1, "the other is refused");
+    assert_eq!(
+        results.iter().filter(|r| !r.1).count(),
+        1,
+        "the other is refused"
+    );
     assert_eq!(balance(&pool, &user).await, 40);
     assert_ledger_consistent(&pool, &user).await;
 }
@@ -139,9 +176,18 @@ async fn the_same_event_id_is_applied_once_even_when_sent_concurrently() {
     let user = user_with(&pool, 100).await;
 
     let event = Uuid::new_v4();
-    assert_eq!(consume(&pool, event, &user, 30, "check").await.unwrap(), (true, true, 70));
-    assert_eq!(consume(&pool, event, &user, 30, "check").await.unwrap(), (false, true, 70));
-    assert_eq!(consume(&pool, event, &user, 30, "settle").await.unwrap(), (false, true, 70));
+    assert_eq!(
+        consume(&pool, event, &user, 30, "check").await.unwrap(),
+        (true, true, 70)
+    );
+    assert_eq!(
+        consume(&pool, event, &user, 30, "check").await.unwrap(),
+        (false, true, 70)
+    );
+    assert_eq!(
+        consume(&pool, event, &user, 30, "settle").await.unwrap(),
+        (false, true, 70)
+    );
 
     let event = Uuid::new_v4();
     let results = race_consumes(&db, &user, 10, 5, Some(event)).await;
@@ -162,14 +208,30 @@ async fn a_checked_consume_the_balance_cannot_cover_is_refused_and_writes_nothin
     let db = TestDb::migrated().await;
     let pool = db.pool(2).await;
     let user = user_with(&pool, 10).await;
-    assert_eq!(consume(&pool, Uuid::new_v4(), &user, 11, "check").await.unwrap(), (false, false, 10));
-    assert_eq!(consume(&pool, Uuid::new_v4(), &user, 10, "check").await.unwrap(), (true, true, 0));
-    assert_eq!(consume(&pool, Uuid::new_v4(), &user, 1, "check").await.unwrap(), (false, false, 0));
-    let rows: i64 = sqlx::query_scalar("select count(*) from credit_transactions where user_id = $1")
-        .bind(&user)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    assert_eq!(
+        consume(&pool, Uuid::new_v4(), &user, 11, "check")
+            .await
+            .unwrap(),
+        (false, false, 10)
+    );
+    assert_eq!(
+        consume(&pool, Uuid::new_v4(), &user, 10, "check")
+            .await
+            .unwrap(),
+        (true, true, 0)
+    );
+    assert_eq!(
+        consume(&pool, Uuid::new_v4(), &user, 1, "check")
+            .await
+            .unwrap(),
+        (false, false, 0)
+    );
+    let rows: i64 =
+        sqlx::query_scalar("select count(*) from credit_transactions where user_id = $1")
+            .bind(&user)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(rows, 2, "the grant and one consume");
     assert_ledger_consistent(&pool, &user).await;
 }
@@ -179,8 +241,18 @@ async fn settle_mode_never_refuses_and_may_take_the_balance_below_zero() {
     let db = TestDb::migrated().await;
     let pool = db.pool(2).await;
     let user = user_with(&pool, 100).await;
-    assert_eq!(consume(&pool, Uuid::new_v4(), &user, 150, "settle").await.unwrap(), (true, true, -50));
-    assert_eq!(consume(&pool, Uuid::new_v4(), &user, 0, "settle").await.unwrap(), (true, true, -50));
+    assert_eq!(
+        consume(&pool, Uuid::new_v4(), &user, 150, "settle")
+            .await
+            .unwrap(),
+        (true, true, -50)
+    );
+    assert_eq!(
+        consume(&pool, Uuid::new_v4(), &user, 0, "settle")
+            .await
+            .unwrap(),
+        (true, true, -50)
+    );
     // A later grant (an out-of-order event) brings it back.
     grant(&pool, Uuid::new_v4(), &user, 80).await.unwrap();
     assert_eq!(balance(&pool, &user).await, 30);
@@ -192,7 +264,10 @@ async fn settle_mode_never_refuses_and_may_take_the_balance_below_zero() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((kind.as_str(), amount, after, model.as_deref()), ("consume", -150, -50, Some("gpt")));
+    assert_eq!(
+        (kind.as_str(), amount, after, model.as_deref()),
+        ("consume", -150, -50, Some("gpt"))
+    );
     assert_ledger_consistent(&pool, &user).await;
 }
 
@@ -206,10 +281,14 @@ async fn out_of_range_amounts_unknown_modes_and_unknown_users_are_errors() {
         (MAX_CREDITS + 1, "settle", "22003"),
         (1, "steal", "22023"),
     ] {
-        let e = consume(&pool, Uuid::new_v4(), &user, amount, mode).await.unwrap_err();
+        let e = consume(&pool, Uuid::new_v4(), &user, amount, mode)
+            .await
+            .unwrap_err();
         assert_eq!(sql_state(&e).as_deref(), Some(code), "{amount} {mode}: {e}");
     }
-    let e = consume(&pool, Uuid::new_v4(), "nobody", 1, "settle").await.unwrap_err();
+    let e = consume(&pool, Uuid::new_v4(), "nobody", 1, "settle")
+        .await
+        .unwrap_err();
     assert_eq!(sql_state(&e).as_deref(), Some("P0002"));
     assert_eq!(balance(&pool, &user).await, 100);
     assert_ledger_consistent(&pool, &user).await;
@@ -223,13 +302,24 @@ async fn grant_credits_applies_an_event_id_once_and_keeps_balances_below_2_pow_5
     let event = Uuid::new_v4();
     assert_eq!(grant(&pool, event, &user, 100).await.unwrap(), (true, 100));
     assert_eq!(grant(&pool, event, &user, 100).await.unwrap(), (false, 100));
-    assert_eq!(grant(&pool, event, &user, 999).await.unwrap(), (false, 100), "the id decides, not the amount");
+    assert_eq!(
+        grant(&pool, event, &user, 999).await.unwrap(),
+        (false, 100),
+        "the id decides, not the amount"
+    );
 
     for amount in [0, -5, MAX_CREDITS - 99] {
-        let e = grant(&pool, Uuid::new_v4(), &user, amount).await.unwrap_err();
+        let e = grant(&pool, Uuid::new_v4(), &user, amount)
+            .await
+            .unwrap_err();
         assert_eq!(sql_state(&e).as_deref(), Some("22003"), "{amount}");
     }
-    assert_eq!(grant(&pool, Uuid::new_v4(), &user, MAX_CREDITS - 100).await.unwrap(), (true, MAX_CREDITS));
+    assert_eq!(
+        grant(&pool, Uuid::new_v4(), &user, MAX_CREDITS - 100)
+            .await
+            .unwrap(),
+        (true, MAX_CREDITS)
+    );
     assert_ledger_consistent(&pool, &user).await;
 }
 
@@ -242,14 +332,15 @@ async fn check_rate_limit_allows_the_limit_per_window_then_refuses() {
     let check = |user: &'static str, class: &'static str| {
         let pool = pool.clone();
         async move {
-            let (allowed, remaining, _reset): (bool, i64, i64) =
-                sqlx::query_as("select allowed, remaining, reset_secs from check_rate_limit($1, $2, 3, $3)")
-                    .bind(user)
-                    .bind(class)
-                    .bind(window)
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
+            let (allowed, remaining, _reset): (bool, i64, i64) = sqlx::query_as(
+                "select allowed, remaining, reset_secs from check_rate_limit($1, $2, 3, $3)",
+            )
+            .bind(user)
+            .bind(class)
+            .bind(window)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
             (allowed, remaining)
         }
     };
@@ -274,11 +365,12 @@ async fn check_rate_limit_is_exact_under_concurrency() {
         let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
-            let allowed: bool =
-                sqlx::query_scalar("select allowed from check_rate_limit('u1', 'usage', 5, 1000000000)")
-                    .fetch_one(&mut conn)
-                    .await
-                    .unwrap();
+            let allowed: bool = sqlx::query_scalar(
+                "select allowed from check_rate_limit('u1', 'usage', 5, 1000000000)",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
             allowed
         }));
     }
@@ -305,14 +397,20 @@ async fn cleanup_expired_sessions_deletes_only_expired_rows_and_returns_the_coun
     .execute(&pool)
     .await
     .unwrap();
-    let n: i32 = sqlx::query_scalar("select cleanup_expired_sessions()").fetch_one(&pool).await.unwrap();
+    let n: i32 = sqlx::query_scalar("select cleanup_expired_sessions()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(n, 2);
     let left: Vec<String> = sqlx::query_scalar("select id from vscode_sessions order by id")
         .fetch_all(&pool)
         .await
         .unwrap();
     assert_eq!(left, vec!["live-1", "live-2"]);
-    let n: i32 = sqlx::query_scalar("select cleanup_expired_sessions()").fetch_one(&pool).await.unwrap();
+    let n: i32 = sqlx::query_scalar("select cleanup_expired_sessions()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(n, 0);
 }
 
@@ -344,21 +442,28 @@ async fn the_ledger_is_append_only_except_for_nulling_description_and_metadata()
         let r = sqlx::query(update).bind(event).execute(&pool).await;
         assert!(r.is_err(), "{update} should raise");
     }
-    let r = sqlx::query("delete from credit_transactions where user_id = $1").bind(&user).execute(&pool).await;
+    let r = sqlx::query("delete from credit_transactions where user_id = $1")
+        .bind(&user)
+        .execute(&pool)
+        .await;
     assert!(r.is_err(), "no ledger row may be deleted");
 
     // Erasure (SPEC §5.8): the only update the ledger allows.
-    sqlx::query("update credit_transactions set metadata = null, description = null where user_id = $1")
-        .bind(&user)
-        .execute(&pool)
-        .await
-        .expect("nulling metadata and description is allowed");
+    sqlx::query(
+        "update credit_transactions set metadata = null, description = null where user_id = $1",
+    )
+    .bind(&user)
+    .execute(&pool)
+    .await
+    .expect("nulling metadata and description is allowed");
     let (metadata, description, amount): (Option<serde_json::Value>, Option<String>, i64) =
-        sqlx::query_as("select metadata, description, amount from credit_transactions where id = $1")
-            .bind(event)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        sqlx::query_as(
+            "select metadata, description, amount from credit_transactions where id = $1",
+        )
+        .bind(event)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!((metadata, description, amount), (None, None, -10));
     assert_ledger_consistent(&pool, &user).await;
 }

@@ -134,7 +134,10 @@ impl ApiError {
     pub fn body(&self) -> Value {
         let detail = self.to_string();
         let mut body = Map::new();
-        body.insert("type".into(), json!(format!("https://errors.vsc-backend.dev/{}", self.code())));
+        body.insert(
+            "type".into(),
+            json!(format!("https://errors.vsc-backend.dev/{}", self.code())),
+        );
         body.insert("title".into(), json!(self.title()));
         body.insert("status".into(), json!(self.status().as_u16()));
         body.insert("detail".into(), json!(detail));
@@ -197,7 +200,11 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 Self::unavailable("postgres", e)
             }
-            sqlx::Error::Database(ref db) if db.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57")) => {
+            sqlx::Error::Database(ref db)
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57")) =>
+            {
                 Self::unavailable("postgres", e)
             }
             other => Self::Internal(other.into()),
@@ -223,9 +230,14 @@ mod tests {
 
     #[test]
     fn every_problem_has_the_spec_members_and_the_original_twins() {
-        let e = ApiError::InsufficientCredits { balance: 3, required: 5 };
+        let e = ApiError::InsufficientCredits {
+            balance: 3,
+            required: 5,
+        };
         let b = e.body();
-        for k in ["type", "title", "status", "detail", "code", "error", "message"] {
+        for k in [
+            "type", "title", "status", "detail", "code", "error", "message",
+        ] {
             assert!(b.get(k).is_some(), "{k}");
         }
         assert_eq!(b["status"], 402);
@@ -248,6 +260,9 @@ mod tests {
     fn validation_detail_names_the_field() {
         let e = ApiError::validation("events[2].model", "must be at most 128 characters");
         assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
-        assert!(e.body()["detail"].as_str().unwrap().starts_with("events[2].model"));
+        assert!(e.body()["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("events[2].model"));
     }
 }

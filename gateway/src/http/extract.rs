@@ -48,7 +48,12 @@ fn is_json(value: Option<&axum::http::HeaderValue>) -> bool {
     let Some(v) = value.and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let mime = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = v
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
@@ -62,7 +67,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { "body".to_string() } else { path };
+        let field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
         ApiError::validation(field, e.inner().to_string())
     })
 }
@@ -93,7 +102,10 @@ fn serde_urlencoded_de<T: DeserializeOwned>(q: &str) -> Result<T, ApiError> {
     }
     serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
         let path = e.path().to_string();
-        ApiError::validation(if path == "." { "query".into() } else { path }, e.inner().to_string())
+        ApiError::validation(
+            if path == "." { "query".into() } else { path },
+            e.inner().to_string(),
+        )
     })
 }
 
@@ -149,7 +161,10 @@ mod tests {
 
     #[test]
     fn bytes_that_are_not_json_are_400_and_wrong_shapes_422_with_the_path() {
-        assert!(matches!(parse_json::<Body>(b"{nope"), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(
+            parse_json::<Body>(b"{nope"),
+            Err(ApiError::MalformedJson(_))
+        ));
         match parse_json::<Body>(br#"{"amount": 1, "inner": [{"n": 1}, {"n": -1}]}"#) {
             Err(ApiError::Validation { field, .. }) => assert_eq!(field, "inner[1].n"),
             other => panic!("{other:?}"),
@@ -162,11 +177,14 @@ mod tests {
 
     #[test]
     fn query_pairs_decode() {
-        assert_eq!(url_pairs("a=1&b=x%20y&c"), vec![
-            ("a".into(), "1".into()),
-            ("b".into(), "x y".into()),
-            ("c".into(), "".into())
-        ]);
+        assert_eq!(
+            url_pairs("a=1&b=x%20y&c"),
+            vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "x y".into()),
+                ("c".into(), "".into())
+            ]
+        );
         assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }

@@ -41,7 +41,9 @@ impl CurrentUser {
         if self.is_admin() || self.id() == target {
             Ok(())
         } else {
-            Err(ApiError::Forbidden("you may only access your own account".into()))
+            Err(ApiError::Forbidden(
+                "you may only access your own account".into(),
+            ))
         }
     }
 
@@ -84,8 +86,16 @@ fn allowed_while_suspended(method: &Method, path: &str) -> bool {
         && ((method == Method::POST && path.ends_with("/settle")) || method == Method::DELETE)
 }
 
-pub async fn guard(State(state): State<AppState>, class: Class, mut req: Request, next: Next) -> Response {
-    let header = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+pub async fn guard(
+    State(state): State<AppState>,
+    class: Class,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let header = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     let claims = match state.auth.verify_header(header).await {
         Ok(c) => c,
         Err(AuthError::KeysUnavailable) => {
@@ -170,8 +180,17 @@ mod tests {
     fn only_settle_and_release_pass_while_suspended() {
         let p = "/api/users/u/credits/holds/h/settle";
         assert!(allowed_while_suspended(&Method::POST, p));
-        assert!(allowed_while_suspended(&Method::DELETE, "/api/users/u/credits/holds/h"));
-        assert!(!allowed_while_suspended(&Method::POST, "/api/users/u/credits/holds"));
-        assert!(!allowed_while_suspended(&Method::POST, "/api/users/u/credits/consume"));
+        assert!(allowed_while_suspended(
+            &Method::DELETE,
+            "/api/users/u/credits/holds/h"
+        ));
+        assert!(!allowed_while_suspended(
+            &Method::POST,
+            "/api/users/u/credits/holds"
+        ));
+        assert!(!allowed_while_suspended(
+            &Method::POST,
+            "/api/users/u/credits/consume"
+        ));
     }
 }

@@ -34,7 +34,11 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let amqp_ok = state.publisher.is_connected();
     let word = |ok: bool| if ok { "up" } else { "down" };
     let all = pg_ok && redis_ok && amqp_ok;
-    let status = if all { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if all {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (
         status,
         Json(json!({

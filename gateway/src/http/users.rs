@@ -95,9 +95,14 @@ async fn target(
 /// A preferences patch is a JSON object of at most 8 KiB.
 pub fn check_preferences(patch: &Value) -> Result<()> {
     if !patch.is_object() {
-        return Err(ApiError::validation("body", "preferences must be a JSON object"));
+        return Err(ApiError::validation(
+            "body",
+            "preferences must be a JSON object",
+        ));
     }
-    let size = serde_json::to_vec(patch).map(|b| b.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(patch)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
     if size > MAX_PREFERENCES_BYTES {
         return Err(ApiError::PayloadTooLarge(MAX_PREFERENCES_BYTES));
     }
@@ -215,12 +220,21 @@ mod tests {
     fn preferences_must_be_an_object_of_at_most_8_kib() {
         assert!(check_preferences(&json!({"theme": "dark"})).is_ok());
         for bad in [json!([1]), json!("x"), json!(null), json!(3)] {
-            assert!(matches!(check_preferences(&bad), Err(ApiError::Validation { .. })));
+            assert!(matches!(
+                check_preferences(&bad),
+                Err(ApiError::Validation { .. })
+            ));
         }
         let big = json!({"k": "x".repeat(MAX_PREFERENCES_BYTES)});
-        assert!(matches!(check_preferences(&big), Err(ApiError::PayloadTooLarge(_))));
+        assert!(matches!(
+            check_preferences(&big),
+            Err(ApiError::PayloadTooLarge(_))
+        ));
         let edge = json!({"k": "x".repeat(MAX_PREFERENCES_BYTES - 8)});
-        assert_eq!(serde_json::to_vec(&edge).unwrap().len(), MAX_PREFERENCES_BYTES);
+        assert_eq!(
+            serde_json::to_vec(&edge).unwrap().len(),
+            MAX_PREFERENCES_BYTES
+        );
         assert!(check_preferences(&edge).is_ok());
     }
 }

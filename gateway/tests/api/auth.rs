@@ -86,7 +86,12 @@ fn sign_as(signer: Signer, kid: Option<&str>, claims: &Value) -> String {
 /// A token assembled by hand: any header, any payload, any signature bytes.
 fn raw_token(header: &Value, claims: &Value, signature: &[u8]) -> String {
     let part = |v: &Value| URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
-    format!("{}.{}.{}", part(header), part(claims), URL_SAFE_NO_PAD.encode(signature))
+    format!(
+        "{}.{}.{}",
+        part(header),
+        part(claims),
+        URL_SAFE_NO_PAD.encode(signature)
+    )
 }
 
 /// Changes one character in the middle of the signature (the last character
@@ -140,7 +145,10 @@ impl JwksServer {
             }),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().unwrap());
+        let url = format!(
+            "http://{}/.well-known/jwks.json",
+            listener.local_addr().unwrap()
+        );
         tokio::spawn(async move { axum::serve(listener, app).await });
         let server = Self {
             url,
@@ -193,7 +201,9 @@ async fn spawn_strict_app() -> (TestApp, JwksServer) {
 
 /// GET the caller's own profile with an arbitrary `Authorization` header.
 async fn profile_with(app: &TestApp, sub: &str, authorization: Option<&str>) -> reqwest::Response {
-    let mut req = app.client.get(app.url(&format!("/api/users/{sub}/profile")));
+    let mut req = app
+        .client
+        .get(app.url(&format!("/api/users/{sub}/profile")));
     if let Some(h) = authorization {
         req = req.header("authorization", h);
     }
@@ -204,7 +214,10 @@ async fn profile_with(app: &TestApp, sub: &str, authorization: Option<&str>) -> 
 pub async fn assert_problem(resp: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(resp.status(), status, "status");
     let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
-    assert!(ct.starts_with("application/problem+json"), "content-type {ct}");
+    assert!(
+        ct.starts_with("application/problem+json"),
+        "content-type {ct}"
+    );
     let body: Value = resp.json().await.expect("problem body");
     assert_eq!(body["code"], code, "{body}");
     assert_eq!(body["status"], status, "{body}");
@@ -263,39 +276,174 @@ async fn every_attack_in_the_jwt_matrix_is_refused_and_every_key_family_is_accep
         ("token without scheme", Some(sign(Signer::Secret, &good))),
         ("garbage", Some("Bearer not-a-jwt".into())),
         ("three garbage parts", Some("Bearer a.b.c".into())),
-        ("alg none", Some(format!("Bearer {}", raw_token(&json!({"alg": "none", "typ": "JWT"}), &good, b"")))),
+        (
+            "alg none",
+            Some(format!(
+                "Bearer {}",
+                raw_token(&json!({"alg": "none", "typ": "JWT"}), &good, b"")
+            )),
+        ),
         (
             "alg none with a kid",
-            Some(format!("Bearer {}", raw_token(&json!({"alg": "none", "kid": "rsa-a"}), &good, b""))),
+            Some(format!(
+                "Bearer {}",
+                raw_token(&json!({"alg": "none", "kid": "rsa-a"}), &good, b"")
+            )),
         ),
-        ("HS256 without signature", Some(format!("Bearer {}", raw_token(&json!({"alg": "HS256"}), &good, b"")))),
-        ("HS/RS confusion with the RSA kid", Some(format!("Bearer {hs_with_public_key}"))),
-        ("HS/RS confusion without kid", Some(format!("Bearer {hs_with_public_key_no_kid}"))),
-        ("HS256 with a wrong secret", Some(format!("Bearer {wrong_secret}"))),
-        ("tampered RS256 signature", Some(format!("Bearer {}", tamper_signature(&sign(Signer::RsaA, &good))))),
-        ("tampered HS256 signature", Some(format!("Bearer {}", tamper_signature(&sign(Signer::Secret, &good))))),
+        (
+            "HS256 without signature",
+            Some(format!(
+                "Bearer {}",
+                raw_token(&json!({"alg": "HS256"}), &good, b"")
+            )),
+        ),
+        (
+            "HS/RS confusion with the RSA kid",
+            Some(format!("Bearer {hs_with_public_key}")),
+        ),
+        (
+            "HS/RS confusion without kid",
+            Some(format!("Bearer {hs_with_public_key_no_kid}")),
+        ),
+        (
+            "HS256 with a wrong secret",
+            Some(format!("Bearer {wrong_secret}")),
+        ),
+        (
+            "tampered RS256 signature",
+            Some(format!(
+                "Bearer {}",
+                tamper_signature(&sign(Signer::RsaA, &good))
+            )),
+        ),
+        (
+            "tampered HS256 signature",
+            Some(format!(
+                "Bearer {}",
+                tamper_signature(&sign(Signer::Secret, &good))
+            )),
+        ),
         (
             "tampered payload",
-            Some(format!("Bearer {}", tamper_payload(&sign(Signer::Ec, &good_claims(&other)), &good))),
+            Some(format!(
+                "Bearer {}",
+                tamper_payload(&sign(Signer::Ec, &good_claims(&other)), &good)
+            )),
         ),
-        ("RS256 signed under the EC key's kid", Some(format!("Bearer {}", sign_as(Signer::RsaA, Some("ec-p256"), &good)))),
-        ("RSA key B under key A's kid", Some(format!("Bearer {}", sign_as(Signer::RsaB, Some("rsa-a"), &good)))),
-        ("EdDSA under the EC key's kid", Some(format!("Bearer {}", sign_as(Signer::Ed, Some("ec-p256"), &good)))),
-        ("unknown kid", Some(format!("Bearer {}", sign_as(Signer::RsaA, Some("nope"), &good)))),
-        ("expired beyond the leeway", Some(format!("Bearer {}", sign(Signer::RsaA, &with("exp", json!(now() - 120)))))),
-        ("nbf in the future", Some(format!("Bearer {}", sign(Signer::Ec, &with("nbf", json!(now() + 300)))))),
-        ("wrong iss", Some(format!("Bearer {}", sign(Signer::Ed, &with("iss", json!("https://evil.test")))))),
-        ("missing iss", Some(format!("Bearer {}", sign(Signer::Secret, &without("iss"))))),
-        ("iss of the wrong type", Some(format!("Bearer {}", sign(Signer::Secret, &with("iss", json!(42)))))),
-        ("wrong aud", Some(format!("Bearer {}", sign(Signer::RsaA, &with("aud", json!("someone-else")))))),
-        ("missing aud", Some(format!("Bearer {}", sign(Signer::Secret, &without("aud"))))),
-        ("exp as a string", Some(format!("Bearer {}", sign(Signer::Secret, &with("exp", json!((now() + 3600).to_string())))))),
-        ("missing exp", Some(format!("Bearer {}", sign(Signer::Secret, &without("exp"))))),
-        ("missing sub", Some(format!("Bearer {}", sign(Signer::Secret, &without("sub"))))),
-        ("sub with spaces", Some(format!("Bearer {}", sign(Signer::Secret, &with("sub", json!("user 1")))))),
-        ("sub of 65 characters", Some(format!("Bearer {}", sign(Signer::Secret, &with("sub", json!("a".repeat(65))))))),
-        ("numeric sub", Some(format!("Bearer {}", sign(Signer::Secret, &with("sub", json!(7)))))),
-        ("dev token while disabled", Some(format!("Bearer dev:{sub}"))),
+        (
+            "RS256 signed under the EC key's kid",
+            Some(format!(
+                "Bearer {}",
+                sign_as(Signer::RsaA, Some("ec-p256"), &good)
+            )),
+        ),
+        (
+            "RSA key B under key A's kid",
+            Some(format!(
+                "Bearer {}",
+                sign_as(Signer::RsaB, Some("rsa-a"), &good)
+            )),
+        ),
+        (
+            "EdDSA under the EC key's kid",
+            Some(format!(
+                "Bearer {}",
+                sign_as(Signer::Ed, Some("ec-p256"), &good)
+            )),
+        ),
+        (
+            "unknown kid",
+            Some(format!(
+                "Bearer {}",
+                sign_as(Signer::RsaA, Some("nope"), &good)
+            )),
+        ),
+        (
+            "expired beyond the leeway",
+            Some(format!(
+                "Bearer {}",
+                sign(Signer::RsaA, &with("exp", json!(now() - 120)))
+            )),
+        ),
+        (
+            "nbf in the future",
+            Some(format!(
+                "Bearer {}",
+                sign(Signer::Ec, &with("nbf", json!(now() + 300)))
+            )),
+        ),
+        (
+            "wrong iss",
+            Some(format!(
+                "Bearer {}",
+                sign(Signer::Ed, &with("iss", json!("https://evil.test")))
+            )),
+        ),
+        (
+            "missing iss",
+            Some(format!("Bearer {}", sign(Signer::Secret, &without("iss")))),
+        ),
+        (
+            "iss of the wrong type",
+            Some(format!(
+                "Bearer {}",
+                sign(Signer::Secret, &with("iss", json!(42)))
+            )),
+        ),
+        (
+            "wrong aud",
+            Some(format!(
+                "Bearer {}",
+                sign(Signer::RsaA, &with("aud", json!("someone-else")))
+            )),
+        ),
+        (
+            "missing aud",
+            Some(format!("Bearer {}", sign(Signer::Secret, &without("aud")))),
+        ),
+        (
+            "exp as a string",
+            Some(format!(
+                "Bearer {}",
+                sign(
+                    Signer::Secret,
+                    &with("exp", json!((now() + 3600).to_string()))
+                )
+            )),
+        ),
+        (
+            "missing exp",
+            Some(format!("Bearer {}", sign(Signer::Secret, &without("exp")))),
+        ),
+        (
+            "missing sub",
+            Some(format!("Bearer {}", sign(Signer::Secret, &without("sub")))),
+        ),
+        (
+            "sub with spaces",
+            Some(format!(
+                "Bearer {}",
+                sign(Signer::Secret, &with("sub", json!("user 1")))
+            )),
+        ),
+        (
+            "sub of 65 characters",
+            Some(format!(
+                "Bearer {}",
+                sign(Signer::Secret, &with("sub", json!("a".repeat(65))))
+            )),
+        ),
+        (
+            "numeric sub",
+            Some(format!(
+                "Bearer {}",
+                sign(Signer::Secret, &with("sub", json!(7)))
+            )),
+        ),
+        (
+            "dev token while disabled",
+            Some(format!("Bearer dev:{sub}")),
+        ),
     ];
     for (case, header) in &attacks {
         let r = profile_with(&app, &sub, header.as_deref()).await;
@@ -312,8 +460,14 @@ async fn every_attack_in_the_jwt_matrix_is_refused_and_every_key_family_is_accep
         ("RS256 with the second RSA key", sign(Signer::RsaB, &good)),
         ("ES256", sign(Signer::Ec, &good)),
         ("EdDSA", sign(Signer::Ed, &good)),
-        ("expired within the leeway", sign(Signer::RsaA, &with("exp", json!(now() - 30)))),
-        ("nbf within the leeway", sign(Signer::Ec, &with("nbf", json!(now() + 30)))),
+        (
+            "expired within the leeway",
+            sign(Signer::RsaA, &with("exp", json!(now() - 30))),
+        ),
+        (
+            "nbf within the leeway",
+            sign(Signer::Ec, &with("nbf", json!(now() + 30))),
+        ),
     ];
     for (case, token) in &accepted {
         let r = profile_with(&app, &sub, Some(&format!("Bearer {token}"))).await;
@@ -325,7 +479,11 @@ async fn every_attack_in_the_jwt_matrix_is_refused_and_every_key_family_is_accep
 async fn a_token_with_alg_none_is_401() {
     let (app, _jwks) = spawn_strict_app().await;
     let sub = fresh_id();
-    for header in [json!({"alg": "none"}), json!({"alg": "none", "kid": "rsa-a"}), json!({"alg": "NONE"})] {
+    for header in [
+        json!({"alg": "none"}),
+        json!({"alg": "none", "kid": "rsa-a"}),
+        json!({"alg": "NONE"}),
+    ] {
         assert_unauthorized(&app, &sub, &raw_token(&header, &good_claims(&sub), b"")).await;
     }
     assert_accepted(&app, &sub, &sign(Signer::Secret, &good_claims(&sub))).await;
@@ -337,7 +495,12 @@ async fn an_hs256_token_signed_with_the_rsa_public_key_under_its_kid_is_401() {
     let sub = fresh_id();
     let mut header = Header::new(Algorithm::HS256);
     header.kid = Some("rsa-a".into());
-    let token = jsonwebtoken::encode(&header, &good_claims(&sub), &EncodingKey::from_secret(RSA_A_PUBLIC)).unwrap();
+    let token = jsonwebtoken::encode(
+        &header,
+        &good_claims(&sub),
+        &EncodingKey::from_secret(RSA_A_PUBLIC),
+    )
+    .unwrap();
     assert_unauthorized(&app, &sub, &token).await;
     // The same key, used as the key says, is fine.
     assert_accepted(&app, &sub, &sign(Signer::RsaA, &good_claims(&sub))).await;
@@ -388,7 +551,12 @@ async fn a_wrong_or_missing_issuer_is_401_when_jwt_issuer_is_set() {
     let (app, _jwks) = spawn_strict_app().await;
     let sub = fresh_id();
     let mut claims = good_claims(&sub);
-    for iss in [json!("https://evil.test"), json!(""), json!(42), json!(["https://evil.test"])] {
+    for iss in [
+        json!("https://evil.test"),
+        json!(""),
+        json!(42),
+        json!(["https://evil.test"]),
+    ] {
         claims["iss"] = iss;
         assert_unauthorized(&app, &sub, &sign(Signer::RsaA, &claims)).await;
     }
@@ -419,9 +587,15 @@ async fn a_wrong_or_missing_audience_is_401_when_jwt_audience_is_set() {
 async fn issuer_and_audience_are_not_required_when_not_configured() {
     let app = spawn_app().await;
     let sub = fresh_id();
-    let token = hs_token(&json!({"sub": sub, "exp": now() + 60, "iss": "anyone", "aud": "anything"}));
+    let token =
+        hs_token(&json!({"sub": sub, "exp": now() + 60, "iss": "anyone", "aud": "anything"}));
     assert_accepted(&app, &sub, &token).await;
-    assert_accepted(&app, &sub, &hs_token(&json!({"sub": sub, "exp": now() + 60}))).await;
+    assert_accepted(
+        &app,
+        &sub,
+        &hs_token(&json!({"sub": sub, "exp": now() + 60})),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -438,7 +612,15 @@ async fn an_exp_given_as_a_string_is_401() {
 async fn a_malformed_sub_is_401() {
     let (app, _jwks) = spawn_strict_app().await;
     let sub = fresh_id();
-    for bad in [json!("user 1"), json!("a".repeat(65)), json!(""), json!("üser"), json!("a/b"), json!(1), json!(null)] {
+    for bad in [
+        json!("user 1"),
+        json!("a".repeat(65)),
+        json!(""),
+        json!("üser"),
+        json!("a/b"),
+        json!(1),
+        json!(null),
+    ] {
         let mut claims = good_claims(&sub);
         claims["sub"] = bad;
         assert_unauthorized(&app, &sub, &sign(Signer::RsaA, &claims)).await;
@@ -461,7 +643,13 @@ async fn a_missing_or_non_bearer_authorization_header_is_401() {
 async fn a_garbage_token_is_401() {
     let (app, _jwks) = spawn_strict_app().await;
     let sub = fresh_id();
-    for token in ["garbage", "a.b.c", "....", "eyJhbGciOiJIUzI1NiJ9..", &"x".repeat(4000)] {
+    for token in [
+        "garbage",
+        "a.b.c",
+        "....",
+        "eyJhbGciOiJIUzI1NiJ9..",
+        &"x".repeat(4000),
+    ] {
         assert_unauthorized(&app, &sub, token).await;
     }
 }
@@ -471,7 +659,12 @@ async fn rs256_es256_and_eddsa_tokens_from_the_jwks_are_accepted() {
     let (app, _jwks) = spawn_strict_app().await;
     for signer in [Signer::RsaA, Signer::RsaB, Signer::Ec, Signer::Ed] {
         let sub = fresh_id();
-        let r = profile_with(&app, &sub, Some(&format!("Bearer {}", sign(signer, &good_claims(&sub))))).await;
+        let r = profile_with(
+            &app,
+            &sub,
+            Some(&format!("Bearer {}", sign(signer, &good_claims(&sub)))),
+        )
+        .await;
         assert_eq!(r.status(), 200);
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["user_id"], sub.as_str());
@@ -505,7 +698,11 @@ async fn a_rotated_in_key_is_fetched_once_and_a_second_unknown_kid_within_30_s_i
     let sub = fresh_id();
     let claims = json!({"sub": sub, "exp": now() + 3600});
     assert_accepted(&app, &sub, &sign(Signer::RsaA, &claims)).await;
-    assert_eq!(jwks.fetches(), 1, "the key set is fetched once at start or first use");
+    assert_eq!(
+        jwks.fetches(),
+        1,
+        "the key set is fetched once at start or first use"
+    );
     assert_accepted(&app, &sub, &sign(Signer::RsaA, &claims)).await;
     assert_eq!(jwks.fetches(), 1, "a known kid is served from the cache");
 
@@ -535,7 +732,10 @@ async fn an_unknown_kid_re_fetches_again_once_the_interval_has_passed() {
     let claims = json!({"sub": sub, "exp": now() + 3600});
     assert_unauthorized(&app, &sub, &sign(Signer::Ec, &claims)).await;
     let after_first = jwks.fetches();
-    assert!(after_first <= 2, "one fetch at start and at most one re-fetch: {after_first}");
+    assert!(
+        after_first <= 2,
+        "one fetch at start and at most one re-fetch: {after_first}"
+    );
     jwks.add("ec-p256");
     let token = sign(Signer::Ec, &claims);
     app.eventually(Duration::from_secs(5), || async {
@@ -544,7 +744,11 @@ async fn an_unknown_kid_re_fetches_again_once_the_interval_has_passed() {
     })
     .await;
     // Polling every 25 ms for about a second re-fetched about once, not per request.
-    assert!(jwks.fetches() <= after_first + 2, "fetches: {}", jwks.fetches());
+    assert!(
+        jwks.fetches() <= after_first + 2,
+        "fetches: {}",
+        jwks.fetches()
+    );
 }
 
 #[tokio::test]
@@ -555,7 +759,12 @@ async fn an_unreachable_jwks_is_503_for_kid_tokens_while_hs256_keeps_working() {
     .await;
     let sub = fresh_id();
     let claims = json!({"sub": sub, "exp": now() + 3600});
-    let r = profile_with(&app, &sub, Some(&format!("Bearer {}", sign(Signer::RsaA, &claims)))).await;
+    let r = profile_with(
+        &app,
+        &sub,
+        Some(&format!("Bearer {}", sign(Signer::RsaA, &claims))),
+    )
+    .await;
     let body = assert_problem(r, 503, "unavailable").await;
     assert!(body["detail"].as_str().unwrap().contains("jwks"), "{body}");
     assert_accepted(&app, &sub, &hs_token(&claims)).await;
@@ -580,7 +789,12 @@ async fn keys_of_unknown_types_or_for_encryption_do_not_spoil_the_rest_of_the_jw
     assert_accepted(&app, &sub, &sign(Signer::Ec, &claims)).await;
     assert_unauthorized(&app, &sub, &sign(Signer::RsaB, &claims)).await;
     // A symmetric key in a JWKS is never used, even under its own kid.
-    assert_unauthorized(&app, &sub, &sign_as(Signer::Secret, Some("symmetric"), &claims)).await;
+    assert_unauthorized(
+        &app,
+        &sub,
+        &sign_as(Signer::Secret, Some("symmetric"), &claims),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -588,11 +802,19 @@ async fn users_reach_only_their_own_profile_and_admins_reach_anyone() {
     let app = spawn_app().await;
     let (a, token_a) = new_user();
     let (b, token_b) = new_user();
-    assert_eq!(app.get(&format!("/api/users/{b}/profile"), &token_b).await.status(), 200);
+    assert_eq!(
+        app.get(&format!("/api/users/{b}/profile"), &token_b)
+            .await
+            .status(),
+        200
+    );
 
     let r = app.get(&format!("/api/users/{b}/profile"), &token_a).await;
     let body = assert_problem(r, 403, "forbidden").await;
-    assert!(!body.to_string().contains(&format!("{b}@example.com")), "no data of B leaks");
+    assert!(
+        !body.to_string().contains(&format!("{b}@example.com")),
+        "no data of B leaks"
+    );
     let r = app
         .client
         .patch(app.url(&format!("/api/users/{b}/preferences")))
@@ -607,7 +829,9 @@ async fn users_reach_only_their_own_profile_and_admins_reach_anyone() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["user_id"], a.as_str());
 
-    let r = app.get(&format!("/api/users/{b}/profile"), &admin_token()).await;
+    let r = app
+        .get(&format!("/api/users/{b}/profile"), &admin_token())
+        .await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["user_id"], b.as_str());
@@ -618,7 +842,12 @@ async fn users_reach_only_their_own_profile_and_admins_reach_anyone() {
 async fn a_role_claim_other_than_admin_grants_nothing() {
     let app = spawn_app().await;
     let (b, _) = new_user();
-    for role in [json!("Admin"), json!(["admin"]), json!({"admin": true}), json!("user")] {
+    for role in [
+        json!("Admin"),
+        json!(["admin"]),
+        json!({"admin": true}),
+        json!("user"),
+    ] {
         let token = hs_token(&json!({"sub": fresh_id(), "exp": now() + 60, "role": role}));
         let r = app.get(&format!("/api/users/{b}/profile"), &token).await;
         assert_problem(r, 403, "forbidden").await;
@@ -629,13 +858,17 @@ async fn a_role_claim_other_than_admin_grants_nothing() {
 async fn an_admin_naming_an_unseen_user_provisions_it() {
     let app = spawn_app().await;
     let id = fresh_id();
-    let r = app.get(&format!("/api/users/{id}/profile"), &admin_token()).await;
+    let r = app
+        .get(&format!("/api/users/{id}/profile"), &admin_token())
+        .await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["user_id"], id.as_str());
     assert_eq!(body["plan"], "free");
     assert_eq!(body["credits"]["balance"], 100);
-    let n = app.count(&format!("select count(*) from users where id = '{id}'")).await;
+    let n = app
+        .count(&format!("select count(*) from users where id = '{id}'"))
+        .await;
     assert_eq!(n, 1);
 }
 
@@ -656,7 +889,12 @@ async fn a_suspended_user_gets_403_account_suspended() {
 async fn suspending_a_known_user_applies_within_5_s() {
     let app = spawn_app().await;
     let (id, token) = new_user();
-    assert_eq!(app.get(&format!("/api/users/{id}/profile"), &token).await.status(), 200);
+    assert_eq!(
+        app.get(&format!("/api/users/{id}/profile"), &token)
+            .await
+            .status(),
+        200
+    );
     sqlx::query("update users set status = 'suspended' where id = $1")
         .bind(&id)
         .execute(&app.pg)
@@ -708,8 +946,19 @@ async fn dev_tokens_are_refused_unless_enabled() {
         v.remove("AUTH_DEV_TOKENS");
     })
     .await;
-    assert_problem(app.get("/api/users/user_1/profile", "dev:user_1").await, 401, "unauthorized").await;
-    assert_problem(app.get("/api/users/user_1/profile", "dev:user_1:admin").await, 401, "unauthorized").await;
+    assert_problem(
+        app.get("/api/users/user_1/profile", "dev:user_1").await,
+        401,
+        "unauthorized",
+    )
+    .await;
+    assert_problem(
+        app.get("/api/users/user_1/profile", "dev:user_1:admin")
+            .await,
+        401,
+        "unauthorized",
+    )
+    .await;
     let n = app.count("select count(*) from users").await;
     assert_eq!(n, 0, "a refused token provisions nobody");
 }
@@ -719,15 +968,26 @@ async fn dev_tokens_act_as_the_user_and_as_an_admin_when_enabled() {
     let app = spawn_app().await;
     let id = fresh_id();
     let other = fresh_id();
-    let r = app.get(&format!("/api/users/{id}/profile"), &format!("dev:{id}")).await;
+    let r = app
+        .get(&format!("/api/users/{id}/profile"), &format!("dev:{id}"))
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["user_id"], id.as_str());
-    let r = app.get(&format!("/api/users/{other}/profile"), &format!("dev:{id}")).await;
+    let r = app
+        .get(&format!("/api/users/{other}/profile"), &format!("dev:{id}"))
+        .await;
     assert_problem(r, 403, "forbidden").await;
-    let r = app.get(&format!("/api/users/{id}/profile"), "dev:ops_1:admin").await;
+    let r = app
+        .get(&format!("/api/users/{id}/profile"), "dev:ops_1:admin")
+        .await;
     assert_eq!(r.status(), 200);
     for bad in ["dev:", "dev:a b", "dev:x:root", "dev:x:admin:admin"] {
-        assert_problem(app.get(&format!("/api/users/{id}/profile"), bad).await, 401, "unauthorized").await;
+        assert_problem(
+            app.get(&format!("/api/users/{id}/profile"), bad).await,
+            401,
+            "unauthorized",
+        )
+        .await;
     }
 }
 
@@ -748,9 +1008,17 @@ async fn a_new_sub_is_provisioned_on_first_call_with_the_free_plan_and_100_credi
             .fetch_one(&app.pg)
             .await
             .unwrap();
-    assert_eq!((plan.as_str(), status.as_str(), balance), ("free", "active", 100));
+    assert_eq!(
+        (plan.as_str(), status.as_str(), balance),
+        ("free", "active", 100)
+    );
     // A second call provisions nothing more.
-    assert_eq!(app.get(&format!("/api/users/{id}/profile"), &token).await.status(), 200);
+    assert_eq!(
+        app.get(&format!("/api/users/{id}/profile"), &token)
+            .await
+            .status(),
+        200
+    );
     let ledger: Vec<(String, i64, i64)> = sqlx::query_as(
         "select kind, amount, balance_after from credit_transactions where user_id = $1",
     )

@@ -30,13 +30,20 @@ pub fn db_url(name: &str) -> String {
 /// Creates a fresh database with every migration applied.
 pub async fn create_db() -> String {
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&admin_url()).await.expect("admin connection");
+    let mut admin = sqlx::PgConnection::connect(&admin_url())
+        .await
+        .expect("admin connection");
     sqlx::query(&format!("create database \"{name}\""))
         .execute(&mut admin)
         .await
         .expect("create database");
-    let mut conn = sqlx::PgConnection::connect(&db_url(&name)).await.expect("test db");
-    common::infra::MIGRATOR.run(&mut conn).await.expect("migrations");
+    let mut conn = sqlx::PgConnection::connect(&db_url(&name))
+        .await
+        .expect("test db");
+    common::infra::MIGRATOR
+        .run(&mut conn)
+        .await
+        .expect("migrations");
     name
 }
 
@@ -98,7 +105,10 @@ async fn spawn_gateway(vars: HashMap<String, String>, db_name: &str) -> TestApp 
     let addr = app.local_addr();
     let publisher = app.state().publisher.clone();
     tokio::spawn(app.run_until_stopped());
-    assert!(publisher.wait_connected(Duration::from_secs(10)).await, "broker connect");
+    assert!(
+        publisher.wait_connected(Duration::from_secs(10)).await,
+        "broker connect"
+    );
     TestApp {
         addr,
         client: reqwest::Client::new(),
@@ -120,7 +130,8 @@ impl TestApp {
 
     /// Starts an in-process worker on all queues (stopped when the app drops).
     pub async fn start_worker(&self) {
-        self.start_worker_on(&["usage", "credits", "sessions", "users"]).await;
+        self.start_worker_on(&["usage", "credits", "sessions", "users"])
+            .await;
     }
 
     pub async fn start_worker_on(&self, queues: &[&str]) {
@@ -172,13 +183,19 @@ impl TestApp {
             if let Some(v) = f().await {
                 return v;
             }
-            assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not met within {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
-        sqlx::query_scalar(sql).fetch_one(&self.pg).await.expect(sql)
+        sqlx::query_scalar(sql)
+            .fetch_one(&self.pg)
+            .await
+            .expect(sql)
     }
 }
 
@@ -194,7 +211,10 @@ impl Drop for TestApp {
         // Cleanup needs async IO; a thread with its own runtime works even while
         // the test's runtime is unwinding from a panic.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(cleanup(db, settings));
         })
         .join();
@@ -210,7 +230,10 @@ async fn cleanup(db: String, settings: Settings) {
     }
     if let Ok(conn) = common::topology::connect(&settings.amqp.url).await {
         if let Ok(ch) = conn.create_channel().await {
-            let topo = common::topology::Topology::new(&settings.amqp.namespace, settings.amqp.delivery_limit);
+            let topo = common::topology::Topology::new(
+                &settings.amqp.namespace,
+                settings.amqp.delivery_limit,
+            );
             let _ = topo.delete(&ch).await;
         }
         let _ = conn.close(200, "bye").await;
@@ -218,7 +241,11 @@ async fn cleanup(db: String, settings: Settings) {
     if let Ok(client) = redis::Client::open(settings.redis.url.as_str()) {
         if let Ok(mut c) = client.get_multiplexed_async_connection().await {
             let pattern = format!("{}:*", settings.redis.key_prefix);
-            let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut c).await.unwrap_or_default();
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query_async(&mut c)
+                .await
+                .unwrap_or_default();
             if !keys.is_empty() {
                 let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
             }
@@ -243,7 +270,9 @@ pub fn now() -> i64 {
 /// A fresh user id and a valid HS256 token for it.
 pub fn new_user() -> (String, String) {
     let id = format!("user_{}", uuid::Uuid::new_v4().simple());
-    let token = hs_token(&serde_json::json!({"sub": id, "exp": now() + 3600, "email": format!("{id}@example.com")}));
+    let token = hs_token(
+        &serde_json::json!({"sub": id, "exp": now() + 3600, "email": format!("{id}@example.com")}),
+    );
     (id, token)
 }
 

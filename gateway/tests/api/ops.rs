@@ -16,7 +16,10 @@ async fn healthz_answers_and_readyz_names_every_dependency() {
 #[tokio::test]
 async fn readyz_is_503_and_names_postgres_when_it_is_unreachable() {
     let app = spawn_app_with(|v| {
-        v.insert("DATABASE_URL".into(), "postgres://postgres@127.0.0.1:1/nope".into());
+        v.insert(
+            "DATABASE_URL".into(),
+            "postgres://postgres@127.0.0.1:1/nope".into(),
+        );
         v.insert("APP__DATABASE__ACQUIRE_TIMEOUT_MS".into(), "300".into());
     })
     .await;

@@ -24,7 +24,10 @@ async fn run_gateway(vars: &[(&str, &str)]) -> (std::process::ExitStatus, String
         .expect("the gateway should have refused to start")
         .expect("run the gateway binary");
     let _ = std::fs::remove_dir_all(&dir);
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_one_line_naming(stderr: &str, key: &str) {

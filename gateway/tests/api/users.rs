@@ -8,7 +8,12 @@ use serde_json::{json, Value};
 use crate::auth::assert_problem;
 use crate::helpers::*;
 
-async fn patch_preferences(app: &TestApp, id: &str, token: &str, body: &Value) -> reqwest::Response {
+async fn patch_preferences(
+    app: &TestApp,
+    id: &str,
+    token: &str,
+    body: &Value,
+) -> reqwest::Response {
     app.client
         .patch(app.url(&format!("/api/users/{id}/preferences")))
         .bearer_auth(token)
@@ -20,7 +25,9 @@ async fn patch_preferences(app: &TestApp, id: &str, token: &str, body: &Value) -
 
 fn rfc3339(v: &Value) -> DateTime<Utc> {
     let s = v.as_str().unwrap_or_else(|| panic!("{v} is not a string"));
-    DateTime::parse_from_rfc3339(s).expect(s).with_timezone(&Utc)
+    DateTime::parse_from_rfc3339(s)
+        .expect(s)
+        .with_timezone(&Utc)
 }
 
 #[tokio::test]
@@ -43,14 +50,22 @@ async fn a_fresh_profile_has_every_member_of_the_spec() {
     assert!(p["credits"].as_object().unwrap().contains_key("as_of"));
     assert!(p["subscription"].is_null());
     assert_eq!(p["preferences"], json!({}));
-    assert_eq!(p["vscode"], json!({"active_sessions": 0, "last_extension_version": null, "last_seen_at": null}));
+    assert_eq!(
+        p["vscode"],
+        json!({"active_sessions": 0, "last_extension_version": null, "last_seen_at": null})
+    );
 }
 
 #[tokio::test]
 async fn the_profile_shows_the_latest_subscription_and_the_live_sessions() {
     let app = spawn_app().await;
     let (id, token) = new_user();
-    assert_eq!(app.get(&format!("/api/users/{id}/profile"), &token).await.status(), 200);
+    assert_eq!(
+        app.get(&format!("/api/users/{id}/profile"), &token)
+            .await
+            .status(),
+        200
+    );
     sqlx::query(
         "insert into subscriptions (id, user_id, plan, status, created_at) values \
          (gen_random_uuid(), $1, 'pro', 'canceled', now() - interval '40 days'), \
@@ -73,13 +88,20 @@ async fn the_profile_shows_the_latest_subscription_and_the_live_sessions() {
     .execute(&app.pg)
     .await
     .unwrap();
-    sqlx::query("update users set name = 'Ada', preferences = '{\"theme\": \"dark\"}' where id = $1")
-        .bind(&id)
-        .execute(&app.pg)
+    sqlx::query(
+        "update users set name = 'Ada', preferences = '{\"theme\": \"dark\"}' where id = $1",
+    )
+    .bind(&id)
+    .execute(&app.pg)
+    .await
+    .unwrap();
+
+    let p: Value = app
+        .get(&format!("/api/users/{id}/profile"), &token)
+        .await
+        .json()
         .await
         .unwrap();
-
-    let p: Value = app.get(&format!("/api/users/{id}/profile"), &token).await.json().await.unwrap();
     assert_eq!(p["name"], "Ada");
     assert_eq!(p["preferences"], json!({"theme": "dark"}));
     assert_eq!(p["subscription"]["plan"], "team");
@@ -104,7 +126,11 @@ async fn a_malformed_user_id_in_the_path_is_404_even_for_an_admin() {
             assert_problem(r, 404, "not_found").await;
         }
     }
-    assert_eq!(app.count("select count(*) from users where id <> 'admin_1'").await, 1);
+    assert_eq!(
+        app.count("select count(*) from users where id <> 'admin_1'")
+            .await,
+        1
+    );
 }
 
 /// Polls the profile until the worker has stored exactly these preferences.
@@ -123,21 +149,45 @@ async fn patching_preferences_answers_202_and_a_worker_merges_them() {
     let app = spawn_app().await;
     app.start_worker_on(&["users"]).await;
     let (id, token) = new_user();
-    let r = patch_preferences(&app, &id, &token, &json!({"theme": "dark", "font_size": 12})).await;
+    let r = patch_preferences(
+        &app,
+        &id,
+        &token,
+        &json!({"theme": "dark", "font_size": 12}),
+    )
+    .await;
     assert_eq!(r.status(), 202);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["accepted"], true);
     assert!(uuid::Uuid::parse_str(body["event_id"].as_str().unwrap()).is_ok());
     preferences_become(&app, &id, &token, json!({"theme": "dark", "font_size": 12})).await;
 
-    let r = patch_preferences(&app, &id, &token, &json!({"font_size": 14, "telemetry": false})).await;
+    let r = patch_preferences(
+        &app,
+        &id,
+        &token,
+        &json!({"font_size": 14, "telemetry": false}),
+    )
+    .await;
     assert_eq!(r.status(), 202);
-    preferences_become(&app, &id, &token, json!({"theme": "dark", "font_size": 14, "telemetry": false})).await;
+    preferences_become(
+        &app,
+        &id,
+        &token,
+        json!({"theme": "dark", "font_size": 14, "telemetry": false}),
+    )
+    .await;
 
     // An admin may change anyone's preferences.
     let r = patch_preferences(&app, &id, &admin_token(), &json!({"theme": "light"})).await;
     assert_eq!(r.status(), 202);
-    preferences_become(&app, &id, &token, json!({"theme": "light", "font_size": 14, "telemetry": false})).await;
+    preferences_become(
+        &app,
+        &id,
+        &token,
+        json!({"theme": "light", "font_size": 14, "telemetry": false}),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -149,9 +199,17 @@ async fn preferences_must_be_a_json_object_of_at_most_8_kib() {
         assert_problem(r, 422, "validation_failed").await;
     }
     let big = json!({"blob": "x".repeat(9 * 1024)});
-    assert_problem(patch_preferences(&app, &id, &token, &big).await, 413, "payload_too_large").await;
+    assert_problem(
+        patch_preferences(&app, &id, &token, &big).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
     let fits = json!({"blob": "x".repeat(8 * 1024 - 16)});
-    assert_eq!(patch_preferences(&app, &id, &token, &fits).await.status(), 202);
+    assert_eq!(
+        patch_preferences(&app, &id, &token, &fits).await.status(),
+        202
+    );
 
     let url = app.url(&format!("/api/users/{id}/preferences"));
     let r = app

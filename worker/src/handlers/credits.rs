@@ -59,14 +59,27 @@ pub async fn store(
                 .bind(h.transaction_id)
                 .execute(&mut **tx)
                 .await?;
-                if settle(tx, h.transaction_id, &h.user_id, h.amount, &h.context, Some(h.hold_id)).await? {
+                if settle(
+                    tx,
+                    h.transaction_id,
+                    &h.user_id,
+                    h.amount,
+                    &h.context,
+                    Some(h.hold_id),
+                )
+                .await?
+                {
                     effects.stored += 1;
                 }
                 effects.settled.push((h.user_id.clone(), h.transaction_id));
                 effects.credit_users.insert(h.user_id.clone());
             }
             Event::HoldReleased(h) => {
-                let status = if h.reason == "expired" { "expired" } else { "released" };
+                let status = if h.reason == "expired" {
+                    "expired"
+                } else {
+                    "released"
+                };
                 sqlx::query(
                     "insert into credit_holds (id, user_id, amount, status, expires_at, ended_at) \
                      values ($1, $2, $3, $4, now(), now()) \

@@ -90,7 +90,11 @@ async fn invalidate_caches(ctx: &Ctx, effects: &Effects) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut conn = ctx.redis.get().await?;
-    for u in effects.analytics_users.iter().chain(effects.profile_users.iter()) {
+    for u in effects
+        .analytics_users
+        .iter()
+        .chain(effects.profile_users.iter())
+    {
         crate::handlers::users::drop_cached_views(ctx, &mut conn, u).await?;
     }
     Ok(())

@@ -27,7 +27,8 @@ pub async fn store(
     }
     let mut rows: Vec<&SessionUpsert> = latest.into_values().collect();
     rows.sort_by(|a, b| a.session_id.cmp(&b.session_id));
-    let col = |f: fn(&SessionUpsert) -> Option<String>| rows.iter().map(|s| f(s)).collect::<Vec<_>>();
+    let col =
+        |f: fn(&SessionUpsert) -> Option<String>| rows.iter().map(|s| f(s)).collect::<Vec<_>>();
     let ids: Vec<String> = rows.iter().map(|s| s.session_id.clone()).collect();
     let users: Vec<String> = rows.iter().map(|s| s.user_id.clone()).collect();
     let versions: Vec<String> = rows.iter().map(|s| s.extension_version.clone()).collect();

@@ -13,7 +13,15 @@ use uuid::Uuid;
 use super::Effects;
 
 /// One rollup cell: (user, day, kind, provider, model, feature, session).
-type RollupKey = (String, NaiveDate, &'static str, String, String, String, String);
+type RollupKey = (
+    String,
+    NaiveDate,
+    &'static str,
+    String,
+    String,
+    String,
+    String,
+);
 
 pub async fn store(
     tx: &mut Transaction<'_, Postgres>,
@@ -22,7 +30,11 @@ pub async fn store(
 ) -> Result<(), sqlx::Error> {
     // The same id twice in one batch (a resend grouped with its original).
     let mut seen = HashSet::with_capacity(events.len());
-    let events: Vec<&UsageEvent> = events.iter().copied().filter(|e| seen.insert(e.id)).collect();
+    let events: Vec<&UsageEvent> = events
+        .iter()
+        .copied()
+        .filter(|e| seen.insert(e.id))
+        .collect();
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     let users: Vec<&str> = events.iter().map(|e| e.user_id.as_str()).collect();
     let fresh: HashSet<Uuid> = sqlx::query_scalar(
@@ -35,7 +47,10 @@ pub async fn store(
     .await?
     .into_iter()
     .collect();
-    let fresh: Vec<&UsageEvent> = events.into_iter().filter(|e| fresh.contains(&e.id)).collect();
+    let fresh: Vec<&UsageEvent> = events
+        .into_iter()
+        .filter(|e| fresh.contains(&e.id))
+        .collect();
     if fresh.is_empty() {
         return Ok(());
     }
@@ -55,9 +70,25 @@ pub async fn store(
                 latency_ms,
                 success,
             } => {
-                m.push(e, provider, model, *prompt_tokens, *completion_tokens, *latency_ms, *success);
+                m.push(
+                    e,
+                    provider,
+                    model,
+                    *prompt_tokens,
+                    *completion_tokens,
+                    *latency_ms,
+                    *success,
+                );
                 let cell = rollup
-                    .entry((e.user_id.clone(), day, "model", provider.clone(), model.clone(), String::new(), session))
+                    .entry((
+                        e.user_id.clone(),
+                        day,
+                        "model",
+                        provider.clone(),
+                        model.clone(),
+                        String::new(),
+                        session,
+                    ))
                     .or_default();
                 cell.0 += 1;
                 cell.1 += prompt_tokens;
@@ -70,7 +101,15 @@ pub async fn store(
             } => {
                 f.push(e, feature, action.as_deref(), *duration_ms);
                 rollup
-                    .entry((e.user_id.clone(), day, "feature", String::new(), String::new(), feature.clone(), session))
+                    .entry((
+                        e.user_id.clone(),
+                        day,
+                        "feature",
+                        String::new(),
+                        String::new(),
+                        feature.clone(),
+                        session,
+                    ))
                     .or_default()
                     .0 += 1;
             }

@@ -49,7 +49,10 @@ pub async fn drop_cached_views(
     user_id: &str,
 ) -> anyhow::Result<()> {
     let index = ctx.keys.analytics_index(user_id);
-    let keys: Vec<String> = redis::cmd("SMEMBERS").arg(&index).query_async(&mut **conn).await?;
+    let keys: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&index)
+        .query_async(&mut **conn)
+        .await?;
     let mut pipe = redis::pipe();
     for k in keys {
         pipe.del(k).ignore();

@@ -44,7 +44,10 @@ impl TestDb {
     pub async fn migrated() -> Self {
         let db = Self::empty().await;
         let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("test db");
-        common::infra::MIGRATOR.run(&mut conn).await.expect("migrations");
+        common::infra::MIGRATOR
+            .run(&mut conn)
+            .await
+            .expect("migrations");
         db
     }
 
@@ -57,14 +60,19 @@ impl TestDb {
     }
 
     pub async fn connect(&self) -> sqlx::PgConnection {
-        sqlx::PgConnection::connect(&self.url).await.expect("connection")
+        sqlx::PgConnection::connect(&self.url)
+            .await
+            .expect("connection")
     }
 
     /// Settings pointing at this database (and nothing else the test needs).
     pub fn settings(&self) -> Settings {
         let vars: HashMap<String, String> = [
             ("DATABASE_URL".to_string(), self.url.clone()),
-            ("JWT_SECRET".to_string(), "unused-in-these-tests".to_string()),
+            (
+                "JWT_SECRET".to_string(),
+                "unused-in-these-tests".to_string(),
+            ),
         ]
         .into();
         Settings::load_from(Path::new("/nonexistent"), &vars).expect("settings")
@@ -83,9 +91,10 @@ impl Drop for TestDb {
                 .expect("runtime");
             rt.block_on(async {
                 if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
-                    let _ = sqlx::query(&format!("drop database if exists \"{name}\" with (force)"))
-                        .execute(&mut admin)
-                        .await;
+                    let _ =
+                        sqlx::query(&format!("drop database if exists \"{name}\" with (force)"))
+                            .execute(&mut admin)
+                            .await;
                 }
             });
         })
