@@ -804,6 +804,7 @@ mod tests {
         );
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn row(
         day: &str,
         kind: &str,
