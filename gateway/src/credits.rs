@@ -532,7 +532,7 @@ async fn run(
 /// ledger balance, the open holds, and the newest ledger time. One statement,
 /// so balance and holds are one snapshot.
 #[tracing::instrument(skip_all, fields(user_id))]
-async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
+pub async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
     type Row = (
         i64,
         Option<DateTime<Utc>>,
@@ -584,7 +584,10 @@ async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
 /// expired holds on the way), else from Postgres (ledger minus open holds),
 /// and always from Postgres while a recovery runs.
 pub async fn balance(state: &AppState, user_id: &str) -> Result<Balance> {
-    if !state.recovery.is_active() {
+    for attempt in 0..2 {
+        if state.recovery.is_active() {
+            break;
+        }
         let keys = UserKeys::new(&state.keys, user_id);
         let outcome = async {
             let mut conn = state.redis.get().await?;
@@ -607,9 +610,16 @@ pub async fn balance(state: &AppState, user_id: &str) -> Result<Balance> {
                 });
             }
             Ok(reply) if reply.tag == "LOST" => state.recovery.enter(state).await,
+            // Not loaded yet: load it once (so later reads need no Postgres).
+            Ok(reply) if reply.tag == "MISSING" && attempt == 0 => {
+                if load_into_redis(state, user_id).await.is_ok() {
+                    continue;
+                }
+            }
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "balance: Redis unavailable, reading Postgres"),
         }
+        break;
     }
     balance_from_postgres(state, user_id).await
 }

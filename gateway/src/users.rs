@@ -106,6 +106,9 @@ impl Directory {
                 let r = load_or_provision(state, user_id, claims).await?;
                 // Best effort: a Redis failure here only costs a later re-read.
                 let _ = fill_redis(state, &r).await;
+                // The credits are loaded too, so a user the gateway knows is
+                // served without Postgres from now on (SPEC §9.5).
+                let _ = crate::credits::load_into_redis(state, user_id).await;
                 r
             }
             Err(e) => {

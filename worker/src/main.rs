@@ -40,6 +40,13 @@ enum Command {
         #[arg(long, default_value = "demo_user_")]
         user_prefix: String,
     },
+    /// Compare Redis balances with the Postgres ledger and repair drift (the
+    /// reconciler of SPEC §8, on demand); prints every repair.
+    Reconcile {
+        /// Only this user (default: every user with a balance loaded in Redis).
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Inspect and act on dead-lettered messages (queue `<namespace>.dead`).
     Dlq {
         #[command(subcommand)]
@@ -89,6 +96,7 @@ async fn main() {
     let result = match cli.command.unwrap_or(Command::Run { queues: None }) {
         Command::Migrate => worker::migrate(&settings).await,
         Command::Dlq { action } => dlq(&settings, action).await,
+        Command::Reconcile { user } => reconcile(settings, user).await,
         Command::Demo {
             gateway,
             users,
@@ -183,4 +191,24 @@ async fn dlq(settings: &Settings, action: DlqAction) -> anyhow::Result<()> {
     };
     q.close().await;
     result
+}
+
+async fn reconcile(settings: Settings, user: Option<String>) -> anyhow::Result<()> {
+    let ctx = worker::startup::Ctx::new(settings)?;
+    let repairs = match user {
+        Some(u) => worker::reconcile::reconcile_user(&ctx, &u)
+            .await?
+            .into_iter()
+            .collect::<Vec<_>>(),
+        None => {
+            let s = worker::reconcile::reconcile_all(&ctx).await?;
+            println!("checked {} user(s)", s.users);
+            s.repairs
+        }
+    };
+    for r in &repairs {
+        println!("repaired {}: balance {} -> {}", r.user_id, r.from, r.to);
+    }
+    println!("{} repaired", repairs.len());
+    Ok(())
 }

@@ -756,3 +756,44 @@ async fn the_reconciler_repairs_a_drifted_balance_and_releases_stale_reservation
     assert_eq!(pending_len(&app, &user).await, 0);
     assert_eq!(api_balance(&app, &token).await["balance"], 90);
 }
+
+/// `worker reconcile --user` (the operator command) repairs a drift planted
+/// in Redis and reports it.
+#[tokio::test]
+async fn the_reconcile_command_repairs_a_planted_drift_and_reports_it() {
+    let app = spawn_app().await;
+    app.start_worker().await;
+    let (user, token) = new_user();
+    assert_eq!(consume(&app, &user, &token, 10, None).await.0, 200);
+    drained(&app, &user, 90).await;
+    let keys = Keys::new(&app.settings.redis.key_prefix);
+    let mut c = app.redis.get().await.unwrap();
+    let _: () = c.hset(keys.credits(&user), "bal", 71).await.unwrap();
+    // The worker binary sits beside this test binary's directory.
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("worker");
+    assert!(
+        bin.exists(),
+        "{} is built with the workspace",
+        bin.display()
+    );
+    let out = std::process::Command::new(&bin)
+        .args(["reconcile", "--user", &user])
+        .env_clear()
+        .envs(&app.vars)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("repaired {user}: balance 71 -> 90")),
+        "{text}"
+    );
+    assert!(text.contains("1 repaired"), "{text}");
+    assert_eq!(api_balance(&app, &token).await["balance"], 90);
+}
