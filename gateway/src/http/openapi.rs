@@ -515,6 +515,10 @@ fn build() -> Value {
         };
         responses.insert(status.to_string(), ok);
         let mut errors: Vec<u16> = op.errors.to_vec();
+        if op.path.contains('{') {
+            // A malformed or unknown id in the path.
+            errors.push(404);
+        }
         if op.class.is_some() {
             errors.extend([401, 403, 422, 429]);
             if op.body.is_some() {
