@@ -254,11 +254,13 @@ fn last_day_of(from: DateTime<Utc>, to: DateTime<Utc>) -> NaiveDate {
 // Shaping rows into answers
 // ---------------------------------------------------------------------------
 
-/// One rollup aggregate: a (day, kind, provider, model, feature) cell summed
-/// over sessions.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+/// One rollup aggregate of one of two grouping sets over the window: per
+/// (day, kind) when `day` is set (provider, model and feature are then
+/// empty), or per (kind, provider, model, feature) over the whole window when
+/// it is not. Every event counts once in each set.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RollupRow {
-    pub day: NaiveDate,
+    pub day: Option<NaiveDate>,
     pub kind: String,
     pub provider: String,
     pub model: String,
@@ -308,19 +310,27 @@ pub fn shape_analytics(
 ) -> Value {
     let mut by_model: BTreeMap<(&str, &str), ModelSums> = BTreeMap::new();
     let mut by_feature: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut daily: BTreeMap<NaiveDate, DaySums> = window.days().map(|d| (d, DaySums::default())).collect();
+    let mut daily: BTreeMap<NaiveDate, DaySums> =
+        window.days().map(|d| (d, DaySums::default())).collect();
     for r in &input.rows {
-        let day = daily.entry(r.day).or_default();
-        if r.kind == "model" {
-            let m = by_model.entry((&r.provider, &r.model)).or_default();
-            m.requests += r.requests;
-            m.prompt_tokens += r.prompt_tokens;
-            m.completion_tokens += r.completion_tokens;
-            day.requests += r.requests;
-            day.total_tokens += r.prompt_tokens + r.completion_tokens;
-        } else {
-            *by_feature.entry(&r.feature).or_default() += r.requests;
-            day.feature_events += r.requests;
+        let model = r.kind == "model";
+        match r.day {
+            Some(d) => {
+                let day = daily.entry(d).or_default();
+                if model {
+                    day.requests += r.requests;
+                    day.total_tokens += r.prompt_tokens + r.completion_tokens;
+                } else {
+                    day.feature_events += r.requests;
+                }
+            }
+            None if model => {
+                let m = by_model.entry((&r.provider, &r.model)).or_default();
+                m.requests += r.requests;
+                m.prompt_tokens += r.prompt_tokens;
+                m.completion_tokens += r.completion_tokens;
+            }
+            None => *by_feature.entry(&r.feature).or_default() += r.requests,
         }
     }
     for (d, c) in &input.credits {
@@ -338,7 +348,11 @@ pub fn shape_analytics(
     let total_tokens = prompt_tokens + completion_tokens;
     let credits_consumed: i64 = input.credits.iter().map(|(_, c)| c).sum();
     let feature_events: i64 = by_feature.values().sum();
-    let unique_models = by_model.keys().map(|(_, m)| *m).collect::<BTreeSet<_>>().len();
+    let unique_models = by_model
+        .keys()
+        .map(|(_, m)| *m)
+        .collect::<BTreeSet<_>>()
+        .len();
 
     let mut models: Vec<_> = by_model.into_iter().collect();
     models.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(&b.0)));
@@ -428,13 +442,15 @@ pub fn shape_stats(
 ) -> Value {
     let mut rows: HashMap<Option<&str>, StatsFigures> = HashMap::new();
     for u in usage {
-        rows.entry(u.key.as_deref()).or_default().add(&StatsFigures {
-            requests: u.requests,
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            credits_consumed: 0,
-            feature_events: u.feature_events,
-        });
+        rows.entry(u.key.as_deref())
+            .or_default()
+            .add(&StatsFigures {
+                requests: u.requests,
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                credits_consumed: 0,
+                feature_events: u.feature_events,
+            });
     }
     for (k, c) in credits {
         rows.entry(k.as_deref()).or_default().credits_consumed += c;
@@ -478,59 +494,57 @@ pub async fn load_analytics(
     user_id: &str,
     window: DayWindow,
 ) -> Result<AnalyticsInput> {
-    // One scan of the user's rollup rows in the window (primary key prefix
-    // user_id, day), summed over sessions; the distinct sessions and the
-    // newest write come from the same scan.
-    let rows: Vec<(RollupRow, i64, Option<DateTime<Utc>>)> = sqlx::query_as::<
-        _,
-        (
-            NaiveDate,
-            String,
-            String,
-            String,
-            String,
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<DateTime<Utc>>,
-        ),
-    >(
-        "with r as materialized ( \
-           select day, kind, provider, model, feature, session_id, requests, prompt_tokens, \
-                  completion_tokens, updated_at \
-           from usage_daily where user_id = $1 and day >= $2 and day <= $3) \
-         select day, kind, provider, model, feature, sum(requests)::int8, \
-                sum(prompt_tokens)::int8, sum(completion_tokens)::int8, \
-                (select count(distinct session_id) from r where session_id <> '')::int8, \
-                (select max(updated_at) from r) \
-         from r group by day, kind, provider, model, feature",
+    // One statement over the user's rollup rows in the window (primary key
+    // prefix user_id, day): per day and kind for `daily`, per model/feature
+    // for the breakdowns, and one row for the whole window with the newest
+    // write; distinct sessions by hashing (a sort of the ids costs more).
+    type Row = (
+        Option<NaiveDate>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        i64,
+        i64,
+        i64,
+        Option<DateTime<Utc>>,
+        i64,
+    );
+    let grouped: Vec<Row> = sqlx::query_as(
+        "select day, kind, provider, model, feature, coalesce(sum(requests), 0)::int8, \
+                coalesce(sum(prompt_tokens), 0)::int8, coalesce(sum(completion_tokens), 0)::int8, \
+                max(updated_at), \
+                (select count(*) from (select session_id from usage_daily \
+                   where user_id = $1 and day >= $2 and day <= $3 and session_id <> '' \
+                   group by session_id) s)::int8 \
+         from usage_daily where user_id = $1 and day >= $2 and day <= $3 \
+         group by grouping sets ((day, kind), (kind, provider, model, feature), ())",
     )
     .bind(user_id)
     .bind(window.first)
     .bind(window.last)
     .fetch_all(pg)
-    .await?
-    .into_iter()
-    .map(|(day, kind, provider, model, feature, n, pt, ct, s, at)| {
-        (
-            RollupRow {
-                day,
-                kind,
-                provider,
-                model,
-                feature,
-                requests: n,
-                prompt_tokens: pt,
-                completion_tokens: ct,
-            },
-            s,
-            at,
-        )
-    })
-    .collect();
-    let sessions = rows.first().map(|r| r.1).unwrap_or(0);
-    let rollup_as_of = rows.first().and_then(|r| r.2);
+    .await?;
+    let mut rows = Vec::with_capacity(grouped.len());
+    let (mut sessions, mut rollup_as_of) = (0, None);
+    for (day, kind, provider, model, feature, n, pt, ct, at, s) in grouped {
+        let Some(kind) = kind else {
+            // The whole-window row.
+            sessions = s;
+            rollup_as_of = at;
+            continue;
+        };
+        rows.push(RollupRow {
+            day,
+            kind,
+            provider: provider.unwrap_or_default(),
+            model: model.unwrap_or_default(),
+            feature: feature.unwrap_or_default(),
+            requests: n,
+            prompt_tokens: pt,
+            completion_tokens: ct,
+        });
+    }
     // The ledger's daily rollup (kept by a trigger on the ledger, 0002).
     let credits: Vec<(NaiveDate, i64, DateTime<Utc>)> = sqlx::query_as(
         "select day, sum(consumed)::int8, max(updated_at) from credit_daily \
@@ -543,7 +557,7 @@ pub async fn load_analytics(
     .await?;
     let ledger_as_of = credits.iter().map(|c| c.2).max();
     Ok(AnalyticsInput {
-        rows: rows.into_iter().map(|r| r.0).collect(),
+        rows,
         credits: credits.into_iter().map(|(d, c, _)| (d, c)).collect(),
         sessions,
         as_of: rollup_as_of.max(ledger_as_of),
@@ -619,7 +633,8 @@ pub async fn analytics(state: &AppState, user_id: &str, days: u32) -> Result<Val
         match got {
             Ok((cached, g)) => {
                 cache_ok = true;
-                if let Some(view) = cached.and_then(|c| serde_json::from_str::<CachedView>(&c).ok()) {
+                if let Some(view) = cached.and_then(|c| serde_json::from_str::<CachedView>(&c).ok())
+                {
                     if usable(&view, &g, window) {
                         metrics::counter!("analytics_cache_total", "result" => "hit").increment(1);
                         return Ok(view.body);
@@ -730,35 +745,84 @@ mod tests {
             .parse(now)
             .unwrap();
         assert_eq!(r.group_by, GroupBy::Model);
-        assert_eq!((r.window.first, r.window.last), (d("2024-03-01"), d("2024-03-05")));
-        let r = stats_q(Some("2024-03-01T10:00:00Z"), Some("2024-03-03T00:00:00Z"), None)
-            .parse(now)
-            .unwrap();
-        assert_eq!((r.window.first, r.window.last), (d("2024-03-01"), d("2024-03-02")));
-        let r = stats_q(Some("2024-03-01T10:00:00+02:00"), Some("2024-03-01T10:00:00+02:00"), None)
-            .parse(now)
-            .unwrap();
-        assert_eq!((r.window.first, r.window.last), (d("2024-03-01"), d("2024-03-01")));
+        assert_eq!(
+            (r.window.first, r.window.last),
+            (d("2024-03-01"), d("2024-03-05"))
+        );
+        let r = stats_q(
+            Some("2024-03-01T10:00:00Z"),
+            Some("2024-03-03T00:00:00Z"),
+            None,
+        )
+        .parse(now)
+        .unwrap();
+        assert_eq!(
+            (r.window.first, r.window.last),
+            (d("2024-03-01"), d("2024-03-02"))
+        );
+        let r = stats_q(
+            Some("2024-03-01T10:00:00+02:00"),
+            Some("2024-03-01T10:00:00+02:00"),
+            None,
+        )
+        .parse(now)
+        .unwrap();
+        assert_eq!(
+            (r.window.first, r.window.last),
+            (d("2024-03-01"), d("2024-03-01"))
+        );
         let r = stats_q(None, Some("2024-01-31"), None).parse(now).unwrap();
-        assert_eq!((r.window.first, r.window.last), (d("2024-01-02"), d("2024-01-31")));
+        assert_eq!(
+            (r.window.first, r.window.last),
+            (d("2024-01-02"), d("2024-01-31"))
+        );
         // A whole leap year is 366 days: allowed; a day more is not.
-        assert!(stats_q(Some("2024-01-01"), Some("2024-12-31"), None).parse(now).is_ok());
-        assert_eq!(field_of(stats_q(Some("2024-01-01"), Some("2025-01-01"), None).parse(now)), "to");
+        assert!(stats_q(Some("2024-01-01"), Some("2024-12-31"), None)
+            .parse(now)
+            .is_ok());
+        assert_eq!(
+            field_of(stats_q(Some("2024-01-01"), Some("2025-01-01"), None).parse(now)),
+            "to"
+        );
     }
 
     #[test]
     fn bad_stats_parameters_are_named() {
         let now = at("2024-03-10T15:00:00Z");
-        assert_eq!(field_of(stats_q(None, None, Some("week")).parse(now)), "group_by");
-        assert_eq!(field_of(stats_q(Some("yesterday"), None, None).parse(now)), "from");
-        assert_eq!(field_of(stats_q(None, Some("2024-13-01"), None).parse(now)), "to");
-        assert_eq!(field_of(stats_q(Some("2024-03-05"), Some("2024-03-01"), None).parse(now)), "to");
-        assert_eq!(field_of(stats_q(None, Some("+262143-12-31"), None).parse(now)), "to");
+        assert_eq!(
+            field_of(stats_q(None, None, Some("week")).parse(now)),
+            "group_by"
+        );
+        assert_eq!(
+            field_of(stats_q(Some("yesterday"), None, None).parse(now)),
+            "from"
+        );
+        assert_eq!(
+            field_of(stats_q(None, Some("2024-13-01"), None).parse(now)),
+            "to"
+        );
+        assert_eq!(
+            field_of(stats_q(Some("2024-03-05"), Some("2024-03-01"), None).parse(now)),
+            "to"
+        );
+        assert_eq!(
+            field_of(stats_q(None, Some("+262143-12-31"), None).parse(now)),
+            "to"
+        );
     }
 
-    fn row(day: &str, kind: &str, p: &str, m: &str, f: &str, n: i64, pt: i64, ct: i64) -> RollupRow {
+    fn row(
+        day: &str,
+        kind: &str,
+        p: &str,
+        m: &str,
+        f: &str,
+        n: i64,
+        pt: i64,
+        ct: i64,
+    ) -> RollupRow {
         RollupRow {
-            day: d(day),
+            day: Some(d(day)),
             kind: kind.into(),
             provider: p.into(),
             model: m.into(),
@@ -769,6 +833,40 @@ mod tests {
         }
     }
 
+    /// What the SQL's grouping sets make of rollup cells.
+    fn grouping_sets(cells: Vec<RollupRow>) -> Vec<RollupRow> {
+        let mut out: Vec<RollupRow> = Vec::new();
+        for c in cells {
+            let per_day = RollupRow {
+                provider: String::new(),
+                model: String::new(),
+                feature: String::new(),
+                ..c.clone()
+            };
+            let per_attr = RollupRow { day: None, ..c };
+            for cell in [per_day, per_attr] {
+                match out.iter_mut().find(|o| {
+                    (&o.day, &o.kind, &o.provider, &o.model, &o.feature)
+                        == (
+                            &cell.day,
+                            &cell.kind,
+                            &cell.provider,
+                            &cell.model,
+                            &cell.feature,
+                        )
+                }) {
+                    Some(o) => {
+                        o.requests += cell.requests;
+                        o.prompt_tokens += cell.prompt_tokens;
+                        o.completion_tokens += cell.completion_tokens;
+                    }
+                    None => out.push(cell),
+                }
+            }
+        }
+        out
+    }
+
     #[test]
     fn analytics_sum_models_providers_features_and_days() {
         let w = DayWindow {
@@ -776,14 +874,14 @@ mod tests {
             last: d("2024-03-10"),
         };
         let input = AnalyticsInput {
-            rows: vec![
+            rows: grouping_sets(vec![
                 row("2024-03-08", "model", "openai", "gpt-4o", "", 2, 100, 10),
                 row("2024-03-10", "model", "openai", "gpt-4o", "", 1, 50, 5),
                 row("2024-03-10", "model", "openai", "gpt-4o-mini", "", 3, 30, 3),
                 row("2024-03-10", "model", "anthropic", "claude", "", 1, 7, 1),
                 row("2024-03-10", "feature", "", "", "chat", 4, 0, 0),
                 row("2024-03-08", "feature", "", "", "edit", 1, 0, 0),
-            ],
+            ]),
             credits: vec![(d("2024-03-08"), 5), (d("2024-03-09"), 2)],
             sessions: 2,
             as_of: Some(at("2024-03-10T12:00:00Z")),
@@ -832,7 +930,12 @@ mod tests {
     #[test]
     fn an_empty_window_has_zero_days_and_no_as_of() {
         let w = DayWindow::last_days(7, at("2024-03-10T00:00:00Z"));
-        let v = shape_analytics("u", w, &AnalyticsInput::default(), at("2024-03-10T00:00:00Z"));
+        let v = shape_analytics(
+            "u",
+            w,
+            &AnalyticsInput::default(),
+            at("2024-03-10T00:00:00Z"),
+        );
         assert_eq!(v["daily"].as_array().unwrap().len(), 7);
         assert_eq!(v["totals"]["requests"], 0);
         assert!(v["as_of"].is_null());
@@ -864,7 +967,11 @@ mod tests {
                 feature_events: 3,
             },
         ];
-        let credits = vec![(Some("claude".into()), 9), (Some("gpt-4o".into()), 5), (None, 1)];
+        let credits = vec![
+            (Some("claude".into()), 9),
+            (Some("gpt-4o".into()), 5),
+            (None, 1),
+        ];
         let v = shape_stats("u", req, &usage, &credits);
         assert_eq!(v["group_by"], "model");
         assert_eq!(v["from"], "2024-03-01T00:00:00Z");
@@ -886,15 +993,26 @@ mod tests {
     #[test]
     fn a_cached_view_is_served_only_under_its_generation_and_window() {
         let w = DayWindow::last_days(30, at("2024-03-10T10:00:00Z"));
-        let body = shape_analytics("u", w, &AnalyticsInput::default(), at("2024-03-10T10:00:00Z"));
+        let body = shape_analytics(
+            "u",
+            w,
+            &AnalyticsInput::default(),
+            at("2024-03-10T10:00:00Z"),
+        );
         let view = CachedView {
             gen: Some("3".into()),
             body,
         };
         assert!(usable(&view, &Some("3".into()), w));
-        assert!(!usable(&view, &Some("4".into()), w), "a drop happened since");
+        assert!(
+            !usable(&view, &Some("4".into()), w),
+            "a drop happened since"
+        );
         assert!(!usable(&view, &None, w));
         let tomorrow = DayWindow::last_days(30, at("2024-03-11T00:00:01Z"));
-        assert!(!usable(&view, &Some("3".into()), tomorrow), "yesterday's window");
+        assert!(
+            !usable(&view, &Some("3".into()), tomorrow),
+            "yesterday's window"
+        );
     }
 }

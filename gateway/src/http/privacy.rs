@@ -120,8 +120,7 @@ async fn export(
     let Some(user) = user else {
         return Err(ApiError::NotFound("no such user".into()));
     };
-    audit(&mut tx, caller.id(), "user.export", &id, &rid, json!({}))
-        .await?;
+    audit(&mut tx, caller.id(), "user.export", &id, &rid, json!({})).await?;
     tx.commit().await?;
 
     let (send, recv) = mpsc::channel::<std::io::Result<Bytes>>(8);
@@ -135,9 +134,7 @@ async fn export(
     tokio::spawn(async move {
         if let Err(e) = stream_export(&pg, &id, head, &send).await {
             tracing::warn!(error = %e, user_id = %id, "export cut short");
-            let _ = send
-                .send(Err(std::io::Error::other("export failed")))
-                .await;
+            let _ = send.send(Err(std::io::Error::other("export failed"))).await;
         }
     });
     let mut recv = recv;
@@ -172,7 +169,9 @@ async fn stream_export(
         if !single {
             buf.push('[');
         }
-        let mut rows = sqlx::query_scalar::<_, String>(sql).bind(id).fetch(&mut *tx);
+        let mut rows = sqlx::query_scalar::<_, String>(sql)
+            .bind(id)
+            .fetch(&mut *tx);
         let mut first = true;
         while let Some(row) = rows.next().await {
             if !first {
@@ -255,12 +254,7 @@ async fn erase(
 }
 
 /// One transaction: the user row, every table's free-form data, the audit row.
-async fn erase_in_postgres(
-    pg: &PgPool,
-    actor: &str,
-    id: &str,
-    rid: &str,
-) -> Result<DateTime<Utc>> {
+async fn erase_in_postgres(pg: &PgPool, actor: &str, id: &str, rid: &str) -> Result<DateTime<Utc>> {
     let mut tx = pg.begin().await?;
     // The row lock orders this against concurrent settles of the same user.
     let found: Option<String> =
@@ -329,8 +323,10 @@ async fn erase_in_postgres(
 /// what credits need to finish settling what is in flight. They hold amounts
 /// and ids, no personal data.
 fn kept_on_erasure(rest: &str) -> bool {
-    matches!(rest, "credits" | "pending" | "holds" | "grants_applied" | "user")
-        || rest.starts_with("hold_end:")
+    matches!(
+        rest,
+        "credits" | "pending" | "holds" | "grants_applied" | "user"
+    ) || rest.starts_with("hold_end:")
 }
 
 /// Escapes glob characters for a `SCAN MATCH` pattern.
@@ -393,7 +389,14 @@ mod tests {
 
     #[test]
     fn erasure_keeps_only_the_credit_keys_and_the_user_hash() {
-        for kept in ["credits", "pending", "holds", "grants_applied", "hold_end:abc", "user"] {
+        for kept in [
+            "credits",
+            "pending",
+            "holds",
+            "grants_applied",
+            "hold_end:abc",
+            "user",
+        ] {
             assert!(kept_on_erasure(kept), "{kept}");
         }
         for gone in [

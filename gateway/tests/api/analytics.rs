@@ -90,12 +90,11 @@ async fn backdated_consume(
     model: &str,
 ) -> DateTime<Utc> {
     let mut tx = app.pg.begin().await.unwrap();
-    let bal: i64 =
-        sqlx::query_scalar("select credits_balance from users where id = $1 for update")
-            .bind(user)
-            .fetch_one(&mut *tx)
-            .await
-            .unwrap();
+    let bal: i64 = sqlx::query_scalar("select credits_balance from users where id = $1 for update")
+        .bind(user)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
     let when: DateTime<Utc> = sqlx::query_scalar(
         "insert into credit_transactions (id, user_id, kind, amount, balance_after, model, provider, created_at) \
          values ($1, $2, 'consume', $3, $4, $5, 'openai', now() - make_interval(days => $6)) returning created_at",
@@ -172,7 +171,15 @@ async fn analytics_and_stats_count_every_event_once_by_model_provider_feature_se
         model(now, 0, "openai", "gpt-4o", 100, 20, Some("sess_a")),
         model(now, 0, "openai", "gpt-4o", 50, 10, Some("sess_a")),
         model(now, 1, "openai", "gpt-4o-mini", 30, 5, Some("sess_b")),
-        model(now, 3, "anthropic", "claude-3-5-sonnet", 200, 40, Some("sess_b")),
+        model(
+            now,
+            3,
+            "anthropic",
+            "claude-3-5-sonnet",
+            200,
+            40,
+            Some("sess_b"),
+        ),
         model(now, 10, "anthropic", "claude-3-5-sonnet", 10, 1, None),
         feature(now, 0, "chat", Some("sess_a")),
         feature(now, 0, "chat", Some("sess_a")),
@@ -185,14 +192,36 @@ async fn analytics_and_stats_count_every_event_once_by_model_provider_feature_se
     assert_eq!(r.status(), 202);
     // The original client's shape: provider from the model id, tokens as prompt tokens.
     let r = app
-        .post(TRACK, &token, &json!({"modelId": "mistral/mixtral-8x7b", "tokensUsed": 77, "action": "complete"}))
+        .post(
+            TRACK,
+            &token,
+            &json!({"modelId": "mistral/mixtral-8x7b", "tokensUsed": 77, "action": "complete"}),
+        )
         .await;
     assert_eq!(r.status(), 202);
     let legacy_day = date(Utc::now());
 
     // Ledger: two settles today, one 2 days ago, one outside the 30-day window.
-    let l1 = settle(&app, &user, 7, Some("sess_a"), Some("gpt-4o"), Some("openai"), Some("chat")).await;
-    let l2 = settle(&app, &user, 3, Some("sess_b"), Some("claude-3-5-sonnet"), Some("anthropic"), None).await;
+    let l1 = settle(
+        &app,
+        &user,
+        7,
+        Some("sess_a"),
+        Some("gpt-4o"),
+        Some("openai"),
+        Some("chat"),
+    )
+    .await;
+    let l2 = settle(
+        &app,
+        &user,
+        3,
+        Some("sess_b"),
+        Some("claude-3-5-sonnet"),
+        Some("anthropic"),
+        None,
+    )
+    .await;
     let l3 = backdated_consume(&app, &user, 5, 2, "gpt-4o").await;
     let l4 = backdated_consume(&app, &user, 11, 40, "gpt-4o").await;
 
@@ -248,12 +277,21 @@ async fn analytics_and_stats_count_every_event_once_by_model_provider_feature_se
             json!({"totalRequests": 6, "totalTokens": 543, "totalCreditsUsed": 15, "uniqueModels": 4, "uniqueFeatures": 3})
         );
         let today = Utc::now().date_naive();
-        assert_eq!(v["to"], format!("{}T00:00:00Z", today + chrono::Duration::days(1)));
-        assert_eq!(v["from"], format!("{}T00:00:00Z", today - chrono::Duration::days(29)));
+        assert_eq!(
+            v["to"],
+            format!("{}T00:00:00Z", today + chrono::Duration::days(1))
+        );
+        assert_eq!(
+            v["from"],
+            format!("{}T00:00:00Z", today - chrono::Duration::days(29))
+        );
         let as_of = DateTime::parse_from_rfc3339(v["as_of"].as_str().unwrap()).unwrap();
         // Millisecond precision in the answer.
         let newest = l2 - chrono::Duration::milliseconds(1);
-        assert!(as_of > newest && as_of <= Utc::now(), "as_of {as_of} is the newest settled event ({l2})");
+        assert!(
+            as_of > newest && as_of <= Utc::now(),
+            "as_of {as_of} is the newest settled event ({l2})"
+        );
     };
     check(&v);
     // The original client's timeframe gives the same 30 days.
@@ -268,7 +306,12 @@ async fn analytics_and_stats_count_every_event_once_by_model_provider_feature_se
     let stats = |group: &'static str| {
         let (app, token, user) = (&app, &token, &user);
         async move {
-            let v = get_json(app, &format!("/api/users/{user}/usage/stats?group_by={group}"), token).await;
+            let v = get_json(
+                app,
+                &format!("/api/users/{user}/usage/stats?group_by={group}"),
+                token,
+            )
+            .await;
             assert_eq!(v["group_by"], group);
             assert_eq!(
                 v["totals"],
@@ -278,9 +321,7 @@ async fn analytics_and_stats_count_every_event_once_by_model_provider_feature_se
             v["rows"].clone()
         }
     };
-    let row = |k: Value, r: i64, pt: i64, ct: i64, c: i64, f: i64| {
-        json!({"key": k, "requests": r, "prompt_tokens": pt, "completion_tokens": ct, "credits_consumed": c, "feature_events": f})
-    };
+    let row = |k: Value, r: i64, pt: i64, ct: i64, c: i64, f: i64| json!({"key": k, "requests": r, "prompt_tokens": pt, "completion_tokens": ct, "credits_consumed": c, "feature_events": f});
     let check_stats = || async {
         assert_eq!(
             stats("model").await,
@@ -367,7 +408,9 @@ async fn analytics_and_stats_count_every_event_once_by_model_provider_feature_se
     // when the resend has been through the worker.
     let r = app.post(TRACK, &token, &batch).await;
     assert_eq!(r.status(), 202);
-    let r = app.post(TRACK, &token, &feature(Utc::now(), 0, "marker", None)).await;
+    let r = app
+        .post(TRACK, &token, &feature(Utc::now(), 0, "marker", None))
+        .await;
     assert_eq!(r.status(), 202);
     let v2 = app
         .eventually(Duration::from_secs(10), || async {
@@ -409,7 +452,10 @@ async fn an_accepted_event_shows_in_analytics_within_two_seconds() {
         // A cached view is in place (served twice with the same generated_at).
         let a = get_json(&app, "/api/vscode/analytics", &token).await;
         let b = get_json(&app, "/api/vscode/analytics", &token).await;
-        assert_eq!(a["generated_at"], b["generated_at"], "served from the cache");
+        assert_eq!(
+            a["generated_at"], b["generated_at"],
+            "served from the cache"
+        );
         assert_eq!(a["totals"]["requests"], round - 1);
 
         let e = json!({"kind": "model", "provider": "openai", "model": "gpt-4o",
@@ -454,12 +500,29 @@ async fn analytics_parameters_are_validated_and_stats_reach_only_their_owner() {
     for bad in ["0", "366", "-3", "abc", "7.5", ""] {
         problem(format!("/api/vscode/analytics?days={bad}"), 422, "days").await;
     }
-    problem("/api/vscode/analytics?timeframe=90d".into(), 422, "timeframe").await;
+    problem(
+        "/api/vscode/analytics?timeframe=90d".into(),
+        422,
+        "timeframe",
+    )
+    .await;
     let v = get_json(&app, "/api/vscode/analytics?days=365", &token).await;
     assert_eq!(v["daily"].as_array().unwrap().len(), 365);
     let v = get_json(&app, "/api/vscode/analytics?timeframe=1d", &token).await;
     assert_eq!(v["daily"].as_array().unwrap().len(), 1);
-    for member in ["user_id", "from", "to", "generated_at", "totals", "by_model", "by_provider", "by_feature", "daily", "summary", "as_of"] {
+    for member in [
+        "user_id",
+        "from",
+        "to",
+        "generated_at",
+        "totals",
+        "by_model",
+        "by_provider",
+        "by_feature",
+        "daily",
+        "summary",
+        "as_of",
+    ] {
         assert!(v.get(member).is_some(), "{member}");
     }
 
@@ -475,14 +538,34 @@ async fn analytics_parameters_are_validated_and_stats_reach_only_their_owner() {
         "your own account",
     )
     .await;
-    problem("/api/users/not%20an%20id/usage/stats".into(), 404, "no such user").await;
+    problem(
+        "/api/users/not%20an%20id/usage/stats".into(),
+        404,
+        "no such user",
+    )
+    .await;
 
-    let v = get_json(&app, &format!("{stats}?from=2024-01-01&to=2024-12-31T23:59:59Z&group_by=session"), &token).await;
+    let v = get_json(
+        &app,
+        &format!("{stats}?from=2024-01-01&to=2024-12-31T23:59:59Z&group_by=session"),
+        &token,
+    )
+    .await;
     assert_eq!(v["from"], "2024-01-01T00:00:00Z");
     assert_eq!(v["to"], "2025-01-01T00:00:00Z");
     assert_eq!(v["rows"], json!([]));
     // Admins reach anyone; the owner reaches their own.
-    let v = get_json(&app, &format!("/api/users/{other}/usage/stats"), &admin_token()).await;
+    let v = get_json(
+        &app,
+        &format!("/api/users/{other}/usage/stats"),
+        &admin_token(),
+    )
+    .await;
     assert_eq!(v["user_id"], other);
-    get_json(&app, &format!("/api/users/{other}/usage/stats"), &other_token).await;
+    get_json(
+        &app,
+        &format!("/api/users/{other}/usage/stats"),
+        &other_token,
+    )
+    .await;
 }

@@ -50,9 +50,8 @@ impl Person {
         let marker = format!("mk{}", uuid::Uuid::new_v4().simple());
         let email = format!("{id}@example.com");
         let name = format!("Ada {marker}");
-        let token = hs_token(
-            &json!({"sub": id, "exp": now() + 3600, "email": email, "name": name}),
-        );
+        let token =
+            hs_token(&json!({"sub": id, "exp": now() + 3600, "email": email, "name": name}));
         Self {
             machine: format!("machine-{}", uuid::Uuid::new_v4().simple()),
             id,
@@ -100,7 +99,11 @@ async fn track(app: &TestApp, p: &Person, session: &str, n: usize) {
         })
         .collect();
     let r = app
-        .post("/api/vscode/usage/track", &p.token, &json!({"events": events}))
+        .post(
+            "/api/vscode/usage/track",
+            &p.token,
+            &json!({"events": events}),
+        )
         .await;
     assert_eq!(r.status(), 202);
 }
@@ -138,12 +141,14 @@ async fn seed_postgres(app: &TestApp, p: &Person) {
         .await
         .unwrap();
     }
-    sqlx::query("update users set preferences = jsonb_build_object('signature', $2::text) where id = $1")
-        .bind(&p.id)
-        .bind(format!("{} <{}>", p.name, p.email))
-        .execute(&app.pg)
-        .await
-        .unwrap();
+    sqlx::query(
+        "update users set preferences = jsonb_build_object('signature', $2::text) where id = $1",
+    )
+    .bind(&p.id)
+    .bind(format!("{} <{}>", p.name, p.email))
+    .execute(&app.pg)
+    .await
+    .unwrap();
     sqlx::query(
         "insert into credit_holds (id, user_id, amount, status, metadata, expires_at) \
          values ($1, $2, 3, 'released', $3, now())",
@@ -175,7 +180,9 @@ async fn an_export_holds_the_users_email_sessions_usage_and_ledger() {
     let p = Person::new();
     let session = populated(&app, &p).await;
 
-    let r = app.get(&format!("/api/users/{}/export", p.id), &p.token).await;
+    let r = app
+        .get(&format!("/api/users/{}/export", p.id), &p.token)
+        .await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/json");
     let v: Value = r.json().await.expect("the export is one JSON document");
@@ -211,11 +218,17 @@ async fn an_export_holds_the_users_email_sessions_usage_and_ledger() {
 
     // Only the owner and admins.
     let (_, other) = new_user();
-    let r = app.get(&format!("/api/users/{}/export", p.id), &other).await;
+    let r = app
+        .get(&format!("/api/users/{}/export", p.id), &other)
+        .await;
     assert_eq!(r.status(), 403);
-    let r = app.get(&format!("/api/users/{}/export", p.id), &admin_token()).await;
+    let r = app
+        .get(&format!("/api/users/{}/export", p.id), &admin_token())
+        .await;
     assert_eq!(r.status(), 200);
-    let r = app.get("/api/users/user_never_seen_here/export", &admin_token()).await;
+    let r = app
+        .get("/api/users/user_never_seen_here/export", &admin_token())
+        .await;
     assert_eq!(r.status(), 404);
     w.stop().await;
 }
@@ -261,13 +274,41 @@ async fn redis_dump(app: &TestApp) -> Vec<(String, String)> {
             .await
             .unwrap();
         for k in keys {
-            let kind: String = redis::cmd("TYPE").arg(&k).query_async(&mut *conn).await.unwrap();
+            let kind: String = redis::cmd("TYPE")
+                .arg(&k)
+                .query_async(&mut *conn)
+                .await
+                .unwrap();
             let value: Vec<String> = match kind.as_str() {
-                "string" => vec![redis::cmd("GET").arg(&k).query_async(&mut *conn).await.unwrap()],
-                "hash" => redis::cmd("HGETALL").arg(&k).query_async(&mut *conn).await.unwrap(),
-                "set" => redis::cmd("SMEMBERS").arg(&k).query_async(&mut *conn).await.unwrap(),
-                "list" => redis::cmd("LRANGE").arg(&k).arg(0).arg(-1).query_async(&mut *conn).await.unwrap(),
-                "zset" => redis::cmd("ZRANGE").arg(&k).arg(0).arg(-1).query_async(&mut *conn).await.unwrap(),
+                "string" => vec![redis::cmd("GET")
+                    .arg(&k)
+                    .query_async(&mut *conn)
+                    .await
+                    .unwrap()],
+                "hash" => redis::cmd("HGETALL")
+                    .arg(&k)
+                    .query_async(&mut *conn)
+                    .await
+                    .unwrap(),
+                "set" => redis::cmd("SMEMBERS")
+                    .arg(&k)
+                    .query_async(&mut *conn)
+                    .await
+                    .unwrap(),
+                "list" => redis::cmd("LRANGE")
+                    .arg(&k)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut *conn)
+                    .await
+                    .unwrap(),
+                "zset" => redis::cmd("ZRANGE")
+                    .arg(&k)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut *conn)
+                    .await
+                    .unwrap(),
                 _ => vec![],
             };
             out.push((k, value.join("\u{1f}")));
@@ -340,21 +381,29 @@ async fn deleting_a_user_erases_personal_data_everywhere_but_keeps_the_ledger() 
     assert_eq!(body["request_id"], rid);
 
     // Refused from the moment the DELETE was answered.
-    for path in ["/api/vscode/analytics", &format!("/api/users/{}/export", p.id)] {
+    for path in [
+        "/api/vscode/analytics",
+        &format!("/api/users/{}/export", p.id),
+    ] {
         let r = app.get(path, &p.token).await;
         assert_eq!(r.status(), 403, "{path}");
         let problem: Value = r.json().await.unwrap();
         assert_eq!(problem["code"], "account_deleted");
     }
     let r = app
-        .post("/api/vscode/session/validate", &p.token, &json!({"extension_version": "1.4.0"}))
+        .post(
+            "/api/vscode/session/validate",
+            &p.token,
+            &json!({"extension_version": "1.4.0"}),
+        )
         .await;
     assert_eq!(r.status(), 403);
 
     // The queued events land now, stripped of personal data.
     let w = Worker::start(&app).await;
     app.eventually(Duration::from_secs(10), || async {
-        (usage_rows(&app, &p.id).await == 10 && sessions_stored(&app, &p.id).await == 2).then_some(())
+        (usage_rows(&app, &p.id).await == 10 && sessions_stored(&app, &p.id).await == 2)
+            .then_some(())
     })
     .await;
 
@@ -362,7 +411,10 @@ async fn deleting_a_user_erases_personal_data_everywhere_but_keeps_the_ledger() 
     needles.push(late_machine);
     for needle in &needles {
         let found = rows_containing(&app, needle).await;
-        assert!(found.is_empty(), "{needle} is still in Postgres: {found:#?}");
+        assert!(
+            found.is_empty(),
+            "{needle} is still in Postgres: {found:#?}"
+        );
     }
     let user: (String, Option<String>, Option<String>, Value, bool, i64) = sqlx::query_as(
         "select status, email, name, preferences, deleted_at is not null, credits_balance from users where id = $1",
@@ -406,7 +458,10 @@ async fn deleting_a_user_erases_personal_data_everywhere_but_keeps_the_ledger() 
     let dump = redis_dump(&app).await;
     for (k, v) in &dump {
         for needle in &needles {
-            assert!(!k.contains(needle.as_str()) && !v.contains(needle.as_str()), "{needle} in {k} = {v}");
+            assert!(
+                !k.contains(needle.as_str()) && !v.contains(needle.as_str()),
+                "{needle} in {k} = {v}"
+            );
         }
     }
     let tag = format!("{{{}}}:", p.id);
@@ -429,7 +484,10 @@ async fn deleting_a_user_erases_personal_data_everywhere_but_keeps_the_ledger() 
     let status: Option<String> = {
         let mut conn = app.redis.get().await.unwrap();
         redis::cmd("HGET")
-            .arg(format!("{}:{{{}}}:user", app.settings.redis.key_prefix, p.id))
+            .arg(format!(
+                "{}:{{{}}}:user",
+                app.settings.redis.key_prefix, p.id
+            ))
             .arg("status")
             .query_async(&mut *conn)
             .await
@@ -441,7 +499,9 @@ async fn deleting_a_user_erases_personal_data_everywhere_but_keeps_the_ledger() 
     let r = twin.get("/api/vscode/analytics", &p.token).await;
     assert_eq!(r.status(), 403);
     // An admin can still export what is left: the pseudonym and the ledger.
-    let r = app.get(&format!("/api/users/{}/export", p.id), &admin_token()).await;
+    let r = app
+        .get(&format!("/api/users/{}/export", p.id), &admin_token())
+        .await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert!(v["user"]["email"].is_null());
