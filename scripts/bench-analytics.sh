@@ -23,12 +23,19 @@ PORT=${PORT:-18080}
 PREFIX=bench
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 
-cargo build --release -q -p gateway -p worker
-BIN=$CARGO_TARGET_DIR/release
+# PROFILE=dev measures the debug build (faster to build, slower to run).
+PROFILE=${PROFILE:-release}
+if [[ $PROFILE == release ]]; then
+  cargo build --release -q -p gateway -p worker
+  BIN=$CARGO_TARGET_DIR/release
+else
+  cargo build -q -p gateway -p worker
+  BIN=$CARGO_TARGET_DIR/debug
+fi
 
 if [[ -z ${SKIP_LOAD:-} ]]; then
   psql -q "$PG/postgres" -c "drop database if exists $DB with (force)" -c "create database $DB"
-  DATABASE_URL=$PG/$DB "$BIN/worker" migrate
+  DATABASE_URL=$PG/$DB JWT_SECRET=bench-secret-0123456789-0123456789 "$BIN/worker" migrate
   echo "loading $ROWS usage rows for $USER_ID (a few minutes) ..."
   psql -q "$PG/$DB" -v user=$USER_ID -v rows="$ROWS" -f scripts/bench-analytics.sql
 fi
@@ -71,7 +78,7 @@ hit "/api/vscode/analytics?days=365" >/dev/null # provisions nothing (loaded), w
 FROM=$(date -u -d '365 days ago' +%F)
 TO=$(date -u +%F)
 echo
-echo "$ROWS usage rows, $N requests each, sequential, ms:"
+echo "$ROWS usage rows, $N requests each, sequential, $PROFILE build, ms:"
 echo
 echo "| request | p50 | p95 | max | mean |"
 echo "|---|---|---|---|---|"

@@ -254,11 +254,13 @@ fn last_day_of(from: DateTime<Utc>, to: DateTime<Utc>) -> NaiveDate {
 // Shaping rows into answers
 // ---------------------------------------------------------------------------
 
-/// One rollup aggregate: a (day, kind, provider, model, feature) cell summed
-/// over sessions.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+/// One rollup aggregate of one of two grouping sets over the window: per
+/// (day, kind) when `day` is set (provider, model and feature are then
+/// empty), or per (kind, provider, model, feature) over the whole window when
+/// it is not. Every event counts once in each set.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RollupRow {
-    pub day: NaiveDate,
+    pub day: Option<NaiveDate>,
     pub kind: String,
     pub provider: String,
     pub model: String,
@@ -311,17 +313,24 @@ pub fn shape_analytics(
     let mut daily: BTreeMap<NaiveDate, DaySums> =
         window.days().map(|d| (d, DaySums::default())).collect();
     for r in &input.rows {
-        let day = daily.entry(r.day).or_default();
-        if r.kind == "model" {
-            let m = by_model.entry((&r.provider, &r.model)).or_default();
-            m.requests += r.requests;
-            m.prompt_tokens += r.prompt_tokens;
-            m.completion_tokens += r.completion_tokens;
-            day.requests += r.requests;
-            day.total_tokens += r.prompt_tokens + r.completion_tokens;
-        } else {
-            *by_feature.entry(&r.feature).or_default() += r.requests;
-            day.feature_events += r.requests;
+        let model = r.kind == "model";
+        match r.day {
+            Some(d) => {
+                let day = daily.entry(d).or_default();
+                if model {
+                    day.requests += r.requests;
+                    day.total_tokens += r.prompt_tokens + r.completion_tokens;
+                } else {
+                    day.feature_events += r.requests;
+                }
+            }
+            None if model => {
+                let m = by_model.entry((&r.provider, &r.model)).or_default();
+                m.requests += r.requests;
+                m.prompt_tokens += r.prompt_tokens;
+                m.completion_tokens += r.completion_tokens;
+            }
+            None => *by_feature.entry(&r.feature).or_default() += r.requests,
         }
     }
     for (d, c) in &input.credits {
@@ -485,59 +494,57 @@ pub async fn load_analytics(
     user_id: &str,
     window: DayWindow,
 ) -> Result<AnalyticsInput> {
-    // One scan of the user's rollup rows in the window (primary key prefix
-    // user_id, day), summed over sessions; the distinct sessions and the
-    // newest write come from the same scan.
-    let rows: Vec<(RollupRow, i64, Option<DateTime<Utc>>)> = sqlx::query_as::<
-        _,
-        (
-            NaiveDate,
-            String,
-            String,
-            String,
-            String,
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<DateTime<Utc>>,
-        ),
-    >(
-        "with r as materialized ( \
-           select day, kind, provider, model, feature, session_id, requests, prompt_tokens, \
-                  completion_tokens, updated_at \
-           from usage_daily where user_id = $1 and day >= $2 and day <= $3) \
-         select day, kind, provider, model, feature, sum(requests)::int8, \
-                sum(prompt_tokens)::int8, sum(completion_tokens)::int8, \
-                (select count(distinct session_id) from r where session_id <> '')::int8, \
-                (select max(updated_at) from r) \
-         from r group by day, kind, provider, model, feature",
+    // One statement over the user's rollup rows in the window (primary key
+    // prefix user_id, day): per day and kind for `daily`, per model/feature
+    // for the breakdowns, and one row for the whole window with the newest
+    // write; distinct sessions by hashing (a sort of the ids costs more).
+    type Row = (
+        Option<NaiveDate>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        i64,
+        i64,
+        i64,
+        Option<DateTime<Utc>>,
+        i64,
+    );
+    let grouped: Vec<Row> = sqlx::query_as(
+        "select day, kind, provider, model, feature, coalesce(sum(requests), 0)::int8, \
+                coalesce(sum(prompt_tokens), 0)::int8, coalesce(sum(completion_tokens), 0)::int8, \
+                max(updated_at), \
+                (select count(*) from (select session_id from usage_daily \
+                   where user_id = $1 and day >= $2 and day <= $3 and session_id <> '' \
+                   group by session_id) s)::int8 \
+         from usage_daily where user_id = $1 and day >= $2 and day <= $3 \
+         group by grouping sets ((day, kind), (kind, provider, model, feature), ())",
     )
     .bind(user_id)
     .bind(window.first)
     .bind(window.last)
     .fetch_all(pg)
-    .await?
-    .into_iter()
-    .map(|(day, kind, provider, model, feature, n, pt, ct, s, at)| {
-        (
-            RollupRow {
-                day,
-                kind,
-                provider,
-                model,
-                feature,
-                requests: n,
-                prompt_tokens: pt,
-                completion_tokens: ct,
-            },
-            s,
-            at,
-        )
-    })
-    .collect();
-    let sessions = rows.first().map(|r| r.1).unwrap_or(0);
-    let rollup_as_of = rows.first().and_then(|r| r.2);
+    .await?;
+    let mut rows = Vec::with_capacity(grouped.len());
+    let (mut sessions, mut rollup_as_of) = (0, None);
+    for (day, kind, provider, model, feature, n, pt, ct, at, s) in grouped {
+        let Some(kind) = kind else {
+            // The whole-window row.
+            sessions = s;
+            rollup_as_of = at;
+            continue;
+        };
+        rows.push(RollupRow {
+            day,
+            kind,
+            provider: provider.unwrap_or_default(),
+            model: model.unwrap_or_default(),
+            feature: feature.unwrap_or_default(),
+            requests: n,
+            prompt_tokens: pt,
+            completion_tokens: ct,
+        });
+    }
     // The ledger's daily rollup (kept by a trigger on the ledger, 0002).
     let credits: Vec<(NaiveDate, i64, DateTime<Utc>)> = sqlx::query_as(
         "select day, sum(consumed)::int8, max(updated_at) from credit_daily \
@@ -550,7 +557,7 @@ pub async fn load_analytics(
     .await?;
     let ledger_as_of = credits.iter().map(|c| c.2).max();
     Ok(AnalyticsInput {
-        rows: rows.into_iter().map(|r| r.0).collect(),
+        rows,
         credits: credits.into_iter().map(|(d, c, _)| (d, c)).collect(),
         sessions,
         as_of: rollup_as_of.max(ledger_as_of),
@@ -816,7 +823,7 @@ mod tests {
         ct: i64,
     ) -> RollupRow {
         RollupRow {
-            day: d(day),
+            day: Some(d(day)),
             kind: kind.into(),
             provider: p.into(),
             model: m.into(),
@@ -827,6 +834,40 @@ mod tests {
         }
     }
 
+    /// What the SQL's grouping sets make of rollup cells.
+    fn grouping_sets(cells: Vec<RollupRow>) -> Vec<RollupRow> {
+        let mut out: Vec<RollupRow> = Vec::new();
+        for c in cells {
+            let per_day = RollupRow {
+                provider: String::new(),
+                model: String::new(),
+                feature: String::new(),
+                ..c.clone()
+            };
+            let per_attr = RollupRow { day: None, ..c };
+            for cell in [per_day, per_attr] {
+                match out.iter_mut().find(|o| {
+                    (&o.day, &o.kind, &o.provider, &o.model, &o.feature)
+                        == (
+                            &cell.day,
+                            &cell.kind,
+                            &cell.provider,
+                            &cell.model,
+                            &cell.feature,
+                        )
+                }) {
+                    Some(o) => {
+                        o.requests += cell.requests;
+                        o.prompt_tokens += cell.prompt_tokens;
+                        o.completion_tokens += cell.completion_tokens;
+                    }
+                    None => out.push(cell),
+                }
+            }
+        }
+        out
+    }
+
     #[test]
     fn analytics_sum_models_providers_features_and_days() {
         let w = DayWindow {
@@ -834,14 +875,14 @@ mod tests {
             last: d("2024-03-10"),
         };
         let input = AnalyticsInput {
-            rows: vec![
+            rows: grouping_sets(vec![
                 row("2024-03-08", "model", "openai", "gpt-4o", "", 2, 100, 10),
                 row("2024-03-10", "model", "openai", "gpt-4o", "", 1, 50, 5),
                 row("2024-03-10", "model", "openai", "gpt-4o-mini", "", 3, 30, 3),
                 row("2024-03-10", "model", "anthropic", "claude", "", 1, 7, 1),
                 row("2024-03-10", "feature", "", "", "chat", 4, 0, 0),
                 row("2024-03-08", "feature", "", "", "edit", 1, 0, 0),
-            ],
+            ]),
             credits: vec![(d("2024-03-08"), 5), (d("2024-03-09"), 2)],
             sessions: 2,
             as_of: Some(at("2024-03-10T12:00:00Z")),

@@ -457,3 +457,104 @@ async fn a_poison_message_replayed_after_its_cause_is_fixed_lands_once_and_purge
     assert!(out.contains("1 purged"), "{out}");
     assert_eq!(env.queue_depth(&dlq).await, 0);
 }
+
+/// A settled consume moves `credits_consumed` (kept in `credit_daily` by the
+/// ledger's trigger), so the commit drops the user's cached analytics and
+/// bumps their generation; a deleted user's credit events land without
+/// free-form data.
+#[tokio::test]
+async fn credit_commits_drop_cached_analytics_and_deleted_users_credit_events_land_stripped() {
+    let env = env().await;
+    let ctx = &env.ctx;
+    sqlx::query("insert into users (id, status) values ('payer', 'active'), ('gone', 'deleted')")
+        .execute(&ctx.pg)
+        .await
+        .unwrap();
+    let mut redis = ctx.redis.get().await.unwrap();
+    let view = ctx.keys.analytics("payer", 30);
+    let index = ctx.keys.analytics_index("payer");
+    let _: () = redis::pipe()
+        .set(&view, "{}")
+        .ignore()
+        .sadd(&index, &view)
+        .ignore()
+        .query_async(&mut *redis)
+        .await
+        .unwrap();
+    let context = CreditContext {
+        model: Some("gpt-4o".into()),
+        description: Some("private words".into()),
+        metadata: Some(serde_json::json!({"note": "private"})),
+        ..Default::default()
+    };
+    let consume = |user: &str, amount: i64| {
+        Envelope::new(
+            Event::CreditConsume(CreditConsume {
+                transaction_id: uuid::Uuid::new_v4(),
+                user_id: user.into(),
+                amount,
+                context: context.clone(),
+            }),
+            Some(user.into()),
+            Utc::now(),
+        )
+    };
+    let hold = Envelope::new(
+        Event::HoldOpened(common::events::HoldOpened {
+            hold_id: uuid::Uuid::new_v4(),
+            user_id: "gone".into(),
+            amount: 3,
+            expires_at: Utc::now() + chrono::Duration::minutes(5),
+            context: context.clone(),
+        }),
+        Some("gone".into()),
+        Utc::now(),
+    );
+    let batch = [
+        consume("payer", 4),
+        consume("payer", 5),
+        consume("gone", 2),
+        hold,
+    ];
+    let effects = worker::handlers::apply(ctx, &batch.iter().collect::<Vec<_>>())
+        .await
+        .unwrap();
+    worker::handlers::after_commit(ctx, effects).await;
+
+    let (cached, gen): (Option<String>, Option<String>) = redis::cmd("MGET")
+        .arg(&view)
+        .arg(ctx.keys.analytics_gen("payer"))
+        .query_async(&mut *redis)
+        .await
+        .unwrap();
+    assert_eq!(cached, None, "the cached view is dropped");
+    assert_eq!(gen.as_deref(), Some("1"), "and the generation bumped");
+    assert_eq!(
+        env.count("select consumed from credit_daily where user_id = 'payer' and model = 'gpt-4o'")
+            .await,
+        9
+    );
+    assert_eq!(
+        env.count(
+            "select count(*) from credit_transactions where user_id = 'gone' \
+             and description is null and metadata is null"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        env.count("select count(*) from credit_holds where user_id = 'gone' and metadata is null")
+            .await,
+        1
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", ctx.keys.prefix()))
+        .query_async(&mut *redis)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(keys)
+        .query_async(&mut *redis)
+        .await
+        .unwrap();
+}
