@@ -2,6 +2,7 @@
 
 mod analytics;
 mod auth;
+mod compat;
 mod credits;
 mod fuzz;
 mod helpers;
