@@ -7,6 +7,16 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
+/// session_id, model, provider, prompt_tokens, description, amount of a ledger row.
+type LedgerRow = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    i64,
+);
+
 #[tokio::test]
 async fn consume_takes_the_original_members_and_answers_success_and_remaining_credits() {
     let app = spawn_app().await;
@@ -23,7 +33,7 @@ async fn consume_takes_the_original_members_and_answers_success_and_remaining_cr
     assert_eq!(a["remaining_credits"], 96);
     assert_eq!(a["balance"], 96);
     let id = uuid::Uuid::parse_str(a["transaction_id"].as_str().unwrap()).unwrap();
-    let row: (Option<String>, Option<String>, Option<String>, Option<i64>, Option<String>, i64) = app
+    let row: LedgerRow = app
         .eventually(Duration::from_secs(10), || async {
             sqlx::query_as("select session_id, model, provider, prompt_tokens, description, amount from credit_transactions where id = $1")
                 .bind(id)
