@@ -48,6 +48,37 @@ async fn consume_takes_the_original_members_and_answers_success_and_remaining_cr
     assert_eq!(row.3, Some(321));
     assert_eq!(row.4.as_deref(), Some("completion"));
     assert_eq!(row.5, -4);
+    // The user's own state changes land in the audit trail, once each.
+    let audited: (i64, Value) = sqlx::query_as(
+        "select count(*) over (), details from audit_log where target = $1 and action = 'credits.consume'",
+    )
+    .bind(&user)
+    .fetch_one(&app.pg)
+    .await
+    .unwrap();
+    assert_eq!(audited.0, 1);
+    assert_eq!(audited.1["amount"], 4);
+    let r = app
+        .client
+        .patch(app.url(&format!("/api/users/{user}/preferences")))
+        .bearer_auth(&token)
+        .json(&json!({"theme": "dark"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let details: Value = app
+        .eventually(Duration::from_secs(10), || async {
+            sqlx::query_scalar(
+                "select details from audit_log where target = $1 and action = 'user.preferences'",
+            )
+            .bind(&user)
+            .fetch_optional(&app.pg)
+            .await
+            .unwrap()
+        })
+        .await;
+    assert_eq!(details, json!({"keys": ["theme"]}));
 }
 
 #[tokio::test]

@@ -21,6 +21,17 @@ pub async fn store(
             Event::CreditConsume(c) => {
                 if settle(tx, c.transaction_id, &c.user_id, c.amount, &c.context, None).await? {
                     effects.stored += 1;
+                    // The user's own state change, audited once (with the ledger row).
+                    audit(
+                        tx,
+                        &c.user_id,
+                        "credits.consume",
+                        env.id,
+                        serde_json::json!({
+                            "amount": c.amount, "transaction_id": c.transaction_id,
+                        }),
+                    )
+                    .await?;
                 }
                 effects.settled.push((c.user_id.clone(), c.transaction_id));
                 effects.credit_users.insert(c.user_id.clone());
@@ -155,5 +166,26 @@ pub async fn after_commit(ctx: &Ctx, effects: &Effects) -> anyhow::Result<()> {
         pipe.hset(ctx.keys.credits(user), "as_of", &now).ignore();
     }
     pipe.query_async::<()>(&mut *conn).await?;
+    Ok(())
+}
+
+/// An audit row for a user's own credit movement, written in the same
+/// transaction as the ledger row (so exactly once per event).
+async fn audit(
+    tx: &mut Transaction<'_, Postgres>,
+    user_id: &str,
+    action: &str,
+    event_id: Uuid,
+    details: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into audit_log (actor, action, target, request_id, details) values ($1, $2, $1, $3, $4)",
+    )
+    .bind(user_id)
+    .bind(action)
+    .bind(event_id.to_string())
+    .bind(details)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }

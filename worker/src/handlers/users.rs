@@ -23,6 +23,23 @@ pub async fn store(
                 .bind(&p.patch)
                 .execute(&mut **tx)
                 .await?;
+                // Audited once per event; only the keys, since values may be
+                // personal data that an erasure must not leave behind.
+                let keys: Vec<&String> = p
+                    .patch
+                    .as_object()
+                    .map(|o| o.keys().collect())
+                    .unwrap_or_default();
+                sqlx::query(
+                    "insert into audit_log (actor, action, target, request_id, details) \
+                     select $1, 'user.preferences', $1, $2, $3 \
+                     where not exists (select 1 from audit_log where target = $1 and request_id = $2)",
+                )
+                .bind(&p.user_id)
+                .bind(env.id.to_string())
+                .bind(serde_json::json!({"keys": keys}))
+                .execute(&mut **tx)
+                .await?;
                 effects.stored += 1;
                 effects.profile_users.insert(p.user_id.clone());
             }
