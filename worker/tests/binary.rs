@@ -2,7 +2,6 @@
 //! exits 0; `kill -9` mid-stream loses nothing and doubles nothing.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -11,82 +10,34 @@ use common::events::{Envelope, Event, UsageBatch, UsageDetail, UsageEvent};
 use common::settings::Settings;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::BasicProperties;
-use sqlx::Connection;
 
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+mod support;
 
 struct Env {
-    db: String,
     vars: HashMap<String, String>,
     settings: Settings,
     pg: sqlx::PgPool,
+    _stack: support::Stack,
 }
 
 async fn env() -> Env {
-    let db = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
-    sqlx::query(&format!("create database \"{db}\""))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let url = format!("{}/{db}", admin_url().rsplit_once('/').unwrap().0);
-    let tag = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let vars: HashMap<String, String> = [
-        ("DATABASE_URL", url.as_str()),
-        ("JWT_SECRET", "x"),
+    let stack = support::Stack::new(&[
         ("WORKER_LISTEN", "127.0.0.1:0"),
-        ("APP__REDIS__KEY_PREFIX", tag.as_str()),
-        ("APP__AMQP__NAMESPACE", tag.as_str()),
         ("APP__WORKER__BATCH_SIZE", "50"),
         ("APP__WORKER__PREFETCH", "100"),
         ("RUST_LOG", "warn"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let settings = Settings::load_from(Path::new("/nonexistent"), &vars).unwrap();
-    worker::migrate(&settings).await.unwrap();
-    let pg = sqlx::PgPool::connect(&url).await.unwrap();
+    ])
+    .await;
+    let pg = stack.db.pool(5).await;
     sqlx::query("insert into users (id) values ('u')")
         .execute(&pg)
         .await
         .unwrap();
     Env {
-        db,
-        vars,
-        settings,
+        vars: stack.vars.clone(),
+        settings: stack.settings.clone(),
         pg,
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let db = self.db.clone();
-        let s = self.settings.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
-                    let _ = sqlx::query(&format!("drop database if exists \"{db}\" with (force)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-                if let Ok(conn) = common::topology::connect(&s.amqp.url).await {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = common::topology::Topology::new(&s.amqp.namespace, 20)
-                            .delete(&ch)
-                            .await;
-                    }
-                }
-            });
-        })
-        .join();
+        _stack: stack,
     }
 }
 

@@ -1,8 +1,6 @@
 //! The worker driven step by step against the real broker and database:
 //! crash between commit and ack, poison messages, refused data.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -13,75 +11,25 @@ use common::settings::Settings;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
-use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 use worker::consumer::QueueConsumer;
 use worker::startup::Ctx;
 
+mod support;
+
 struct Env {
     ctx: Ctx,
-    db: String,
     settings: Settings,
-}
-
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    _stack: support::Stack,
 }
 
 async fn env() -> Env {
-    let db = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&admin_url()).await.unwrap();
-    sqlx::query(&format!("create database \"{db}\""))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let url = format!("{}/{db}", admin_url().rsplit_once('/').unwrap().0);
-    let tag = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    let vars: HashMap<String, String> = [
-        ("DATABASE_URL", url.as_str()),
-        ("JWT_SECRET", "x"),
-        ("APP__REDIS__KEY_PREFIX", tag.as_str()),
-        ("APP__AMQP__NAMESPACE", tag.as_str()),
-        ("APP__WORKER__BATCH_WAIT_MS", "200"),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
-    let settings = Settings::load_from(Path::new("/nonexistent"), &vars).unwrap();
-    worker::migrate(&settings).await.unwrap();
+    let stack = support::Stack::new(&[("APP__WORKER__BATCH_WAIT_MS", "200")]).await;
+    let settings = stack.settings.clone();
     Env {
         ctx: Ctx::new(settings.clone()).unwrap(),
-        db,
         settings,
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let db = self.db.clone();
-        let s = self.settings.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
-                    let _ = sqlx::query(&format!("drop database if exists \"{db}\" with (force)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-                if let Ok(conn) = common::topology::connect(&s.amqp.url).await {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = common::topology::Topology::new(&s.amqp.namespace, 20)
-                            .delete(&ch)
-                            .await;
-                    }
-                }
-            });
-        })
-        .join();
+        _stack: stack,
     }
 }
 

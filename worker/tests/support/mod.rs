@@ -101,3 +101,60 @@ impl Drop for TestDb {
         .join();
     }
 }
+
+/// A migrated database plus an own Redis key prefix and AMQP namespace; the
+/// database (via [`TestDb`]) and the namespace's queues and exchanges are
+/// removed on drop.
+pub struct Stack {
+    pub vars: HashMap<String, String>,
+    pub settings: Settings,
+    // Declared last: dropped after the namespace cleanup below ran.
+    pub db: TestDb,
+}
+
+impl Stack {
+    /// `extra` variables are layered over the stack's own.
+    pub async fn new(extra: &[(&str, &str)]) -> Self {
+        let db = TestDb::migrated().await;
+        let tag = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let mut vars: HashMap<String, String> = [
+            ("DATABASE_URL", db.url.as_str()),
+            ("JWT_SECRET", "unused-in-these-tests"),
+            ("APP__REDIS__KEY_PREFIX", tag.as_str()),
+            ("APP__AMQP__NAMESPACE", tag.as_str()),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        let settings = Settings::load_from(Path::new("/nonexistent"), &vars).expect("settings");
+        Self { vars, settings, db }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let s = self.settings.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                if let Ok(conn) = common::topology::connect(&s.amqp.url).await {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let topo = common::topology::Topology::new(
+                            &s.amqp.namespace,
+                            s.amqp.delivery_limit,
+                        );
+                        let _ = topo.delete(&ch).await;
+                    }
+                    let _ = conn.close(200, "bye").await;
+                }
+            });
+        })
+        .join();
+    }
+}
