@@ -100,7 +100,17 @@ pub struct WorkerSettings {
     /// Queues this process consumes: any of usage, credits, sessions, users.
     pub queues: Vec<String>,
     pub prefetch: u16,
+    /// Prefetch of the usage queue: its messages carry up to
+    /// `amqp.max_batch_events` events each, so fewer are held (memory).
+    pub usage_prefetch: u16,
+    /// Consumers of the usage queue in one process (each its own channel and
+    /// transaction), so Postgres works on one batch while the next is read.
+    pub usage_consumers: usize,
+    /// Messages per batch (one transaction), at most.
     pub batch_size: usize,
+    /// Bytes of message bodies per batch, at most (a usage message may carry
+    /// thousands of events; this bounds a transaction's size).
+    pub batch_max_bytes: usize,
     /// How long a batch waits to fill before it is written anyway.
     pub batch_wait_ms: u64,
     pub cleanup_interval_secs: u64,
@@ -229,7 +239,10 @@ user_cache_ttl_ms = 2000
 listen = "0.0.0.0:9090"
 queues = ["usage", "credits", "sessions", "users"]
 prefetch = 2000
+usage_prefetch = 128
+usage_consumers = 2
 batch_size = 1000
+batch_max_bytes = 4194304
 batch_wait_ms = 20
 cleanup_interval_secs = 300
 reconcile_interval_secs = 60

@@ -619,7 +619,7 @@ pub async fn analytics(state: &AppState, user_id: &str, days: u32) -> Result<Val
     let window = DayWindow::last_days(days, now);
     let key = state.keys.analytics(user_id, days);
     let gen_key = state.keys.analytics_gen(user_id);
-    let mut conn = state.redis.get().await.ok();
+    let mut conn = state.redis().await.ok();
     // The generation is read before Postgres, so a commit after it shows up as
     // a newer generation and this view is never served once that happens.
     let mut gen: Option<String> = None;

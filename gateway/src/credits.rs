@@ -590,7 +590,7 @@ pub async fn balance(state: &AppState, user_id: &str) -> Result<Balance> {
         }
         let keys = UserKeys::new(&state.keys, user_id);
         let outcome = async {
-            let mut conn = state.redis.get().await?;
+            let mut conn = state.redis().await?;
             let raw: Vec<String> = keys
                 .invoke(&scripts().read, ttl_ms(state))
                 .invoke_async(&mut *conn)
@@ -648,7 +648,7 @@ pub async fn balance_from_postgres(state: &AppState, user_id: &str) -> Result<Ba
 /// transaction id, which the ledger deduplicates.
 async fn remember(state: &AppState, idem: &Idem, answer: &Remembered) {
     let result = async {
-        let mut conn = state.redis.get().await?;
+        let mut conn = state.redis().await?;
         scripts()
             .idem_finish
             .key(&idem.record)
@@ -728,7 +728,7 @@ pub async fn consume(
     if let Err(e) = publish(state, user_id, event).await {
         let give_back = created && publish_surely_failed(&e);
         let undo = async {
-            let mut conn = state.redis.get().await?;
+            let mut conn = state.redis().await?;
             let mut inv = keys.invoke(&scripts().consume_undo, ttl);
             inv.key(&record)
                 .arg(&hash)
@@ -843,7 +843,7 @@ pub async fn open_hold(
     if let Err(e) = publish(state, user_id, event).await {
         let remove = created && publish_surely_failed(&e);
         let undo = async {
-            let mut conn = state.redis.get().await?;
+            let mut conn = state.redis().await?;
             let mut inv = keys.invoke(&scripts().hold_undo, ttl);
             inv.key(&record)
                 .arg(&hash)
@@ -922,7 +922,7 @@ pub async fn settle_hold(
     if let Err(e) = publish(state, user_id, event).await {
         if publish_surely_failed(&e) {
             let undo = async {
-                let mut conn = state.redis.get().await?;
+                let mut conn = state.redis().await?;
                 let mut inv = keys.invoke(&scripts().hold_unsettle, ttl);
                 inv.arg(hold_id.to_string())
                     .arg(tx.to_string())
@@ -979,7 +979,7 @@ pub async fn release_hold(state: &AppState, user_id: &str, hold_id: Uuid) -> Res
     if let Err(e) = publish(state, user_id, event).await {
         if publish_surely_failed(&e) {
             let undo = async {
-                let mut conn = state.redis.get().await?;
+                let mut conn = state.redis().await?;
                 let mut inv = keys.invoke(&scripts().hold_unrelease, ttl);
                 inv.arg(hold_id.to_string()).arg(&hold_raw);
                 inv.invoke_async::<Vec<String>>(&mut *conn).await?;
@@ -1070,7 +1070,7 @@ pub async fn grant(state: &AppState, g: GrantRequest) -> Result<Answer> {
         let applied_key = state.keys.grants_applied(&g.user_id);
         let ttl = ttl_ms(state);
         let outcome = async {
-            let mut conn = state.redis.get().await?;
+            let mut conn = state.redis().await?;
             let mut inv = keys.invoke(&scripts().grant_apply, ttl);
             inv.key(&applied_key)
                 .arg(id.to_string())

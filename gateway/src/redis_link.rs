@@ -89,6 +89,14 @@ impl RedisLink {
         }
     }
 
+    /// The shared connection itself, for multi-step work (credit scripts,
+    /// caches). Each command on it is bounded by the response timeout; a
+    /// broken link is noticed (and replaced) by the next [`RedisLink::run`],
+    /// which every `/api/` request makes for its rate limit.
+    pub async fn connection(&self) -> Result<MultiplexedConnection, LinkError> {
+        self.conn().await.map(|(_, c)| c)
+    }
+
     async fn conn(&self) -> Result<(u64, MultiplexedConnection), LinkError> {
         if let Some(c) = self.current.lock().expect("lock").clone() {
             return Ok(c);

@@ -119,7 +119,7 @@ pub async fn validate(
 
 async fn store(
     state: &AppState,
-    conn: &mut deadpool_redis::Connection,
+    conn: &mut crate::state::LinkConn,
     rec: &SessionRecord,
     ttl: u64,
 ) -> Result<()> {

@@ -30,8 +30,26 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// A pooled Redis connection (503 when Redis is down).
-    pub async fn redis(&self) -> crate::http::error::Result<deadpool_redis::Connection> {
-        Ok(self.redis.get().await?)
+    /// The shared multiplexed Redis connection (503 when Redis is down).
+    /// Concurrent requests pipeline on it; a pooled connection would cost a
+    /// `PING` per checkout and queue requests for the pool's few sockets.
+    pub async fn redis(&self) -> crate::http::error::Result<LinkConn> {
+        Ok(LinkConn(self.redis_link.connection().await?))
+    }
+}
+
+/// A handle on the shared connection; `&mut *conn` is a `ConnectionLike`.
+pub struct LinkConn(redis::aio::MultiplexedConnection);
+
+impl std::ops::Deref for LinkConn {
+    type Target = redis::aio::MultiplexedConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for LinkConn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }

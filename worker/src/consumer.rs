@@ -116,8 +116,13 @@ impl QueueConsumer {
         ctx.topology.declare(&channel).await?;
         // Prefetch bounds unacked messages per consumer: large enough to fill a
         // batch, small enough that a crash redelivers a bounded amount.
+        let prefetch = if short == "usage" {
+            ctx.settings.worker.usage_prefetch
+        } else {
+            ctx.settings.worker.prefetch
+        };
         channel
-            .basic_qos(ctx.settings.worker.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let queue = ctx.topology.queue(short);
         let tag = format!("worker-{}-{}", std::process::id(), uuid::Uuid::new_v4());
@@ -168,13 +173,16 @@ impl QueueConsumer {
             d = self.consumer.next() => d?.ok()?,
         };
         self.probe_set(1);
+        let w = &self.ctx.settings.worker;
+        let mut bytes = first.data.len();
         let mut batch = vec![first];
-        let max = self.ctx.settings.worker.batch_size;
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_millis(self.ctx.settings.worker.batch_wait_ms);
-        while batch.len() < max {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(w.batch_wait_ms);
+        while batch.len() < w.batch_size && bytes < w.batch_max_bytes {
             match tokio::time::timeout_at(deadline, self.consumer.next()).await {
-                Ok(Some(Ok(d))) => batch.push(d),
+                Ok(Some(Ok(d))) => {
+                    bytes += d.data.len();
+                    batch.push(d);
+                }
                 _ => break,
             }
         }

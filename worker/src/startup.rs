@@ -69,11 +69,18 @@ impl Worker {
         });
         let mut tasks = Vec::new();
         for q in &self.ctx.settings.worker.queues {
-            tasks.push(tokio::spawn(crate::consumer::run(
-                self.ctx.clone(),
-                q.clone(),
-                self.shutdown.clone(),
-            )));
+            let n = if q == "usage" {
+                self.ctx.settings.worker.usage_consumers.max(1)
+            } else {
+                1
+            };
+            for _ in 0..n {
+                tasks.push(tokio::spawn(crate::consumer::run(
+                    self.ctx.clone(),
+                    q.clone(),
+                    self.shutdown.clone(),
+                )));
+            }
         }
         tasks.push(tokio::spawn(crate::schedule::run(
             self.ctx.clone(),

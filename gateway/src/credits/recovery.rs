@@ -87,7 +87,7 @@ impl Recovery {
 
 /// Records the recovery's start on Redis's clock (once); returns it.
 async fn start(state: &AppState) -> anyhow::Result<String> {
-    let mut conn = state.redis.get().await?;
+    let mut conn = state.redis().await?;
     let v: String = scripts()
         .recovery_enter
         .key(state.keys.recovery())
@@ -101,7 +101,7 @@ async fn start(state: &AppState) -> anyhow::Result<String> {
 /// was ever reserved; a reservation needs the sentinel) is simply written; an
 /// absent sentinel anywhere else means Redis lost its data: a recovery starts.
 pub async fn prepare(state: &AppState) -> anyhow::Result<()> {
-    let mut conn = state.redis.get().await?;
+    let mut conn = state.redis().await?;
     let (global, recovering): (bool, Option<String>) = redis::pipe()
         .exists(state.keys.sentinel())
         .get(state.keys.recovery())
@@ -131,7 +131,7 @@ pub async fn prepare(state: &AppState) -> anyhow::Result<()> {
 /// Writes every slot's sentinel, then the global one (last, so the watcher
 /// sees a finished write).
 async fn write_sentinels(
-    conn: &mut deadpool_redis::Connection,
+    conn: &mut crate::state::LinkConn,
     state: &AppState,
     only_if_absent: bool,
 ) -> anyhow::Result<()> {
@@ -218,7 +218,7 @@ struct Watcher {
 
 impl Watcher {
     async fn step(&mut self, state: &AppState) -> anyhow::Result<()> {
-        let mut conn = state.redis.get().await?;
+        let mut conn = state.redis().await?;
         let (global, recovering): (bool, Option<String>) = redis::pipe()
             .exists(state.keys.sentinel())
             .get(state.keys.recovery())
@@ -315,7 +315,7 @@ impl Watcher {
 }
 
 /// Redis's clock in milliseconds (the clock the scripts and heartbeats use).
-async fn redis_now(conn: &mut deadpool_redis::Connection) -> anyhow::Result<i64> {
+async fn redis_now(conn: &mut crate::state::LinkConn) -> anyhow::Result<i64> {
     let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut **conn).await?;
     Ok(secs * 1000 + micros / 1000)
 }

@@ -218,6 +218,12 @@ impl From<redis::RedisError> for ApiError {
     }
 }
 
+impl From<crate::redis_link::LinkError> for ApiError {
+    fn from(e: crate::redis_link::LinkError) -> Self {
+        Self::unavailable("redis", e)
+    }
+}
+
 impl From<deadpool_redis::PoolError> for ApiError {
     fn from(e: deadpool_redis::PoolError) -> Self {
         Self::unavailable("redis", e)

@@ -351,7 +351,7 @@ async fn erase_in_redis(state: &AppState, id: &str) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     rec.status = Status::Deleted;
     crate::users::write_redis(state, &rec).await?;
-    let mut conn = state.redis.get().await?;
+    let mut conn = state.redis().await?;
     let base = state.keys.user_info(id);
     let prefix = base.strip_suffix("user").unwrap_or(&base).to_string();
     let pattern = format!("{}*", glob_escape(&prefix));

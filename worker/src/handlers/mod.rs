@@ -74,8 +74,9 @@ pub async fn apply(ctx: &Ctx, envs: &[&Envelope]) -> Result<Effects, sqlx::Error
 /// Redis follow-ups after a commit. Best effort: Redis is a cache here, and
 /// the reconciler repairs what a failure leaves behind.
 pub async fn after_commit(ctx: &Ctx, effects: Effects) {
-    for lag in &effects.lags {
-        metrics::histogram!("publish_to_postgres_lag_seconds").record(*lag);
+    let lag = metrics::histogram!("publish_to_postgres_lag_seconds");
+    for l in &effects.lags {
+        lag.record(*l);
     }
     if let Err(e) = credits::after_commit(ctx, &effects).await {
         tracing::warn!(error = %e, "credit follow-up failed; the reconciler will repair");
@@ -87,18 +88,17 @@ pub async fn after_commit(ctx: &Ctx, effects: Effects) {
 
 async fn invalidate_caches(ctx: &Ctx, effects: &Effects) -> anyhow::Result<()> {
     // A ledger move changes analytics too (credits_consumed).
-    let users: HashSet<&String> = effects
+    let users: HashSet<&str> = effects
         .analytics_users
         .iter()
         .chain(effects.profile_users.iter())
         .chain(effects.credit_users.iter())
+        .map(String::as_str)
         .collect();
     if users.is_empty() {
         return Ok(());
     }
+    let users: Vec<&str> = users.into_iter().collect();
     let mut conn = ctx.redis.get().await?;
-    for u in users {
-        crate::handlers::users::drop_cached_views(ctx, &mut conn, u).await?;
-    }
-    Ok(())
+    crate::handlers::users::drop_cached_views(ctx, &mut conn, &users).await
 }

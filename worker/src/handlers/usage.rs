@@ -220,9 +220,14 @@ pub async fn store(
         v.sort();
         v.into_iter().unzip()
     };
+    // Within a minute is exact enough for "last active", and skipping the
+    // rows already that fresh spares a users-row write (and its lock) per user
+    // per batch, which concurrent batches would otherwise queue on.
     sqlx::query(
-        "update users u set last_active_at = greatest(u.last_active_at, t.at) \
-         from unnest($1::text[], $2::timestamptz[]) as t(user_id, at) where u.id = t.user_id",
+        "update users u set last_active_at = t.at \
+         from unnest($1::text[], $2::timestamptz[]) as t(user_id, at) \
+         where u.id = t.user_id \
+           and (u.last_active_at is null or u.last_active_at < t.at - interval '60 seconds')",
     )
     .bind(&au)
     .bind(&at)

@@ -59,30 +59,56 @@ pub async fn store(
     Ok(())
 }
 
-/// Drops a user's cached analytics and profile so the next read recomputes,
-/// and bumps the analytics generation: a gateway that read Postgres before
-/// this commit but stores its view after this drop stores it under the old
-/// generation, and readers ignore it (see gateway `analytics::cached`).
+/// Drops the cached analytics and profile of each user so the next read
+/// recomputes, and bumps each one's analytics generation: a gateway that read
+/// Postgres before this commit but stores its view after this drop stores it
+/// under the old generation, and readers ignore it (see gateway
+/// `analytics::cached`). One script per user (its keys share the user's hash
+/// slot), all users' scripts pipelined in one round trip.
 pub async fn drop_cached_views(
     ctx: &Ctx,
     conn: &mut deadpool_redis::Connection,
-    user_id: &str,
+    users: &[&str],
 ) -> anyhow::Result<()> {
-    let index = ctx.keys.analytics_index(user_id);
-    let keys: Vec<String> = redis::cmd("SMEMBERS")
-        .arg(&index)
-        .query_async(&mut **conn)
-        .await?;
-    let mut pipe = redis::pipe();
-    for k in keys {
-        pipe.del(k).ignore();
+    if users.is_empty() {
+        return Ok(());
     }
-    pipe.del(&index).ignore();
-    pipe.del(ctx.keys.profile(user_id)).ignore();
-    let gen = ctx.keys.analytics_gen(user_id);
-    pipe.incr(&gen, 1).ignore();
-    // Outlives any cached view (5 min); an expired counter reads as a fresh one.
-    pipe.expire(&gen, 86_400).ignore();
-    pipe.query_async::<()>(&mut **conn).await?;
+    let script = drop_views_script();
+    let mut pipe = redis::pipe();
+    for u in users {
+        pipe.cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(3)
+            .arg(ctx.keys.analytics_index(u))
+            .arg(ctx.keys.profile(u))
+            .arg(ctx.keys.analytics_gen(u))
+            .ignore();
+    }
+    match pipe.query_async::<()>(&mut **conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+            // Redis restarted (or flushed its scripts): load it and go again.
+            script.prepare_invoke().load_async(&mut **conn).await?;
+            pipe.query_async::<()>(&mut **conn).await?;
+        }
+        other => other?,
+    }
     Ok(())
+}
+
+/// KEYS: the user's analytics index, cached profile, analytics generation.
+fn drop_views_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        redis::Script::new(
+            r"
+local views = redis.call('SMEMBERS', KEYS[1])
+for _, k in ipairs(views) do redis.call('DEL', k) end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('INCR', KEYS[3])
+-- Outlives any cached view (5 min); an expired counter reads as a fresh one.
+redis.call('EXPIRE', KEYS[3], 86400)
+return 0
+",
+        )
+    })
 }

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# The benchmark harness of docs/benchmarks.md. Run by hand on a quiet machine,
+# never by CI:
+#
+#   scripts/bench.sh                 # everything (~6 min after the release build)
+#   BENCH_SECONDS=20 BENCH_DRAIN_EVENTS=1000000 scripts/bench.sh
+#
+# Builds gateway, worker and loadgen in release, starts them natively against
+# the local Postgres, Redis and RabbitMQ (a fresh database, Redis key prefix
+# and AMQP namespace of its own, dropped afterwards), mints HS256 tokens for
+# BENCH_USERS users and measures, in one run:
+#   1. a bare axum "hello" (the ceiling),
+#   2. usage/track with 1 and with 100 events per request,
+#   3. credits/consume, 4. analytics from the cache:
+#      each first closed loop (the maximum), then open loop at 80 % of that
+#      maximum with latency counted from each request's due time;
+#   5. accepted events = rows in Postgres after the phases above,
+#   6. publish-to-Postgres lag (stored_at - received_at) at a steady rate,
+#   7. worker drain: BENCH_DRAIN_EVENTS queued with the worker stopped, then
+#      the worker started and timed until every row is in Postgres,
+#   8. peak RSS (VmHWM) of gateway and worker.
+# Figures go to stdout and to target/bench/<time>/results.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+USERS=${BENCH_USERS:-1000}
+SECONDS_PER_RUN=${BENCH_SECONDS:-10}
+DRAIN_EVENTS=${BENCH_DRAIN_EVENTS:-1000000}
+LAG_RATE=${BENCH_LAG_RATE:-2000}
+LOADGEN_THREADS=${BENCH_LOADGEN_THREADS:-1}
+CONNS=${BENCH_CONNECTIONS:-64}
+PHASES=${BENCH_PHASES:-hello,track1,track100,consume,analytics,lag,drain}
+want() { [[ ",$PHASES," == *",$1,"* ]]; }
+
+ID="bench_$(date +%s)"
+ADMIN_URL=${TEST_DATABASE_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+DB_URL="${ADMIN_URL%/*}/$ID"
+OUT="target/bench/$(date -u +%Y%m%dT%H%M%SZ)"
+mkdir -p "$OUT"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PORT=$(free_port); WPORT=$(free_port); HPORT=$(free_port)
+GW=""; WK=""; HELLO=""
+WORKER_HWM_KB=0
+
+cleanup() {
+  set +e
+  for p in $GW $WK $HELLO; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+  psql "$ADMIN_URL" -qtAc "drop database if exists \"$ID\" with (force)" >/dev/null 2>&1
+  redis-cli --scan --pattern "$ID:*" | xargs -r -n 500 redis-cli del >/dev/null 2>&1
+  for q in usage credits sessions users dead; do rabbitmqctl -q delete_queue "$ID.$q" >/dev/null 2>&1; done
+  for x in events dlx; do
+    rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$ID.$x\">>), false, <<\"bench\">>)." >/dev/null 2>&1
+  done
+}
+trap cleanup EXIT
+
+bash scripts/ensure-services.sh >/dev/null
+echo "bench: building release binaries"
+cargo build --release --quiet -p gateway -p worker -p bench
+BIN=${CARGO_TARGET_DIR:-target}/release
+
+export JWT_SECRET="bench-$(date +%s%N)"
+export APP_ENV=production RUST_LOG=${RUST_LOG:-warn}
+export DATABASE_URL=$DB_URL GATEWAY_LISTEN=127.0.0.1:$PORT WORKER_LISTEN=127.0.0.1:$WPORT
+export APP__REDIS__KEY_PREFIX=$ID APP__AMQP__NAMESPACE=$ID
+# The benchmark measures the machine, not the per-user limits.
+for c in SESSION USAGE ANALYTICS PROFILE CREDITS ADMIN; do
+  export "APP__RATE_LIMIT__CLASSES__${c}__LIMIT=1000000000"
+done
+psql "$ADMIN_URL" -qtAc "create database \"$ID\"" >/dev/null
+"$BIN/worker" migrate >/dev/null
+
+sql() { psql "$DB_URL" -qtAc "$1"; }
+hwm_kb() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+start_worker() { "$BIN/worker" run >>"$OUT/worker.log" 2>&1 & WK=$!; }
+stop_worker() {
+  local h; h=$(hwm_kb "$WK"); [ "$h" -gt "$WORKER_HWM_KB" ] && WORKER_HWM_KB=$h
+  kill -TERM "$WK"; wait "$WK" || true; WK=""
+}
+wait_ready() {
+  for _ in $(seq 300); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "bench: $1 did not answer" >&2; return 1
+}
+stored() {
+  sql "select (select count(*) from model_usage) + (select count(*) from feature_usage)"
+}
+wait_stored() { # N: until N rows are stored (or 120 s)
+  for _ in $(seq 1200); do [ "$(stored)" -ge "$1" ] && return 0; sleep 0.1; done
+  echo "bench: only $(stored) of $1 events stored after 120 s" >&2; return 1
+}
+field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+
+# run SCENARIO URL [extra loadgen args]: closed loop, then open loop at 80 %.
+# Prints both lines and leaves the closed-loop maximum in $MAX.
+run_pair() {
+  local scenario=$1 url=$2; shift 2
+  local closed open rate
+  closed=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$url" --users "$USERS" \
+    --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" "$@")
+  echo "$closed" | tee -a "$OUT/results.jsonl"
+  MAX=$(field "$closed" req_per_s)
+  rate=$(python3 -c "print(round($MAX * 0.8))")
+  open=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$url" --users "$USERS" \
+    --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" --rate "$rate" "$@")
+  echo "$open" | tee -a "$OUT/results.jsonl"
+  ACCEPTED=$((ACCEPTED + $(field "$closed" events_accepted) + $(field "$open" events_accepted)))
+}
+ACCEPTED=0
+
+echo "bench: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $USERS users, ${SECONDS_PER_RUN}s per run, loadgen threads $LOADGEN_THREADS, $CONNS connections"
+if want hello; then
+  echo "== 1. bare axum hello (ceiling)"
+  "$BIN/loadgen" hello --listen "127.0.0.1:$HPORT" & HELLO=$!
+  wait_ready "http://127.0.0.1:$HPORT/hello"
+  run_pair hello "http://127.0.0.1:$HPORT"
+  kill -TERM "$HELLO"; wait "$HELLO" 2>/dev/null || true; HELLO=""
+fi
+
+start_worker
+"$BIN/gateway" >"$OUT/gateway.log" 2>&1 & GW=$!
+wait_ready "http://127.0.0.1:$PORT/readyz"
+wait_ready "http://127.0.0.1:$WPORT/healthz"
+GWURL="http://127.0.0.1:$PORT"
+"$BIN/loadgen" setup --url "$GWURL" --users "$USERS"
+
+if want track1; then
+  echo "== 2. usage/track, 1 event per request"
+  run_pair track1 "$GWURL"
+fi
+if want track100; then
+  echo "== 2. usage/track, 100 events per request"
+  run_pair track100 "$GWURL"
+fi
+if want consume; then
+  echo "== 3. credits/consume"
+  run_pair consume "$GWURL"
+fi
+if want analytics; then
+  echo "== 4. analytics (the worker caught up, every user's cache warmed first)"
+  wait_stored "$ACCEPTED"
+  "$BIN/loadgen" run --url "$GWURL" --users "$USERS" --scenario analytics --connections 16 \
+    --seconds 60 --requests "$USERS" >/dev/null
+  run_pair analytics "$GWURL"
+fi
+
+echo "== 5. accepted = stored"
+wait_stored "$ACCEPTED"
+echo "{\"check\":\"accepted_vs_stored\",\"accepted\":$ACCEPTED,\"stored\":$(stored)}" | tee -a "$OUT/results.jsonl"
+
+if want lag; then
+echo "== 6. publish-to-Postgres lag at $LAG_RATE req/s (1 event each)"
+lag=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$GWURL" --users "$USERS" --scenario track1 \
+  --connections "$CONNS" --seconds "$SECONDS_PER_RUN" --rate "$LAG_RATE" --model lagprobe)
+echo "$lag" | tee -a "$OUT/results.jsonl"
+ACCEPTED=$((ACCEPTED + $(field "$lag" events_accepted)))
+wait_stored "$ACCEPTED"
+sql "select json_build_object('check','lag_ms','rows',count(*),
+       'p50',round((percentile_cont(0.5) within group (order by ms))::numeric,1),
+       'p99',round((percentile_cont(0.99) within group (order by ms))::numeric,1),
+       'max',round(max(ms)::numeric,1))
+     from (select extract(epoch from stored_at - received_at) * 1000 as ms
+           from model_usage where model like 'lagprobe%') t" | tee -a "$OUT/results.jsonl"
+fi
+
+if want drain; then
+echo "== 7. worker drain of $DRAIN_EVENTS events"
+stop_worker
+before=$(stored)
+fill=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$GWURL" --users "$USERS" --scenario track100 \
+  --connections 16 --seconds 600 --requests $((DRAIN_EVENTS / 100)) --model drain)
+echo "$fill" | tee -a "$OUT/results.jsonl"
+target=$((before + $(field "$fill" events_accepted)))
+t0=$(date +%s.%N)
+start_worker
+first=""
+for _ in $(seq 6000); do
+  n=$(stored)
+  [ -z "$first" ] && [ "$n" -gt "$before" ] && first=$(date +%s.%N)
+  [ "$n" -ge "$target" ] && break
+  sleep 0.2
+done
+t1=$(date +%s.%N)
+python3 - "$before" "$target" "$(stored)" "$t0" "${first:-$t1}" "$t1" <<'EOF' | tee -a "$OUT/results.jsonl"
+import json, sys
+before, target, stored = map(int, sys.argv[1:4])
+t0, first, t1 = map(float, sys.argv[4:7])
+rows = stored - before
+print(json.dumps({"check": "drain", "queued": target - before, "stored": rows,
+                  "seconds_from_start": round(t1 - t0, 2),
+                  "rows_per_s_from_start": round(rows / (t1 - t0)),
+                  "rows_per_s_from_first_row": round(rows / max(t1 - first, 1e-9))}))
+EOF
+fi
+
+echo "== 8. peak RSS"
+stop_worker
+echo "{\"check\":\"peak_rss_mib\",\"gateway\":$(( $(hwm_kb "$GW") / 1024 )),\"worker\":$((WORKER_HWM_KB / 1024))}" | tee -a "$OUT/results.jsonl"
+echo "bench: results in $OUT/results.jsonl"
