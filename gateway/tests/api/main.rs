@@ -7,6 +7,7 @@ mod credits;
 mod fuzz;
 mod helpers;
 mod openapi;
+mod operator;
 mod ops;
 mod privacy;
 mod rate_limits;
