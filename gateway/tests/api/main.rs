@@ -4,6 +4,7 @@ mod analytics;
 mod auth;
 mod compat;
 mod credits;
+mod demo;
 mod fuzz;
 mod helpers;
 mod openapi;
