@@ -85,18 +85,10 @@ enum DlqAction {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let mut settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
-    common::telemetry::init(settings.app_env);
     let result = match cli.command.unwrap_or(Command::Run { queues: None }) {
-        Command::Migrate => worker::migrate(&settings).await,
-        Command::Dlq { action } => dlq(&settings, action).await,
-        Command::Reconcile { user } => reconcile(settings, user).await,
+        Command::Migrate => worker::migrate(&configured()).await,
+        Command::Dlq { action } => dlq(&configured(), action).await,
+        Command::Reconcile { user } => reconcile(configured(), user).await,
         Command::Demo {
             gateway,
             users,
@@ -104,6 +96,9 @@ async fn main() {
             events_per_day,
             user_prefix,
         } => {
+            // It talks to a gateway over HTTP only, so it needs no
+            // configuration and runs from any shell (dev.sh prints the line).
+            common::telemetry::init(common::settings::AppEnv::Development);
             let plan = worker::demo::DemoPlan {
                 gateway,
                 users,
@@ -119,6 +114,7 @@ async fn main() {
             })
         }
         Command::Run { queues } => {
+            let mut settings = configured();
             if let Some(q) = queues {
                 settings.worker.queues = q;
                 if let Err(e) = settings.validate() {
@@ -136,6 +132,21 @@ async fn main() {
     if let Err(e) = result {
         eprintln!("worker: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// The settings, with logging set up; a bad configuration exits 2 with one
+/// line naming the key.
+fn configured() -> Settings {
+    match Settings::load() {
+        Ok(s) => {
+            common::telemetry::init(s.app_env);
+            s
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
     }
 }
 
