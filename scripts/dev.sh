@@ -5,6 +5,8 @@
 #   waits until both answer, then prints dev tokens for a demo user and an admin
 #   and two curl lines: one tracks a usage event, one reads it back.
 # Ctrl-C (SIGINT) or SIGTERM stops both cleanly; the script exits 0 when both did.
+# (Started as a background job of another script, bash ignores SIGINT and so
+# does this script: stop it with SIGTERM then.)
 #
 #   scripts/dev.sh                 # gateway on :8080, worker health/metrics on :9090
 #   GATEWAY_LISTEN=127.0.0.1:18080 WORKER_LISTEN=127.0.0.1:19090 scripts/dev.sh

@@ -160,7 +160,12 @@ async fn the_dev_stack_starts_from_a_clean_checkout_answers_its_curl_lines_and_s
 
     let (gateway_port, worker_port) = (free_port(), free_port());
     let s = &stack.settings;
-    let mut child = std::process::Command::new("bash")
+    // SIGINT at its default disposition even if this test runs under a
+    // shell that ignores it (a background job): bash cannot trap a signal
+    // ignored on entry. `env` execs bash, so the pid stays the script's.
+    let mut child = std::process::Command::new("env")
+        .arg("--default-signal=INT")
+        .arg("bash")
         .arg(checkout.join("scripts/dev.sh"))
         .current_dir(&checkout)
         .env("CARGO_TARGET_DIR", target_dir())
@@ -180,7 +185,7 @@ async fn the_dev_stack_starts_from_a_clean_checkout_answers_its_curl_lines_and_s
         // whatever it started can be found (and, on failure, killed) by group.
         .process_group(0)
         .spawn()
-        .expect("bash scripts/dev.sh");
+        .expect("env bash scripts/dev.sh");
     let pgid = child.id();
     cleanup.pgid = Some(pgid);
 
