@@ -3,8 +3,8 @@
 # that do not (the commands of this machine kind). Idempotent.
 #
 #   scripts/ensure-services.sh                       # what dev.sh and CI run
-#   scripts/ensure-services.sh --drop-test-databases # also drop t_* databases that
-#                                                    # interrupted test runs left behind
+#   scripts/ensure-services.sh --drop-test-databases # also drop the t_* and devstack_*
+#                                                    # databases interrupted test runs left
 # Only scripts/test.sh passes the flag, before it starts the suite: anything else
 # (dev.sh, which a test runs) must not drop the databases of tests still running.
 set -uo pipefail
@@ -52,7 +52,7 @@ redis-cli -h 127.0.0.1 config set maxmemory-policy noeviction >/dev/null || true
 # Leftovers of interrupted test runs.
 if [ -n "$DROP_TEST_DBS" ]; then
   psql -h 127.0.0.1 -U postgres -d postgres -tAc \
-    "select 'drop database if exists \"' || datname || '\" with (force);' from pg_database where datname like 't\_%'" \
+    "select 'drop database if exists \"' || datname || '\" with (force);' from pg_database where datname like 't\_%' or datname like 'devstack\_%'" \
     | psql -h 127.0.0.1 -U postgres -d postgres -q >/dev/null 2>&1 || true
 fi
 exit 0

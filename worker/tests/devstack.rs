@@ -143,7 +143,9 @@ async fn the_dev_stack_starts_from_a_clean_checkout_answers_its_curl_lines_and_s
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root");
-    let stack = support::Stack::unmigrated(&[]).await;
+    // Not `t_…`: engineers' older scripts/ensure-services.sh drop every t_*
+    // database whenever they run, and this one sits idle through the build.
+    let stack = support::Stack::unmigrated("devstack", &[]).await;
     let checkout = std::env::temp_dir().join(format!("devstack-{}", uuid::Uuid::new_v4().simple()));
     let mut cleanup = Cleanup {
         pgid: None,

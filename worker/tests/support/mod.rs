@@ -28,7 +28,12 @@ pub struct TestDb {
 impl TestDb {
     /// An empty database: no schema at all.
     pub async fn empty() -> Self {
-        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        Self::empty_named("t").await
+    }
+
+    /// An empty database named `<prefix>_<uuid>`.
+    pub async fn empty_named(prefix: &str) -> Self {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(&admin_url())
             .await
             .expect("admin connection");
@@ -118,9 +123,10 @@ impl Stack {
         Self::on(TestDb::migrated().await, extra)
     }
 
-    /// The same with an empty database, for a test whose subject migrates it.
-    pub async fn unmigrated(extra: &[(&str, &str)]) -> Self {
-        Self::on(TestDb::empty().await, extra)
+    /// The same with an empty database named `<db_prefix>_<uuid>`, for a
+    /// test whose subject migrates it.
+    pub async fn unmigrated(db_prefix: &str, extra: &[(&str, &str)]) -> Self {
+        Self::on(TestDb::empty_named(db_prefix).await, extra)
     }
 
     fn on(db: TestDb, extra: &[(&str, &str)]) -> Self {
