@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Checks that Postgres, Redis and RabbitMQ answer on loopback and starts any
 # that do not (the commands of this machine kind). Idempotent.
+#
+#   scripts/ensure-services.sh                       # what dev.sh and CI run
+#   scripts/ensure-services.sh --drop-test-databases # also drop the t_* and devstack_*
+#                                                    # databases interrupted test runs left
+# Only scripts/test.sh passes the flag, before it starts the suite: anything else
+# (dev.sh, which a test runs) must not drop the databases of tests still running.
 set -uo pipefail
+DROP_TEST_DBS=""
+[ "${1:-}" = "--drop-test-databases" ] && DROP_TEST_DBS=1
 
 wait_for() { # name, check command, tries
   local name=$1 check=$2 tries=${3:-60}
@@ -42,7 +50,9 @@ wait_for rabbitmq-port rabbit_up 60 || exit 1
 redis-cli -h 127.0.0.1 config set maxmemory-policy noeviction >/dev/null || true
 
 # Leftovers of interrupted test runs.
-psql -h 127.0.0.1 -U postgres -d postgres -tAc \
-  "select 'drop database if exists \"' || datname || '\" with (force);' from pg_database where datname like 't\_%'" \
-  | psql -h 127.0.0.1 -U postgres -d postgres -q >/dev/null 2>&1 || true
+if [ -n "$DROP_TEST_DBS" ]; then
+  psql -h 127.0.0.1 -U postgres -d postgres -tAc \
+    "select 'drop database if exists \"' || datname || '\" with (force);' from pg_database where datname like 't\_%' or datname like 'devstack\_%'" \
+    | psql -h 127.0.0.1 -U postgres -d postgres -q >/dev/null 2>&1 || true
+fi
 exit 0

@@ -15,6 +15,19 @@ pub fn init(env: AppEnv) {
     };
 }
 
+/// For one-shot commands whose stdout is their answer: logs go to stderr,
+/// warnings and errors only unless `RUST_LOG` says otherwise.
+pub fn init_for_commands(env: AppEnv) {
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match env {
+        AppEnv::Production => builder.json().flatten_event(true).try_init(),
+        AppEnv::Development => builder.try_init(),
+    };
+}
+
 /// The process-wide Prometheus recorder, installed on first use (a test
 /// process may hold a gateway and a worker; they share it).
 pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {

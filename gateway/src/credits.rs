@@ -260,13 +260,19 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
     let s = v
         .to_str()
         .map_err(|_| ApiError::validation("Idempotency-Key", "must be visible ASCII"))?;
-    if s.is_empty() || s.len() > 255 {
-        return Err(ApiError::validation(
-            "Idempotency-Key",
-            "must be 1 to 255 characters",
-        ));
+    idempotency_key_value("Idempotency-Key", s).map(Some)
+}
+
+/// An idempotency key from any source (the header, the operator's
+/// `--idempotency-key`): 1..=255 visible ASCII characters, 422 naming `field`.
+pub fn idempotency_key_value(field: &str, s: &str) -> Result<String> {
+    if !s.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+        return Err(ApiError::validation(field, "must be visible ASCII"));
     }
-    Ok(Some(s.to_string()))
+    if s.is_empty() || s.len() > 255 {
+        return Err(ApiError::validation(field, "must be 1 to 255 characters"));
+    }
+    Ok(s.to_string())
 }
 
 /// JSON text with every object's keys sorted, so equal parsed bodies give

@@ -22,37 +22,43 @@ pub struct Application {
     publisher_stop: CancellationToken,
 }
 
+/// The state every handler shares, with lazy connections (nothing is dialled
+/// here). The operator commands build one too, with a publisher that never
+/// connects: they act through the same functions as the admin routes.
+pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Result<AppState> {
+    let pg = common::infra::pg_pool(&settings)?;
+    let redis = common::infra::redis_pool(&settings)?;
+    let redis_link = Arc::new(RedisLink::new(
+        &settings.redis.url,
+        Duration::from_millis(settings.redis.timeout_ms),
+    )?);
+    Ok(AppState {
+        keys: Keys::new(&settings.redis.key_prefix),
+        users: Arc::new(Directory::new(Duration::from_millis(
+            settings.gateway.user_cache_ttl_ms,
+        ))),
+        metrics: crate::metrics::handle(),
+        auth: Authenticator::new(&settings.auth),
+        settings,
+        pg,
+        redis,
+        redis_link,
+        publisher,
+        recovery: Arc::new(crate::credits::recovery::Recovery::new()),
+    })
+}
+
 impl Application {
     /// Connects lazily to the dependencies and binds the listener (port 0 in tests).
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
-        let pg = common::infra::pg_pool(&settings)?;
-        let redis = common::infra::redis_pool(&settings)?;
-        let redis_link = Arc::new(RedisLink::new(
-            &settings.redis.url,
-            Duration::from_millis(settings.redis.timeout_ms),
-        )?);
         // The publisher outlives the HTTP server: requests still in flight at
         // shutdown get their confirms; it stops after the server has drained.
         let publisher_stop = CancellationToken::new();
         let publisher = Publisher::start(&settings, publisher_stop.clone());
-        let auth = Authenticator::new(&settings.auth);
-        let a = auth.clone();
+        let state = app_state(settings.clone(), publisher)?;
+        let a = state.auth.clone();
         tokio::spawn(async move { a.prefetch().await });
-        let state = AppState {
-            keys: Keys::new(&settings.redis.key_prefix),
-            users: Arc::new(Directory::new(Duration::from_millis(
-                settings.gateway.user_cache_ttl_ms,
-            ))),
-            metrics: crate::metrics::handle(),
-            settings: settings.clone(),
-            pg,
-            redis,
-            redis_link,
-            publisher,
-            auth,
-            recovery: Arc::new(crate::credits::recovery::Recovery::new()),
-        };
         // Before serving: an empty deployment gets its sentinels now, so its
         // first credit request is not mistaken for one after a data loss.
         match tokio::time::timeout(

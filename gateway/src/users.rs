@@ -230,7 +230,7 @@ pub async fn load_or_provision(
     user_id: &str,
     claims: Option<&Claims>,
 ) -> Result<UserRecord> {
-    if let Some(rec) = load_pg(state, user_id).await? {
+    if let Some(rec) = find(state, user_id).await? {
         return Ok(rec);
     }
     let plan = "free";
@@ -259,7 +259,7 @@ pub async fn load_or_provision(
     if inserted == 1 {
         metrics::counter!("users_provisioned_total").increment(1);
     }
-    load_pg(state, user_id)
+    find(state, user_id)
         .await?
         .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("user vanished after provisioning")))
 }
@@ -268,7 +268,9 @@ pub fn starting_grant_id(user_id: &str) -> Uuid {
     Uuid::new_v5(&ID_NAMESPACE, format!("starting:{user_id}").as_bytes())
 }
 
-async fn load_pg(state: &AppState, user_id: &str) -> Result<Option<UserRecord>> {
+/// The user as Postgres has it, or `None` for an id never seen (nothing is
+/// provisioned: the operator commands refuse unknown ids with this).
+pub async fn find(state: &AppState, user_id: &str) -> Result<Option<UserRecord>> {
     let mut conn = state.pg.acquire().await?;
     load_record(&mut conn, user_id).await
 }

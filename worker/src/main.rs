@@ -89,18 +89,10 @@ enum DlqAction {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let mut settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2);
-        }
-    };
-    common::telemetry::init(settings.app_env);
     let result = match cli.command.unwrap_or(Command::Run { queues: None }) {
-        Command::Migrate => worker::migrate(&settings).await,
-        Command::Dlq { action } => dlq(&settings, action).await,
-        Command::Reconcile { user } => reconcile(settings, user).await,
+        Command::Migrate => worker::migrate(&configured()).await,
+        Command::Dlq { action } => dlq(&configured(), action).await,
+        Command::Reconcile { user } => reconcile(configured(), user).await,
         Command::Demo {
             gateway,
             users,
@@ -108,6 +100,9 @@ async fn main() {
             events_per_day,
             user_prefix,
         } => {
+            // It talks to a gateway over HTTP only, so it needs no
+            // configuration and runs from any shell (dev.sh prints the line).
+            common::telemetry::init(common::settings::AppEnv::Development);
             let plan = worker::demo::DemoPlan {
                 gateway,
                 users,
@@ -123,6 +118,7 @@ async fn main() {
             })
         }
         Command::Run { queues } => {
+            let mut settings = configured();
             if let Some(q) = queues {
                 settings.worker.queues = q;
                 if let Err(e) = settings.validate() {
@@ -140,6 +136,21 @@ async fn main() {
     if let Err(e) = result {
         eprintln!("worker: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// The settings, with logging set up; a bad configuration exits 2 with one
+/// line naming the key.
+fn configured() -> Settings {
+    match Settings::load() {
+        Ok(s) => {
+            common::telemetry::init(s.app_env);
+            s
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use super::error::{ApiError, Result};
 use super::extract::{ApiJson, ApiQuery};
 use super::guard::{effective_limit, CurrentUser};
 use super::{guarded, Class};
+use crate::admin::{self, By, Unknown};
 use crate::audit::{self, Action, RequestId};
 use crate::state::AppState;
 use crate::users::{Status, UserRecord};
@@ -103,7 +104,7 @@ fn view(state: &AppState, rec: &UserRecord) -> Value {
 
 /// The target is provisioned first when never seen (SPEC §4).
 async fn provision(state: &AppState, id: &str) -> Result<()> {
-    state.users.get_by_id(state, id, None).await?;
+    admin::target(state, id, Unknown::Provision).await?;
     Ok(())
 }
 
@@ -119,33 +120,14 @@ async fn set_plan(
     RequestId(rid): RequestId,
     ApiJson(body): ApiJson<PlanBody>,
 ) -> Result<Json<Value>> {
-    if !state.settings.plans.contains_key(&body.plan) {
-        let known: Vec<&str> = state.settings.plans.keys().map(String::as_str).collect();
-        return Err(ApiError::validation(
-            "plan",
-            format!("unknown plan; one of {}", known.join(", ")),
-        ));
-    }
+    let plan = admin::plan_name(&state.settings.plans, &body.plan)?;
     provision(&state, &id).await?;
-    let action = Action {
+    let by = By {
         actor: caller.id(),
-        action: "user.plan",
-        target: Some(&id),
         request_id: &rid,
     };
-    let plan = body.plan;
-    let ((), rec) = audit::change_user(&state, action, &id, |conn, before| {
-        Box::pin(async move {
-            sqlx::query("update users set plan = $2, updated_at = now() where id = $1")
-                .bind(&before.id)
-                .bind(&plan)
-                .execute(&mut *conn)
-                .await?;
-            Ok(((), json!({"plan": plan, "previous": before.plan})))
-        })
-    })
-    .await?;
-    Ok(Json(view(&state, &rec)))
+    let change = admin::set_plan(&state, by, &id, &plan).await?;
+    Ok(Json(view(&state, &change.record)))
 }
 
 #[derive(Deserialize)]

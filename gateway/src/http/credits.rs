@@ -13,6 +13,8 @@ use super::error::{ApiError, Result};
 use super::extract::ApiJson;
 use super::guard::CurrentUser;
 use super::{guarded, Class};
+use crate::admin::{self, Unknown};
+use crate::audit::RequestId;
 use crate::credits::{
     self, Answer, ConsumeBody, GrantBody, GrantRequest, HoldBody, Idem, Remembered, SettleBody,
 };
@@ -135,6 +137,7 @@ async fn grant(
     State(state): State<AppState>,
     user: CurrentUser,
     Path(id): Path<String>,
+    RequestId(request_id): RequestId,
     headers: HeaderMap,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
@@ -144,13 +147,7 @@ async fn grant(
     }
     let key = credits::idempotency_key(&headers)?;
     let (amount, reason) = credits::parse_body::<GrantBody>(body)?.validate()?;
-    state.users.get_by_id(&state, &id, None).await?;
-    let request_id = headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_string)
-        .unwrap_or_else(|| Uuid::new_v4().to_string());
+    admin::target(&state, &id, Unknown::Provision).await?;
     let answer = credits::grant(
         &state,
         GrantRequest {

@@ -28,7 +28,12 @@ pub struct TestDb {
 impl TestDb {
     /// An empty database: no schema at all.
     pub async fn empty() -> Self {
-        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        Self::empty_named("t").await
+    }
+
+    /// An empty database named `<prefix>_<uuid>`.
+    pub async fn empty_named(prefix: &str) -> Self {
+        let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(&admin_url())
             .await
             .expect("admin connection");
@@ -103,8 +108,8 @@ impl Drop for TestDb {
 }
 
 /// A migrated database plus an own Redis key prefix and AMQP namespace; the
-/// database (via [`TestDb`]) and the namespace's queues and exchanges are
-/// removed on drop.
+/// database (via [`TestDb`]), the namespace's queues and exchanges and the
+/// prefix's Redis keys are removed on drop.
 pub struct Stack {
     pub vars: HashMap<String, String>,
     pub settings: Settings,
@@ -115,7 +120,16 @@ pub struct Stack {
 impl Stack {
     /// `extra` variables are layered over the stack's own.
     pub async fn new(extra: &[(&str, &str)]) -> Self {
-        let db = TestDb::migrated().await;
+        Self::on(TestDb::migrated().await, extra)
+    }
+
+    /// The same with an empty database named `<db_prefix>_<uuid>`, for a
+    /// test whose subject migrates it.
+    pub async fn unmigrated(db_prefix: &str, extra: &[(&str, &str)]) -> Self {
+        Self::on(TestDb::empty_named(db_prefix).await, extra)
+    }
+
+    fn on(db: TestDb, extra: &[(&str, &str)]) -> Self {
         let tag = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let mut vars: HashMap<String, String> = [
             ("DATABASE_URL", db.url.as_str()),
@@ -153,8 +167,41 @@ impl Drop for Stack {
                     }
                     let _ = conn.close(200, "bye").await;
                 }
+                drop_redis_keys(&s.redis.url, &s.redis.key_prefix).await;
             });
         })
         .join();
+    }
+}
+
+/// Deletes every key under `prefix:` (SCAN, so Redis is never blocked).
+pub async fn drop_redis_keys(url: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let pattern = format!("{prefix}:*");
+    let mut cursor: u64 = 0;
+    loop {
+        let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut c)
+            .await
+        else {
+            return;
+        };
+        if !keys.is_empty() {
+            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
     }
 }

@@ -1,0 +1,123 @@
+//! Admin actions shared by the admin routes (`http::admin`, `http::credits`)
+//! and the operator commands (`gateway admin ...`, see [`crate::operator`]):
+//! one code path, so a change made from the shell is written, audited and
+//! propagated exactly as one made through the API.
+//!
+//! The two callers differ in one decision only, [`Unknown`]: the routes
+//! provision a user id never seen (SPEC §4), the shell refuses it, so a typo
+//! at 3 a.m. never creates an account.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use common::settings::PlanSettings;
+use serde_json::json;
+
+use crate::audit::{self, Action};
+use crate::http::error::{ApiError, Result};
+use crate::state::AppState;
+use crate::users::{self, UserRecord};
+
+/// What an admin action does with a user id that was never seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unknown {
+    /// Create it (free plan, starting credits) first: the admin routes.
+    Provision,
+    /// 404 `not_found`, nothing written: the operator commands.
+    Refuse,
+}
+
+/// The user an admin action targets, loaded into this gateway's directory
+/// (and its credits into Redis) the same way for both callers.
+pub async fn target(state: &AppState, user_id: &str, unknown: Unknown) -> Result<Arc<UserRecord>> {
+    if unknown == Unknown::Refuse && users::find(state, user_id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no user {user_id}")));
+    }
+    state.users.get_by_id(state, user_id, None).await
+}
+
+/// A plan name from the configuration (`plans.PLAN`), else 422 naming `plan`
+/// and listing the known ones.
+pub fn plan_name(plans: &BTreeMap<String, PlanSettings>, raw: &str) -> Result<String> {
+    if plans.contains_key(raw) {
+        return Ok(raw.to_string());
+    }
+    let known: Vec<&str> = plans.keys().map(String::as_str).collect();
+    Err(ApiError::validation(
+        "plan",
+        format!("unknown plan {raw:?}; one of {}", known.join(", ")),
+    ))
+}
+
+/// Who asks for an admin change, for its audit row.
+#[derive(Debug, Clone, Copy)]
+pub struct By<'a> {
+    /// An admin's user id (routes) or `operator[:NAME]` (shell).
+    pub actor: &'a str,
+    pub request_id: &'a str,
+}
+
+/// The result of a plan change.
+#[derive(Debug, Clone)]
+pub struct PlanChange {
+    pub previous: String,
+    pub record: Arc<UserRecord>,
+}
+
+/// `PUT /api/admin/users/:id/plan` and `gateway admin plan`: the user's row
+/// and its `user.plan` audit row in one transaction, then the Redis user hash
+/// (see [`audit::change_user`]); every gateway applies the plan's limits
+/// within its user cache's lifetime (≤ 5 s). The user must exist ([`target`]).
+pub async fn set_plan(
+    state: &AppState,
+    by: By<'_>,
+    user_id: &str,
+    plan: &str,
+) -> Result<PlanChange> {
+    let action = Action {
+        actor: by.actor,
+        action: "user.plan",
+        target: Some(user_id),
+        request_id: by.request_id,
+    };
+    let plan = plan.to_string();
+    let (previous, record) = audit::change_user(state, action, user_id, |conn, before| {
+        Box::pin(async move {
+            sqlx::query("update users set plan = $2, updated_at = now() where id = $1")
+                .bind(&before.id)
+                .bind(&plan)
+                .execute(&mut *conn)
+                .await?;
+            let details = json!({"plan": plan, "previous": before.plan});
+            Ok((before.plan.clone(), details))
+        })
+    })
+    .await?;
+    Ok(PlanChange { previous, record })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::settings::Settings;
+
+    #[test]
+    fn a_plan_is_one_of_the_configured_ones_and_the_error_lists_them() {
+        let settings = Settings::load_from(
+            std::path::Path::new("/nonexistent"),
+            &[("JWT_SECRET".to_string(), "x".repeat(32))].into(),
+        )
+        .unwrap();
+        assert_eq!(plan_name(&settings.plans, "pro").unwrap(), "pro");
+        match plan_name(&settings.plans, "platinum") {
+            Err(ApiError::Validation { field, message }) => {
+                assert_eq!(field, "plan");
+                for p in ["free", "pro", "team", "enterprise"] {
+                    assert!(message.contains(p), "{message}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(plan_name(&settings.plans, "Pro").is_err());
+    }
+}
