@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod publisher;
 pub mod rate_limit;
 pub mod redis_link;
+pub mod server;
 pub mod sessions;
 pub mod startup;
 pub mod state;

@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::extract::{ApiJson, ApiQuery};
 use super::guard::{effective_limit, CurrentUser};
@@ -117,6 +118,7 @@ async fn set_plan(
     AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
+    deadline: Deadline,
     ApiJson(body): ApiJson<PlanBody>,
 ) -> Result<Json<Value>> {
     if !state.settings.plans.contains_key(&body.plan) {
@@ -127,6 +129,7 @@ async fn set_plan(
         ));
     }
     provision(&state, &id).await?;
+    deadline.commit()?;
     let action = Action {
         actor: caller.id(),
         action: "user.plan",
@@ -167,6 +170,7 @@ async fn set_rate_limit(
     AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
+    deadline: Deadline,
     ApiJson(body): ApiJson<RateLimitBody>,
 ) -> Result<Json<Value>> {
     let class = parse_class("class", &body.class)?;
@@ -183,6 +187,7 @@ async fn set_rate_limit(
         ));
     }
     provision(&state, &id).await?;
+    deadline.commit()?;
     let action = Action {
         actor: caller.id(),
         action: "user.rate_limit.set",
@@ -228,6 +233,7 @@ async fn delete_rate_limit(
     AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
+    deadline: Deadline,
     ApiQuery(q): ApiQuery<ClassQuery>,
 ) -> Result<Json<Value>> {
     let class = q
@@ -235,6 +241,7 @@ async fn delete_rate_limit(
         .ok_or_else(|| ApiError::validation("class", "is required"))?;
     let class = parse_class("class", &class)?;
     provision(&state, &id).await?;
+    deadline.commit()?;
     let action = Action {
         actor: caller.id(),
         action: "user.rate_limit.delete",
@@ -276,6 +283,7 @@ async fn set_status(
     AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
+    deadline: Deadline,
     ApiJson(body): ApiJson<StatusBody>,
 ) -> Result<Json<Value>> {
     let status = match Status::parse(&body.status) {
@@ -288,6 +296,7 @@ async fn set_status(
         }
     };
     provision(&state, &id).await?;
+    deadline.commit()?;
     let action = Action {
         actor: caller.id(),
         action: "user.status",

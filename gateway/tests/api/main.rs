@@ -6,6 +6,7 @@ mod compat;
 mod credits;
 mod fuzz;
 mod helpers;
+mod limits;
 mod openapi;
 mod ops;
 mod privacy;
