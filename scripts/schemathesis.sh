@@ -45,38 +45,37 @@ BIN=${CARGO_TARGET_DIR:-target}/debug
 "$BIN/gateway" >"$LOGS/gateway.log" 2>&1 & GW=$!
 for _ in $(seq 150); do curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
 
-# One run per user. A run that reports check failures fails the step; a run
-# that only hit a Schemathesis-internal error (seen: a KeyError inside its
-# generator, "Inconsistent results") is retried, at most five times in all.
+# One run per user; any failure fails the step (no retries: see below).
+#
+# --workers 1: with two worker threads, Schemathesis 4 under CPython 3.11
+# intermittently failed its *generation* of coverage-phase bodies for
+# POST /api/vscode/usage/track with "Inconsistent results" (a Hypothesis
+# FlakyFailure; its first line is sometimes a KeyError in Hypothesis's
+# lambda-source cache). The sub-exception is CPython's
+# "SystemError: AST constructor recursion depth mismatch", raised inside
+# ast.parse, which Hypothesis calls to describe a strategy's lambdas while
+# validating it. The failing case never reached the gateway: no request was
+# sent for it. CPython 3.11 keeps that recursion counter in interpreter-wide
+# AST state, and the two workers' threads parse at once (python/cpython#106905
+# reports the same error in threaded programs). Measured with seed 1: two
+# workers hit it in 4 of 13 runs, one worker in 0 of 13. See docs/reliability.md.
 run_as() {
   ST_CALLER=$1 SCHEMATHESIS_HOOKS=tests.schemathesis.hooks PYTHONPATH=. \
     st run "http://127.0.0.1:$PORT/openapi.json" \
       --header "Authorization: Bearer dev:$1" \
       --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,no_access_across_users \
-      --max-examples "${ST_MAX_EXAMPLES:-25}" --seed 1 --workers 2 \
+      --max-examples "${ST_MAX_EXAMPLES:-25}" --seed 1 --workers 1 \
       --exclude-path /metrics --exclude-path /readyz \
       --suppress-health-check all --warnings off
 }
-# Provision both users first, so the fuzzer's first cases do not also pay
-# (and race) the first-seen path.
-for user in st_alice st_bob; do
-  curl -fsS -o /dev/null -X POST "http://127.0.0.1:$PORT/api/vscode/usage/track" \
-    -H "Authorization: Bearer dev:$user" -H 'Content-Type: application/json' \
-    -d '{"kind":"feature","feature":"warmup"}' || echo "schemathesis: warm-up for $user failed"
-done
 status=0
 for user in st_alice st_bob; do
-  for attempt in 1 2 3 4 5; do
-    echo "schemathesis: as $user (attempt $attempt)"
-    if run_as "$user" >"$LOGS/st.out" 2>&1; then
-      tail -n 3 "$LOGS/st.out"; break
-    fi
-    if grep -qE '[0-9]+ failures? ' "$LOGS/st.out" || [ "$attempt" = 5 ]; then
-      tail -n 80 "$LOGS/st.out" || true; status=1; break
-    fi
-    echo "schemathesis: a tool error, not a check failure; retrying"
-    grep -E 'Error|error' "$LOGS/st.out" | head -n 3 | cut -c1-200 || true
-  done
+  echo "schemathesis: as $user"
+  if run_as "$user" >"$LOGS/st.out" 2>&1; then
+    tail -n 3 "$LOGS/st.out"
+  else
+    tail -n 80 "$LOGS/st.out" || true; status=1
+  fi
 done
 if grep -q 'panicked' "$LOGS/gateway.log" "$LOGS/worker.log"; then
   echo "schemathesis: a process panicked"; grep -h -A3 panicked "$LOGS"/*.log | head -20; status=1

@@ -89,7 +89,27 @@ pub struct GatewaySettings {
     pub listen: String,
     /// Largest request body accepted (SPEC §5.2: 1 MiB).
     pub body_limit_bytes: usize,
+    /// Deadline of one request from its arrival to its commit point (the first
+    /// write: a publish, a reservation, a transaction). Past it, a request that
+    /// has not committed is cut and answered 503 `unavailable`; one that has
+    /// committed runs on, bounded by its dependencies' own timeouts
+    /// (`amqp.confirm_timeout_ms`, `redis.timeout_ms`), so an answer never
+    /// denies what was accepted. The body upload counts against it.
     pub request_timeout_ms: u64,
+    /// Time a connection has to send a whole request head (line and headers),
+    /// counted from the moment hyper starts waiting for it, so it also closes
+    /// idle keep-alive connections. A client that trickles its headers
+    /// (slowloris) is cut off here, without an answer.
+    pub header_read_timeout_ms: u64,
+    /// Largest request head (request line plus headers) in bytes; past it the
+    /// client gets hyper's `431` and the connection is closed.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request; past it, `431` and close.
+    pub max_headers: usize,
+    /// Most connections served at once. At the cap the gateway stops
+    /// accepting: new connections wait in the kernel's listen backlog until
+    /// one closes (past the backlog, the kernel drops their SYNs).
+    pub max_connections: usize,
     /// How long a gateway may keep a user's plan/status/overrides locally (≤ 5 s).
     pub user_cache_ttl_ms: u64,
 }
@@ -233,6 +253,10 @@ max_batch_events = 2000
 listen = "0.0.0.0:8080"
 body_limit_bytes = 1048576
 request_timeout_ms = 15000
+header_read_timeout_ms = 10000
+max_header_bytes = 16384
+max_headers = 100
+max_connections = 4096
 user_cache_ttl_ms = 2000
 
 [worker]
@@ -462,6 +486,22 @@ impl Settings {
                 ));
             }
         }
+        let g = &self.gateway;
+        for (key, value, min) in [
+            ("gateway.request_timeout_ms", g.request_timeout_ms, 1),
+            (
+                "gateway.header_read_timeout_ms",
+                g.header_read_timeout_ms,
+                1,
+            ),
+            ("gateway.max_header_bytes", g.max_header_bytes as u64, 1024),
+            ("gateway.max_headers", g.max_headers as u64, 8),
+            ("gateway.max_connections", g.max_connections as u64, 1),
+        ] {
+            if value < min {
+                return Err(SettingsError::new(key, format!("must be at least {min}")));
+            }
+        }
         if self.amqp.delivery_limit < 20 {
             return Err(SettingsError::new(
                 "amqp.delivery_limit",
@@ -559,6 +599,11 @@ mod tests {
         assert_eq!(s.plans["enterprise"].rate_limit_multiplier, 20);
         assert_eq!(s.rate_limit.on_redis_error, RedisErrorPolicy::Postgres);
         assert_eq!(s.sessions.ttl_secs, 86400);
+        assert_eq!(s.gateway.request_timeout_ms, 15000);
+        assert_eq!(s.gateway.header_read_timeout_ms, 10000);
+        assert_eq!(s.gateway.max_header_bytes, 16384);
+        assert_eq!(s.gateway.max_headers, 100);
+        assert_eq!(s.gateway.max_connections, 4096);
     }
 
     #[test]
@@ -639,6 +684,18 @@ mod tests {
             (
                 &[("APP__RATE_LIMIT__ON_REDIS_ERROR", "pray")],
                 "rate_limit.on_redis_error",
+            ),
+            (
+                &[("APP__GATEWAY__MAX_CONNECTIONS", "0")],
+                "gateway.max_connections",
+            ),
+            (
+                &[("APP__GATEWAY__REQUEST_TIMEOUT_MS", "0")],
+                "gateway.request_timeout_ms",
+            ),
+            (
+                &[("APP__GATEWAY__MAX_HEADER_BYTES", "100")],
+                "gateway.max_header_bytes",
             ),
         ];
         for (env, key) in cases {

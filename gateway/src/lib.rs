@@ -12,6 +12,7 @@ pub mod operator;
 pub mod publisher;
 pub mod rate_limit;
 pub mod redis_link;
+pub mod server;
 pub mod sessions;
 pub mod startup;
 pub mod state;

@@ -100,12 +100,11 @@ impl Application {
         let app = crate::http::router(self.state.clone());
         let shutdown = self.shutdown.clone();
         tracing::info!(addr = %self.local_addr(), "gateway listening");
-        axum::serve(
-            self.listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+        let limits = crate::server::Limits::from_settings(&self.state.settings.gateway);
+        crate::server::serve(self.listener, app, limits, async move {
+            shutdown.cancelled().await
+        })
+        .await;
         self.publisher_stop.cancel();
         self.state.publisher.closed().await;
         tracing::info!("gateway stopped");

@@ -6,6 +6,7 @@
 mod helpers;
 
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use helpers::*;
@@ -48,21 +49,135 @@ async fn stored_features(app: &TestApp, user: &str) -> i64 {
         .unwrap_or(-1)
 }
 
+/// A sustained stream of usage/track requests from a few concurrent loops,
+/// each with its own event id, kept up until stopped (or its bounds hit).
+/// Records which ids were answered 202 and which 503.
+struct Load {
+    stop: tokio_util::sync::CancellationToken,
+    stats: Arc<Mutex<Stats>>,
+    loops: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct Stats {
+    accepted: Vec<uuid::Uuid>,
+    refused: Vec<uuid::Uuid>,
+    /// Any other status: there must be none.
+    other: Vec<u16>,
+}
+
+impl Load {
+    fn start(app: &TestApp, token: &str, loops: usize) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stats = Arc::new(Mutex::new(Stats::default()));
+        let started = Instant::now();
+        let loops = (0..loops)
+            .map(|_| {
+                let (client, url, token) = (
+                    app.client.clone(),
+                    app.url("/api/vscode/usage/track"),
+                    token.to_string(),
+                );
+                let (stop, stats) = (stop.clone(), stats.clone());
+                tokio::spawn(async move {
+                    // Bounded whatever happens: at most 20 000 requests or 3 minutes.
+                    for _ in 0..10_000 {
+                        if stop.is_cancelled() || started.elapsed() > Duration::from_secs(180) {
+                            return;
+                        }
+                        let id = uuid::Uuid::new_v4();
+                        let body = json!({"event_id": id, "kind": "feature", "feature": "load"});
+                        let status = client
+                            .post(&url)
+                            .bearer_auth(&token)
+                            .json(&body)
+                            .send()
+                            .await
+                            .map(|r| r.status().as_u16())
+                            .unwrap_or(0);
+                        {
+                            let mut s = stats.lock().unwrap();
+                            match status {
+                                202 => s.accepted.push(id),
+                                503 => s.refused.push(id),
+                                other => s.other.push(other),
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        Self { stop, stats, loops }
+    }
+
+    fn accepted(&self) -> usize {
+        self.stats.lock().unwrap().accepted.len()
+    }
+
+    fn refused(&self) -> usize {
+        self.stats.lock().unwrap().refused.len()
+    }
+
+    async fn finish(self) -> Stats {
+        self.stop.cancel();
+        for l in self.loops {
+            l.await.unwrap();
+        }
+        Arc::try_unwrap(self.stats)
+            .ok()
+            .expect("loops ended")
+            .into_inner()
+            .unwrap()
+    }
+}
+
+/// How many of `ids` are in `feature_usage`.
+async fn stored_of(app: &TestApp, ids: &[uuid::Uuid]) -> i64 {
+    sqlx::query_scalar("select count(*) from feature_usage where id = any($1)")
+        .bind(ids)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap_or(-1)
+}
+
+/// Waits for `cond` on the load, failing the test after `within`.
+async fn until(load: &Load, within: Duration, what: &str, cond: impl Fn(&Load) -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond(load) {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn rabbitmq_down_writes_503_reads_answer_and_the_same_gateway_recovers() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(|v| {
+        // The stream must meet the broker, not the rate limiter.
+        v.insert(
+            "APP__RATE_LIMIT__CLASSES__USAGE__LIMIT".into(),
+            "1000000".into(),
+        );
+    })
+    .await;
     app.start_worker().await;
     let (user, token) = new_user();
-    let mut accepted = 0;
-    for _ in 0..5 {
-        assert_eq!(
-            app.post("/api/vscode/usage/track", &token, &feature("before"))
-                .await
-                .status(),
-            202
-        );
-        accepted += 1;
-    }
+    assert_eq!(
+        app.post("/api/vscode/usage/track", &token, &feature("warm"))
+            .await
+            .status(),
+        202
+    );
+    let load = Load::start(&app, &token, 3);
+    until(
+        &load,
+        Duration::from_secs(30),
+        "accepted before the outage",
+        |l| l.accepted() >= 100,
+    )
+    .await;
+    let accepted_before = load.accepted();
+
     let _restore = Restore(RABBIT_START);
     sh(RABBIT_STOP);
     let started = Instant::now();
@@ -84,35 +199,54 @@ async fn rabbitmq_down_writes_503_reads_answer_and_the_same_gateway_recovers() {
         200,
         "reads keep working while the broker is down"
     );
+    // The stream meets the outage too.
+    until(
+        &load,
+        Duration::from_secs(10),
+        "503s during the outage",
+        |l| l.refused() >= 20,
+    )
+    .await;
+    let accepted_while_stopping = load.accepted() - accepted_before;
 
     sh(RABBIT_START);
     let back = Instant::now();
-    loop {
-        let r = app
-            .post("/api/vscode/usage/track", &token, &feature("after"))
-            .await;
-        if r.status() == 202 {
-            accepted += 1;
-            break;
-        }
-        assert!(
-            back.elapsed() < Duration::from_secs(30),
-            "gateway did not recover within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    println!(
-        "gateway accepted again {:?} after the broker's return",
-        back.elapsed()
-    );
-    app.eventually(Duration::from_secs(30), || async {
-        (stored_features(&app, &user).await == accepted).then_some(())
+    let accepted_at_return = load.accepted();
+    until(&load, Duration::from_secs(30), "gateway recovery", |l| {
+        l.accepted() > accepted_at_return
     })
     .await;
+    let recovered_after = back.elapsed();
+    until(
+        &load,
+        Duration::from_secs(30),
+        "accepted after the return",
+        |l| l.accepted() >= accepted_at_return + 100,
+    )
+    .await;
+    let stats = load.finish().await;
+    assert!(stats.other.is_empty(), "only 202 or 503: {:?}", stats.other);
+
+    // Every 202 is stored, exactly once (ids are row keys: no more than once).
+    let accepted = stats.accepted.len() as i64;
+    app.eventually(Duration::from_secs(60), || async {
+        (stored_of(&app, &stats.accepted).await == accepted).then_some(())
+    })
+    .await;
+    let stored = stored_of(&app, &stats.accepted).await;
+    // A 503 promises nothing either way: a publish cut by the outage may
+    // still have reached the broker (a resend with the same id stores once).
+    let refused_landed = stored_of(&app, &stats.refused).await;
     println!(
-        "accepted = {accepted}, stored = {}",
-        stored_features(&app, &user).await
+        "gateway accepted again {recovered_after:?} after the broker's return; \
+         stream: {} × 202 before the outage, {accepted_while_stopping} × 202 while it began, \
+         {} × 503 (of which {refused_landed} landed anyway), {} × 202 after the return",
+        accepted_before,
+        stats.refused.len(),
+        stats.accepted.len() - accepted_at_return,
     );
+    println!("accepted = {accepted}, stored = {stored}");
+    assert_eq!(stored, accepted);
 }
 
 #[tokio::test]
@@ -167,6 +301,217 @@ async fn postgres_down_known_users_are_served_first_seen_get_503_and_everything_
     .await;
     println!(
         "accepted = {accepted}, stored = {}",
+        stored_features(&app, &user).await
+    );
+}
+
+/// A Redis of this test's own (a child process on a free port, no
+/// persistence, `noeviction` as production's): it can be killed and started
+/// again without touching the machine's shared Redis.
+struct OwnRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Self { port, child: None };
+        r.start_again();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn start_again(&mut self) {
+        let dir = std::env::temp_dir();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--maxmemory-policy", "noeviction"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.answers() {
+            assert!(Instant::now() < deadline, "own redis did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn answers(&self) -> bool {
+        Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "ping"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+            .unwrap_or(false)
+    }
+
+    /// SIGKILL: a crash, everything in memory is gone.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn consume(app: &TestApp, user: &str, token: &str, amount: i64) -> (u16, Value) {
+    let r = app
+        .post(
+            &format!("/api/users/{user}/credits/consume"),
+            token,
+            &json!({"amount": amount}),
+        )
+        .await;
+    let status = r.status().as_u16();
+    let retry_after = r.headers().contains_key("retry-after");
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    if status == 503 {
+        assert!(retry_after, "503 without Retry-After");
+    }
+    (status, body)
+}
+
+/// SPEC §9.5 (Redis down) and §9.2 (Redis loses its data), on a Redis that
+/// really goes away and comes back empty: while it is down, usage is served
+/// under `rate_limit.on_redis_error` (postgres) and credits and sessions
+/// answer 503; once it is back, the gateway sees the loss, rebuilds balances
+/// from the ledger (exactly what is left is spendable, never more) and the
+/// limits count again from a fresh window.
+#[tokio::test]
+async fn redis_killed_and_restarted_empty_usage_goes_on_credits_rebuild_exactly_and_limits_resume()
+{
+    let mut redis = OwnRedis::start();
+    let limit = 40u64;
+    let app = spawn_app_with(|v| {
+        v.insert("REDIS_URL".into(), redis.url());
+        v.insert(
+            "APP__RATE_LIMIT__CLASSES__USAGE__LIMIT".into(),
+            limit.to_string(),
+        );
+        // A long window: no refill worth a request while the test runs, so
+        // "exactly `limit` pass" is exact.
+        v.insert(
+            "APP__RATE_LIMIT__CLASSES__USAGE__WINDOW_SECS".into(),
+            "3600".into(),
+        );
+        v.insert("APP__REDIS__TIMEOUT_MS".into(), "500".into());
+        v.insert("APP__AMQP__CONFIRM_TIMEOUT_MS".into(), "2000".into());
+        v.insert("APP__CREDITS__RECOVERY_GRACE_MS".into(), "500".into());
+    })
+    .await;
+    app.start_worker().await;
+    let (user, token) = new_user();
+    let mut accepted: Vec<Value> = Vec::new();
+    let track = |name: &'static str| {
+        let event = feature(name);
+        let (app, token) = (&app, &token);
+        async move {
+            let r = app.post("/api/vscode/usage/track", token, &event).await;
+            (r, event["event_id"].clone())
+        }
+    };
+    for _ in 0..5 {
+        let (r, id) = track("before").await;
+        assert_eq!(r.status(), 202);
+        accepted.push(id);
+    }
+    assert_eq!(consume(&app, &user, &token, 30).await.0, 200);
+
+    redis.kill();
+    // Usage goes on under the postgres policy, and says so.
+    for _ in 0..5 {
+        let (r, id) = track("while-down").await;
+        assert_eq!(r.status(), 202, "usage keeps working without Redis");
+        assert_eq!(
+            r.headers()
+                .get("ratelimit-degraded")
+                .and_then(|v| v.to_str().ok()),
+            Some("postgres")
+        );
+        accepted.push(id);
+    }
+    let (s, body) = consume(&app, &user, &token, 1).await;
+    assert_eq!(s, 503, "credit decisions need Redis: {body}");
+    assert_eq!(body["code"], "unavailable");
+    let r = app
+        .post(
+            "/api/vscode/session/validate",
+            &token,
+            &json!({"extension_version": "1.0.0"}),
+        )
+        .await;
+    assert_eq!(r.status(), 503, "sessions need Redis");
+    // Balance reads come from Postgres meanwhile.
+    let balance = app
+        .eventually(Duration::from_secs(30), || async {
+            let r = app.get("/api/vscode/user/balance", &token).await;
+            let b: Value = r.json().await.ok()?;
+            (b["balance"] == 70).then_some(b)
+        })
+        .await;
+    assert_eq!(balance["balance"], 70);
+
+    redis.start_again();
+    // The gateway finds Redis again, sees that its data is gone, and rebuilds
+    // the balance from the ledger: exactly the 70 left, not a credit more.
+    let restarted = Instant::now();
+    let (s, body) = app
+        .eventually(Duration::from_secs(60), || async {
+            let (s, body) = consume(&app, &user, &token, 70).await;
+            (s != 503).then_some((s, body))
+        })
+        .await;
+    println!(
+        "credit writes resumed {:?} after Redis came back",
+        restarted.elapsed()
+    );
+    assert_eq!(s, 200, "{body}");
+    assert_eq!(body["balance"], 0);
+    assert_eq!(consume(&app, &user, &token, 1).await.0, 402);
+
+    // Limits count again, from a fresh window (the old one was in Redis):
+    // exactly `limit` pass, then 429, and no longer degraded.
+    let mut passed = 0;
+    let refused = loop {
+        let (r, id) = track("after").await;
+        assert!(r.headers().get("ratelimit-degraded").is_none());
+        match r.status().as_u16() {
+            202 => {
+                passed += 1;
+                accepted.push(id);
+            }
+            429 => break r,
+            other => panic!("unexpected {other}"),
+        }
+        assert!(passed <= limit, "more than the limit passed");
+    };
+    assert!(refused.headers().contains_key("retry-after"));
+    assert_eq!(passed, limit);
+
+    let n = accepted.len() as i64;
+    app.eventually(Duration::from_secs(30), || async {
+        (stored_features(&app, &user).await == n).then_some(())
+    })
+    .await;
+    println!(
+        "accepted = {n}, stored = {}; overspend = 0 (balance 100 − 30 − 70 = 0, then 402)",
         stored_features(&app, &user).await
     );
 }

@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::extract::{ApiJson, ApiQuery};
 use super::guard::{effective_limit, CurrentUser};
@@ -118,10 +119,12 @@ async fn set_plan(
     AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
+    deadline: Deadline,
     ApiJson(body): ApiJson<PlanBody>,
 ) -> Result<Json<Value>> {
     let plan = admin::plan_name(&state.settings.plans, &body.plan)?;
     provision(&state, &id).await?;
+    deadline.commit()?;
     let by = By {
         actor: caller.id(),
         request_id: &rid,
@@ -149,6 +152,7 @@ async fn set_rate_limit(
     AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
+    deadline: Deadline,
     ApiJson(body): ApiJson<RateLimitBody>,
 ) -> Result<Json<Value>> {
     let class = parse_class("class", &body.class)?;
@@ -165,6 +169,7 @@ async fn set_rate_limit(
         ));
     }
     provision(&state, &id).await?;
+    deadline.commit()?;
     let action = Action {
         actor: caller.id(),
         action: "user.rate_limit.set",
@@ -210,6 +215,7 @@ async fn delete_rate_limit(
     AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
+    deadline: Deadline,
     ApiQuery(q): ApiQuery<ClassQuery>,
 ) -> Result<Json<Value>> {
     let class = q
@@ -217,6 +223,7 @@ async fn delete_rate_limit(
         .ok_or_else(|| ApiError::validation("class", "is required"))?;
     let class = parse_class("class", &class)?;
     provision(&state, &id).await?;
+    deadline.commit()?;
     let action = Action {
         actor: caller.id(),
         action: "user.rate_limit.delete",
@@ -258,6 +265,7 @@ async fn set_status(
     AdminUser(caller): AdminUser,
     TargetId(id): TargetId,
     RequestId(rid): RequestId,
+    deadline: Deadline,
     ApiJson(body): ApiJson<StatusBody>,
 ) -> Result<Json<Value>> {
     let status = match Status::parse(&body.status) {
@@ -270,6 +278,7 @@ async fn set_status(
         }
     };
     provision(&state, &id).await?;
+    deadline.commit()?;
     let action = Action {
         actor: caller.id(),
         action: "user.status",

@@ -9,6 +9,7 @@ use axum::{Json, Router};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::extract::ApiJson;
 use super::guard::CurrentUser;
@@ -80,12 +81,14 @@ async fn consume(
     user: CurrentUser,
     Path(id): Path<String>,
     headers: HeaderMap,
+    deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
     target(&state, &user, &id).await?;
     let key = credits::idempotency_key(&headers)?;
     let (amount, context) = credits::parse_body::<ConsumeBody>(body.clone())?.validate()?;
     let idem = key.map(|k| Idem::new(&state, &id, "consume", k, &body));
+    deadline.commit()?;
     Ok(respond(
         credits::consume(&state, &id, amount, context, idem).await?,
     ))
@@ -96,6 +99,7 @@ async fn open_hold(
     user: CurrentUser,
     Path(id): Path<String>,
     headers: HeaderMap,
+    deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
     target(&state, &user, &id).await?;
@@ -104,6 +108,7 @@ async fn open_hold(
     let (amount, ttl, context) = credits::parse_body::<HoldBody>(body.clone())?
         .validate(c.hold_default_ttl_secs, c.hold_max_ttl_secs)?;
     let idem = key.map(|k| Idem::new(&state, &id, "holds", k, &body));
+    deadline.commit()?;
     Ok(respond(
         credits::open_hold(&state, &id, amount, ttl, context, idem).await?,
     ))
@@ -113,11 +118,13 @@ async fn settle_hold(
     State(state): State<AppState>,
     user: CurrentUser,
     Path((id, hold)): Path<(String, String)>,
+    deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
     target(&state, &user, &id).await?;
     let hold = hold_id(&hold)?;
     let (amount, context) = credits::parse_body::<SettleBody>(body)?.validate()?;
+    deadline.commit()?;
     Ok(respond(
         credits::settle_hold(&state, &id, hold, amount, context).await?,
     ))
@@ -127,9 +134,12 @@ async fn release_hold(
     State(state): State<AppState>,
     user: CurrentUser,
     Path((id, hold)): Path<(String, String)>,
+    deadline: Deadline,
 ) -> Result<StatusCode> {
     target(&state, &user, &id).await?;
-    credits::release_hold(&state, &id, hold_id(&hold)?).await?;
+    let hold = hold_id(&hold)?;
+    deadline.commit()?;
+    credits::release_hold(&state, &id, hold).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -139,6 +149,7 @@ async fn grant(
     Path(id): Path<String>,
     RequestId(request_id): RequestId,
     headers: HeaderMap,
+    deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
     user.require_admin()?;
@@ -148,6 +159,7 @@ async fn grant(
     let key = credits::idempotency_key(&headers)?;
     let (amount, reason) = credits::parse_body::<GrantBody>(body)?.validate()?;
     admin::target(&state, &id, Unknown::Provision).await?;
+    deadline.commit()?;
     let answer = credits::grant(
         &state,
         GrantRequest {

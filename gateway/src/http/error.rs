@@ -48,6 +48,13 @@ pub enum ApiError {
         #[source]
         cause: Option<anyhow::Error>,
     },
+    /// 503: the request did not reach its commit point within
+    /// `gateway.request_timeout_ms` (see `http::deadline`). SPEC §5 has no
+    /// 504 and no `timeout` code: a deadline passes because something behind
+    /// the gateway is slow, which is what 503 `unavailable` says. Nothing of
+    /// the request was written, so a retry is safe.
+    #[error("the request did not complete within {after_ms} ms; nothing was changed")]
+    DeadlineExceeded { after_ms: u64 },
     /// 500: a bug. Never expected.
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
@@ -84,7 +91,9 @@ impl ApiError {
             Self::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             Self::IdempotencyConflict(_) | Self::HoldExpired => StatusCode::CONFLICT,
             Self::UpgradeRequired { .. } => StatusCode::UPGRADE_REQUIRED,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::DeadlineExceeded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,7 +113,7 @@ impl ApiError {
             Self::IdempotencyConflict(_) => "idempotency_conflict",
             Self::HoldExpired => "hold_expired",
             Self::UpgradeRequired { .. } => "upgrade_required",
-            Self::Unavailable { .. } => "unavailable",
+            Self::Unavailable { .. } | Self::DeadlineExceeded { .. } => "unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -125,7 +134,7 @@ impl ApiError {
             Self::IdempotencyConflict(_) => "Idempotency conflict",
             Self::HoldExpired => "Hold expired",
             Self::UpgradeRequired { .. } => "Upgrade required",
-            Self::Unavailable { .. } => "Service unavailable",
+            Self::Unavailable { .. } | Self::DeadlineExceeded { .. } => "Service unavailable",
             Self::Internal(_) => "Internal server error",
         }
     }
@@ -180,6 +189,9 @@ impl IntoResponse for ApiError {
             Self::RateLimited { retry_after } | Self::Unavailable { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
+            Self::DeadlineExceeded { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(DEADLINE_RETRY_AFTER));
+            }
             _ => {}
         }
         let bytes = serde_json::to_vec(&self.body()).unwrap_or_default();
@@ -189,6 +201,9 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// `Retry-After` of a request cut at its deadline: as for a dependency outage.
+const DEADLINE_RETRY_AFTER: u64 = 5;
 
 /// Marker left on error responses for middleware.
 #[derive(Debug, Clone, Copy)]
@@ -260,6 +275,21 @@ mod tests {
         let u = ApiError::unavailable("postgres", anyhow::anyhow!("connection refused 10.0.0.1"));
         assert_eq!(u.body()["detail"], "postgres is unavailable");
         assert_eq!(u.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn a_missed_deadline_is_a_503_unavailable_that_says_nothing_changed() {
+        let e = ApiError::DeadlineExceeded { after_ms: 250 };
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.code(), "unavailable");
+        let detail = e.body()["detail"].as_str().unwrap().to_string();
+        assert!(detail.contains("250 ms") && detail.contains("nothing was changed"));
+        let resp = e.into_response();
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "5");
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
     }
 
     #[test]

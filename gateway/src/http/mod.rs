@@ -5,6 +5,7 @@ pub mod admin;
 pub mod analytics;
 pub mod compat;
 pub mod credits;
+pub mod deadline;
 pub mod error;
 pub mod extract;
 pub mod guard;
@@ -70,6 +71,7 @@ pub fn guarded(state: &AppState, class: Class, routes: Router<AppState>) -> Rout
 
 pub fn router(state: AppState) -> Router {
     let limit = state.settings.gateway.body_limit_bytes;
+    let deadline = std::time::Duration::from_millis(state.settings.gateway.request_timeout_ms);
     let api = Router::new().merge(api_routes(&state));
     Router::new()
         .merge(ops::router())
@@ -81,6 +83,11 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async {
             error::ApiError::NotFound("no such route for this method".into())
         })
+        // Inside the metrics layer, so a request cut at its deadline is
+        // counted with its 503.
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            deadline::enforce(deadline, req, next)
+        }))
         .layer(middleware::from_fn(track_metrics))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(move |mut req: Request, next: Next| {

@@ -26,6 +26,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 
 use super::analytics::target_id;
+use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::guard::CurrentUser;
 use super::{guarded, Class};
@@ -107,6 +108,7 @@ async fn export(
     State(state): State<AppState>,
     caller: CurrentUser,
     headers: HeaderMap,
+    deadline: Deadline,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
     let id = target_id(&caller, path)?;
@@ -120,6 +122,9 @@ async fn export(
     let Some(user) = user else {
         return Err(ApiError::NotFound("no such user".into()));
     };
+    // The audit row is this read's one write; cut before it, the
+    // transaction rolls back and nothing was recorded.
+    deadline.commit()?;
     audit(&mut tx, caller.id(), "user.export", &id, &rid, json!({})).await?;
     tx.commit().await?;
 
@@ -220,10 +225,12 @@ async fn erase(
     State(state): State<AppState>,
     caller: CurrentUser,
     headers: HeaderMap,
+    deadline: Deadline,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response> {
     let id = target_id(&caller, path)?;
     let rid = request_id(&headers);
+    deadline.commit()?;
     let deleted_at = erase_in_postgres(&state.pg, caller.id(), &id, &rid).await?;
     // From here on this gateway answers 403 account_deleted; others within
     // their local cache's lifetime (gateway.user_cache_ttl_ms, ≤ 5 s).

@@ -9,6 +9,7 @@ use common::settings::RATE_LIMIT_CLASSES;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::extract::ApiJson;
 use super::guard::{effective_limit, CurrentUser};
@@ -52,6 +53,7 @@ fn short(field: &str, v: Option<String>, max: usize) -> Result<Option<String>> {
 async fn validate_session(
     State(state): State<AppState>,
     user: CurrentUser,
+    deadline: Deadline,
     ApiJson(body): ApiJson<Body>,
 ) -> Result<Json<Value>> {
     let raw_version = body
@@ -92,6 +94,7 @@ async fn validate_session(
         session_token: body.session_token,
         extension_version: version.to_string(),
     };
+    deadline.commit()?;
     let (rec, created) = validate(&state, user.id(), &req).await?;
     let event = Event::SessionUpsert(SessionUpsert {
         session_id: rec.id.clone(),

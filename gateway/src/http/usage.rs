@@ -9,6 +9,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::extract::ApiJson;
 use super::guard::CurrentUser;
@@ -27,11 +28,16 @@ pub fn router(state: &AppState) -> Router<AppState> {
 async fn track(
     State(state): State<AppState>,
     user: CurrentUser,
+    deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<impl IntoResponse> {
     let (shape, events) = parse_track(&body, user.id(), chrono::Utc::now())?;
     let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
     let n = events.len();
+    // From the publish on, the answer waits for the broker's confirm (bounded
+    // by amqp.confirm_timeout_ms), never for the request deadline: a 503 for
+    // confirmed events would make the client resend them.
+    deadline.commit()?;
     state
         .publisher
         .publish_usage(events)

@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::extract::ApiJson;
 use super::guard::CurrentUser;
@@ -48,10 +49,12 @@ async fn update_preferences(
     State(state): State<AppState>,
     caller: CurrentUser,
     path: Result<Path<String>, PathRejection>,
+    deadline: Deadline,
     ApiJson(patch): ApiJson<Value>,
 ) -> Result<Response> {
     let id = target(&state, &caller, path).await?;
     check_preferences(&patch)?;
+    deadline.commit()?;
     let envelope = Envelope::new(
         Event::UserPreferences(UserPreferences {
             user_id: id.clone(),

@@ -110,6 +110,17 @@ pub async fn spawn_twin(of: &TestApp) -> TestApp {
     spawn_gateway(of.vars.clone(), &of.db_name).await
 }
 
+/// A twin whose variables `tweak` may change (e.g. to point one dependency
+/// at a [`BlackHole`]); it does not wait for the broker.
+pub async fn spawn_twin_with(
+    of: &TestApp,
+    tweak: impl FnOnce(&mut HashMap<String, String>),
+) -> TestApp {
+    let mut vars = of.vars.clone();
+    tweak(&mut vars);
+    start_gateway(vars, &of.db_name, false).await
+}
+
 async fn spawn_gateway(vars: HashMap<String, String>, db_name: &str) -> TestApp {
     start_gateway(vars, db_name, true).await
 }
@@ -161,6 +172,12 @@ impl TestApp {
     pub async fn start_worker_on(&self, queues: &[&str]) {
         let mut settings = self.settings.clone();
         settings.worker.queues = queues.iter().map(|q| q.to_string()).collect();
+        self.start_worker_with(settings).await;
+    }
+
+    /// Starts an in-process worker with settings of the caller's making
+    /// (e.g. the gateway's, but with the broker reached directly).
+    pub async fn start_worker_with(&self, settings: Settings) {
         let w = worker::startup::Worker::build(settings, self.worker_shutdown.clone())
             .await
             .expect("worker");
@@ -329,5 +346,141 @@ pub async fn spawn_dead_broker_twin(of: &TestApp) -> TestApp {
         shutdown,
         worker_shutdown: CancellationToken::new(),
         owns_resources: false,
+    }
+}
+
+/// A TCP address that accepts connections and never answers a byte: what a
+/// dependency looks like when it hangs (a stuck process, a half-dead host).
+/// Connections are held until the black hole drops.
+pub struct BlackHole {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHole {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP relay in front of a real service that can hold back the service's
+/// replies: requests still reach it, its answers wait in the relay until
+/// [`Relay::release_replies`]. A slow dependency, made on demand. It runs on
+/// a thread of its own, so it keeps relaying while the test's runtime is
+/// blocked (e.g. in `TestApp`'s cleanup, which reaches the broker through it).
+pub struct Relay {
+    pub addr: SocketAddr,
+    hold: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Relay {
+    pub async fn start(upstream: &str) -> Self {
+        let hold = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let waiting = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (h, w, upstream) = (hold.clone(), waiting.clone(), upstream.to_string());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                tokio::select! {
+                    _ = stopped => {}
+                    _ = relay_loop(listener, upstream, h, w) => {}
+                }
+            });
+        });
+        let addr = tokio::task::spawn_blocking(move || addr_rx.recv().unwrap())
+            .await
+            .unwrap();
+        Self {
+            addr,
+            hold,
+            waiting,
+            stop: Some(stop),
+        }
+    }
+
+    pub fn hold_replies(&self) {
+        self.hold.send_replace(true);
+    }
+
+    pub fn release_replies(&self) {
+        self.hold.send_replace(false);
+    }
+
+    /// Replies of the service that arrived while held and wait in the relay.
+    pub fn held_replies(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn relay_loop(
+    listener: tokio::net::TcpListener,
+    upstream: String,
+    hold: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Dropping the set (when the relay stops) ends every connection.
+    let mut conns = tokio::task::JoinSet::new();
+    while let Ok((client, _)) = listener.accept().await {
+        let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+            continue;
+        };
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        conns.spawn(async move {
+            let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            let _ = sw.shutdown().await;
+        });
+        let (mut rx, w) = (hold.subscribe(), waiting.clone());
+        conns.spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match sr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if *rx.borrow_and_update() {
+                    w.fetch_add(1, Ordering::SeqCst);
+                    let _ = rx.wait_for(|held| !*held).await;
+                    w.fetch_sub(1, Ordering::SeqCst);
+                }
+                if cw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = cw.shutdown().await;
+        });
     }
 }
