@@ -14,20 +14,23 @@ COPY Cargo.toml Cargo.lock ./
 COPY common/Cargo.toml common/
 COPY gateway/Cargo.toml gateway/
 COPY worker/Cargo.toml worker/
-RUN mkdir -p common/src gateway/src gateway/tests/api worker/src \
+COPY bench/Cargo.toml bench/
+RUN mkdir -p common/src gateway/src gateway/tests/api worker/src bench/src \
  && touch common/src/lib.rs gateway/src/lib.rs worker/src/lib.rs \
  && echo 'fn main() {}' > gateway/src/main.rs \
  && echo 'fn main() {}' > worker/src/main.rs \
+ && echo 'fn main() {}' > bench/src/main.rs \
  && echo 'fn main() {}' > gateway/tests/api/main.rs \
- && cargo build --release --locked --bins \
- && rm -rf common gateway worker
+ && echo 'fn main() {}' > gateway/tests/faults.rs \
+ && cargo build --release --locked -p gateway -p worker --bins \
+ && rm -rf common gateway worker bench
 
 # The real sources (migrations/ too: `sqlx::migrate!` embeds them at compile time).
 COPY . .
 # COPY keeps the context's mtimes, which may be older than the stub build:
 # touch the crate roots so cargo rebuilds our crates (and only them).
 RUN touch common/src/lib.rs gateway/src/lib.rs gateway/src/main.rs worker/src/lib.rs worker/src/main.rs \
- && cargo build --release --locked --bins \
+ && cargo build --release --locked -p gateway -p worker --bins \
  && mkdir -p /out config \
  && cp target/release/gateway target/release/worker /out/
 

@@ -104,8 +104,11 @@ run_pair() {
     --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" --rate "$rate" "$@")
   echo "$open" | tee -a "$OUT/results.jsonl"
   ACCEPTED=$((ACCEPTED + $(field "$closed" events_accepted) + $(field "$open" events_accepted)))
+  [ "$scenario" = consume ] && CONSUMED=$((CONSUMED + $(field "$closed" ok) + $(field "$open" ok)))
+  return 0
 }
 ACCEPTED=0
+CONSUMED=0
 
 echo "bench: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $USERS users, ${SECONDS_PER_RUN}s per run, loadgen threads $LOADGEN_THREADS, $CONNS connections"
 if want hello; then
@@ -138,6 +141,11 @@ fi
 if want analytics; then
   echo "== 4. analytics (the worker caught up, every user's cache warmed first)"
   wait_stored "$ACCEPTED"
+  # Settlements invalidate the users' cached views: let them land first.
+  for _ in $(seq 1200); do
+    [ "$(sql "select count(*) from credit_transactions where kind = 'consume'")" -ge "$CONSUMED" ] && break
+    sleep 0.1
+  done
   "$BIN/loadgen" run --url "$GWURL" --users "$USERS" --scenario analytics --connections 16 \
     --seconds 60 --requests "$USERS" >/dev/null
   run_pair analytics "$GWURL"

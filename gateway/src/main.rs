@@ -96,10 +96,6 @@ enum AdminAction {
     },
 }
 
-// glibc malloc was a fifth of the gateway's CPU under load (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();

@@ -3,10 +3,6 @@
 use clap::{Parser, Subcommand};
 use common::settings::Settings;
 
-// glibc malloc was a fifth of the gateway's CPU under load (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "worker",
