@@ -18,7 +18,9 @@
 #   6. publish-to-Postgres lag (stored_at - received_at) at a steady rate,
 #   7. worker drain: BENCH_DRAIN_EVENTS queued with the worker stopped, then
 #      the worker started and timed until every row is in Postgres,
-#   8. peak RSS (VmHWM) of gateway and worker.
+#   8. peak RSS (VmHWM) of gateway and worker,
+#   9. during every closed loop, each component's CPU (top, 5 s): the
+#      per-request cost across processes that bounds a 2-core machine.
 # Figures go to stdout and to target/bench/<time>/results.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,14 +92,48 @@ wait_stored() { # N: until N rows are stored (or 120 s)
 }
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
+# Microseconds Redis spent running scripts so far (INFO commandstats of
+# EVALSHA: a script's time includes the commands it calls; Redis runs them
+# one at a time on its one thread).
+redis_usec() {
+  redis-cli info commandstats | awk -F'usec=' '/^cmdstat_evalsha:/ {split($2, a, ","); s += a[1]} END {print s + 0}'
+}
+
+# cpu_sample SCENARIO: % of one core per process over 5 s (from the 4th second
+# of a closed loop), summed per component, as one results line. Background.
+cpu_sample() {
+  sleep 3
+  top -b -n 2 -d 5 -w 200 | python3 -c '
+import json, sys
+frames = sys.stdin.read().split("top - ")
+cpu = {}
+names = {"gateway": "gateway", "worker": "worker", "loadgen": "loadgen", "redis-ser": "redis",
+         "beam.smp": "rabbitmq", "postgres": "postgres"}
+for line in frames[-1].splitlines():
+    f = line.split()
+    if len(f) >= 12 and f[0].isdigit():
+        for prefix, comp in names.items():
+            if f[11].startswith(prefix):
+                cpu[comp] = round(cpu.get(comp, 0) + float(f[8]), 1)
+cpu["all"] = round(sum(cpu.values()), 1)
+print(json.dumps({"check": "cpu_percent_of_one_core", "scenario": sys.argv[1], **cpu}))
+' "$1" >>"$OUT/cpu.jsonl"
+}
+
 # run SCENARIO URL [extra loadgen args]: closed loop, then open loop at 80 %.
 # Prints both lines and leaves the closed-loop maximum in $MAX.
 run_pair() {
   local scenario=$1 url=$2; shift 2
-  local closed open rate
+  local closed open rate sampler r0 r1
+  r0=$(redis_usec)
+  cpu_sample "$scenario" & sampler=$!
   closed=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$url" --users "$USERS" \
     --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" "$@")
+  r1=$(redis_usec)
+  wait "$sampler" || true
   echo "$closed" | tee -a "$OUT/results.jsonl"
+  echo "{\"check\":\"redis_script_us_per_request\",\"scenario\":\"$scenario\",\"us\":$(python3 -c "print(round(($r1 - $r0) / max($(field "$closed" requests), 1), 1))")}" | tee -a "$OUT/results.jsonl"
+  tail -n 1 "$OUT/cpu.jsonl" 2>/dev/null | tee -a "$OUT/results.jsonl"
   MAX=$(field "$closed" req_per_s)
   rate=$(python3 -c "print(round($MAX * 0.8))")
   open=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$url" --users "$USERS" \

@@ -1,6 +1,7 @@
 //! The event envelope and the event types that travel from gateways to workers
 //! (SPEC §7). One envelope per broker message; usage events of concurrent
-//! requests travel grouped in one `usage.batch` message, each with its own id.
+//! requests travel grouped in one `usage.batch` message, each with its own id,
+//! and so do their credit consumes (`credit.consume_batch`).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,8 @@ pub enum Event {
     SessionUpsert(SessionUpsert),
     #[serde(rename = "credit.consume")]
     CreditConsume(CreditConsume),
+    #[serde(rename = "credit.consume_batch")]
+    CreditConsumeBatch(CreditConsumeBatch),
     #[serde(rename = "credit.hold_opened")]
     HoldOpened(HoldOpened),
     #[serde(rename = "credit.hold_settled")]
@@ -51,6 +54,7 @@ impl Event {
             Event::UsageBatch(_) => "usage.batch",
             Event::SessionUpsert(_) => "session.upsert",
             Event::CreditConsume(_) => "credit.consume",
+            Event::CreditConsumeBatch(_) => "credit.consume_batch",
             Event::HoldOpened(_) => "credit.hold_opened",
             Event::HoldSettled(_) => "credit.hold_settled",
             Event::HoldReleased(_) => "credit.hold_released",
@@ -184,6 +188,23 @@ pub struct CreditConsume {
     pub amount: i64,
     #[serde(flatten)]
     pub context: CreditContext,
+}
+
+/// Consumes of concurrent requests (any users), grouped into one message as
+/// usage events are; each keeps the id and time it would have had as a
+/// message of its own.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreditConsumeBatch {
+    pub consumes: Vec<BatchedConsume>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BatchedConsume {
+    /// The event's own id (the audit row's `request_id`).
+    pub id: Uuid,
+    pub occurred_at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub consume: CreditConsume,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

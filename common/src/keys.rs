@@ -106,14 +106,9 @@ impl Keys {
         self.user(user_id, "profile")
     }
 
-    /// Set of the user's cached analytics keys, so a worker can drop them all.
-    pub fn analytics_index(&self, user_id: &str) -> String {
-        self.user(user_id, "analytics_keys")
-    }
-
-    /// Counter bumped by workers whenever they drop the user's cached
-    /// analytics; a cached view remembers the value it was computed under, so
-    /// a view computed before a commit but stored after its drop is ignored.
+    /// Counter bumped by workers after every commit that touches the user; a
+    /// cached analytics view remembers the value it was computed under and is
+    /// served only while that is still the value.
     pub fn analytics_gen(&self, user_id: &str) -> String {
         self.user(user_id, "analytics_gen")
     }

@@ -13,11 +13,11 @@
 //! the SQL and the Redis cache around them are thin.
 //!
 //! Cache: the analytics answer for N days lives under `Keys::analytics(user,
-//! N)`, listed in `Keys::analytics_index(user)` so a worker can drop them all
-//! after a commit. A cached view also records the user's analytics generation
-//! (`Keys::analytics_gen`, bumped by every drop): a view computed from a
-//! snapshot older than the latest commit but stored after its drop carries an
-//! old generation and is never served.
+//! N)` and records the user's analytics generation (`Keys::analytics_gen`)
+//! read before Postgres. A worker bumps the generation after every commit
+//! that touches the user, so a view of an older generation — computed before
+//! the commit, whenever it was stored — is never served; it is recomputed on
+//! the next read and the old one expires with its TTL.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -31,7 +31,8 @@ use crate::state::AppState;
 /// `days` accepted by the analytics route.
 pub const MAX_DAYS: u32 = 365;
 pub const DEFAULT_DAYS: u32 = 30;
-/// A safety net only: workers drop the cached views when their data changes.
+/// How long a view is kept; workers make it unservable sooner (a generation
+/// bump) when its data changes.
 pub const CACHE_TTL_SECS: u64 = 300;
 /// Longest `to − from` of the stats route.
 pub const MAX_STATS_SPAN_DAYS: i64 = 366;
@@ -654,15 +655,11 @@ pub async fn analytics(state: &AppState, user_id: &str, days: u32) -> Result<Val
             body: body.clone(),
         })
         .map_err(|e| ApiError::Internal(e.into()))?;
-        let index = state.keys.analytics_index(user_id);
-        let stored: redis::RedisResult<()> = redis::pipe()
-            .atomic()
-            .set_ex(&key, view, CACHE_TTL_SECS)
-            .ignore()
-            .sadd(&index, &key)
-            .ignore()
-            .expire(&index, (CACHE_TTL_SECS * 2) as i64)
-            .ignore()
+        let stored: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&key)
+            .arg(view)
+            .arg("EX")
+            .arg(CACHE_TTL_SECS)
             .query_async(&mut **c)
             .await;
         if let Err(e) = stored {

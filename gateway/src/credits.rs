@@ -15,7 +15,8 @@ use axum::http::HeaderMap;
 use chrono::{DateTime, TimeZone, Utc};
 use common::credits::{hold_json, scripts, ExpiredHold, Reply, UserKeys};
 use common::events::{
-    CreditConsume, CreditContext, Envelope, Event, HoldOpened, HoldReleased, HoldSettled,
+    BatchedConsume, CreditConsume, CreditContext, Envelope, Event, HoldOpened, HoldReleased,
+    HoldSettled,
 };
 use common::settings::MAX_CREDITS;
 use serde::de::{self, Deserializer, Visitor};
@@ -725,13 +726,17 @@ pub async fn consume(
     expect_tag(&reply, "OK")?;
     let balance = reply.int(0).map_err(bad_reply)?;
     let created = reply.flag(2).map_err(bad_reply)?;
-    let event = Event::CreditConsume(CreditConsume {
-        transaction_id: tx,
-        user_id: user_id.to_string(),
-        amount,
-        context,
-    });
-    if let Err(e) = publish(state, user_id, event).await {
+    let event = BatchedConsume {
+        id: Uuid::new_v4(),
+        occurred_at: Utc::now(),
+        consume: CreditConsume {
+            transaction_id: tx,
+            user_id: user_id.to_string(),
+            amount,
+            context,
+        },
+    };
+    if let Err(e) = state.publisher.publish_consume(event).await {
         let give_back = created && publish_surely_failed(&e);
         let undo = async {
             let mut conn = state.redis().await?;

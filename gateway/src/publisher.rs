@@ -6,16 +6,17 @@
 //! reconnects with backoff, redeclaring the topology. We do not rely on lapin's
 //! own recovery.
 //!
-//! Usage events of concurrent requests are grouped: a batcher gathers what
-//! arrives within `amqp.linger_us` into one `usage.batch` message, and answers
-//! every waiting request when the broker confirms that one message.
+//! Usage events and credit consumes of concurrent requests are grouped: a
+//! batcher per kind gathers what arrives within `amqp.linger_us` into one
+//! `usage.batch` (or `credit.consume_batch`) message, and answers every
+//! waiting request when the broker confirms that one message.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use common::events::{Envelope, Event, UsageBatch, UsageEvent};
+use common::events::{BatchedConsume, CreditConsumeBatch, Envelope, Event, UsageBatch, UsageEvent};
 use common::settings::Settings;
 use common::topology::{self, Topology};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -55,10 +56,11 @@ struct Inner {
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<Inner>,
-    batcher: mpsc::Sender<BatchItem>,
+    usage: mpsc::Sender<BatchItem<UsageEvent>>,
+    consumes: mpsc::Sender<BatchItem<BatchedConsume>>,
 }
 
-type BatchItem = (Vec<UsageEvent>, oneshot::Sender<Result<(), PublishError>>);
+type BatchItem<T> = (Vec<T>, oneshot::Sender<Result<(), PublishError>>);
 
 impl Publisher {
     /// Starts the supervisor and the usage batcher; returns at once.
@@ -72,14 +74,29 @@ impl Publisher {
             broken: Notify::new(),
             closed: CancellationToken::new(),
         });
-        let (tx, rx) = mpsc::channel(65_536);
-        let publisher = Self { inner, batcher: tx };
+        let (usage, usage_rx) = mpsc::channel(65_536);
+        let (consumes, consumes_rx) = mpsc::channel(65_536);
+        let publisher = Self {
+            inner,
+            usage,
+            consumes,
+        };
         tokio::spawn(supervise(publisher.inner.clone(), shutdown));
+        let linger = Duration::from_micros(settings.amqp.linger_us);
+        let max = settings.amqp.max_batch_events;
         tokio::spawn(run_batcher(
             publisher.clone(),
-            rx,
-            Duration::from_micros(settings.amqp.linger_us),
-            settings.amqp.max_batch_events,
+            usage_rx,
+            linger,
+            max,
+            |events| Event::UsageBatch(UsageBatch { events }),
+        ));
+        tokio::spawn(run_batcher(
+            publisher.clone(),
+            consumes_rx,
+            linger,
+            max,
+            |consumes| Event::CreditConsumeBatch(CreditConsumeBatch { consumes }),
         ));
         publisher
     }
@@ -166,12 +183,26 @@ impl Publisher {
     /// Publishes usage events grouped with those of concurrent requests; returns
     /// once the message carrying them is confirmed.
     pub async fn publish_usage(&self, events: Vec<UsageEvent>) -> Result<(), PublishError> {
+        self.grouped(&self.usage, events).await
+    }
+
+    /// Publishes a consume grouped with those of concurrent requests; returns
+    /// once the message carrying it is confirmed.
+    pub async fn publish_consume(&self, consume: BatchedConsume) -> Result<(), PublishError> {
+        self.grouped(&self.consumes, vec![consume]).await
+    }
+
+    async fn grouped<T>(
+        &self,
+        batcher: &mpsc::Sender<BatchItem<T>>,
+        items: Vec<T>,
+    ) -> Result<(), PublishError> {
         if !self.is_connected() {
             return Err(PublishError::NotConnected);
         }
         let (tx, rx) = oneshot::channel();
-        self.batcher
-            .send((events, tx))
+        batcher
+            .send((items, tx))
             .await
             .map_err(|_| PublishError::NotConnected)?;
         rx.await.unwrap_or(Err(PublishError::NotConnected))
@@ -243,11 +274,12 @@ async fn connect(inner: &Inner) -> anyhow::Result<(lapin::Connection, Channel)> 
     Ok((conn, channel))
 }
 
-async fn run_batcher(
+async fn run_batcher<T: Send + 'static>(
     publisher: Publisher,
-    mut rx: mpsc::Receiver<BatchItem>,
+    mut rx: mpsc::Receiver<BatchItem<T>>,
     linger: Duration,
     max_events: usize,
+    wrap: fn(Vec<T>) -> Event,
 ) {
     while let Some(first) = rx.recv().await {
         let mut events = first.0;
@@ -277,11 +309,13 @@ async fn run_batcher(
                 None => break,
             }
         }
-        metrics::histogram!("publish_batch_events").record(events.len() as f64);
+        let n = events.len();
+        let event = wrap(events);
+        metrics::histogram!("publish_batch_events", "type" => event.routing_key()).record(n as f64);
         let p = publisher.clone();
         // Confirms of successive batches overlap: the batcher never waits for one.
         tokio::spawn(async move {
-            let env = Envelope::new(Event::UsageBatch(UsageBatch { events }), None, Utc::now());
+            let env = Envelope::new(event, None, Utc::now());
             let result = p.publish(&env).await;
             for w in waiters {
                 let _ = w.send(result.clone());

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::publisher::Publisher;
 use crate::redis_link::RedisLink;
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 use crate::users::Directory;
 
 pub struct Application {
@@ -32,7 +32,7 @@ pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Resul
         &settings.redis.url,
         Duration::from_millis(settings.redis.timeout_ms),
     )?);
-    Ok(AppState {
+    Ok(AppState::new(Shared {
         keys: Keys::new(&settings.redis.key_prefix),
         users: Arc::new(Directory::new(Duration::from_millis(
             settings.gateway.user_cache_ttl_ms,
@@ -45,7 +45,7 @@ pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Resul
         redis_link,
         publisher,
         recovery: Arc::new(crate::credits::recovery::Recovery::new()),
-    })
+    }))
 }
 
 impl Application {

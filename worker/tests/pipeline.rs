@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::events::{
-    CreditConsume, CreditContext, Envelope, Event, UsageBatch, UsageDetail, UsageEvent,
+    BatchedConsume, CreditConsume, CreditConsumeBatch, CreditContext, Envelope, Event, UsageBatch,
+    UsageDetail, UsageEvent,
 };
 use common::settings::Settings;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -290,6 +291,116 @@ async fn a_credit_event_postgres_refuses_is_dead_lettered_alone_and_the_rest_set
     );
 }
 
+/// Consumes of concurrent requests arrive grouped (`credit.consume_batch`):
+/// each settles exactly once, in the order given, with an unbroken
+/// `balance_after` chain per user, one audit row each, and a redelivered or
+/// repeated transaction id changes nothing.
+#[tokio::test]
+async fn grouped_consumes_settle_once_each_with_an_unbroken_balance_chain() {
+    let env = env().await;
+    env.add_user("alice", 1_000).await;
+    env.add_user("bob", 500).await;
+    let item = |user: &str, amount: i64, tx: uuid::Uuid| BatchedConsume {
+        id: uuid::Uuid::new_v4(),
+        occurred_at: Utc::now(),
+        consume: CreditConsume {
+            transaction_id: tx,
+            user_id: user.into(),
+            amount,
+            context: CreditContext {
+                model: Some("m".into()),
+                metadata: Some(serde_json::json!({"n": amount})),
+                ..Default::default()
+            },
+        },
+    };
+    let repeated = uuid::Uuid::new_v4();
+    let batch = |items: Vec<BatchedConsume>| {
+        Envelope::new(
+            Event::CreditConsumeBatch(CreditConsumeBatch { consumes: items }),
+            None,
+            Utc::now(),
+        )
+    };
+    let first = batch(vec![
+        item("alice", 10, uuid::Uuid::new_v4()),
+        item("bob", 7, uuid::Uuid::new_v4()),
+        item("alice", 20, repeated),
+        item("alice", 20, repeated),
+        item("bob", 3, uuid::Uuid::new_v4()),
+        item("alice", 30, uuid::Uuid::new_v4()),
+    ]);
+    // The same message twice (a redelivery) and the repeated id once more.
+    let again = first.clone();
+    let later = batch(vec![
+        item("alice", 20, repeated),
+        item("bob", 90, uuid::Uuid::new_v4()),
+    ]);
+    env.publish(&[first, again, later]).await;
+    let stop = CancellationToken::new();
+    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut delivered = 0;
+    while delivered < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "batches missing");
+        if let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(2), c.next_batch(&stop)).await
+        {
+            let out = c.process(b, &stop).await.unwrap();
+            assert_eq!(out.dead_lettered, 0);
+            delivered += out.delivered;
+        }
+    }
+    let consumes = "select count(*) from credit_transactions where kind = 'consume'";
+    assert_eq!(env.count(consumes).await, 6);
+    assert_eq!(
+        env.count("select count(*) from audit_log where action = 'credits.consume'")
+            .await,
+        6
+    );
+    for (user, balance) in [("alice", 940), ("bob", 400)] {
+        let q = format!("select credits_balance from users where id = '{user}'");
+        assert_eq!(env.count(&q).await, balance, "{user}'s balance");
+        let q =
+            format!("select sum(amount)::int8 from credit_transactions where user_id = '{user}'");
+        assert_eq!(env.count(&q).await, balance, "{user}'s ledger");
+        // Each row's balance_after is the previous one minus its amount, in
+        // created_at order, ending at the balance.
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "select amount, balance_after from credit_transactions where user_id = $1 order by created_at",
+        )
+        .bind(user)
+        .fetch_all(&env.ctx.pg)
+        .await
+        .unwrap();
+        let mut running = 0;
+        for (amount, after) in &rows {
+            running += amount;
+            assert_eq!(*after, running, "{user}'s chain: {rows:?}");
+        }
+        assert_eq!(running, balance);
+    }
+    let alice: Vec<i64> = sqlx::query_scalar(
+        "select -amount from credit_transactions where user_id = 'alice' and kind = 'consume' order by created_at",
+    )
+    .fetch_all(&env.ctx.pg)
+    .await
+    .unwrap();
+    assert_eq!(alice, vec![10, 20, 30], "settled in the order given");
+    // The daily rollup (a statement trigger on the ledger) saw every row.
+    assert_eq!(
+        env.count("select sum(consumed)::int8 from credit_daily where user_id = 'alice'")
+            .await,
+        60
+    );
+    assert_eq!(
+        env.count("select sum(consumed)::int8 from credit_daily where user_id = 'bob'")
+            .await,
+        100
+    );
+}
+
 fn worker_cli(env: &Env, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker"))
         .args(args)
@@ -407,8 +518,9 @@ async fn a_poison_message_replayed_after_its_cause_is_fixed_lands_once_and_purge
 }
 
 /// A settled consume moves `credits_consumed` (kept in `credit_daily` by the
-/// ledger's trigger), so the commit drops the user's cached analytics and
-/// bumps their generation; a deleted user's credit events land without
+/// ledger's trigger), so the commit bumps the user's analytics generation
+/// (their cached views stop being served) and drops their cached profile; a
+/// deleted user's credit events land without
 /// free-form data.
 #[tokio::test]
 async fn credit_commits_drop_cached_analytics_and_deleted_users_credit_events_land_stripped() {
@@ -420,11 +532,11 @@ async fn credit_commits_drop_cached_analytics_and_deleted_users_credit_events_la
         .unwrap();
     let mut redis = ctx.redis.get().await.unwrap();
     let view = ctx.keys.analytics("payer", 30);
-    let index = ctx.keys.analytics_index("payer");
+    let profile = ctx.keys.profile("payer");
     let _: () = redis::pipe()
         .set(&view, "{}")
         .ignore()
-        .sadd(&index, &view)
+        .set(&profile, "{}")
         .ignore()
         .query_async(&mut *redis)
         .await
@@ -470,13 +582,19 @@ async fn credit_commits_drop_cached_analytics_and_deleted_users_credit_events_la
     worker::handlers::after_commit(ctx, effects).await;
 
     let (cached, gen): (Option<String>, Option<String>) = redis::cmd("MGET")
-        .arg(&view)
+        .arg(&profile)
         .arg(ctx.keys.analytics_gen("payer"))
         .query_async(&mut *redis)
         .await
         .unwrap();
-    assert_eq!(cached, None, "the cached view is dropped");
-    assert_eq!(gen.as_deref(), Some("1"), "and the generation bumped");
+    assert_eq!(cached, None, "the cached profile is dropped");
+    // The cached analytics view was stored without a generation; it stays
+    // until its TTL but no longer matches, so the gateway never serves it.
+    assert_eq!(
+        gen.as_deref(),
+        Some("1"),
+        "the analytics generation is bumped"
+    );
     assert_eq!(
         env.count("select consumed from credit_daily where user_id = 'payer' and model = 'gpt-4o'")
             .await,

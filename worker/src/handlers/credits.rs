@@ -4,38 +4,54 @@
 //! settle or release that arrives before its hold's open creates the hold row
 //! in its final state, and the late open then changes nothing.
 
-use common::events::{CreditContext, Envelope, Event};
+use common::events::{CreditConsume, CreditContext, Envelope, Event};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::Effects;
 use crate::startup::Ctx;
 
+/// One consume to settle: the event's id (audit `request_id`) and the consume.
+pub struct ConsumeRow<'a> {
+    pub event_id: Uuid,
+    pub consume: &'a CreditConsume,
+}
+
+/// The consumes of a batch, whether they came one per message or grouped.
+pub fn consumes<'a>(envs: &[&'a Envelope]) -> Vec<ConsumeRow<'a>> {
+    let mut rows = Vec::new();
+    for env in envs {
+        match &env.event {
+            Event::CreditConsume(c) => rows.push(ConsumeRow {
+                event_id: env.id,
+                consume: c,
+            }),
+            Event::CreditConsumeBatch(b) => rows.extend(b.consumes.iter().map(|c| ConsumeRow {
+                event_id: c.id,
+                consume: &c.consume,
+            })),
+            _ => {}
+        }
+    }
+    rows
+}
+
 pub async fn store(
     tx: &mut Transaction<'_, Postgres>,
     envs: &[&Envelope],
     effects: &mut Effects,
 ) -> Result<(), sqlx::Error> {
+    let rows = consumes(envs);
+    if !rows.is_empty() {
+        effects.stored += settle_consumes(tx, &rows).await?;
+        for r in &rows {
+            let c = r.consume;
+            effects.settled.push((c.user_id.clone(), c.transaction_id));
+            effects.credit_users.insert(c.user_id.clone());
+        }
+    }
     for env in envs {
         match &env.event {
-            Event::CreditConsume(c) => {
-                if settle(tx, c.transaction_id, &c.user_id, c.amount, &c.context, None).await? {
-                    effects.stored += 1;
-                    // The user's own state change, audited once (with the ledger row).
-                    audit(
-                        tx,
-                        &c.user_id,
-                        "credits.consume",
-                        env.id,
-                        serde_json::json!({
-                            "amount": c.amount, "transaction_id": c.transaction_id,
-                        }),
-                    )
-                    .await?;
-                }
-                effects.settled.push((c.user_id.clone(), c.transaction_id));
-                effects.credit_users.insert(c.user_id.clone());
-            }
             Event::HoldOpened(h) => {
                 let n = sqlx::query(
                     // A deleted user's holds keep no free-form data, even ones still queued.
@@ -115,6 +131,65 @@ pub async fn store(
     Ok(())
 }
 
+/// Settles a batch's consumes set-based: the users' rows locked in id order
+/// (the lock every ledger write takes first, so concurrent workers serialise
+/// per user and never deadlock among themselves), then one statement that
+/// writes the new ledger rows with their `balance_after` chain, moves each
+/// balance once by the sum, and audits each consume, exactly once per
+/// transaction id. Returns how many ledger rows are new.
+async fn settle_consumes(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[ConsumeRow<'_>],
+) -> Result<usize, sqlx::Error> {
+    let mut users: Vec<&str> = rows.iter().map(|r| r.consume.user_id.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    let locked: Vec<(String,)> =
+        sqlx::query_as("select id from users where id = any($1) order by id for update")
+            .bind(&users)
+            .fetch_all(&mut **tx)
+            .await?;
+    if locked.len() != users.len() {
+        // A consume of a user Postgres does not know: refused data (the
+        // message is dead-lettered, as a single settle would be).
+        return Err(sqlx::Error::RowNotFound);
+    }
+    let col = |f: fn(&CreditConsume) -> Option<String>| -> Vec<Option<String>> {
+        rows.iter().map(|r| f(r.consume)).collect()
+    };
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.consume.transaction_id).collect();
+    let events: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+    let amounts: Vec<i64> = rows.iter().map(|r| r.consume.amount).collect();
+    let prompt: Vec<Option<i64>> = rows
+        .iter()
+        .map(|r| r.consume.context.prompt_tokens)
+        .collect();
+    let completion: Vec<Option<i64>> = rows
+        .iter()
+        .map(|r| r.consume.context.completion_tokens)
+        .collect();
+    // Statement snapshot after the locks: every committed ledger row of these
+    // users is visible, so `not exists` is the once-only check.
+    let (n,): (i64,) = sqlx::query_as(
+        "with input as (            select distinct on (i.id) i.*            from unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::text[], $6::text[],                        $7::text[], $8::int8[], $9::int8[], $10::text[], $11::text[], $12::text[])              with ordinality as i(id, event_id, user_id, amount, session_id, model, provider,                                   prompt_tokens, completion_tokens, feature, description, metadata, ord)            where i.amount > 0            order by i.id, i.ord),          fresh as (            select i.*, u.credits_balance, u.status,                   row_number() over w as n, sum(i.amount) over w as running            from input i join users u on u.id = i.user_id            where not exists (select 1 from credit_transactions t where t.id = i.id)            window w as (partition by i.user_id order by i.ord)),          at as (select clock_timestamp() as ts),          ins as (            insert into credit_transactions (id, user_id, kind, amount, balance_after, session_id,                model, provider, prompt_tokens, completion_tokens, feature, description, metadata, created_at)            select f.id, f.user_id, 'consume', -f.amount, f.credits_balance - f.running, f.session_id,                f.model, f.provider, f.prompt_tokens, f.completion_tokens, f.feature,                case when f.status = 'deleted' then null else f.description end,                case when f.status = 'deleted' then null else f.metadata::jsonb end,                at.ts + f.n * interval '1 microsecond'            from fresh f, at            returning user_id, amount),          moved as (            update users u set credits_balance = u.credits_balance + s.total, updated_at = now()            from (select user_id, sum(amount) as total from ins group by user_id) s            where u.id = s.user_id),          audited as (            insert into audit_log (actor, action, target, request_id, details)            select f.user_id, 'credits.consume', f.user_id, f.event_id::text,                   jsonb_build_object('amount', f.amount, 'transaction_id', f.id)            from fresh f)          select count(*) from ins",
+    )
+    .bind(&ids)
+    .bind(&events)
+    .bind(rows.iter().map(|r| r.consume.user_id.as_str()).collect::<Vec<_>>())
+    .bind(&amounts)
+    .bind(col(|c| c.context.session_id.clone()))
+    .bind(col(|c| c.context.model.clone()))
+    .bind(col(|c| c.context.provider.clone()))
+    .bind(&prompt)
+    .bind(&completion)
+    .bind(col(|c| c.context.feature.clone()))
+    .bind(col(|c| c.context.description.clone()))
+    .bind(col(|c| c.context.metadata.as_ref().map(|m| m.to_string())))
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(n as usize)
+}
+
 /// Settles one granted amount; returns whether a new ledger row was written.
 async fn settle(
     tx: &mut Transaction<'_, Postgres>,
@@ -166,26 +241,5 @@ pub async fn after_commit(ctx: &Ctx, effects: &Effects) -> anyhow::Result<()> {
         pipe.hset(ctx.keys.credits(user), "as_of", &now).ignore();
     }
     pipe.query_async::<()>(&mut *conn).await?;
-    Ok(())
-}
-
-/// An audit row for a user's own credit movement, written in the same
-/// transaction as the ledger row (so exactly once per event).
-async fn audit(
-    tx: &mut Transaction<'_, Postgres>,
-    user_id: &str,
-    action: &str,
-    event_id: Uuid,
-    details: serde_json::Value,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "insert into audit_log (actor, action, target, request_id, details) values ($1, $2, $1, $3, $4)",
-    )
-    .bind(user_id)
-    .bind(action)
-    .bind(event_id.to_string())
-    .bind(details)
-    .execute(&mut **tx)
-    .await?;
     Ok(())
 }

