@@ -13,12 +13,14 @@
 #   2. usage/track with 1 and with 100 events per request,
 #   3. credits/consume, 4. analytics from the cache:
 #      each first closed loop (the maximum), then open loop at 80 % of that
-#      maximum with latency counted from each request's due time;
+#      maximum with latency counted from each request's due time (and, for
+#      single requests, at 50 % too);
 #   5. accepted events = rows in Postgres after the phases above,
 #   6. publish-to-Postgres lag (stored_at - received_at) at a steady rate,
 #   7. worker drain: BENCH_DRAIN_EVENTS queued with the worker stopped, then
 #      the worker started and timed until every row is in Postgres,
 #   8. peak RSS (VmHWM) of gateway and worker,
+#  10. the broker's confirm wait over the run (publish_confirm_seconds),
 #   9. during every closed loop, each component's CPU (top, 5 s): the
 #      per-request cost across processes that bounds a 2-core machine.
 # Figures go to stdout and to target/bench/<time>/results.jsonl.
@@ -90,6 +92,15 @@ wait_stored() { # N: until N rows are stored (or 120 s)
   for _ in $(seq 1200); do [ "$(stored)" -ge "$1" ] && return 0; sleep 0.1; done
   echo "bench: only $(stored) of $1 events stored after 120 s" >&2; return 1
 }
+# Waits until the worker has stored every accepted event and settled every
+# answered consume, so a phase does not pay for the previous one's backlog.
+quiesce() {
+  wait_stored "$ACCEPTED"
+  for _ in $(seq 1200); do
+    [ "$(sql "select count(*) from credit_transactions where kind = 'consume'")" -ge "$CONSUMED" ] && return 0
+    sleep 0.1
+  done
+}
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
 # Microseconds Redis spent running scripts so far (INFO commandstats of
@@ -141,6 +152,15 @@ run_pair() {
   echo "$open" | tee -a "$OUT/results.jsonl"
   ACCEPTED=$((ACCEPTED + $(field "$closed" events_accepted) + $(field "$open" events_accepted)))
   [ "$scenario" = consume ] && CONSUMED=$((CONSUMED + $(field "$closed" ok) + $(field "$open" ok)))
+  # And at half the maximum: how the tail looks with the cores not saturated.
+  if [ "$scenario" != hello ] && [ "$scenario" != track100 ]; then
+    rate=$(python3 -c "print(round($MAX * 0.5))")
+    open=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$url" --users "$USERS" \
+      --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" --rate "$rate" "$@")
+    echo "$open" | tee -a "$OUT/results.jsonl"
+    ACCEPTED=$((ACCEPTED + $(field "$open" events_accepted)))
+    [ "$scenario" = consume ] && CONSUMED=$((CONSUMED + $(field "$open" ok)))
+  fi
   return 0
 }
 ACCEPTED=0
@@ -168,20 +188,18 @@ if want track1; then
 fi
 if want track100; then
   echo "== 2. usage/track, 100 events per request"
+  quiesce
   run_pair track100 "$GWURL"
 fi
 if want consume; then
   echo "== 3. credits/consume"
+  quiesce
   run_pair consume "$GWURL"
 fi
 if want analytics; then
   echo "== 4. analytics (the worker caught up, every user's cache warmed first)"
-  wait_stored "$ACCEPTED"
   # Settlements invalidate the users' cached views: let them land first.
-  for _ in $(seq 1200); do
-    [ "$(sql "select count(*) from credit_transactions where kind = 'consume'")" -ge "$CONSUMED" ] && break
-    sleep 0.1
-  done
+  quiesce
   "$BIN/loadgen" run --url "$GWURL" --users "$USERS" --scenario analytics --connections 16 \
     --seconds 60 --requests "$USERS" >/dev/null
   run_pair analytics "$GWURL"
@@ -236,7 +254,22 @@ print(json.dumps({"check": "drain", "queued": target - before, "stored": rows,
 EOF
 fi
 
-echo "== 8. peak RSS"
+echo "== 8. broker confirm wait (every publish of the run, gateway /metrics)"
+curl -fsS "$GWURL/metrics" | python3 -c '
+import json, sys
+b = []
+for line in sys.stdin:
+    if line.startswith("publish_confirm_seconds_bucket"):
+        le = line.split("le=\"")[1].split("\"")[0]
+        b.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+total = b[-1][1] if b else 0
+out = {"check": "publish_confirm_ms", "publishes": int(total)}
+for q in (0.5, 0.9, 0.99):
+    out["p%d_at_most" % round(q * 100)] = next((le * 1000 for le, n in b if n >= q * total), None)
+out["over_10ms_percent"] = round(100 * (1 - next(n for le, n in b if le >= 0.01) / total), 1) if total else None
+print(json.dumps(out))' | tee -a "$OUT/results.jsonl"
+
+echo "== 9. peak RSS"
 stop_worker
 echo "{\"check\":\"peak_rss_mib\",\"gateway\":$(( $(hwm_kb "$GW") / 1024 )),\"worker\":$((WORKER_HWM_KB / 1024))}" | tee -a "$OUT/results.jsonl"
 echo "bench: results in $OUT/results.jsonl"

@@ -133,6 +133,9 @@ pub struct WorkerSettings {
     pub batch_max_bytes: usize,
     /// How long a batch waits to fill before it is written anyway.
     pub batch_wait_ms: u64,
+    /// A batch is written as soon as no delivery came for this long (so a
+    /// quiet queue is not held for the whole `batch_wait_ms`).
+    pub batch_idle_ms: u64,
     pub cleanup_interval_secs: u64,
     pub reconcile_interval_secs: u64,
     /// Debounce of analytics cache refreshes per user.
@@ -267,7 +270,8 @@ usage_prefetch = 128
 usage_consumers = 2
 batch_size = 1000
 batch_max_bytes = 4194304
-batch_wait_ms = 20
+batch_wait_ms = 100
+batch_idle_ms = 20
 cleanup_interval_secs = 300
 reconcile_interval_secs = 60
 analytics_refresh_ms = 250

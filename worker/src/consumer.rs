@@ -164,9 +164,13 @@ impl QueueConsumer {
         }
     }
 
-    /// Waits for the next batch: the first delivery, then whatever follows
-    /// within `batch_wait_ms`, up to `batch_size`. `None` when the stream ended
-    /// (broker gone) or shutdown was requested before anything arrived.
+    /// Waits for the next batch: the first delivery, then whatever follows,
+    /// until `batch_wait_ms` passed since the first, or nothing came for
+    /// `batch_idle_ms`, or `batch_size` / `batch_max_bytes` is reached. A
+    /// quiet queue is written after the idle gap (low lag); a busy one gathers
+    /// up to the whole wait into one transaction (Postgres pays per commit).
+    /// `None` when the stream ended (broker gone) or shutdown was requested
+    /// before anything arrived.
     pub async fn next_batch(&mut self, shutdown: &CancellationToken) -> Option<Vec<Delivery>> {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return None,
@@ -177,8 +181,10 @@ impl QueueConsumer {
         let mut bytes = first.data.len();
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + Duration::from_millis(w.batch_wait_ms);
+        let idle = Duration::from_millis(w.batch_idle_ms.clamp(1, w.batch_wait_ms.max(1)));
         while batch.len() < w.batch_size && bytes < w.batch_max_bytes {
-            match tokio::time::timeout_at(deadline, self.consumer.next()).await {
+            let until = deadline.min(tokio::time::Instant::now() + idle);
+            match tokio::time::timeout_at(until, self.consumer.next()).await {
                 Ok(Some(Ok(d))) => {
                     bytes += d.data.len();
                     batch.push(d);

@@ -25,7 +25,11 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let stack = support::Stack::new(&[("APP__WORKER__BATCH_WAIT_MS", "200")]).await;
+    let stack = support::Stack::new(&[
+        ("APP__WORKER__BATCH_WAIT_MS", "200"),
+        ("APP__WORKER__BATCH_IDLE_MS", "200"),
+    ])
+    .await;
     let settings = stack.settings.clone();
     Env {
         ctx: Ctx::new(settings.clone()).unwrap(),
