@@ -82,6 +82,9 @@ pub struct AmqpSettings {
     pub linger_us: u64,
     /// Most events carried in one grouped usage message.
     pub max_batch_events: usize,
+    /// Grouped messages of one kind awaiting their confirm at once, per
+    /// gateway; what arrives while all are in flight rides the next message.
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -251,6 +254,7 @@ confirm_timeout_ms = 5000
 delivery_limit = 20
 linger_us = 1000
 max_batch_events = 2000
+max_in_flight = 4
 
 [gateway]
 listen = "0.0.0.0:8080"

@@ -84,11 +84,13 @@ impl Publisher {
         tokio::spawn(supervise(publisher.inner.clone(), shutdown));
         let linger = Duration::from_micros(settings.amqp.linger_us);
         let max = settings.amqp.max_batch_events;
+        let slots = settings.amqp.max_in_flight;
         tokio::spawn(run_batcher(
             publisher.clone(),
             usage_rx,
             linger,
             max,
+            slots,
             |events| Event::UsageBatch(UsageBatch { events }),
         ));
         tokio::spawn(run_batcher(
@@ -96,6 +98,7 @@ impl Publisher {
             consumes_rx,
             linger,
             max,
+            slots,
             |consumes| Event::CreditConsumeBatch(CreditConsumeBatch { consumes }),
         ));
         publisher
@@ -274,49 +277,71 @@ async fn connect(inner: &Inner) -> anyhow::Result<(lapin::Connection, Channel)> 
     Ok((conn, channel))
 }
 
+/// Gathers items into messages: each message takes what arrived during
+/// `linger` after its first item, and also everything that arrives while it
+/// waits for one of `max_in_flight` publish slots (a slot is held until the
+/// broker confirms). So a quiet gateway publishes at once, and a busy one
+/// sends fewer, larger messages as confirms take longer: group commit.
 async fn run_batcher<T: Send + 'static>(
     publisher: Publisher,
     mut rx: mpsc::Receiver<BatchItem<T>>,
     linger: Duration,
     max_events: usize,
+    max_in_flight: usize,
     wrap: fn(Vec<T>) -> Event,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
     while let Some(first) = rx.recv().await {
         let mut events = first.0;
         let mut waiters = vec![first.1];
-        let deadline = tokio::time::Instant::now() + linger;
-        while events.len() < max_events {
-            // Take what is already queued without waiting, then linger briefly.
-            let next = match rx.try_recv() {
-                Ok(item) => Some(item),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    if linger.is_zero() {
-                        None
-                    } else {
-                        tokio::time::timeout_at(deadline, rx.recv())
-                            .await
-                            .ok()
-                            .flatten()
+        if !linger.is_zero() {
+            let deadline = tokio::time::Instant::now() + linger;
+            while events.len() < max_events {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some((more, tx))) => {
+                        events.extend(more);
+                        waiters.push(tx);
                     }
+                    _ => break,
                 }
-            };
-            match next {
-                Some((more, tx)) => {
+            }
+        }
+        // Wait for a slot, taking in what arrives meanwhile.
+        let slot = slots.clone().acquire_owned();
+        tokio::pin!(slot);
+        let mut open = true;
+        let slot = loop {
+            tokio::select! {
+                biased;
+                s = &mut slot => break s.ok(),
+                item = rx.recv(), if open && events.len() < max_events => match item {
+                    Some((more, tx)) => {
+                        events.extend(more);
+                        waiters.push(tx);
+                    }
+                    None => open = false,
+                },
+            }
+        };
+        // And what is already queued, without waiting.
+        while events.len() < max_events {
+            match rx.try_recv() {
+                Ok((more, tx)) => {
                     events.extend(more);
                     waiters.push(tx);
                 }
-                None => break,
+                Err(_) => break,
             }
         }
         let n = events.len();
         let event = wrap(events);
         metrics::histogram!("publish_batch_events", "type" => event.routing_key()).record(n as f64);
         let p = publisher.clone();
-        // Confirms of successive batches overlap: the batcher never waits for one.
+        // Confirms of up to `max_in_flight` messages overlap.
         tokio::spawn(async move {
             let env = Envelope::new(event, None, Utc::now());
             let result = p.publish(&env).await;
+            drop(slot);
             for w in waiters {
                 let _ = w.send(result.clone());
             }
