@@ -234,6 +234,7 @@ echo "$fill" | tee -a "$OUT/results.jsonl"
 target=$((before + $(field "$fill" events_accepted)))
 t0=$(date +%s.%N)
 start_worker
+cpu_sample drain & drain_sampler=$!
 first=""
 for _ in $(seq 6000); do
   n=$(stored)
@@ -242,6 +243,8 @@ for _ in $(seq 6000); do
   sleep 0.2
 done
 t1=$(date +%s.%N)
+wait "$drain_sampler" || true
+tail -n 1 "$OUT/cpu.jsonl" | tee -a "$OUT/results.jsonl"
 python3 - "$before" "$target" "$(stored)" "$t0" "${first:-$t1}" "$t1" <<'EOF' | tee -a "$OUT/results.jsonl"
 import json, sys
 before, target, stored = map(int, sys.argv[1:4])
