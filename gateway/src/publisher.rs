@@ -131,10 +131,28 @@ impl Publisher {
 
     /// Publishes one envelope and waits for the broker's confirm (bounded).
     pub async fn publish(&self, envelope: &Envelope) -> Result<(), PublishError> {
+        self.publish_before(
+            envelope,
+            tokio::time::Instant::now() + self.inner.confirm_timeout,
+        )
+        .await
+    }
+
+    /// Publishes and waits for the confirm until `deadline`; a deadline that
+    /// has already passed publishes nothing (so the 503 it answers is true).
+    async fn publish_before(
+        &self,
+        envelope: &Envelope,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), PublishError> {
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.inner.confirm_timeout, self.publish_inner(envelope))
-            .await
-            .unwrap_or(Err(PublishError::Timeout));
+        let result = if tokio::time::Instant::now() >= deadline {
+            Err(PublishError::Timeout)
+        } else {
+            tokio::time::timeout_at(deadline, self.publish_inner(envelope))
+                .await
+                .unwrap_or(Err(PublishError::Timeout))
+        };
         let outcome = if result.is_ok() { "ack" } else { "fail" };
         metrics::counter!("publish_confirms_total", "outcome" => outcome).increment(1);
         metrics::histogram!("publish_confirm_seconds").record(started.elapsed().as_secs_f64());
@@ -292,12 +310,16 @@ async fn run_batcher<T: Send + 'static>(
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
     while let Some(first) = rx.recv().await {
+        // Every request of this message is answered within the confirm
+        // timeout of its first item, slot wait included (SPEC §9.5: a write
+        // answers 503 within 5 s of a broker that stopped confirming).
+        let deadline = tokio::time::Instant::now() + publisher.inner.confirm_timeout;
         let mut events = first.0;
         let mut waiters = vec![first.1];
         if !linger.is_zero() {
-            let deadline = tokio::time::Instant::now() + linger;
+            let linger_end = tokio::time::Instant::now() + linger;
             while events.len() < max_events {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                match tokio::time::timeout_at(linger_end, rx.recv()).await {
                     Ok(Some((more, tx))) => {
                         events.extend(more);
                         waiters.push(tx);
@@ -314,6 +336,9 @@ async fn run_batcher<T: Send + 'static>(
             tokio::select! {
                 biased;
                 s = &mut slot => break s.ok(),
+                // No slot before the deadline: publish_before answers 503
+                // without publishing.
+                _ = tokio::time::sleep_until(deadline) => break None,
                 item = rx.recv(), if open && events.len() < max_events => match item {
                     Some((more, tx)) => {
                         events.extend(more);
@@ -323,8 +348,9 @@ async fn run_batcher<T: Send + 'static>(
                 },
             }
         };
-        // And what is already queued, without waiting.
-        while events.len() < max_events {
+        // And what is already queued, without waiting (unless this message
+        // is out of time: those wait for the next one).
+        while slot.is_some() && events.len() < max_events {
             match rx.try_recv() {
                 Ok((more, tx)) => {
                     events.extend(more);
@@ -340,7 +366,7 @@ async fn run_batcher<T: Send + 'static>(
         // Confirms of up to `max_in_flight` messages overlap.
         tokio::spawn(async move {
             let env = Envelope::new(event, None, Utc::now());
-            let result = p.publish(&env).await;
+            let result = p.publish_before(&env, deadline).await;
             drop(slot);
             for w in waiters {
                 let _ = w.send(result.clone());

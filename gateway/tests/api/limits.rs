@@ -245,6 +245,71 @@ async fn usage_track_past_its_deadline_still_answers_202_once_the_broker_confirm
     println!("accepted = 5, stored = {}", stored().await);
 }
 
+/// A write waits at most `amqp.confirm_timeout_ms` for the broker, also when
+/// all the publisher's slots are taken by messages whose confirms never come
+/// (SPEC §9.5): a request queued behind them answers 503 by its own deadline,
+/// not after a slot frees plus a confirm timeout of its own.
+#[tokio::test]
+async fn a_write_queued_behind_unconfirmed_messages_answers_503_within_the_confirm_timeout() {
+    let relay = Relay::start("127.0.0.1:5672").await;
+    let app = spawn_app_with(|v| {
+        v.insert(
+            "AMQP_URL".into(),
+            format!("amqp://guest:guest@{}/%2f", relay.addr),
+        );
+        v.insert("APP__AMQP__CONFIRM_TIMEOUT_MS".into(), "2000".into());
+        v.insert("APP__AMQP__MAX_IN_FLIGHT".into(), "1".into());
+    })
+    .await;
+    let (_, token) = new_user();
+    let track = |feature: &'static str| {
+        let (client, url, token) = (
+            app.client.clone(),
+            app.url("/api/vscode/usage/track"),
+            token.clone(),
+        );
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            let r = client
+                .post(url)
+                .bearer_auth(token)
+                .json(&json!({"kind": "feature", "feature": feature}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), sent.elapsed())
+        })
+    };
+    let r = app
+        .post(
+            "/api/vscode/usage/track",
+            &token,
+            &json!({"kind": "feature", "feature": "warm"}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    relay.hold_replies();
+    // The first takes the only slot and its confirm never comes.
+    let first = track("first");
+    app.eventually(Duration::from_secs(10), || async {
+        (relay.held_replies() > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The second waits for that slot, which frees only at the first's timeout.
+    let second = track("second");
+    let (status, waited) = first.await.unwrap();
+    assert_eq!(status, 503);
+    assert!(waited < Duration::from_millis(2600), "first: {waited:?}");
+    let (status, waited) = second.await.unwrap();
+    relay.release_replies();
+    assert_eq!(status, 503);
+    assert!(
+        waited < Duration::from_millis(2600),
+        "second answered after {waited:?}, past the 2 s confirm timeout"
+    );
+}
+
 #[tokio::test]
 async fn a_body_trickled_slower_than_the_deadline_gets_503_problem_json() {
     let app = spawn_app_with(|v| {
