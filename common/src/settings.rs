@@ -505,6 +505,16 @@ impl Settings {
             ("gateway.max_header_bytes", g.max_header_bytes as u64, 1024),
             ("gateway.max_headers", g.max_headers as u64, 8),
             ("gateway.max_connections", g.max_connections as u64, 1),
+            // Batching: a zero would stall the publisher or the worker.
+            (
+                "amqp.max_batch_events",
+                self.amqp.max_batch_events as u64,
+                1,
+            ),
+            ("amqp.max_in_flight", self.amqp.max_in_flight as u64, 1),
+            ("worker.batch_size", self.worker.batch_size as u64, 1),
+            ("worker.batch_wait_ms", self.worker.batch_wait_ms, 1),
+            ("worker.batch_idle_ms", self.worker.batch_idle_ms, 1),
         ] {
             if value < min {
                 return Err(SettingsError::new(key, format!("must be at least {min}")));
@@ -704,6 +714,11 @@ mod tests {
             (
                 &[("APP__GATEWAY__MAX_HEADER_BYTES", "100")],
                 "gateway.max_header_bytes",
+            ),
+            (&[("APP__AMQP__MAX_IN_FLIGHT", "0")], "amqp.max_in_flight"),
+            (
+                &[("APP__WORKER__BATCH_IDLE_MS", "0")],
+                "worker.batch_idle_ms",
             ),
         ];
         for (env, key) in cases {

@@ -308,7 +308,7 @@ async fn run_batcher<T: Send + 'static>(
     max_in_flight: usize,
     wrap: fn(Vec<T>) -> Event,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
     while let Some(first) = rx.recv().await {
         // Every request of this message is answered within the confirm
         // timeout of its first item, slot wait included (SPEC §9.5: a write

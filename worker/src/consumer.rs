@@ -181,7 +181,7 @@ impl QueueConsumer {
         let mut bytes = first.data.len();
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + Duration::from_millis(w.batch_wait_ms);
-        let idle = Duration::from_millis(w.batch_idle_ms.clamp(1, w.batch_wait_ms.max(1)));
+        let idle = Duration::from_millis(w.batch_idle_ms);
         while batch.len() < w.batch_size && bytes < w.batch_max_bytes {
             let until = deadline.min(tokio::time::Instant::now() + idle);
             match tokio::time::timeout_at(until, self.consumer.next()).await {
