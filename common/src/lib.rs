@@ -9,5 +9,6 @@ pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
+pub mod valid;
 
 pub use settings::Settings;

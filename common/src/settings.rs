@@ -47,6 +47,7 @@ pub struct Settings {
     pub plans: BTreeMap<String, PlanSettings>,
     pub sessions: SessionSettings,
     pub credits: CreditSettings,
+    pub users: UserSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -186,6 +187,9 @@ pub struct RateLimitSettings {
     pub classes: HashMap<String, ClassLimit>,
     pub auth_failures: ClassLimit,
     pub on_redis_error: RedisErrorPolicy,
+    /// The `usage` class limited per event besides per request (SPEC §6): a
+    /// request of 500 events counts 500. Scaled by the plan multiplier.
+    pub usage_events: ClassLimit,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -198,6 +202,18 @@ pub struct PlanSettings {
 pub struct SessionSettings {
     pub ttl_secs: u64,
     pub min_extension_version: Option<String>,
+    /// Live sessions one user may have in Redis; validating one more evicts
+    /// the least recently used (so no user grows Redis without bound).
+    pub max_per_user: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserSettings {
+    /// Largest merged preferences object, in bytes of JSON (422 naming
+    /// `preferences` past it).
+    pub max_preferences_bytes: usize,
+    /// Statement timeout of a privacy export (at most one runs per user).
+    pub export_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +234,13 @@ pub struct CreditSettings {
     /// After a Redis data loss, how long past the confirm timeout a recovery
     /// waits before it trusts the queue depth (publishes still in flight).
     pub recovery_grace_ms: u64,
+    /// Open holds one user may have; one more is 422 naming `holds`. Keeps
+    /// every credit script cheap (they scan the user's holds for expiry).
+    pub max_open_holds: usize,
+    /// How long a remembered 402 answer is kept (a 200 is kept
+    /// `idempotency_ttl_secs`): a refusal moved no money, so it need not
+    /// occupy Redis for a day.
+    pub insufficient_ttl_secs: u64,
 }
 
 /// Largest credit amount and balance: Redis scripts compute in doubles.
@@ -288,6 +311,7 @@ jwks_refetch_interval_secs = 30
 [rate_limit]
 on_redis_error = "postgres"
 auth_failures = { limit = 300, window_secs = 60 }
+usage_events = { limit = 6000, window_secs = 60 }
 
 [rate_limit.classes]
 session = { limit = 60, window_secs = 60 }
@@ -305,6 +329,11 @@ enterprise = { starting_credits = 20000, rate_limit_multiplier = 20 }
 
 [sessions]
 ttl_secs = 86400
+max_per_user = 50
+
+[users]
+max_preferences_bytes = 8192
+export_timeout_ms = 10000
 
 [credits]
 hold_default_ttl_secs = 300
@@ -314,6 +343,8 @@ stale_reservation_secs = 30
 expiry_interval_secs = 5
 hold_expiry_grace_secs = 5
 recovery_grace_ms = 2000
+max_open_holds = 100
+insufficient_ttl_secs = 3600
 "#;
 
 /// The well-known variables of SPEC §2 and the key each one sets.
@@ -515,6 +546,32 @@ impl Settings {
             ("worker.batch_size", self.worker.batch_size as u64, 1),
             ("worker.batch_wait_ms", self.worker.batch_wait_ms, 1),
             ("worker.batch_idle_ms", self.worker.batch_idle_ms, 1),
+            // Per-user bounds: zero would refuse every hold / session / patch.
+            (
+                "credits.max_open_holds",
+                self.credits.max_open_holds as u64,
+                1,
+            ),
+            (
+                "sessions.max_per_user",
+                self.sessions.max_per_user as u64,
+                1,
+            ),
+            (
+                "users.max_preferences_bytes",
+                self.users.max_preferences_bytes as u64,
+                2,
+            ),
+            (
+                "rate_limit.usage_events.limit",
+                self.rate_limit.usage_events.limit,
+                1,
+            ),
+            (
+                "rate_limit.usage_events.window_secs",
+                self.rate_limit.usage_events.window_secs,
+                1,
+            ),
         ] {
             if value < min {
                 return Err(SettingsError::new(key, format!("must be at least {min}")));

@@ -181,10 +181,15 @@ pub struct StatsRequest {
 /// that day; a date `to` includes that whole day.
 fn parse_instant(field: &str, s: &str, is_to: bool) -> Result<DateTime<Utc>> {
     let s = s.trim();
+    let in_range = |t: DateTime<Utc>| {
+        common::valid::check_time(t).map_err(|reason| ApiError::validation(field, reason))
+    };
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
+        return in_range(t.with_timezone(&Utc));
     }
     if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        // Checked before any arithmetic: chrono panics past its own range.
+        common::valid::check_date(d).map_err(|reason| ApiError::validation(field, reason))?;
         let d = if is_to { d.succ_opt() } else { Some(d) };
         if let Some(d) = d {
             return Ok(d.and_time(NaiveTime::MIN).and_utc());
@@ -319,36 +324,40 @@ pub fn shape_analytics(
             Some(d) => {
                 let day = daily.entry(d).or_default();
                 if model {
-                    day.requests += r.requests;
-                    day.total_tokens += r.prompt_tokens + r.completion_tokens;
+                    day.requests = day.requests.saturating_add(r.requests);
+                    day.total_tokens = day.total_tokens.saturating_add(r.prompt_tokens.saturating_add(r.completion_tokens));
                 } else {
-                    day.feature_events += r.requests;
+                    day.feature_events = day.feature_events.saturating_add(r.requests);
                 }
             }
             None if model => {
                 let m = by_model.entry((&r.provider, &r.model)).or_default();
-                m.requests += r.requests;
-                m.prompt_tokens += r.prompt_tokens;
-                m.completion_tokens += r.completion_tokens;
+                m.requests = m.requests.saturating_add(r.requests);
+                m.prompt_tokens = m.prompt_tokens.saturating_add(r.prompt_tokens);
+                m.completion_tokens = m.completion_tokens.saturating_add(r.completion_tokens);
             }
-            None => *by_feature.entry(&r.feature).or_default() += r.requests,
+            None => {
+                let e = by_feature.entry(&r.feature).or_default();
+                *e = e.saturating_add(r.requests);
+            }
         }
     }
     for (d, c) in &input.credits {
-        daily.entry(*d).or_default().credits_consumed += c;
+        let day = daily.entry(*d).or_default();
+        day.credits_consumed = day.credits_consumed.saturating_add(*c);
     }
     let mut by_provider: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
     for ((p, _), m) in &by_model {
         let e = by_provider.entry(p).or_default();
-        e.0 += m.requests;
-        e.1 += m.prompt_tokens + m.completion_tokens;
+        e.0 = e.0.saturating_add(m.requests);
+        e.1 = e.1.saturating_add(m.prompt_tokens.saturating_add(m.completion_tokens));
     }
-    let requests: i64 = by_model.values().map(|m| m.requests).sum();
-    let prompt_tokens: i64 = by_model.values().map(|m| m.prompt_tokens).sum();
-    let completion_tokens: i64 = by_model.values().map(|m| m.completion_tokens).sum();
-    let total_tokens = prompt_tokens + completion_tokens;
-    let credits_consumed: i64 = input.credits.iter().map(|(_, c)| c).sum();
-    let feature_events: i64 = by_feature.values().sum();
+    let requests: i64 = by_model.values().map(|m| m.requests).fold(0, i64::saturating_add);
+    let prompt_tokens: i64 = by_model.values().map(|m| m.prompt_tokens).fold(0, i64::saturating_add);
+    let completion_tokens: i64 = by_model.values().map(|m| m.completion_tokens).fold(0, i64::saturating_add);
+    let total_tokens = prompt_tokens.saturating_add(completion_tokens);
+    let credits_consumed: i64 = input.credits.iter().map(|(_, c)| *c).fold(0, i64::saturating_add);
+    let feature_events: i64 = by_feature.values().copied().fold(0, i64::saturating_add);
     let unique_models = by_model
         .keys()
         .map(|(_, m)| *m)
@@ -422,11 +431,11 @@ pub struct StatsFigures {
 
 impl StatsFigures {
     fn add(&mut self, o: &StatsFigures) {
-        self.requests += o.requests;
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
-        self.credits_consumed += o.credits_consumed;
-        self.feature_events += o.feature_events;
+        self.requests = self.requests.saturating_add(o.requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.credits_consumed = self.credits_consumed.saturating_add(o.credits_consumed);
+        self.feature_events = self.feature_events.saturating_add(o.feature_events);
     }
 }
 
@@ -454,7 +463,8 @@ pub fn shape_stats(
             });
     }
     for (k, c) in credits {
-        rows.entry(k.as_deref()).or_default().credits_consumed += c;
+        let row = rows.entry(k.as_deref()).or_default();
+        row.credits_consumed = row.credits_consumed.saturating_add(*c);
     }
     let mut rows: Vec<(Option<&str>, StatsFigures)> = rows
         .into_iter()
@@ -512,8 +522,8 @@ pub async fn load_analytics(
         i64,
     );
     let grouped: Vec<Row> = sqlx::query_as(
-        "select day, kind, provider, model, feature, coalesce(sum(requests), 0)::int8, \
-                coalesce(sum(prompt_tokens), 0)::int8, coalesce(sum(completion_tokens), 0)::int8, \
+        "select day, kind, provider, model, feature, least(coalesce(sum(requests), 0), 9223372036854775807)::int8, \
+                least(coalesce(sum(prompt_tokens), 0), 9223372036854775807)::int8, least(coalesce(sum(completion_tokens), 0), 9223372036854775807)::int8, \
                 max(updated_at), \
                 (select count(*) from (select session_id from usage_daily \
                    where user_id = $1 and day >= $2 and day <= $3 and session_id <> '' \
@@ -548,7 +558,7 @@ pub async fn load_analytics(
     }
     // The ledger's daily rollup (kept by a trigger on the ledger, 0002).
     let credits: Vec<(NaiveDate, i64, DateTime<Utc>)> = sqlx::query_as(
-        "select day, sum(consumed)::int8, max(updated_at) from credit_daily \
+        "select day, least(sum(consumed), 9223372036854775807)::int8, max(updated_at) from credit_daily \
          where user_id = $1 and day >= $2 and day <= $3 group by day",
     )
     .bind(user_id)
@@ -570,10 +580,10 @@ pub async fn load_analytics(
 pub async fn stats(pg: &sqlx::PgPool, user_id: &str, req: StatsRequest) -> Result<Value> {
     let usage: Vec<StatsUsageRow> = sqlx::query_as(&format!(
         "select {key} as key, \
-                coalesce(sum(requests) filter (where kind = 'model'), 0)::int8 as requests, \
-                coalesce(sum(prompt_tokens), 0)::int8 as prompt_tokens, \
-                coalesce(sum(completion_tokens), 0)::int8 as completion_tokens, \
-                coalesce(sum(requests) filter (where kind = 'feature'), 0)::int8 as feature_events \
+                least(coalesce(sum(requests) filter (where kind = 'model'), 0), 9223372036854775807)::int8 as requests, \
+                least(coalesce(sum(prompt_tokens), 0), 9223372036854775807)::int8 as prompt_tokens, \
+                least(coalesce(sum(completion_tokens), 0), 9223372036854775807)::int8 as completion_tokens, \
+                least(coalesce(sum(requests) filter (where kind = 'feature'), 0), 9223372036854775807)::int8 as feature_events \
          from usage_daily where user_id = $1 and day >= $2 and day <= $3 group by 1",
         key = req.group_by.key_column()
     ))
@@ -583,7 +593,7 @@ pub async fn stats(pg: &sqlx::PgPool, user_id: &str, req: StatsRequest) -> Resul
     .fetch_all(pg)
     .await?;
     let credits: Vec<(Option<String>, i64)> = sqlx::query_as(&format!(
-        "select {key}, sum(consumed)::int8 from credit_daily \
+        "select {key}, least(sum(consumed), 9223372036854775807)::int8 from credit_daily \
          where user_id = $1 and day >= $2 and day <= $3 group by 1",
         key = req.group_by.key_column()
     ))

@@ -123,7 +123,8 @@ impl Operator {
         let user = user_id(user)?;
         let body = GrantBody {
             amount: self::amount(amount)?,
-            reason: reason.to_string(),
+            reason: credits::Reason::parse(reason.to_string())
+                .map_err(|r| ApiError::validation("reason", r))?,
         };
         let (amount, reason) = body.validate()?;
         let key = key

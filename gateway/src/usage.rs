@@ -4,13 +4,14 @@
 
 use chrono::{DateTime, Duration, Utc};
 use common::events::{UsageDetail, UsageEvent};
+use common::valid::{self, len, TextRule};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::http::error::ApiError;
 
 pub const MAX_EVENTS: usize = 500;
-pub const MAX_METADATA_BYTES: usize = 4096;
+pub use common::valid::MAX_METADATA_BYTES;
 
 /// Which shape the body had; the legacy one gets extra answer members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +78,7 @@ fn parse_event(
         }
         Some(_) => return Err(ApiError::validation(f("event_id"), "must be a UUID string")),
     };
-    let session_id = opt_str(obj, "session_id", 128, &f)?;
+    let session_id = opt_str(obj, "session_id", len::SESSION_ID, &f)?;
     if let Some(s) = &session_id {
         if !valid_session_id(s) {
             return Err(ApiError::validation(
@@ -125,8 +126,8 @@ fn parse_event(
     };
     let detail = match kind {
         "model" => UsageDetail::Model {
-            provider: req_str(obj, "provider", 64, &f)?,
-            model: req_str(obj, "model", 128, &f)?,
+            provider: req_str(obj, "provider", len::PROVIDER, &f)?,
+            model: req_str(obj, "model", len::MODEL, &f)?,
             prompt_tokens: req_count(obj, "prompt_tokens", &f)?,
             completion_tokens: req_count(obj, "completion_tokens", &f)?,
             latency_ms: opt_count(obj, "latency_ms", &f)?,
@@ -137,8 +138,8 @@ fn parse_event(
             },
         },
         "feature" => UsageDetail::Feature {
-            feature: req_str(obj, "feature", 64, &f)?,
-            action: opt_str(obj, "action", 64, &f)?,
+            feature: req_str(obj, "feature", len::FEATURE, &f)?,
+            action: opt_str(obj, "action", len::ACTION, &f)?,
             duration_ms: opt_count(obj, "duration_ms", &f)?,
         },
         _ => {
@@ -166,13 +167,16 @@ fn parse_legacy(
     now: DateTime<Utc>,
 ) -> Result<UsageEvent, ApiError> {
     let f = |name: &str| name.to_string();
-    let model = req_str(obj, "modelId", 128, &f)?;
+    let model = req_str(obj, "modelId", len::MODEL, &f)?;
     let provider = provider_of(&model);
     let tokens = opt_count(obj, "tokensUsed", &f)?.unwrap_or(0);
-    let action = opt_str(obj, "action", 64, &f)?;
+    let action = opt_str(obj, "action", len::ACTION, &f)?;
     let cost = match obj.get("costInCredits") {
         None | Some(Value::Null) => Value::Null,
-        Some(v @ Value::Number(n)) if n.as_f64().is_some_and(|x| x >= 0.0) => v.clone(),
+        // Kept in metadata only (never trusted): any finite non-negative number.
+        Some(v @ Value::Number(n)) if n.as_f64().is_some_and(|x| x >= 0.0 && x.is_finite()) => {
+            v.clone()
+        }
         Some(_) => {
             return Err(ApiError::validation(
                 "costInCredits",
@@ -180,7 +184,7 @@ fn parse_legacy(
             ))
         }
     };
-    let session_id = opt_str(obj, "sessionToken", 128, &f)?;
+    let session_id = opt_str(obj, "sessionToken", len::SESSION_ID, &f)?;
     if let Some(s) = &session_id {
         if !valid_session_token(s) {
             return Err(ApiError::validation(
@@ -237,15 +241,10 @@ pub fn valid_session_token(s: &str) -> bool {
 fn parse_metadata(v: Option<&Value>, field: &str) -> Result<Option<Value>, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(None),
-        Some(m @ Value::Object(_)) => {
-            let size = serde_json::to_vec(m).map(|b| b.len()).unwrap_or(usize::MAX);
-            if size > MAX_METADATA_BYTES {
-                Err(ApiError::validation(field, "must be at most 4 KiB"))
-            } else {
-                Ok(Some(m.clone()))
-            }
-        }
-        Some(_) => Err(ApiError::validation(field, "must be an object")),
+        Some(m) => match valid::check_metadata(m) {
+            Ok(()) => Ok(Some(m.clone())),
+            Err(reason) => Err(ApiError::validation(field, reason)),
+        },
     }
 }
 
@@ -269,18 +268,10 @@ fn opt_str(
 ) -> Result<Option<String>, ApiError> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => {
-            Err(ApiError::validation(f(name), "must not be empty"))
-        }
-        Some(Value::String(s)) if s.chars().count() > max => Err(ApiError::validation(
-            f(name),
-            format!("must be at most {max} characters"),
-        )),
-        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(ApiError::validation(
-            f(name),
-            "must not contain control characters",
-        )),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::String(s)) => match valid::check_text(s, TextRule::Label, max) {
+            Ok(()) => Ok(Some(s.clone())),
+            Err(reason) => Err(ApiError::validation(f(name), reason)),
+        },
         Some(_) => Err(ApiError::validation(f(name), "must be a string")),
     }
 }
@@ -293,19 +284,25 @@ fn req_count(
     opt_count(obj, name, f)?.ok_or_else(|| ApiError::validation(f(name), "is required"))
 }
 
-/// A non-negative JSON integer that fits i64 (no floats, no strings).
+/// A count: a JSON integer `0..=valid::MAX_COUNT` (no floats, no strings).
 fn opt_count(
     obj: &Map<String, Value>,
     name: &str,
     f: &dyn Fn(&str) -> String,
 ) -> Result<Option<i64>, ApiError> {
+    let refuse = || {
+        ApiError::validation(
+            f(name),
+            format!("must be an integer from 0 to {}", valid::MAX_COUNT),
+        )
+    };
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_i64() {
-            Some(i) if i >= 0 => Ok(Some(i)),
-            _ => Err(ApiError::validation(f(name), "must be an integer ≥ 0")),
+            Some(i) => valid::check_count(i).map(Some).map_err(|_| refuse()),
+            None => Err(refuse()),
         },
-        Some(_) => Err(ApiError::validation(f(name), "must be an integer ≥ 0")),
+        Some(_) => Err(refuse()),
     }
 }
 
@@ -436,6 +433,47 @@ mod tests {
             "events"
         );
         assert_eq!(field_of(parse_track(&json!([1]), "u", now())), "body");
+    }
+
+    #[test]
+    fn values_the_stores_refuse_are_refused_here_naming_the_field() {
+        let m = |k: &str, v: Value| {
+            let mut e = model();
+            e[k] = v;
+            e
+        };
+        let feat = |k: &str, v: Value| {
+            let mut e = json!({"kind": "feature", "feature": "chat"});
+            e[k] = v;
+            e
+        };
+        let cases: Vec<(Value, &str)> = vec![
+            (m("model", json!("gpt\u{0}")), "model"),
+            (m("provider", json!("a\u{1}b")), "provider"),
+            (m("model", json!("line\nbreak")), "model"),
+            (feat("feature", json!("\u{0}")), "feature"),
+            (feat("action", json!("x\u{7f}")), "action"),
+            (feat("metadata", json!({"k": "\u{0}"})), "metadata"),
+            (feat("metadata", json!({"k\u{0}": 1})), "metadata"),
+            (feat("metadata", json!({"a": {"b": ["\u{2}"]}})), "metadata"),
+            (m("prompt_tokens", json!(1_000_000_001)), "prompt_tokens"),
+            (m("completion_tokens", json!(i64::MAX)), "completion_tokens"),
+            (m("latency_ms", json!(9_223_372_036_854_775_000i64)), "latency_ms"),
+            (feat("duration_ms", json!(1e12)), "duration_ms"),
+            (feat("session_id", json!("s\u{0}")), "session_id"),
+        ];
+        for (body, field) in cases {
+            assert_eq!(field_of(parse_track(&body, "u", now())), field, "{body}");
+        }
+        let legacy = json!({"modelId": "m\u{0}", "tokensUsed": 1});
+        assert_eq!(field_of(parse_track(&legacy, "u", now())), "modelId");
+        let legacy = json!({"modelId": "m", "tokensUsed": 1_000_000_001});
+        assert_eq!(field_of(parse_track(&legacy, "u", now())), "tokensUsed");
+        // The bounds themselves are accepted; tab/CR/LF are fine in metadata strings.
+        let ok = m("prompt_tokens", json!(valid::MAX_COUNT));
+        assert!(parse_track(&ok, "u", now()).is_ok());
+        let ok = feat("metadata", json!({"note": "a\tb\r\nc", "emoji": "🚀"}));
+        assert!(parse_track(&ok, "u", now()).is_ok());
     }
 
     #[test]

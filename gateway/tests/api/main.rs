@@ -7,6 +7,7 @@ mod credits;
 mod demo;
 mod fuzz;
 mod helpers;
+mod hostile;
 mod limits;
 mod openapi;
 mod operator;
