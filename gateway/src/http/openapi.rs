@@ -33,14 +33,28 @@ fn int() -> Value {
 fn amount() -> Value {
     json!({"type": "integer", "format": "int64", "minimum": 1, "maximum": 9007199254740991i64})
 }
-fn string(max: u32) -> Value {
-    json!({"type": "string", "maxLength": max})
+/// A label (`common::valid`): 1..=max characters, no control character.
+fn string(max: usize) -> Value {
+    json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": LABEL_PATTERN})
 }
+/// Free text (`common::valid`): tab, CR and LF allowed, no other control character.
+fn text(max: usize) -> Value {
+    json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": FREE_TEXT_PATTERN})
+}
+/// A token count, latency or duration: 0..=10^9.
+fn count() -> Value {
+    json!({"type": "integer", "minimum": 0, "maximum": common::valid::MAX_COUNT})
+}
+const LABEL_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
+const FREE_TEXT_PATTERN: &str = "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$";
 fn time() -> Value {
     json!({"type": "string", "format": "date-time"})
 }
+/// Metadata (`common::valid`): at most 4 KiB and 8 levels; keys are labels,
+/// strings free text.
 fn object() -> Value {
-    json!({"type": "object", "additionalProperties": true})
+    json!({"type": "object", "additionalProperties": true,
+           "description": "at most 4096 bytes of JSON, nested at most 8 levels; keys without control characters, strings without control characters other than tab, CR and LF"})
 }
 fn obj(props: Value, required: &[&str]) -> Value {
     json!({"type": "object", "properties": props, "required": required})
@@ -60,10 +74,10 @@ fn usage_event() -> Value {
         "occurred_at": time(),
         "metadata": object(),
         "provider": string(64), "model": string(128),
-        "prompt_tokens": {"type": "integer", "minimum": 0}, "completion_tokens": {"type": "integer", "minimum": 0},
-        "latency_ms": {"type": "integer", "minimum": 0}, "success": {"type": "boolean"},
-        "feature": string(64), "action": string(64), "duration_ms": {"type": "integer", "minimum": 0},
-        "sessionToken": string(128), "modelId": string(128), "tokensUsed": {"type": "integer", "minimum": 0},
+        "prompt_tokens": count(), "completion_tokens": count(),
+        "latency_ms": count(), "success": {"type": "boolean"},
+        "feature": string(64), "action": string(64), "duration_ms": count(),
+        "sessionToken": string(128), "modelId": string(128), "tokensUsed": count(),
         "costInCredits": {"type": "number", "minimum": 0}
     }})
 }
@@ -172,7 +186,7 @@ pub fn operations() -> Vec<Op> {
             summary: "Consume credits (idempotent with Idempotency-Key)",
             body: Some(|| {
                 obj(
-                    json!({"amount": amount(), "session_id": string(128), "model": string(128), "provider": string(64), "prompt_tokens": {"type": "integer", "minimum": 0}, "completion_tokens": {"type": "integer", "minimum": 0}, "feature": string(64), "description": string(1024), "metadata": object(), "sessionId": string(128), "modelId": string(128), "tokensUsed": {"type": "integer", "minimum": 0}}),
+                    json!({"amount": amount(), "session_id": string(128), "model": string(128), "provider": string(64), "prompt_tokens": count(), "completion_tokens": count(), "feature": string(64), "description": text(1024), "metadata": object(), "sessionId": string(128), "modelId": string(128), "tokensUsed": count()}),
                     &["amount"],
                 )
             }),
@@ -212,7 +226,7 @@ pub fn operations() -> Vec<Op> {
             summary: "Settle a hold with the real amount",
             body: Some(|| {
                 obj(
-                    json!({"amount": {"type": "integer", "minimum": 0}, "model": string(128), "provider": string(64), "prompt_tokens": {"type": "integer", "minimum": 0}, "completion_tokens": {"type": "integer", "minimum": 0}}),
+                    json!({"amount": {"type": "integer", "minimum": 0, "maximum": 9007199254740991i64}, "model": string(128), "provider": string(64), "prompt_tokens": count(), "completion_tokens": count()}),
                     &["amount"],
                 )
             }),
@@ -261,7 +275,7 @@ pub fn operations() -> Vec<Op> {
             summary: "Grant credits (admin)",
             body: Some(|| {
                 obj(
-                    json!({"amount": amount(), "reason": string(1024)}),
+                    json!({"amount": amount(), "reason": text(500)}),
                     &["amount", "reason"],
                 )
             }),
