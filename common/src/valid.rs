@@ -101,7 +101,9 @@ pub fn check_metadata(v: &Value) -> Result<(), Reason> {
     check_json_object(v)?;
     let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
     if size > MAX_METADATA_BYTES {
-        return Err(format!("must be at most {MAX_METADATA_BYTES} bytes of JSON"));
+        return Err(format!(
+            "must be at most {MAX_METADATA_BYTES} bytes of JSON"
+        ));
     }
     Ok(())
 }
@@ -176,7 +178,9 @@ pub fn check_date(d: NaiveDate) -> Result<NaiveDate, Reason> {
     if (MIN_YEAR..=MAX_YEAR).contains(&d.year()) {
         Ok(d)
     } else {
-        Err(format!("must be a date in the years {MIN_YEAR} to {MAX_YEAR}"))
+        Err(format!(
+            "must be a date in the years {MIN_YEAR} to {MAX_YEAR}"
+        ))
     }
 }
 
@@ -251,7 +255,11 @@ macro_rules! text_type {
     };
 }
 
-text_type!(Label, TextRule::Label, "a string without control characters");
+text_type!(
+    Label,
+    TextRule::Label,
+    "a string without control characters"
+);
 text_type!(
     FreeText,
     TextRule::Free,
@@ -398,10 +406,15 @@ mod tests {
             json!(1_000_000_001),
             json!(u64::MAX),
         ] {
-            assert!(serde_json::from_value::<TokenCount>(bad.clone()).is_err(), "{bad}");
+            assert!(
+                serde_json::from_value::<TokenCount>(bad.clone()).is_err(),
+                "{bad}"
+            );
         }
         assert_eq!(
-            serde_json::from_value::<TokenCount>(json!(42)).unwrap().get(),
+            serde_json::from_value::<TokenCount>(json!(42))
+                .unwrap()
+                .get(),
             42
         );
     }

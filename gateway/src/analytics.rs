@@ -325,7 +325,9 @@ pub fn shape_analytics(
                 let day = daily.entry(d).or_default();
                 if model {
                     day.requests = day.requests.saturating_add(r.requests);
-                    day.total_tokens = day.total_tokens.saturating_add(r.prompt_tokens.saturating_add(r.completion_tokens));
+                    day.total_tokens = day
+                        .total_tokens
+                        .saturating_add(r.prompt_tokens.saturating_add(r.completion_tokens));
                 } else {
                     day.feature_events = day.feature_events.saturating_add(r.requests);
                 }
@@ -350,13 +352,27 @@ pub fn shape_analytics(
     for ((p, _), m) in &by_model {
         let e = by_provider.entry(p).or_default();
         e.0 = e.0.saturating_add(m.requests);
-        e.1 = e.1.saturating_add(m.prompt_tokens.saturating_add(m.completion_tokens));
+        e.1 =
+            e.1.saturating_add(m.prompt_tokens.saturating_add(m.completion_tokens));
     }
-    let requests: i64 = by_model.values().map(|m| m.requests).fold(0, i64::saturating_add);
-    let prompt_tokens: i64 = by_model.values().map(|m| m.prompt_tokens).fold(0, i64::saturating_add);
-    let completion_tokens: i64 = by_model.values().map(|m| m.completion_tokens).fold(0, i64::saturating_add);
+    let requests: i64 = by_model
+        .values()
+        .map(|m| m.requests)
+        .fold(0, i64::saturating_add);
+    let prompt_tokens: i64 = by_model
+        .values()
+        .map(|m| m.prompt_tokens)
+        .fold(0, i64::saturating_add);
+    let completion_tokens: i64 = by_model
+        .values()
+        .map(|m| m.completion_tokens)
+        .fold(0, i64::saturating_add);
     let total_tokens = prompt_tokens.saturating_add(completion_tokens);
-    let credits_consumed: i64 = input.credits.iter().map(|(_, c)| *c).fold(0, i64::saturating_add);
+    let credits_consumed: i64 = input
+        .credits
+        .iter()
+        .map(|(_, c)| *c)
+        .fold(0, i64::saturating_add);
     let feature_events: i64 = by_feature.values().copied().fold(0, i64::saturating_add);
     let unique_models = by_model
         .keys()

@@ -458,7 +458,10 @@ mod tests {
             (feat("metadata", json!({"a": {"b": ["\u{2}"]}})), "metadata"),
             (m("prompt_tokens", json!(1_000_000_001)), "prompt_tokens"),
             (m("completion_tokens", json!(i64::MAX)), "completion_tokens"),
-            (m("latency_ms", json!(9_223_372_036_854_775_000i64)), "latency_ms"),
+            (
+                m("latency_ms", json!(9_223_372_036_854_775_000i64)),
+                "latency_ms",
+            ),
             (feat("duration_ms", json!(1e12)), "duration_ms"),
             (feat("session_id", json!("s\u{0}")), "session_id"),
         ];

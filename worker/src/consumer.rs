@@ -5,8 +5,17 @@
 //!   Postgres sees a few large statements instead of many small ones.
 //! - Postgres unavailable: the batch stays unacked and is retried with backoff
 //!   until Postgres answers (never dead-lettered for that).
-//! - A message that cannot be decoded, or whose data Postgres refuses, is
-//!   rejected without requeue and so dead-lettered; the rest of its batch lands.
+//! - A message that cannot be decoded is rejected without requeue and so
+//!   dead-lettered; the rest of its batch lands.
+//! - One member never fails a group (SPEC §7): every message is checked and
+//!   cleaned first (`handlers::sanitize`): a usage event that cannot be stored
+//!   leaves its group, and a consume or settle is charged without the fields
+//!   that cannot be stored. If Postgres still refuses the batch, it is
+//!   bisected down to the refused message, a refused group down to its
+//!   refused member (a money event is retried once without its free text),
+//!   and only that one is dead-lettered, as a message of its own with the
+//!   reason (published with confirms to the dead-letter exchange before the
+//!   original is acked); everything else commits in the same `process` call.
 //! - The broker gone: unacked deliveries return to the queue; we reconnect.
 //! - The credits consumer reports what it holds in a heartbeat (see [`Probe`]),
 //!   which a recovery after a Redis data loss reads (docs/credits.md).
@@ -19,13 +28,25 @@ use common::events::Envelope;
 use common::topology;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Consumer};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Consumer};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
+use crate::handlers::sanitize::{self, Disposition};
 use crate::handlers::{self, Effects};
 use crate::startup::Ctx;
+
+/// Headers of a dead letter this consumer published itself (no `x-death`):
+/// why, from which queue, and the id of the message it was a member of.
+pub const DEAD_REASON_HEADER: &str = "x-dead-reason";
+pub const DEAD_QUEUE_HEADER: &str = "x-dead-queue";
+pub const DEAD_FROM_HEADER: &str = "x-dead-from";
 
 /// What one step of a consumer did (tests drive the worker step by step).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -41,6 +62,9 @@ pub struct QueueConsumer {
     /// Keeps the connection alive as long as the consumer.
     _conn: lapin::Connection,
     channel: Channel,
+    /// Publishes refused members to the dead-letter exchange, with confirms
+    /// (a channel of its own: confirm mode is per channel).
+    dead: Channel,
     consumer: Consumer,
     /// What this consumer holds; only the credits queue reports it.
     probe: Option<Arc<Probe>>,
@@ -114,6 +138,8 @@ impl QueueConsumer {
         .await??;
         let channel = conn.create_channel().await?;
         ctx.topology.declare(&channel).await?;
+        let dead = conn.create_channel().await?;
+        dead.confirm_select(ConfirmSelectOptions::default()).await?;
         // Prefetch bounds unacked messages per consumer: large enough to fill a
         // batch, small enough that a crash redelivers a bounded amount.
         let prefetch = if short == "usage" {
@@ -152,6 +178,7 @@ impl QueueConsumer {
             queue,
             _conn: conn,
             channel,
+            dead,
             consumer,
             probe,
             _beat: beat,
@@ -196,8 +223,9 @@ impl QueueConsumer {
         Some(batch)
     }
 
-    /// Handles one batch to the end: stores it (retrying while Postgres is
-    /// down), dead-letters what is poison, then acks.
+    /// Handles one batch to the end: checks and cleans it, stores it
+    /// (retrying while Postgres is down, isolating what Postgres refuses),
+    /// dead-letters what cannot be stored, then acks.
     pub async fn process(
         &self,
         batch: Vec<Delivery>,
@@ -207,11 +235,30 @@ impl QueueConsumer {
             delivered: batch.len(),
             ..Default::default()
         };
-        let mut good: Vec<(u64, Envelope)> = Vec::with_capacity(batch.len());
+        let mut units: Vec<Unit> = Vec::with_capacity(batch.len());
+        let mut dead: Vec<Dead> = Vec::new();
         let mut settled: HashSet<u64> = HashSet::new();
         for d in &batch {
             match Envelope::from_bytes(&d.data) {
-                Ok(env) => good.push((d.delivery_tag, env)),
+                Ok(env) => {
+                    let from = env.id;
+                    let prepared = sanitize::prepare(env);
+                    for r in prepared.refused {
+                        tracing::warn!(queue = %self.queue, id = %r.env.id, from = %from, reason = %r.reason, "member cannot be stored; dead-lettered alone");
+                        dead.push(Dead {
+                            env: r.env,
+                            reason: r.reason,
+                            from,
+                        });
+                    }
+                    if let Some(env) = prepared.clean {
+                        units.push(Unit {
+                            env,
+                            unstripped: None,
+                            from,
+                        });
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(queue = %self.queue, error = %e, "poison message dead-lettered");
                     self.reject(d.delivery_tag).await?;
@@ -220,45 +267,20 @@ impl QueueConsumer {
                 }
             }
         }
-        let mut rejected: HashSet<u64> = HashSet::new();
-        let effects = loop {
-            let envs: Vec<&Envelope> = good
-                .iter()
-                .filter(|(t, _)| !rejected.contains(t))
-                .map(|(_, e)| e)
-                .collect();
-            match self.store(&envs, shutdown).await? {
-                Ok(effects) => break effects,
-                Err(_) => {
-                    // Postgres refused the data of some message: find it alone,
-                    // dead-letter it, and store the rest.
-                    let mut found = false;
-                    for (tag, env) in &good {
-                        if rejected.contains(tag) {
-                            continue;
-                        }
-                        if let Err(e) = self.store(&[env], shutdown).await? {
-                            tracing::warn!(queue = %self.queue, error = %e, id = %env.id, "message refused by Postgres; dead-lettered");
-                            self.reject(*tag).await?;
-                            rejected.insert(*tag);
-                            outcome.dead_lettered += 1;
-                            found = true;
-                        }
-                    }
-                    if !found {
-                        // Refused together but not alone: try the batch again shortly.
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-            }
-        };
+        let effects = self.land(units, &mut dead, shutdown).await?;
+        // Before the ack: a dead letter lost in a crash is published again
+        // when the original is redelivered.
+        for d in &dead {
+            self.dead_letter(d).await?;
+        }
+        outcome.dead_lettered += dead.len();
         outcome.stored = effects.stored;
         // Ack up to the last delivery not already rejected: acking a settled tag
         // is a channel error.
         let last_tag = batch
             .iter()
             .map(|d| d.delivery_tag)
-            .filter(|t| !settled.contains(t) && !rejected.contains(t))
+            .filter(|t| !settled.contains(t))
             .max()
             .unwrap_or(0);
         if last_tag > 0 {
@@ -274,6 +296,127 @@ impl QueueConsumer {
             .increment(outcome.stored as u64);
         handlers::after_commit(&self.ctx, effects).await;
         Ok(outcome)
+    }
+
+    /// Stores the units, all in one transaction when Postgres takes them.
+    /// When it refuses, the set is bisected (each half its own transaction)
+    /// down to the refused unit, whose next step [`sanitize::disposition`]
+    /// decides: its members, a retry without free text, or a dead letter
+    /// (pushed to `dead`). Returns the effects of every commit.
+    async fn land(
+        &self,
+        units: Vec<Unit>,
+        dead: &mut Vec<Dead>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Effects> {
+        let mut effects = Effects::default();
+        // A stack of groups, each tried in one transaction; the first half of
+        // a split is pushed last, so groups commit in arrival order.
+        let mut todo: Vec<Vec<Unit>> = vec![units];
+        while let Some(group) = todo.pop() {
+            if group.is_empty() {
+                continue;
+            }
+            let envs: Vec<&Envelope> = group.iter().map(|u| &u.env).collect();
+            let err = match self.store(&envs, shutdown).await? {
+                Ok(e) => {
+                    effects.merge(e);
+                    continue;
+                }
+                Err(err) => err,
+            };
+            if group.len() > 1 {
+                tracing::info!(queue = %self.queue, error = %err, units = group.len(), "Postgres refused part of a batch; bisecting");
+                push_halves(&mut todo, group);
+                continue;
+            }
+            let unit = group.into_iter().next().expect("a group of one");
+            match sanitize::disposition(&unit.env, unit.unstripped.is_some()) {
+                Disposition::Split(members) => {
+                    tracing::info!(queue = %self.queue, error = %err, id = %unit.env.id, members = members.len(), "Postgres refused a group; storing its members alone");
+                    let from = unit.from;
+                    push_halves(
+                        &mut todo,
+                        members
+                            .into_iter()
+                            .map(|env| Unit {
+                                env,
+                                unstripped: None,
+                                from,
+                            })
+                            .collect(),
+                    );
+                }
+                Disposition::Retry(stripped) => {
+                    tracing::warn!(queue = %self.queue, error = %err, id = %unit.env.id, "Postgres refused a money event; charging it without its free text");
+                    todo.push(vec![Unit {
+                        env: *stripped,
+                        unstripped: Some(unit.env),
+                        from: unit.from,
+                    }]);
+                }
+                Disposition::DeadLetter => {
+                    let env = unit.unstripped.unwrap_or(unit.env);
+                    tracing::warn!(queue = %self.queue, error = %err, id = %env.id, from = %unit.from, "refused by Postgres; dead-lettered alone");
+                    dead.push(Dead {
+                        env,
+                        reason: format!("refused by Postgres: {err}"),
+                        from: unit.from,
+                    });
+                }
+            }
+        }
+        Ok(effects)
+    }
+
+    /// Publishes one dead letter (persistent, confirmed) to the dead-letter
+    /// exchange, with its reason in the headers; `worker dlq` lists and
+    /// replays it like any other.
+    async fn dead_letter(&self, d: &Dead) -> anyhow::Result<()> {
+        let mut headers = FieldTable::default();
+        for (k, v) in [
+            (DEAD_REASON_HEADER, d.reason.clone()),
+            (DEAD_QUEUE_HEADER, self.queue.clone()),
+            (DEAD_FROM_HEADER, d.from.to_string()),
+        ] {
+            headers.insert(ShortString::from(k), AMQPValue::LongString(v.into()));
+        }
+        let props = BasicProperties::default()
+            // Persistent: a dead letter outlives a broker restart.
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"))
+            .with_message_id(ShortString::from(d.env.id.to_string()))
+            .with_headers(headers);
+        let wait = Duration::from_millis(self.ctx.settings.amqp.confirm_timeout_ms);
+        let confirm = tokio::time::timeout(wait, async {
+            self.dead
+                .basic_publish(
+                    &self.ctx.topology.dead_letter_exchange(),
+                    d.env.event.routing_key(),
+                    // Mandatory: an unroutable dead letter comes back instead of vanishing.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &d.env.to_bytes(),
+                    props,
+                )
+                .await?
+                .await
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("no confirm for dead letter {}", d.env.id))??;
+        match confirm {
+            Confirmation::Ack(None) => {
+                metrics::counter!("worker_dead_letters_total", "queue" => self.queue.clone())
+                    .increment(1);
+                Ok(())
+            }
+            other => anyhow::bail!(
+                "the broker did not take dead letter {}: {other:?}",
+                d.env.id
+            ),
+        }
     }
 
     /// One transaction for the given envelopes. Outer error: shutdown while
@@ -315,6 +458,30 @@ impl QueueConsumer {
     }
 }
 
+/// Something to store, as one message or as one member of a message.
+struct Unit {
+    /// What is stored (cleaned by `sanitize`).
+    env: Envelope,
+    /// Before the retry without free text: what a dead letter carries then.
+    unstripped: Option<Envelope>,
+    /// The id of the broker message it came in.
+    from: Uuid,
+}
+
+/// A message or member that will not be stored, and why.
+struct Dead {
+    env: Envelope,
+    reason: String,
+    from: Uuid,
+}
+
+/// Splits a group in two, the first half to be tried first.
+fn push_halves(todo: &mut Vec<Vec<Unit>>, mut group: Vec<Unit>) {
+    let second = group.split_off(group.len() / 2);
+    todo.push(second);
+    todo.push(group);
+}
+
 /// Consumes one queue until shutdown, reconnecting whenever the broker goes away.
 pub async fn run(ctx: Ctx, short: String, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
@@ -349,6 +516,7 @@ pub async fn run(ctx: Ctx, short: String, shutdown: CancellationToken) {
         // still holds to the queue at once, instead of when the socket dies.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let _ = consumer.channel.close(200, "done").await;
+            let _ = consumer.dead.close(200, "done").await;
             let _ = consumer._conn.close(200, "done").await;
         })
         .await;

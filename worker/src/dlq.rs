@@ -3,6 +3,13 @@
 //! Messages are fetched with `basic.get` and manual acks: what a command does
 //! not consume is returned with `nack(requeue)`, so listing changes nothing and
 //! purge or replay removes only the messages it names.
+//!
+//! Two kinds of dead letter share the queue: messages the broker dead-lettered
+//! (rejected or past the delivery limit; their `x-death` header says where and
+//! why), and members a consumer took out of a group and published here itself
+//! (headers `x-dead-reason`, `x-dead-queue`, `x-dead-from`: why, from which
+//! queue, and the id of the message they were part of). Both replay the same
+//! way: to the events exchange with the envelope's routing key.
 
 use std::time::Duration;
 
@@ -27,6 +34,9 @@ pub struct DeadLetter {
     /// Queue it died in and why (`rejected`, `delivery_limit`, ...).
     pub queue: String,
     pub reason: String,
+    /// For a member taken out of a group: the id of that group's message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
     pub size: usize,
     /// The body, as text (truncated for `list`).
     pub body: String,
@@ -214,7 +224,7 @@ fn describe(m: &BasicGetMessage, max_body: usize) -> DeadLetter {
         .map(|s| s.to_string())
         .or_else(|| envelope_field(&m.delivery.data, "id"))
         .unwrap_or_else(|| "-".into());
-    let (queue, reason, key) = death_of(props.headers().as_ref());
+    let (queue, reason, key, from) = death_of(props.headers().as_ref());
     let routing_key = key
         .or_else(|| envelope_field(&m.delivery.data, "type"))
         .unwrap_or_else(|| m.delivery.routing_key.to_string());
@@ -224,6 +234,7 @@ fn describe(m: &BasicGetMessage, max_body: usize) -> DeadLetter {
         routing_key,
         queue,
         reason,
+        from,
         size: m.delivery.data.len(),
         body: text.chars().take(max_body).collect(),
     }
@@ -234,8 +245,24 @@ fn envelope_field(body: &[u8], field: &str) -> Option<String> {
     v.get(field)?.as_str().map(str::to_string)
 }
 
-/// Reads the first `x-death` entry: (queue, reason, first routing key).
-fn death_of(headers: Option<&FieldTable>) -> (String, String, Option<String>) {
+fn text_of(v: Option<&AMQPValue>) -> Option<String> {
+    match v {
+        Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+        Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// Where and why a message died: (queue, reason, first routing key, the
+/// group's message id). A consumer's own dead letter says it in its headers;
+/// the broker's in the first `x-death` entry.
+fn death_of(headers: Option<&FieldTable>) -> (String, String, Option<String>, Option<String>) {
+    use crate::consumer::{DEAD_FROM_HEADER, DEAD_QUEUE_HEADER, DEAD_REASON_HEADER};
+    let header = |k: &str| text_of(headers.and_then(|h| h.inner().get(k)));
+    if let Some(reason) = header(DEAD_REASON_HEADER) {
+        let queue = header(DEAD_QUEUE_HEADER).unwrap_or_else(|| "-".into());
+        return (queue, reason, None, header(DEAD_FROM_HEADER));
+    }
     let first = headers
         .and_then(|h| h.inner().get("x-death"))
         .and_then(|v| match v {
@@ -243,13 +270,9 @@ fn death_of(headers: Option<&FieldTable>) -> (String, String, Option<String>) {
             _ => None,
         });
     let Some(AMQPValue::FieldTable(t)) = first else {
-        return ("-".into(), "-".into(), None);
+        return ("-".into(), "-".into(), None, None);
     };
-    let s = |k: &str| match t.inner().get(k) {
-        Some(AMQPValue::LongString(s)) => s.to_string(),
-        Some(AMQPValue::ShortString(s)) => s.to_string(),
-        _ => "-".into(),
-    };
+    let s = |k: &str| text_of(t.inner().get(k)).unwrap_or_else(|| "-".into());
     let key = match t.inner().get("routing-keys") {
         Some(AMQPValue::FieldArray(a)) => a.as_slice().first().and_then(|v| match v {
             AMQPValue::LongString(s) => Some(s.to_string()),
@@ -258,5 +281,69 @@ fn death_of(headers: Option<&FieldTable>) -> (String, String, Option<String>) {
         }),
         _ => None,
     };
-    (s("queue"), s("reason"), key)
+    (s("queue"), s("reason"), key, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert(ShortString::from(*k), v.clone());
+        }
+        t
+    }
+
+    fn long(s: &str) -> AMQPValue {
+        AMQPValue::LongString(s.into())
+    }
+
+    #[test]
+    fn a_consumers_own_dead_letter_names_its_reason_queue_and_group() {
+        let h = table(&[
+            (
+                "x-dead-reason",
+                long("invalid: model must not contain U+0000"),
+            ),
+            ("x-dead-queue", long("vsc.usage")),
+            ("x-dead-from", long("g-1")),
+        ]);
+        assert_eq!(
+            death_of(Some(&h)),
+            (
+                "vsc.usage".into(),
+                "invalid: model must not contain U+0000".into(),
+                None,
+                Some("g-1".into())
+            )
+        );
+    }
+
+    #[test]
+    fn a_broker_dead_letter_is_read_from_x_death() {
+        let death = table(&[
+            ("queue", long("vsc.credits")),
+            ("reason", long("rejected")),
+            (
+                "routing-keys",
+                AMQPValue::FieldArray(vec![long("credit.consume")].into()),
+            ),
+        ]);
+        let h = table(&[(
+            "x-death",
+            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+        )]);
+        assert_eq!(
+            death_of(Some(&h)),
+            (
+                "vsc.credits".into(),
+                "rejected".into(),
+                Some("credit.consume".into()),
+                None
+            )
+        );
+        assert_eq!(death_of(None), ("-".into(), "-".into(), None, None));
+    }
 }

@@ -9,17 +9,18 @@
 //! - **Reconciler**: for every user whose credits Redis holds, pending entries
 //!   already in the ledger leave `pending` (the worker's HDEL was lost);
 //!   entries older than the confirm timeout plus `stale_reservation_secs` with
-//!   no ledger row are given back once the credits queue is drained (their
-//!   event never reached the broker: a gateway died, or a publish timed out
-//!   without reaching it); then, with nothing pending and Redis's `held` equal
+//!   no ledger row are given back once no credit event can still be on its
+//!   way (their event never reached the broker: a gateway died, or a publish
+//!   timed out without reaching it): the queue has no ready message and no
+//!   live credits consumer holds one (see [`release_verdict`]); then, with nothing pending and Redis's `held` equal
 //!   to Postgres's open holds, `bal` must be `ledger − held`, and is repaired
 //!   when it is not (counted in `credit_reconcile_repairs_total`). The repair is
 //!   conditional on nothing having moved since the snapshot (`ver`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::credits::{parse_pending, scripts, Reply, UserKeys};
+use common::credits::{parse_pending, scripts, Heartbeat, Reply, UserKeys};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use uuid::Uuid;
@@ -122,6 +123,95 @@ pub async fn credits_queue_ready(ctx: &Ctx) -> anyhow::Result<u32> {
     Ok(q?.message_count())
 }
 
+/// A credits consumer's heartbeat older than this belongs to a dead process,
+/// whose unacked deliveries the broker has returned to the queue (the bound
+/// of the gateway's recovery after a Redis loss, docs/credits.md).
+pub const DEAD_AFTER_MS: i64 = 5_000;
+/// Upper bound on a delivery's way from the broker to its consumer.
+pub const IN_TRANSIT_MS: i64 = 1_000;
+/// How long one release waits for the consumers' heartbeats to pass
+/// `t_q + IN_TRANSIT_MS` before it leaves the reservations to the next pass.
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// Whether stale reservations may be given back, after the credits queue
+/// was seen with no ready message at `t_q` (Redis's clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// No event can still be on its way: give them back.
+    Allowed,
+    /// Not known yet: a live consumer's last beat is too close to `t_q`.
+    Wait,
+    /// A consumer holds deliveries, or took or settled one after `t_q`:
+    /// leave the reservations to a later pass.
+    Held,
+}
+
+/// The decision of SPEC §9.2 ("never while its event is still held unacked
+/// by a worker"), as a plain function over the consumers' heartbeats
+/// ("unacked:idle_since_ms:beat_ms", Redis's clock). With no ready message at
+/// `t_q`, every event that left the queue before is in some consumer's hands
+/// by `t_q + IN_TRANSIT_MS`. So the release waits until every live consumer
+/// (a beat newer than [`DEAD_AFTER_MS`]) has beaten past that time and
+/// reports no unacked delivery and nothing taken or settled since `t_q`.
+/// During a Postgres outage a worker keeps its batch unacked, so the queue
+/// shows nothing ready while the events are alive: its beat says so. A dead
+/// consumer's beat is ignored (the broker returned its deliveries to the
+/// queue), and so is an unreadable one (no consumer writes one). The same
+/// rule as the gateway's recovery (`consumers_settled_since`).
+///
+/// A beat from before `t_q + IN_TRANSIT_MS` decides nothing, whatever it says
+/// (a consumer beats every 250 ms, so its last beat may predate an ack it has
+/// since sent): the release waits for a newer one.
+pub fn release_verdict(t_q: i64, now: i64, beats: &HashMap<String, String>) -> Release {
+    let mut verdict = Release::Allowed;
+    for hb in beats.values().filter_map(|v| Heartbeat::parse(v)) {
+        if hb.beat_ms < now - DEAD_AFTER_MS {
+            continue;
+        }
+        if hb.beat_ms < t_q + IN_TRANSIT_MS {
+            verdict = Release::Wait;
+        } else if hb.unacked > 0 || hb.idle_since_ms > t_q {
+            return Release::Held;
+        }
+    }
+    verdict
+}
+
+/// Redis's clock (ms) and the credits consumers' heartbeats.
+async fn consumer_beats(ctx: &Ctx) -> anyhow::Result<(i64, HashMap<String, String>)> {
+    let mut conn = ctx.redis.get().await?;
+    let ((secs, micros), beats): ((i64, i64), HashMap<String, String>) = redis::pipe()
+        .cmd("TIME")
+        .hgetall(ctx.keys.credit_consumers())
+        .query_async(&mut *conn)
+        .await?;
+    Ok((secs * 1000 + micros / 1000, beats))
+}
+
+/// Whether stale reservations may be given back now: the credits queue has
+/// no ready message, and then [`release_verdict`] allows it (waiting up to
+/// [`RELEASE_WAIT`] for the heartbeats).
+pub async fn release_allowed(ctx: &Ctx) -> anyhow::Result<bool> {
+    if credits_queue_ready(ctx).await? > 0 {
+        return Ok(false);
+    }
+    // Read after the queue answered: t_q is no earlier than the check.
+    let (t_q, _) = consumer_beats(ctx).await?;
+    let until = tokio::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        let (now, beats) = consumer_beats(ctx).await?;
+        match release_verdict(t_q, now, &beats) {
+            Release::Allowed => return Ok(true),
+            Release::Held => {
+                tracing::info!("stale reservations kept: a credits consumer holds deliveries");
+                return Ok(false);
+            }
+            Release::Wait if tokio::time::Instant::now() >= until => return Ok(false),
+            Release::Wait => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
 /// Compares one user's Redis balance with the ledger and repairs drift.
 #[tracing::instrument(skip(ctx))]
 pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<Repair>> {
@@ -152,9 +242,11 @@ pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<R
             .filter(|(id, _, at)| !settled.contains(id) && *at <= snap.now_ms - max_age)
             .map(|p| p.0.clone())
             .collect();
-        // Only with the queue drained: an event waiting in it (workers down
-        // or behind) must settle its reservation, not find it released.
-        if !stale.is_empty() && credits_queue_ready(ctx).await? == 0 {
+        // Only with the queue drained and no consumer holding a delivery: an
+        // event waiting in it (workers down or behind) or held unacked by a
+        // worker (Postgres was down) must settle its reservation, not find it
+        // released.
+        if !stale.is_empty() && release_allowed(ctx).await? {
             // Look again right before: a worker may have settled one meanwhile.
             let late = in_ledger(ctx, &stale).await?;
             let mut inv = keys.invoke(&scripts().release_stale, ttl);
@@ -326,4 +418,82 @@ pub async fn expire_holds(ctx: &Ctx) -> anyhow::Result<usize> {
         }
     }
     Ok(marked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beats(v: &[&str]) -> HashMap<String, String> {
+        v.iter()
+            .enumerate()
+            .map(|(i, b)| (format!("c{i}"), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn no_consumers_allows_the_release() {
+        assert_eq!(
+            release_verdict(10_000, 10_000, &beats(&[])),
+            Release::Allowed
+        );
+    }
+
+    #[test]
+    fn a_live_consumer_holding_deliveries_keeps_the_reservations() {
+        let t_q = 100_000;
+        // Held unacked (Postgres down): the queue shows nothing ready.
+        assert_eq!(
+            release_verdict(t_q, 101_500, &beats(&["3:50000:101400"])),
+            Release::Held
+        );
+        // One busy consumer among idle ones is enough.
+        assert_eq!(
+            release_verdict(t_q, 101_500, &beats(&["0:50000:101400", "1:99000:101450"])),
+            Release::Held
+        );
+        // Idle since before t_q, beaten past the transit bound: allowed.
+        assert_eq!(
+            release_verdict(t_q, 101_500, &beats(&["0:50000:101400"])),
+            Release::Allowed
+        );
+    }
+
+    #[test]
+    fn a_beat_too_close_to_the_queue_check_is_waited_for() {
+        let t_q = 100_000;
+        assert_eq!(
+            release_verdict(t_q, 100_500, &beats(&["0:50000:100400"])),
+            Release::Wait
+        );
+        // Busy in a beat from before the bound: it may have acked since.
+        assert_eq!(
+            release_verdict(t_q, 100_500, &beats(&["2:99000:100400"])),
+            Release::Wait
+        );
+        // It took or settled something after t_q: a delivery from before may
+        // have been in its buffer.
+        assert_eq!(
+            release_verdict(t_q, 101_500, &beats(&["0:100200:101400"])),
+            Release::Held
+        );
+    }
+
+    #[test]
+    fn dead_consumers_and_garbage_are_ignored() {
+        let t_q = 100_000;
+        assert_eq!(
+            release_verdict(
+                t_q,
+                110_000,
+                &beats(&["7:50000:104000", "junk", "0:50000:109900"])
+            ),
+            Release::Allowed
+        );
+        // Exactly at the bound it still counts as live.
+        assert_eq!(
+            release_verdict(t_q, 110_000, &beats(&["7:50000:105000"])),
+            Release::Held
+        );
+    }
 }

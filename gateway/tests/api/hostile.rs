@@ -287,7 +287,11 @@ async fn normal_users_lose_nothing_while_a_hostile_user_sends_every_refused_valu
         .fetch_one(&app.pg)
         .await
         .unwrap();
-        assert_eq!(consumes, 20, "{}: one ledger row per answered charge", user.id);
+        assert_eq!(
+            consumes, 20,
+            "{}: one ledger row per answered charge",
+            user.id
+        );
         assert_eq!((balance, ledger), (80, 80), "{}", user.id);
         let api: Value = app
             .get("/api/vscode/user/balance", &user.token)
@@ -417,7 +421,11 @@ async fn arbitrary_strings_and_integers_are_either_refused_or_stored_exactly_as_
         let consume = json!({"amount": 1, "model": case.model, "description": case.description,
                              "prompt_tokens": case.tokens, "metadata": {case.meta_key.clone(): case.meta_value}});
         let r = app
-            .post(&format!("/api/users/{user}/credits/consume"), &token, &consume)
+            .post(
+                &format!("/api/users/{user}/credits/consume"),
+                &token,
+                &consume,
+            )
             .await;
         match r.status().as_u16() {
             200 => {
@@ -470,19 +478,20 @@ async fn arbitrary_strings_and_integers_are_either_refused_or_stored_exactly_as_
     })
     .await;
     assert_eq!(
-        app.count(&format!("select count(*) from model_usage where user_id = '{user}'"))
-            .await,
+        app.count(&format!(
+            "select count(*) from model_usage where user_id = '{user}'"
+        ))
+        .await,
         want_events,
         "no refused event was stored"
     );
     for (id, case) in &events {
-        let (model, tokens, meta): (String, i64, Value) = sqlx::query_as(
-            "select model, prompt_tokens, metadata from model_usage where id = $1",
-        )
-        .bind(id)
-        .fetch_one(&app.pg)
-        .await
-        .unwrap();
+        let (model, tokens, meta): (String, i64, Value) =
+            sqlx::query_as("select model, prompt_tokens, metadata from model_usage where id = $1")
+                .bind(id)
+                .fetch_one(&app.pg)
+                .await
+                .unwrap();
         assert_eq!(model, case.model);
         assert_eq!(json!(tokens), case.tokens);
         assert_eq!(meta, json!({case.meta_key.clone(): case.meta_value}));

@@ -3,6 +3,7 @@
 //! redelivery and reordering give the same end state.
 
 pub mod credits;
+pub mod sanitize;
 pub mod sessions;
 pub mod usage;
 pub mod users;
@@ -31,6 +32,20 @@ pub struct Effects {
     pub lags: Vec<f64>,
 }
 
+impl Effects {
+    /// Adds what another committed transaction of the same batch changed.
+    pub fn merge(&mut self, other: Effects) {
+        self.stored += other.stored;
+        self.analytics_users.extend(other.analytics_users);
+        self.profile_users.extend(other.profile_users);
+        self.settled.extend(other.settled);
+        self.credit_users.extend(other.credit_users);
+        self.lags.extend(other.lags);
+    }
+}
+
+/// Writes the envelopes in one transaction. Call it with envelopes that went
+/// through [`sanitize::prepare`]: it stores what it is given.
 pub async fn apply(ctx: &Ctx, envs: &[&Envelope]) -> Result<Effects, sqlx::Error> {
     let mut usage = Vec::new();
     let mut sessions = Vec::new();

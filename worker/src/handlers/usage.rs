@@ -90,9 +90,11 @@ pub async fn store(
                         session,
                     ))
                     .or_default();
+                // Counts are checked before a write (`sanitize`); saturating
+                // anyway, so no value ever panics a batch.
                 cell.0 += 1;
-                cell.1 += prompt_tokens;
-                cell.2 += completion_tokens;
+                cell.1 = cell.1.saturating_add(*prompt_tokens);
+                cell.2 = cell.2.saturating_add(*completion_tokens);
             }
             UsageDetail::Feature {
                 feature,
