@@ -11,7 +11,8 @@
 //! holds     hash  hold id → {"amount":N,"expires_at_ms":T}
 //! hold_end:ID     the remembered end of a hold (settled answer / released /
 //!                 expired), kept `credits.idempotency_ttl_secs`
-//! idem:ROUTE:KEY  hash h (body hash), st (run|done), ans (the answer)
+//! idem:ROUTE:KEY  hash h (body hash), st (run|done), ans (the answer when
+//!                 done), tx and t (the id in use and its start when run)
 //! grants_applied  set of admin grant ids already added to bal
 //! ```
 //!
@@ -151,67 +152,114 @@ local function expire_due()
   end
   if n > 0 then save() end
 end
-local function idem_seen(key, hash)
-  local rec = redis.call('HMGET', key, 'h', 'st', 'ans')
-  if not rec[1] then return nil end
-  if rec[1] ~= hash then return reply('CONFLICT') end
-  if rec[2] ~= 'done' then return reply('BUSY') end
-  return reply('REPLAY', rec[3])
+"#;
+
+/// The idempotency decision, the Lua twin of [`idem_decide`] (an agreement
+/// test runs both): FRESH | CONFLICT | REPLAY ans | BUSY | STALE id. Needs
+/// `now` (ms); a record is a hash `h`, `st` (run|done), `ans` (when done),
+/// `tx` and `t` (the id in use and its start, when run).
+const IDEM_CHECK: &str = r#"
+local function idem_check(key, hash, window)
+  local rec = redis.call('HMGET', key, 'h', 'st', 'ans', 'tx', 't')
+  if not rec[1] then return 'FRESH' end
+  if rec[1] ~= hash then return 'CONFLICT' end
+  if rec[2] == 'done' then return 'REPLAY', rec[3] end
+  local t = tonumber(rec[5] or '')
+  if (not t) or (not rec[4]) or now - t < tonumber(window) then return 'BUSY' end
+  return 'STALE', rec[4]
 end
-local function idem_run(key, hash, ttl)
-  redis.call('HSET', key, 'h', hash, 'st', 'run')
+"#;
+
+/// Whether one more hold may open, the Lua twin of [`hold_open_decide`]:
+/// TOO_MANY | INSUFFICIENT | OPEN.
+const HOLD_LIMIT: &str = r#"
+local function hold_limit(open, max, bal, amount)
+  if open >= max then return 'TOO_MANY' end
+  if bal < amount then return 'INSUFFICIENT' end
+  return 'OPEN'
+end
+"#;
+
+/// The keyed-request steps every keyed script shares (after `IDEM_CHECK`).
+const IDEM_STEPS: &str = r#"
+-- Returns (early reply or nil, the id to use, whether it is a recorded one).
+-- A STALE record (its request started longer ago than the in-progress
+-- window and never finished) is answered STALE unless `may_reuse` is '1':
+-- the gateway first looks for the durable record in Postgres.
+local function idem_begin(key, hash, window, id, may_reuse)
+  if hash == '' then return nil, id, false end
+  local d, v = idem_check(key, hash, window)
+  if d == 'CONFLICT' or d == 'BUSY' then return reply(d), id, false end
+  if d == 'REPLAY' then return reply('REPLAY', v), id, false end
+  if d == 'STALE' then
+    if may_reuse ~= '1' then return reply('STALE', v), id, false end
+    return nil, v, true
+  end
+  return nil, id, false
+end
+-- In progress: the id in use and the start, kept as long as the answer
+-- would be, so a retry never gets a new id while the first may still land.
+local function idem_run(key, hash, id, ttl)
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'h', hash, 'st', 'run', 'tx', id, 't', s(now))
   redis.call('PEXPIRE', key, ttl)
 end
 local function idem_done(key, hash, ans, ttl)
+  redis.call('DEL', key)
   redis.call('HSET', key, 'h', hash, 'st', 'done', 'ans', ans)
   redis.call('PEXPIRE', key, ttl)
 end
-local function idem_clear(key, hash)
-  local rec = redis.call('HMGET', key, 'h', 'st')
-  if rec[1] == hash and rec[2] == 'run' then redis.call('DEL', key) end
+-- After a failed publish: `forget` '1' (the id surely never reached the
+-- broker and was fresh) deletes the record; otherwise it stays with its id,
+-- marked stale so the next retry reuses the id at once.
+local function idem_undo(key, hash, id, forget)
+  local rec = redis.call('HMGET', key, 'h', 'st', 'tx')
+  if rec[1] ~= hash or rec[2] ~= 'run' or rec[3] ~= id then return end
+  if forget == '1' then redis.call('DEL', key) else redis.call('HSET', key, 't', '0') end
 end
 "#;
 
 /// Consume: KEYS[5] idempotency record; ARGV[3] body hash ('' without a key),
-/// ARGV[4] transaction id, ARGV[5] amount, ARGV[6] in-progress marker TTL ms,
-/// ARGV[7] answer TTL ms.
-/// Replies LOST | CONFLICT | BUSY | REPLAY answer | MISSING |
-/// INSUFFICIENT bal held | OK bal held created(1|0).
-/// `created` 0: this transaction id is already reserved (a retry), nothing moved.
+/// ARGV[4] a fresh transaction id, ARGV[5] amount, ARGV[6] in-progress window
+/// ms, ARGV[7] answer TTL ms, ARGV[8] TTL of a remembered 402 ms, ARGV[9] '1'
+/// to reuse the id of a stale record.
+/// Replies LOST | CONFLICT | BUSY | REPLAY answer | STALE id | MISSING |
+/// INSUFFICIENT bal held | OK bal held created(1|0) tx reused(1|0).
+/// `created` 0: this transaction id is already reserved (a retry), nothing
+/// moved; `tx` is the id used (the recorded one when `reused`).
 const CONSUME: &str = r#"
 if lost() then return reply('LOST') end
 local IDEM, HASH = KEYS[5], ARGV[3]
-if HASH ~= '' then
-  local r = idem_seen(IDEM, HASH)
-  if r then return r end
-end
+local early, tx, reused = idem_begin(IDEM, HASH, ARGV[6], ARGV[4], ARGV[9])
+if early then return early end
 if not load() then return reply('MISSING') end
 expire_due()
-local tx, amount = ARGV[4], tonumber(ARGV[5])
+local amount = tonumber(ARGV[5])
+local flag = reused and '1' or '0'
 if redis.call('HEXISTS', PEND, tx) == 1 then
-  if HASH ~= '' then idem_run(IDEM, HASH, ARGV[6]) end
-  return reply('OK', s(bal), s(held), '0')
+  if HASH ~= '' then idem_run(IDEM, HASH, tx, ARGV[7]) end
+  return reply('OK', s(bal), s(held), '0', tx, flag)
 end
 if bal < amount then
   if HASH ~= '' then
-    idem_done(IDEM, HASH, string.format('{"status":402,"balance":%d,"required":%d}', bal, amount), ARGV[7])
+    idem_done(IDEM, HASH, string.format('{"status":402,"balance":%d,"required":%d}', bal, amount), ARGV[8])
   end
   return reply('INSUFFICIENT', s(bal), s(held))
 end
 bal = bal - amount
 redis.call('HSET', PEND, tx, s(amount) .. ':' .. s(now))
 save()
-if HASH ~= '' then idem_run(IDEM, HASH, ARGV[6]) end
-return reply('OK', s(bal), s(held), '1')
+if HASH ~= '' then idem_run(IDEM, HASH, tx, ARGV[7]) end
+return reply('OK', s(bal), s(held), '1', tx, flag)
 "#;
 
-/// Undoes a consume whose event surely never reached the broker: KEYS[5]
-/// idempotency record; ARGV[3] body hash, ARGV[4] transaction id, ARGV[5]
-/// '1' to give the reservation back (only if still pending), '0' to only
-/// clear the in-progress marker. Replies LOST | OK bal held.
+/// After a failed publish of a consume: KEYS[5] idempotency record; ARGV[3]
+/// body hash, ARGV[4] transaction id, ARGV[5] '1' to give the reservation
+/// back (only if still pending: the event surely never reached the broker),
+/// ARGV[6] '1' to delete the record (see `idem_undo`). Replies LOST | OK bal held.
 const CONSUME_UNDO: &str = r#"
 if lost() then return reply('LOST') end
-if ARGV[3] ~= '' then idem_clear(KEYS[5], ARGV[3]) end
+if ARGV[3] ~= '' then idem_undo(KEYS[5], ARGV[3], ARGV[4], ARGV[6]) end
 if ARGV[5] == '1' and load() then
   local p = redis.call('HGET', PEND, ARGV[4])
   if p then
@@ -224,10 +272,13 @@ return reply('OK', s(bal), s(held))
 "#;
 
 /// Stores the final answer of a request under its idempotency key (no
-/// prelude): KEYS[1] record; ARGV[1] body hash, ARGV[2] answer, ARGV[3] TTL ms.
+/// prelude): KEYS[1] record; ARGV[1] body hash, ARGV[2] answer, ARGV[3] TTL
+/// ms, ARGV[4] the id the answer is for. Only over the request's own
+/// in-progress record (or none).
 const IDEM_FINISH: &str = r#"
-local rec = redis.call('HMGET', KEYS[1], 'h', 'st')
-if (not rec[1]) or (rec[1] == ARGV[1] and rec[2] == 'run') then
+local rec = redis.call('HMGET', KEYS[1], 'h', 'st', 'tx')
+if (not rec[1]) or (rec[1] == ARGV[1] and rec[2] == 'run' and rec[3] == ARGV[4]) then
+  redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 'h', ARGV[1], 'st', 'done', 'ans', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   return 1
@@ -235,29 +286,54 @@ end
 return 0
 "#;
 
-/// Opens a hold: KEYS[5] idempotency record; ARGV[3] body hash, ARGV[4] hold
-/// id, ARGV[5] amount, ARGV[6] lifetime ms, ARGV[7] marker TTL, ARGV[8] answer
-/// TTL. Replies LOST | CONFLICT | BUSY | REPLAY answer | MISSING | ENDED |
-/// INSUFFICIENT bal held | OK bal held expires_at_ms created(1|0).
+/// Restores durable idempotency records (Postgres) as `done`, while the user
+/// is being loaded (only if `bal` is still absent, so no record of a request
+/// answered since is overwritten): KEYS[5..] record keys; ARGV[3..] per key
+/// body hash, answer, expiry (epoch ms). Replies LOST | EXISTS | OK restored.
+const IDEM_RESTORE: &str = r#"
+if lost() then return reply('LOST') end
+if redis.call('HEXISTS', CRED, 'bal') == 1 then return reply('EXISTS') end
+local n = 0
+for i = 5, #KEYS do
+  local j = 3 + (i - 5) * 3
+  if redis.call('EXISTS', KEYS[i]) == 0 and tonumber(ARGV[j + 2]) > now then
+    redis.call('HSET', KEYS[i], 'h', ARGV[j], 'st', 'done', 'ans', ARGV[j + 1])
+    redis.call('PEXPIREAT', KEYS[i], ARGV[j + 2])
+    n = n + 1
+  end
+end
+return reply('OK', s(n))
+"#;
+
+/// Opens a hold: KEYS[5] idempotency record; ARGV[3] body hash, ARGV[4] a
+/// fresh hold id, ARGV[5] amount, ARGV[6] lifetime ms, ARGV[7] in-progress
+/// window ms, ARGV[8] answer TTL ms, ARGV[9] 402 TTL ms, ARGV[10] '1' to
+/// reuse the id of a stale record, ARGV[11] most open holds per user.
+/// Replies LOST | CONFLICT | BUSY | REPLAY answer | STALE id | MISSING |
+/// ENDED | TOO_MANY max | INSUFFICIENT bal held |
+/// OK bal held expires_at_ms created(1|0) hold_id reused(1|0).
+/// Expired holds leave first, so the limit counts open ones only, and every
+/// script's scan of a user's holds stays bounded by it.
 const HOLD_OPEN: &str = r#"
 if lost() then return reply('LOST') end
 local IDEM, HASH = KEYS[5], ARGV[3]
-if HASH ~= '' then
-  local r = idem_seen(IDEM, HASH)
-  if r then return r end
-end
+local early, id, reused = idem_begin(IDEM, HASH, ARGV[7], ARGV[4], ARGV[10])
+if early then return early end
 if not load() then return reply('MISSING') end
 expire_due()
-local id, amount = ARGV[4], tonumber(ARGV[5])
+local amount = tonumber(ARGV[5])
+local flag = reused and '1' or '0'
 local raw = redis.call('HGET', HOLDS, id)
 if raw then
-  if HASH ~= '' then idem_run(IDEM, HASH, ARGV[7]) end
-  return reply('OK', s(bal), s(held), s(cjson.decode(raw).expires_at_ms), '0')
+  if HASH ~= '' then idem_run(IDEM, HASH, id, ARGV[8]) end
+  return reply('OK', s(bal), s(held), s(cjson.decode(raw).expires_at_ms), '0', id, flag)
 end
 if redis.call('EXISTS', END_PREFIX .. id) == 1 then return reply('ENDED') end
-if bal < amount then
+local d = hold_limit(redis.call('HLEN', HOLDS), tonumber(ARGV[11]), bal, amount)
+if d == 'TOO_MANY' then return reply('TOO_MANY', ARGV[11]) end
+if d == 'INSUFFICIENT' then
   if HASH ~= '' then
-    idem_done(IDEM, HASH, string.format('{"status":402,"balance":%d,"required":%d}', bal, amount), ARGV[8])
+    idem_done(IDEM, HASH, string.format('{"status":402,"balance":%d,"required":%d}', bal, amount), ARGV[9])
   end
   return reply('INSUFFICIENT', s(bal), s(held))
 end
@@ -266,16 +342,17 @@ bal = bal - amount
 held = held + amount
 redis.call('HSET', HOLDS, id, string.format('{"amount":%d,"expires_at_ms":%d}', amount, exp))
 save()
-if HASH ~= '' then idem_run(IDEM, HASH, ARGV[7]) end
-return reply('OK', s(bal), s(held), s(exp), '1')
+if HASH ~= '' then idem_run(IDEM, HASH, id, ARGV[8]) end
+return reply('OK', s(bal), s(held), s(exp), '1', id, flag)
 "#;
 
-/// Undoes a hold whose event surely never reached the broker: KEYS[5]
-/// idempotency record; ARGV[3] body hash, ARGV[4] hold id, ARGV[5] '1' to
-/// remove the hold, '0' to only clear the marker. Replies LOST | OK bal held.
+/// After a failed publish of a hold open: KEYS[5] idempotency record; ARGV[3]
+/// body hash, ARGV[4] hold id, ARGV[5] '1' to remove the hold (its event
+/// surely never reached the broker), ARGV[6] '1' to delete the record (see
+/// `idem_undo`). Replies LOST | OK bal held.
 const HOLD_UNDO: &str = r#"
 if lost() then return reply('LOST') end
-if ARGV[3] ~= '' then idem_clear(KEYS[5], ARGV[3]) end
+if ARGV[3] ~= '' then idem_undo(KEYS[5], ARGV[3], ARGV[4], ARGV[6]) end
 if ARGV[5] == '1' and load() then
   local raw = redis.call('HGET', HOLDS, ARGV[4])
   if raw then
@@ -529,6 +606,7 @@ pub struct Scripts {
     pub consume: redis::Script,
     pub consume_undo: redis::Script,
     pub idem_finish: redis::Script,
+    pub idem_restore: redis::Script,
     pub hold_open: redis::Script,
     pub hold_undo: redis::Script,
     pub hold_settle: redis::Script,
@@ -551,11 +629,16 @@ pub struct Scripts {
 pub fn scripts() -> &'static Scripts {
     static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
     SCRIPTS.get_or_init(|| {
-        let with = |body: &str| redis::Script::new(&format!("{PRELUDE}{body}"));
+        let with = |body: &str| {
+            redis::Script::new(&format!(
+                "{PRELUDE}{IDEM_CHECK}{HOLD_LIMIT}{IDEM_STEPS}{body}"
+            ))
+        };
         Scripts {
             consume: with(CONSUME),
             consume_undo: with(CONSUME_UNDO),
             idem_finish: redis::Script::new(IDEM_FINISH),
+            idem_restore: with(IDEM_RESTORE),
             hold_open: with(HOLD_OPEN),
             hold_undo: with(HOLD_UNDO),
             hold_settle: with(HOLD_SETTLE),
@@ -693,6 +776,105 @@ pub fn parse_pending(value: &str) -> Option<(i64, i64)> {
     Some((a.parse().ok()?, t.parse().ok()?))
 }
 
+/// An idempotency record as the scripts store it (the fields `idem_check`
+/// reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdemRecord<'a> {
+    /// `h`: the body hash.
+    pub hash: &'a str,
+    /// `st` is `done` (an answer is remembered) rather than `run`.
+    pub done: bool,
+    /// `tx`: the id the running request uses (absent in records written
+    /// before ids were recorded).
+    pub id: Option<&'a str>,
+    /// `t`: when the running request started, Redis ms.
+    pub started_ms: Option<i64>,
+}
+
+/// What a keyed request does with the record under its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdemDecision {
+    /// No record: a new movement under a new id.
+    Fresh,
+    /// Another body under this key: 409.
+    Conflict,
+    /// The first request's answer is remembered: replay it, charge nothing.
+    Replay,
+    /// The first request may still be running: 409.
+    Busy,
+    /// The first request started longer ago than the in-progress window and
+    /// never stored its answer (it crashed, its answer's write failed, or its
+    /// publish was ambiguous): look for its durable record, else retry it
+    /// under its recorded id, never a new one.
+    Stale,
+}
+
+/// The decision `idem_check` makes in Lua (`IDEM_CHECK`), as a plain
+/// function. `window_ms` is the in-progress window (confirm timeout + 30 s).
+/// A running record without an id or start (an older gateway's marker,
+/// which expires by itself within the window) is `Busy`.
+pub fn idem_decide(
+    record: Option<IdemRecord<'_>>,
+    hash: &str,
+    now_ms: i64,
+    window_ms: i64,
+) -> IdemDecision {
+    let Some(r) = record else {
+        return IdemDecision::Fresh;
+    };
+    if r.hash != hash {
+        return IdemDecision::Conflict;
+    }
+    if r.done {
+        return IdemDecision::Replay;
+    }
+    match (r.id, r.started_ms) {
+        (Some(_), Some(t)) if now_ms - t >= window_ms => IdemDecision::Stale,
+        _ => IdemDecision::Busy,
+    }
+}
+
+/// Whether a hold may open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldOpenDecision {
+    /// The user already has `credits.max_open_holds` open: 422 naming `holds`.
+    TooMany,
+    /// The balance cannot cover it: 402.
+    Insufficient,
+    Open,
+}
+
+/// The decision `hold_limit` makes in Lua (`HOLD_LIMIT`), over the holds
+/// still open once the expired ones have left. The limit comes first: a
+/// refused hold is never remembered as a 402.
+pub fn hold_open_decide(open: u64, max_open: u64, bal: i64, amount: i64) -> HoldOpenDecision {
+    if open >= max_open {
+        HoldOpenDecision::TooMany
+    } else if bal < amount {
+        HoldOpenDecision::Insufficient
+    } else {
+        HoldOpenDecision::Open
+    }
+}
+
+/// `idem_check` alone, for the agreement test with [`idem_decide`]: KEYS[1]
+/// the record; ARGV[1] body hash, ARGV[2] window ms, ARGV[3] now ms. Replies
+/// `[decision, id or answer or '']`.
+pub fn idem_check_twin() -> redis::Script {
+    redis::Script::new(&format!(
+        "local now = tonumber(ARGV[3])\n{IDEM_CHECK}\n\
+         local d, v = idem_check(KEYS[1], ARGV[1], ARGV[2])\nreturn {{d, v or ''}}"
+    ))
+}
+
+/// `hold_limit` alone, for the agreement test with [`hold_open_decide`]:
+/// ARGV open, max, bal, amount. Replies the decision.
+pub fn hold_limit_twin() -> redis::Script {
+    redis::Script::new(&format!(
+        "{HOLD_LIMIT}\nreturn hold_limit(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))"
+    ))
+}
+
 /// A consumer heartbeat "unacked:idle_since_ms:beat_ms".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -766,6 +948,62 @@ mod tests {
         assert!(Reply::parse(vec!["OK".into()]).is_err());
         assert!(Reply::parse(vec!["OK".into(), "1".into(), "h".into()]).is_err());
         assert!(Reply::parse(vec!["OK".into(), "1".into(), "h".into(), "x".into()]).is_err());
+    }
+
+    #[test]
+    fn a_keyed_request_is_fresh_conflicting_replayed_busy_or_stale() {
+        let rec = |hash, done, id, started_ms| {
+            Some(IdemRecord {
+                hash,
+                done,
+                id,
+                started_ms,
+            })
+        };
+        let w = 35_000;
+        assert_eq!(idem_decide(None, "h", 0, w), IdemDecision::Fresh);
+        assert_eq!(
+            idem_decide(rec("other", true, None, None), "h", 0, w),
+            IdemDecision::Conflict
+        );
+        assert_eq!(
+            idem_decide(rec("other", false, Some("t"), Some(0)), "h", 99_999, w),
+            IdemDecision::Conflict,
+            "another body is a conflict even once the first is stale"
+        );
+        assert_eq!(
+            idem_decide(rec("h", true, Some("t"), Some(0)), "h", 0, w),
+            IdemDecision::Replay
+        );
+        let run = rec("h", false, Some("t"), Some(1_000));
+        assert_eq!(idem_decide(run, "h", 1_000, w), IdemDecision::Busy);
+        assert_eq!(idem_decide(run, "h", 1_000 + w - 1, w), IdemDecision::Busy);
+        assert_eq!(idem_decide(run, "h", 1_000 + w, w), IdemDecision::Stale);
+        // Marked stale at once after an ambiguous publish (t = 0).
+        assert_eq!(
+            idem_decide(rec("h", false, Some("t"), Some(0)), "h", w, w),
+            IdemDecision::Stale
+        );
+        // An older gateway's marker: no id to reuse, so it stays busy until
+        // its own short TTL ends it.
+        assert_eq!(
+            idem_decide(rec("h", false, None, None), "h", 10 * w, w),
+            IdemDecision::Busy
+        );
+        assert_eq!(
+            idem_decide(rec("h", false, Some("t"), None), "h", 10 * w, w),
+            IdemDecision::Busy
+        );
+    }
+
+    #[test]
+    fn the_hold_limit_comes_before_the_balance() {
+        assert_eq!(hold_open_decide(0, 3, 10, 5), HoldOpenDecision::Open);
+        assert_eq!(hold_open_decide(2, 3, 5, 5), HoldOpenDecision::Open);
+        assert_eq!(hold_open_decide(3, 3, 100, 5), HoldOpenDecision::TooMany);
+        assert_eq!(hold_open_decide(3, 3, 0, 5), HoldOpenDecision::TooMany);
+        assert_eq!(hold_open_decide(2, 3, 4, 5), HoldOpenDecision::Insufficient);
+        assert_eq!(hold_open_decide(0, 0, 10, 1), HoldOpenDecision::TooMany);
     }
 
     #[test]

@@ -190,6 +190,22 @@ pub struct CreditConsume {
     pub context: CreditContext,
 }
 
+/// A keyed request's 200 answer, made durable by the worker in the same
+/// transaction as the movement it answers for, and restored into Redis when
+/// the gateway loads the user (so a retry after a Redis loss replays).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IdempotencyRecord {
+    /// `consume` or `holds`: keys are scoped per user and route.
+    pub route: String,
+    pub key: String,
+    /// SHA-256 of the canonical body ("the same body").
+    pub body_hash: String,
+    /// The 200 body as answered.
+    pub answer: Value,
+    /// When the record stops replaying (the gateway's answer TTL).
+    pub expires_at: DateTime<Utc>,
+}
+
 /// Consumes of concurrent requests (any users), grouped into one message as
 /// usage events are; each keeps the id and time it would have had as a
 /// message of its own.
@@ -205,6 +221,10 @@ pub struct BatchedConsume {
     pub occurred_at: DateTime<Utc>,
     #[serde(flatten)]
     pub consume: CreditConsume,
+    /// The request's idempotency record, when it had a key: the worker keeps
+    /// it beside the ledger row (docs/credits.md, "Idempotency").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<IdempotencyRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -215,6 +235,9 @@ pub struct HoldOpened {
     pub expires_at: DateTime<Utc>,
     #[serde(flatten)]
     pub context: CreditContext,
+    /// The open's idempotency record, when it had a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<IdempotencyRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -283,6 +306,26 @@ mod tests {
         assert_eq!(v["version"], 1);
         assert_eq!(v["data"]["events"][0]["kind"], "feature");
         assert_eq!(Envelope::from_bytes(&bytes).unwrap(), env);
+    }
+
+    #[test]
+    fn consumes_and_holds_without_an_idempotency_record_still_decode() {
+        let old = br#"{"id":"7f1c1f3a-0000-4000-8000-000000000001","type":"credit.hold_opened","version":1,
+            "occurred_at":"2024-01-01T00:00:00Z","received_at":"2024-01-01T00:00:00Z",
+            "data":{"hold_id":"7f1c1f3a-0000-4000-8000-000000000002","user_id":"u","amount":5,
+                    "expires_at":"2024-01-01T00:05:00Z"}}"#;
+        let env = Envelope::from_bytes(old).unwrap();
+        let Event::HoldOpened(h) = &env.event else {
+            panic!("{env:?}")
+        };
+        assert_eq!(h.idempotency, None);
+        let v: Value = serde_json::from_slice(&env.to_bytes()).unwrap();
+        assert!(v["data"].get("idempotency").is_none(), "absent, not null");
+        let batch: CreditConsumeBatch = serde_json::from_value(serde_json::json!({"consumes": [{
+            "id": "7f1c1f3a-0000-4000-8000-000000000003", "occurred_at": "2024-01-01T00:00:00Z",
+            "transaction_id": "7f1c1f3a-0000-4000-8000-000000000004", "user_id": "u", "amount": 2}]}))
+        .unwrap();
+        assert_eq!(batch.consumes[0].idempotency, None);
     }
 
     #[test]

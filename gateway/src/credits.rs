@@ -16,9 +16,10 @@ use chrono::{DateTime, TimeZone, Utc};
 use common::credits::{hold_json, scripts, ExpiredHold, Reply, UserKeys};
 use common::events::{
     BatchedConsume, CreditConsume, CreditContext, Envelope, Event, HoldOpened, HoldReleased,
-    HoldSettled,
+    HoldSettled, IdempotencyRecord,
 };
 use common::settings::MAX_CREDITS;
+use common::valid::{len, FreeText, Label, Metadata, TokenCount};
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -79,26 +80,38 @@ impl<'de, const MIN: i64> Deserialize<'de> for Credits<MIN> {
     }
 }
 
+// Every text, count and metadata field carries its rule on its type
+// (`common::valid`, SPEC §3 "a valid stored value"): deserializing refuses a
+// value the ledger could not store, with a 422 naming the field.
+
+/// A model or provider name, a feature, a session id, as stored in the ledger.
+pub type ModelName = Label<{ len::MODEL }>;
+pub type ProviderName = Label<{ len::PROVIDER }>;
+pub type FeatureName = Label<{ len::FEATURE }>;
+pub type SessionRef = Label<{ len::SESSION_ID }>;
+pub type Description = FreeText<{ len::DESCRIPTION }>;
+pub type Reason = FreeText<{ len::REASON }>;
+
 /// `POST /api/users/:id/credits/consume`, with the original client's names.
 #[derive(Debug, Deserialize)]
 pub struct ConsumeBody {
     pub amount: Amount,
     #[serde(default, alias = "sessionId")]
-    pub session_id: Option<String>,
+    pub session_id: Option<SessionRef>,
     #[serde(default, alias = "modelId")]
-    pub model: Option<String>,
+    pub model: Option<ModelName>,
     #[serde(default)]
-    pub provider: Option<String>,
+    pub provider: Option<ProviderName>,
     #[serde(default, alias = "tokensUsed")]
-    pub prompt_tokens: Option<Count>,
+    pub prompt_tokens: Option<TokenCount>,
     #[serde(default)]
-    pub completion_tokens: Option<Count>,
+    pub completion_tokens: Option<TokenCount>,
     #[serde(default)]
-    pub feature: Option<String>,
+    pub feature: Option<FeatureName>,
     #[serde(default)]
-    pub description: Option<String>,
+    pub description: Option<Description>,
     #[serde(default)]
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
 }
 
 /// `POST /api/users/:id/credits/holds`.
@@ -108,13 +121,13 @@ pub struct HoldBody {
     #[serde(default)]
     pub ttl_secs: Option<u64>,
     #[serde(default, alias = "sessionId")]
-    pub session_id: Option<String>,
+    pub session_id: Option<SessionRef>,
     #[serde(default, alias = "modelId")]
-    pub model: Option<String>,
+    pub model: Option<ModelName>,
     #[serde(default)]
-    pub provider: Option<String>,
+    pub provider: Option<ProviderName>,
     #[serde(default)]
-    pub metadata: Option<Value>,
+    pub metadata: Option<Metadata>,
 }
 
 /// `POST /api/users/:id/credits/holds/:hold_id/settle`.
@@ -122,65 +135,44 @@ pub struct HoldBody {
 pub struct SettleBody {
     pub amount: Count,
     #[serde(default, alias = "modelId")]
-    pub model: Option<String>,
+    pub model: Option<ModelName>,
     #[serde(default)]
-    pub provider: Option<String>,
+    pub provider: Option<ProviderName>,
     #[serde(default, alias = "tokensUsed")]
-    pub prompt_tokens: Option<Count>,
+    pub prompt_tokens: Option<TokenCount>,
     #[serde(default)]
-    pub completion_tokens: Option<Count>,
+    pub completion_tokens: Option<TokenCount>,
 }
 
 /// `POST /api/admin/users/:id/credits/grant`.
 #[derive(Debug, Deserialize)]
 pub struct GrantBody {
     pub amount: Amount,
-    pub reason: String,
+    pub reason: Reason,
 }
 
-fn check_len(field: &str, v: &Option<String>, max: usize) -> Result<()> {
-    match v {
-        Some(s) if s.chars().count() > max => Err(ApiError::validation(
-            field,
-            format!("must be at most {max} characters"),
-        )),
-        _ => Ok(()),
-    }
+fn text<const N: usize>(v: Option<Label<N>>) -> Option<String> {
+    v.map(Label::into_inner)
 }
 
-fn check_metadata(v: &Option<Value>) -> Result<()> {
-    match v {
-        None | Some(Value::Null) => Ok(()),
-        Some(m @ Value::Object(_)) if m.to_string().len() <= 4096 => Ok(()),
-        Some(Value::Object(_)) => Err(ApiError::validation("metadata", "must be at most 4 KiB")),
-        Some(_) => Err(ApiError::validation("metadata", "must be an object")),
-    }
-}
-
-fn count(v: Option<Count>) -> Option<i64> {
-    v.map(Count::get)
+fn count(v: Option<TokenCount>) -> Option<i64> {
+    v.map(TokenCount::get)
 }
 
 impl ConsumeBody {
-    /// The amount and what it paid for, or 422 naming the field.
+    /// The amount and what it paid for (every field already checked by its type).
     pub fn validate(self) -> Result<(i64, CreditContext)> {
-        check_len("session_id", &self.session_id, 128)?;
-        check_len("model", &self.model, 128)?;
-        check_len("provider", &self.provider, 64)?;
-        check_len("feature", &self.feature, 64)?;
-        check_len("description", &self.description, 1024)?;
-        check_metadata(&self.metadata)?;
         Ok((
             self.amount.get(),
             CreditContext {
-                session_id: self.session_id,
-                model: self.model,
-                provider: self.provider,
+                session_id: text(self.session_id),
+                model: text(self.model),
+                provider: text(self.provider),
                 prompt_tokens: count(self.prompt_tokens),
                 completion_tokens: count(self.completion_tokens),
-                feature: self.feature,
-                description: self.description,
-                metadata: self.metadata.filter(|m| !m.is_null()),
+                feature: text(self.feature),
+                description: self.description.map(FreeText::into_inner),
+                metadata: self.metadata.map(Metadata::into_inner),
             },
         ))
     }
@@ -196,18 +188,14 @@ impl HoldBody {
                 format!("must be an integer from 1 to {max_ttl}"),
             ));
         }
-        check_len("session_id", &self.session_id, 128)?;
-        check_len("model", &self.model, 128)?;
-        check_len("provider", &self.provider, 64)?;
-        check_metadata(&self.metadata)?;
         Ok((
             self.amount.get(),
             ttl,
             CreditContext {
-                session_id: self.session_id,
-                model: self.model,
-                provider: self.provider,
-                metadata: self.metadata.filter(|m| !m.is_null()),
+                session_id: text(self.session_id),
+                model: text(self.model),
+                provider: text(self.provider),
+                metadata: self.metadata.map(Metadata::into_inner),
                 ..Default::default()
             },
         ))
@@ -216,13 +204,11 @@ impl HoldBody {
 
 impl SettleBody {
     pub fn validate(self) -> Result<(i64, CreditContext)> {
-        check_len("model", &self.model, 128)?;
-        check_len("provider", &self.provider, 64)?;
         Ok((
             self.amount.get(),
             CreditContext {
-                model: self.model,
-                provider: self.provider,
+                model: text(self.model),
+                provider: text(self.provider),
                 prompt_tokens: count(self.prompt_tokens),
                 completion_tokens: count(self.completion_tokens),
                 ..Default::default()
@@ -233,11 +219,11 @@ impl SettleBody {
 
 impl GrantBody {
     pub fn validate(self) -> Result<(i64, String)> {
-        let reason = self.reason.trim().to_string();
-        if reason.is_empty() || reason.chars().count() > 500 {
+        let reason = self.reason.as_str().trim().to_string();
+        if reason.is_empty() {
             return Err(ApiError::validation(
                 "reason",
-                "must be 1 to 500 characters",
+                format!("must be 1 to {} characters", len::REASON),
             ));
         }
         Ok((self.amount.get(), reason))
@@ -321,9 +307,12 @@ pub fn body_hash(v: &Value) -> String {
         .collect()
 }
 
-/// The id of a movement: derived from user and idempotency key when there is
-/// one (so a retry after Redis forgot the key is still deduplicated by the
-/// ledger), random otherwise.
+/// An admin grant's id: derived from user and idempotency key when there is
+/// one (the grant route deduplicates in Postgres by it), random otherwise.
+/// Consumes and holds never derive their ids from the key: a key reused
+/// after its record expired would collide with the first movement in the
+/// ledger and be answered 200 for free. They take a fresh UUIDv7, recorded in
+/// the idempotency record while the request runs (docs/credits.md).
 pub fn derived_id(kind: &str, user_id: &str, key: Option<&str>) -> Uuid {
     match key {
         Some(k) => Uuid::new_v5(&ID_NAMESPACE, format!("{kind}:{user_id}:{k}").as_bytes()),
@@ -427,9 +416,10 @@ pub struct Balance {
     pub as_of: Option<DateTime<Utc>>,
 }
 
-/// An idempotency key of one request, with its body hash and record key.
+/// An idempotency key of one request, with its route, body hash and record key.
 #[derive(Debug, Clone)]
 pub struct Idem {
+    pub route: String,
     pub key: String,
     pub hash: String,
     record: String,
@@ -439,14 +429,32 @@ impl Idem {
     pub fn new(state: &AppState, user_id: &str, route: &str, key: String, body: &Value) -> Self {
         Self {
             record: state.keys.idempotency(user_id, route, &key),
+            route: route.to_string(),
             hash: body_hash(body),
             key,
+        }
+    }
+
+    /// The durable form of this request's 200 answer, carried by its event.
+    fn durable(&self, state: &AppState, answer: &Value) -> IdempotencyRecord {
+        let ttl = i64::try_from(state.settings.credits.idempotency_ttl_secs).unwrap_or(i64::MAX);
+        IdempotencyRecord {
+            route: self.route.clone(),
+            key: self.key.clone(),
+            body_hash: self.hash.clone(),
+            answer: answer.clone(),
+            expires_at: Utc::now() + chrono::Duration::seconds(ttl.min(100 * 365 * 86_400)),
         }
     }
 }
 
 fn ttl_ms(state: &AppState) -> u64 {
     state.settings.credits.idempotency_ttl_secs * 1000
+}
+
+/// How long a remembered 402 lives (it moved no money).
+fn refused_ttl_ms(state: &AppState) -> u64 {
+    state.settings.credits.insufficient_ttl_secs * 1000
 }
 
 /// How long an in-progress marker lives: past the longest a request can
@@ -564,6 +572,11 @@ pub async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
     let (ledger, as_of, ids, amounts, expires) =
         row.ok_or_else(|| ApiError::NotFound("no such user".into()))?;
     let keys = UserKeys::new(&state.keys, user_id);
+    // The durable idempotency records first, while `bal` is absent: a keyed
+    // script that runs meanwhile finds `bal` missing and loads too, so none
+    // can decide before the user's records are back (after a Redis loss,
+    // the recovery waited for every earlier event, so Postgres has them all).
+    restore_records(state, &keys, user_id).await?;
     let mut inv = keys.invoke(&scripts().init, ttl_ms(state));
     inv.arg(ledger).arg(
         as_of
@@ -585,6 +598,76 @@ pub async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
     }
     metrics::counter!("credit_users_loaded_total").increment(u64::from(reply.tag == "OK"));
     Ok(())
+}
+
+/// Restores a user's unexpired durable idempotency records into Redis as
+/// `done`, in chunks, only while Redis does not hold the user's balance.
+async fn restore_records(state: &AppState, keys: &UserKeys, user_id: &str) -> Result<()> {
+    let rows: Vec<(String, String, String, Value, DateTime<Utc>)> = sqlx::query_as(
+        "select route, key, body_hash, answer, expires_at from idempotency_records \
+         where user_id = $1 and expires_at > now() order by created_at",
+    )
+    .bind(user_id)
+    .fetch_all(&state.pg)
+    .await?;
+    for chunk in rows.chunks(200) {
+        let mut inv = keys.invoke(&scripts().idem_restore, ttl_ms(state));
+        for (route, key, hash, answer, expires_at) in chunk {
+            inv.key(state.keys.idempotency(user_id, route, key))
+                .arg(hash)
+                .arg(Remembered::Ok(answer.clone()).to_json())
+                .arg(expires_at.timestamp_millis());
+        }
+        let raw: Vec<String> = {
+            let mut conn = state.redis().await?;
+            inv.invoke_async(&mut *conn).await?
+        };
+        match Reply::parse(raw).map_err(bad_reply)?.tag.as_str() {
+            "LOST" => {
+                state.recovery.enter(state).await;
+                return Err(recovering());
+            }
+            // Loaded by someone else meanwhile, with these records.
+            "EXISTS" => return Ok(()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The durable answer of a keyed request whose Redis record is stale (it
+/// started long ago and never stored its answer): present when its event
+/// has landed. It is stored in Redis for the next retry. A Postgres error
+/// is `None`: the caller retries under the recorded id, which the ledger
+/// deduplicates.
+async fn durable_replay(
+    state: &AppState,
+    user_id: &str,
+    idem: &Idem,
+    recorded_id: &str,
+) -> Option<Answer> {
+    let found: std::result::Result<Option<Value>, sqlx::Error> = sqlx::query_scalar(
+        "select answer from idempotency_records \
+         where user_id = $1 and route = $2 and key = $3 and body_hash = $4 and expires_at > now()",
+    )
+    .bind(user_id)
+    .bind(&idem.route)
+    .bind(&idem.key)
+    .bind(&idem.hash)
+    .fetch_optional(&state.pg)
+    .await;
+    match found {
+        Ok(Some(body)) => {
+            let answer = Remembered::Ok(body);
+            remember(state, idem, &answer, recorded_id, ttl_ms(state)).await;
+            Some(Answer::Replayed(answer))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "durable idempotency record not readable; retrying under the recorded id");
+            None
+        }
+    }
 }
 
 /// Reads a user's balance: from Redis when it holds the user (releasing
@@ -651,9 +734,10 @@ pub async fn balance_from_postgres(state: &AppState, user_id: &str) -> Result<Ba
 }
 
 /// Stores a final 200 answer under the request's key. Best effort: when it
-/// fails, the in-progress marker expires and a retry re-publishes the same
-/// transaction id, which the ledger deduplicates.
-async fn remember(state: &AppState, idem: &Idem, answer: &Remembered) {
+/// fails, the record stays in progress with its id; a retry past the
+/// in-progress window replays the durable record the event carried, or
+/// re-publishes under the same id, which the ledger deduplicates.
+async fn remember(state: &AppState, idem: &Idem, answer: &Remembered, id: &str, ttl: u64) {
     let result = async {
         let mut conn = state.redis().await?;
         scripts()
@@ -661,7 +745,8 @@ async fn remember(state: &AppState, idem: &Idem, answer: &Remembered) {
             .key(&idem.record)
             .arg(&idem.hash)
             .arg(answer.to_json())
-            .arg(ttl_ms(state))
+            .arg(ttl)
+            .arg(id)
             .invoke_async::<i64>(&mut *conn)
             .await?;
         anyhow::Ok(())
@@ -705,27 +790,56 @@ pub async fn consume(
     context: CreditContext,
     idem: Option<Idem>,
 ) -> Result<Answer> {
-    let tx = derived_id("consume", user_id, idem.as_ref().map(|i| i.key.as_str()));
+    let fresh = Uuid::now_v7();
     let keys = UserKeys::new(&state.keys, user_id);
     let (record, hash) = idem_args(state, user_id, idem.as_ref());
-    let (ttl, running) = (ttl_ms(state), running_ms(state));
-    let reply = run(state, user_id, || {
-        let mut inv = keys.invoke(&scripts().consume, ttl);
-        inv.key(&record)
-            .arg(&hash)
-            .arg(tx.to_string())
-            .arg(amount)
-            .arg(running)
-            .arg(ttl);
-        inv
-    })
-    .await?;
+    let (ttl, running, refused) = (ttl_ms(state), running_ms(state), refused_ttl_ms(state));
+    let mut reuse = false;
+    let reply = loop {
+        let reply = run(state, user_id, || {
+            let mut inv = keys.invoke(&scripts().consume, ttl);
+            inv.key(&record)
+                .arg(&hash)
+                .arg(fresh.to_string())
+                .arg(amount)
+                .arg(running)
+                .arg(ttl)
+                .arg(refused)
+                .arg(if reuse { "1" } else { "0" });
+            inv
+        })
+        .await?;
+        match (reply.tag.as_str(), &idem) {
+            ("STALE", Some(i)) if !reuse => {
+                let recorded = reply.str(0).map_err(bad_reply)?;
+                if let Some(answer) = durable_replay(state, user_id, i, recorded).await {
+                    return Ok(answer);
+                }
+                reuse = true;
+            }
+            _ => break reply,
+        }
+    };
     if let Some(answer) = keyed_early(&reply).map_err(|e| with_required(e, amount))? {
         return Ok(answer);
     }
     expect_tag(&reply, "OK")?;
     let balance = reply.int(0).map_err(bad_reply)?;
     let created = reply.flag(2).map_err(bad_reply)?;
+    let tx: Uuid = reply
+        .str(3)
+        .map_err(bad_reply)?
+        .parse()
+        .map_err(bad_reply)?;
+    let reused = reply.flag(4).map_err(bad_reply)?;
+    let body = json!({
+        "transaction_id": tx.to_string(),
+        "user_id": user_id,
+        "amount": amount,
+        "balance": balance,
+        "success": true,
+        "remaining_credits": balance,
+    });
     let event = BatchedConsume {
         id: Uuid::new_v4(),
         occurred_at: Utc::now(),
@@ -735,16 +849,22 @@ pub async fn consume(
             amount,
             context,
         },
+        idempotency: idem.as_ref().map(|i| i.durable(state, &body)),
     };
     if let Err(e) = state.publisher.publish_consume(event).await {
-        let give_back = created && publish_surely_failed(&e);
+        let surely = publish_surely_failed(&e);
+        let give_back = created && surely;
+        // Only a fresh id that surely never left may be forgotten; any other
+        // stays recorded, so a retry can never charge under a second id.
+        let forget = surely && !reused;
         let undo = async {
             let mut conn = state.redis().await?;
             let mut inv = keys.invoke(&scripts().consume_undo, ttl);
             inv.key(&record)
                 .arg(&hash)
                 .arg(tx.to_string())
-                .arg(if give_back { "1" } else { "0" });
+                .arg(if give_back { "1" } else { "0" })
+                .arg(if forget { "1" } else { "0" });
             inv.invoke_async::<Vec<String>>(&mut *conn).await?;
             anyhow::Ok(())
         };
@@ -757,19 +877,28 @@ pub async fn consume(
             .increment(1);
         return Err(publish_failed(e));
     }
-    let body = json!({
-        "transaction_id": tx.to_string(),
-        "user_id": user_id,
-        "amount": amount,
-        "balance": balance,
-        "success": true,
-        "remaining_credits": balance,
-    });
     if let Some(idem) = &idem {
-        remember(state, idem, &Remembered::Ok(body.clone())).await;
+        remember(
+            state,
+            idem,
+            &Remembered::Ok(body.clone()),
+            &tx.to_string(),
+            ttl,
+        )
+        .await;
     }
     metrics::counter!("credit_decisions_total", "op" => "consume", "outcome" => "ok").increment(1);
-    Ok(Answer::Fresh(body))
+    Ok(answered(body, reused))
+}
+
+/// A retry under a recorded id answers for the first request (whose 200 may
+/// already have been sent): it says so, and the ledger has one row for both.
+fn answered(body: Value, reused: bool) -> Answer {
+    if reused {
+        Answer::Replayed(Remembered::Ok(body))
+    } else {
+        Answer::Fresh(body)
+    }
 }
 
 /// KEYS[5] and the hash argument of a keyed script. Without a key the
@@ -816,50 +945,95 @@ pub async fn open_hold(
     context: CreditContext,
     idem: Option<Idem>,
 ) -> Result<Answer> {
-    let hold_id = derived_id("hold", user_id, idem.as_ref().map(|i| i.key.as_str()));
+    let fresh = Uuid::now_v7();
     let keys = UserKeys::new(&state.keys, user_id);
     let (record, hash) = idem_args(state, user_id, idem.as_ref());
-    let (ttl, running) = (ttl_ms(state), running_ms(state));
-    let reply = run(state, user_id, || {
-        let mut inv = keys.invoke(&scripts().hold_open, ttl);
-        inv.key(&record)
-            .arg(&hash)
-            .arg(hold_id.to_string())
-            .arg(amount)
-            .arg(ttl_secs * 1000)
-            .arg(running)
-            .arg(ttl);
-        inv
-    })
-    .await?;
+    let (ttl, running, refused) = (ttl_ms(state), running_ms(state), refused_ttl_ms(state));
+    let max_open = state.settings.credits.max_open_holds;
+    let mut reuse = false;
+    let reply = loop {
+        let reply = run(state, user_id, || {
+            let mut inv = keys.invoke(&scripts().hold_open, ttl);
+            inv.key(&record)
+                .arg(&hash)
+                .arg(fresh.to_string())
+                .arg(amount)
+                .arg(ttl_secs * 1000)
+                .arg(running)
+                .arg(ttl)
+                .arg(refused)
+                .arg(if reuse { "1" } else { "0" })
+                .arg(max_open);
+            inv
+        })
+        .await?;
+        match (reply.tag.as_str(), &idem) {
+            ("STALE", Some(i)) if !reuse => {
+                let recorded = reply.str(0).map_err(bad_reply)?;
+                if let Some(answer) = durable_replay(state, user_id, i, recorded).await {
+                    return Ok(answer);
+                }
+                reuse = true;
+            }
+            _ => break reply,
+        }
+    };
     if let Some(answer) = keyed_early(&reply).map_err(|e| with_required(e, amount))? {
         return Ok(answer);
     }
-    if reply.tag == "ENDED" {
-        // Only reachable when a keyed hold already ended and its key was forgotten.
-        return Err(ApiError::HoldExpired);
+    match reply.tag.as_str() {
+        // A retry under a recorded hold id whose hold has ended meanwhile
+        // (and whose open has not landed in Postgres yet).
+        "ENDED" => return Err(ApiError::HoldExpired),
+        "TOO_MANY" => {
+            metrics::counter!("credit_decisions_total", "op" => "hold", "outcome" => "too_many")
+                .increment(1);
+            return Err(ApiError::validation(
+                "holds",
+                format!(
+                    "at most {max_open} holds may be open at once; settle or release one first"
+                ),
+            ));
+        }
+        _ => expect_tag(&reply, "OK")?,
     }
-    expect_tag(&reply, "OK")?;
     let balance = reply.int(0).map_err(bad_reply)?;
     let held = reply.int(1).map_err(bad_reply)?;
     let expires_at = millis_to_time(reply.int(2).map_err(bad_reply)?);
     let created = reply.flag(3).map_err(bad_reply)?;
+    let hold_id: Uuid = reply
+        .str(4)
+        .map_err(bad_reply)?
+        .parse()
+        .map_err(bad_reply)?;
+    let reused = reply.flag(5).map_err(bad_reply)?;
+    let body = json!({
+        "hold_id": hold_id.to_string(),
+        "amount": amount,
+        "balance": balance,
+        "held": held,
+        "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
     let event = Event::HoldOpened(HoldOpened {
         hold_id,
         user_id: user_id.to_string(),
         amount,
         expires_at,
         context,
+        idempotency: idem.as_ref().map(|i| i.durable(state, &body)),
     });
     if let Err(e) = publish(state, user_id, event).await {
-        let remove = created && publish_surely_failed(&e);
+        let surely = publish_surely_failed(&e);
+        let remove = created && surely;
+        let forget = surely && !reused;
         let undo = async {
             let mut conn = state.redis().await?;
             let mut inv = keys.invoke(&scripts().hold_undo, ttl);
             inv.key(&record)
                 .arg(&hash)
                 .arg(hold_id.to_string())
-                .arg(if remove { "1" } else { "0" });
+                .arg(if remove { "1" } else { "0" })
+                .arg(if forget { "1" } else { "0" });
             inv.invoke_async::<Vec<String>>(&mut *conn).await?;
             anyhow::Ok(())
         };
@@ -869,18 +1043,18 @@ pub async fn open_hold(
         }
         return Err(publish_failed(e));
     }
-    let body = json!({
-        "hold_id": hold_id.to_string(),
-        "amount": amount,
-        "balance": balance,
-        "held": held,
-        "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    });
     if let Some(idem) = &idem {
-        remember(state, idem, &Remembered::Ok(body.clone())).await;
+        remember(
+            state,
+            idem,
+            &Remembered::Ok(body.clone()),
+            &hold_id.to_string(),
+            ttl,
+        )
+        .await;
     }
     metrics::counter!("credit_decisions_total", "op" => "hold", "outcome" => "ok").increment(1);
-    Ok(Answer::Fresh(body))
+    Ok(answered(body, reused))
 }
 
 /// SPEC §5.5b: settle a hold; the rest returns to the balance. Settling again
@@ -1207,6 +1381,54 @@ mod tests {
             "reason"
         );
         assert_eq!(field_of(grant(json!({"amount": 5})).unwrap_err()), "reason");
+    }
+
+    #[test]
+    fn values_the_ledger_refuses_are_refused_in_every_credit_body() {
+        for (member, value) in [
+            ("description", json!("a\u{0}b")),
+            ("description", json!("bell\u{7}")),
+            ("model", json!("m\u{0}")),
+            ("modelId", json!("m\nx")),
+            ("provider", json!("\u{0}")),
+            ("session_id", json!("s\u{0}")),
+            ("sessionId", json!("s\u{1b}")),
+            ("feature", json!("f\u{0}")),
+            ("metadata", json!({"k": "\u{0}"})),
+            ("metadata", json!({"k\u{0}": 1})),
+            ("prompt_tokens", json!(1_000_000_001)),
+            ("tokensUsed", json!(i64::MAX)),
+            ("completion_tokens", json!(9_223_372_036_854_775_807i64)),
+        ] {
+            let mut body = json!({"amount": 1});
+            body[member] = value.clone();
+            let e = consume(body).unwrap_err();
+            let named = field_of(e);
+            // Aliases are reported under the name the client sent.
+            assert_eq!(named, member, "{member}: {value}");
+        }
+        let free = consume(json!({"amount": 1, "description": "two\r\nlines\tok"})).unwrap();
+        assert_eq!(free.1.description.as_deref(), Some("two\r\nlines\tok"));
+        for (member, value) in [
+            ("model", json!("m\u{0}")),
+            ("metadata", json!({"x": ["\u{0}"]})),
+        ] {
+            let mut body = json!({"amount": 1});
+            body[member] = value;
+            let e = from_value::<HoldBody>(body).unwrap_err();
+            assert_eq!(field_of(e), member);
+        }
+        for (member, value) in [
+            ("provider", json!("p\u{0}")),
+            ("completion_tokens", json!(1_000_000_001)),
+        ] {
+            let mut body = json!({"amount": 1});
+            body[member] = value;
+            let e = from_value::<SettleBody>(body).unwrap_err();
+            assert_eq!(field_of(e), member);
+        }
+        let e = from_value::<GrantBody>(json!({"amount": 1, "reason": "r\u{0}"})).unwrap_err();
+        assert_eq!(field_of(e), "reason");
     }
 
     #[test]

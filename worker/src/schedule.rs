@@ -1,5 +1,6 @@
 //! Jobs that must run once across all workers, each under a Postgres advisory
-//! lock: session cleanup, partitions made ahead, and the credit reconciler.
+//! lock: session cleanup, partitions made ahead, expired idempotency records,
+//! and the credit reconciler.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ const LOCK_CLEANUP: i64 = 0x5653_4301;
 const LOCK_PARTITIONS: i64 = 0x5653_4302;
 const LOCK_HOLD_EXPIRY: i64 = 0x5653_4303;
 const LOCK_RECONCILE: i64 = 0x5653_4304;
+const LOCK_IDEMPOTENCY: i64 = 0x5653_4305;
 
 pub async fn run(ctx: Ctx, shutdown: CancellationToken) {
     tokio::join!(
@@ -30,6 +32,13 @@ async fn housekeeping(ctx: Ctx, shutdown: CancellationToken) {
             Ok(Some(n)) if n > 0 => tracing::info!(removed = n, "expired sessions removed"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "session cleanup failed"),
+        }
+        match cleanup_idempotency_records(&ctx).await {
+            Ok(Some(n)) if n > 0 => {
+                tracing::info!(removed = n, "expired idempotency records removed")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "idempotency record cleanup failed"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -60,6 +69,19 @@ where
 /// Deletes expired sessions via `cleanup_expired_sessions()`.
 pub async fn cleanup_sessions(ctx: &Ctx) -> Result<Option<i32>, sqlx::Error> {
     with_lock(ctx, LOCK_CLEANUP, "select cleanup_expired_sessions()").await
+}
+
+/// Deletes durable idempotency records past their expiry (docs/credits.md);
+/// a bounded batch per run, so one run never holds a long lock.
+pub async fn cleanup_idempotency_records(ctx: &Ctx) -> Result<Option<i64>, sqlx::Error> {
+    with_lock(
+        ctx,
+        LOCK_IDEMPOTENCY,
+        "with gone as (delete from idempotency_records where ctid in \
+           (select ctid from idempotency_records where expires_at <= now() limit 10000) returning 1) \
+         select count(*) from gone",
+    )
+    .await
 }
 
 /// Keeps monthly usage partitions three months ahead.

@@ -317,6 +317,7 @@ async fn grouped_consumes_settle_once_each_with_an_unbroken_balance_chain() {
                 ..Default::default()
             },
         },
+        idempotency: None,
     };
     let repeated = uuid::Uuid::new_v4();
     let batch = |items: Vec<BatchedConsume>| {
@@ -570,6 +571,7 @@ async fn credit_commits_drop_cached_analytics_and_deleted_users_credit_events_la
             amount: 3,
             expires_at: Utc::now() + chrono::Duration::minutes(5),
             context: context.clone(),
+            idempotency: None,
         }),
         Some("gone".into()),
         Utc::now(),

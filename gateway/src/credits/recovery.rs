@@ -30,7 +30,10 @@
 //! Then the ledger holds every pre-loss event, so Redis can load each user
 //! from Postgres again: the sentinels are re-written and the recovery key
 //! removed. Nothing has to be deleted: no script wrote credit state while the
-//! sentinels were missing.
+//! sentinels were missing. Idempotency records come back the same way: the
+//! worker stored each keyed 200 in `idempotency_records` with its ledger row,
+//! and loading a user restores the unexpired ones before its balance, so a
+//! retry after the loss replays (`crate::credits::load_into_redis`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

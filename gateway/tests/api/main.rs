@@ -8,6 +8,7 @@ mod demo;
 mod fuzz;
 mod helpers;
 mod hostile;
+mod idempotency;
 mod limits;
 mod openapi;
 mod operator;

@@ -3,18 +3,25 @@
 //! Every path is idempotent by event id and works in any arrival order: a
 //! settle or release that arrives before its hold's open creates the hold row
 //! in its final state, and the late open then changes nothing.
+//!
+//! A keyed consume or hold open carries its idempotency record; it is stored
+//! in `idempotency_records` in the same transaction as the ledger (or hold)
+//! row, so a durable record exists exactly when its movement does
+//! (docs/credits.md, "Idempotency").
 
-use common::events::{CreditConsume, CreditContext, Envelope, Event};
+use common::events::{CreditConsume, CreditContext, Envelope, Event, IdempotencyRecord};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::Effects;
 use crate::startup::Ctx;
 
-/// One consume to settle: the event's id (audit `request_id`) and the consume.
+/// One consume to settle: the event's id (audit `request_id`), the consume,
+/// and its idempotency record when it had a key.
 pub struct ConsumeRow<'a> {
     pub event_id: Uuid,
     pub consume: &'a CreditConsume,
+    pub idempotency: Option<&'a IdempotencyRecord>,
 }
 
 /// The consumes of a batch, whether they came one per message or grouped.
@@ -25,10 +32,12 @@ pub fn consumes<'a>(envs: &[&'a Envelope]) -> Vec<ConsumeRow<'a>> {
             Event::CreditConsume(c) => rows.push(ConsumeRow {
                 event_id: env.id,
                 consume: c,
+                idempotency: None,
             }),
             Event::CreditConsumeBatch(b) => rows.extend(b.consumes.iter().map(|c| ConsumeRow {
                 event_id: c.id,
                 consume: &c.consume,
+                idempotency: c.idempotency.as_ref(),
             })),
             _ => {}
         }
@@ -73,6 +82,9 @@ pub async fn store(
                 .await?
                 .rows_affected();
                 effects.stored += n as usize;
+                if let Some(rec) = &h.idempotency {
+                    store_records(tx, &[(h.user_id.as_str(), rec, h.hold_id)]).await?;
+                }
                 effects.credit_users.insert(h.user_id.clone());
             }
             Event::HoldSettled(h) => {
@@ -187,7 +199,63 @@ async fn settle_consumes(
     .bind(col(|c| c.context.metadata.as_ref().map(|m| m.to_string())))
     .fetch_one(&mut **tx)
     .await?;
+    let records: Vec<(&str, &IdempotencyRecord, Uuid)> = rows
+        .iter()
+        .filter_map(|r| {
+            let c = r.consume;
+            r.idempotency
+                .map(|rec| (c.user_id.as_str(), rec, c.transaction_id))
+        })
+        .collect();
+    store_records(tx, &records).await?;
     Ok(n as usize)
+}
+
+/// Stores durable idempotency records (user, record, the movement's id), in
+/// the transaction of their movements. A live record is never replaced (a
+/// repeated or retried event changes nothing); an expired one that the
+/// housekeeping has not deleted yet is, since its key was used again. Records
+/// already expired, and those of deleted users, are not kept.
+pub async fn store_records(
+    tx: &mut Transaction<'_, Postgres>,
+    records: &[(&str, &IdempotencyRecord, Uuid)],
+) -> Result<(), sqlx::Error> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let users: Vec<&str> = records.iter().map(|r| r.0).collect();
+    let routes: Vec<&str> = records.iter().map(|r| r.1.route.as_str()).collect();
+    let keys: Vec<&str> = records.iter().map(|r| r.1.key.as_str()).collect();
+    let hashes: Vec<&str> = records.iter().map(|r| r.1.body_hash.as_str()).collect();
+    let answers: Vec<String> = records.iter().map(|r| r.1.answer.to_string()).collect();
+    let ids: Vec<Uuid> = records.iter().map(|r| r.2).collect();
+    let expires: Vec<chrono::DateTime<chrono::Utc>> =
+        records.iter().map(|r| r.1.expires_at).collect();
+    // One row per key even if a batch carries a request and its retry.
+    sqlx::query(
+        "insert into idempotency_records (user_id, route, key, body_hash, answer, transaction_id, expires_at) \
+         select distinct on (r.user_id, r.route, r.key) \
+                r.user_id, r.route, r.key, r.body_hash, r.answer::jsonb, r.id, r.expires_at \
+         from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::uuid[], $7::timestamptz[]) \
+              as r(user_id, route, key, body_hash, answer, id, expires_at) \
+         join users u on u.id = r.user_id \
+         where r.expires_at > now() and u.status <> 'deleted' \
+         order by r.user_id, r.route, r.key, r.expires_at \
+         on conflict (user_id, route, key) do update set \
+           body_hash = excluded.body_hash, answer = excluded.answer, \
+           transaction_id = excluded.transaction_id, created_at = now(), expires_at = excluded.expires_at \
+         where idempotency_records.expires_at <= now()",
+    )
+    .bind(&users)
+    .bind(&routes)
+    .bind(&keys)
+    .bind(&hashes)
+    .bind(&answers)
+    .bind(&ids)
+    .bind(&expires)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Settles one granted amount; returns whether a new ledger row was written.
