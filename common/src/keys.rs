@@ -96,6 +96,25 @@ impl Keys {
         self.user(user_id, &format!("stoken:{token}"))
     }
 
+    /// Sorted set: the user's live session ids, scored by last use (ms on
+    /// Redis's clock), so validating one more than `sessions.max_per_user`
+    /// evicts the least recently used in the same script.
+    pub fn sessions_by_use(&self, user_id: &str) -> String {
+        self.user(user_id, "sessions")
+    }
+
+    /// Hash: what the gateway knows of the user's stored preferences, as the
+    /// compact-JSON size of each top-level member (`k:NAME`) and their sum
+    /// (`sum`), so a patch's merged size is decided without Postgres.
+    pub fn preferences_size(&self, user_id: &str) -> String {
+        self.user(user_id, "prefs_size")
+    }
+
+    /// Lock held while one export of the user runs (`SET NX PX`).
+    pub fn export_lock(&self, user_id: &str) -> String {
+        self.user(user_id, "export_lock")
+    }
+
     /// Cached analytics answer for N days.
     pub fn analytics(&self, user_id: &str, days: u32) -> String {
         self.user(user_id, &format!("analytics:{days}"))

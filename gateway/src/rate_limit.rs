@@ -6,6 +6,15 @@
 //! `now` passes when `max(TAT, now) + T - window <= now`; it then moves TAT to
 //! `max(TAT, now) + T`. That admits a burst of `limit` and `limit` per window
 //! after it: at most `limit + ⌊t·limit/window⌋` in any span of t seconds.
+//!
+//! A request may cost more than one unit (`usage` is limited per event too,
+//! SPEC §6: a request of 500 events costs 500). Cost `n` moves TAT by `n·T`
+//! and passes when `max(TAT, now) + n·T - window <= now`, so the bounds above
+//! hold in units. A cost above `limit` (`n·T > window`) can never pass: it is
+//! refused with `Retry-After` of one window, rather than a time after which
+//! it would still not pass. `remaining` is what unit-cost requests could
+//! still take, `⌊(now - max(TAT, now) + window) / T⌋` after the decision, so
+//! a refused large request still shows the room smaller ones have.
 
 use common::settings::{ClassLimit, RedisErrorPolicy};
 
@@ -30,27 +39,49 @@ pub struct Decision {
 /// is the same arithmetic, and a test checks both agree.
 /// Returns the decision and the new TAT (unchanged when refused).
 pub fn gcra(tat_us: Option<i64>, now_us: i64, limit: ClassLimit) -> (Decision, i64) {
+    gcra_n(tat_us, now_us, limit, 1)
+}
+
+/// [`gcra`] for a request that costs `cost` units (at least 1).
+pub fn gcra_n(tat_us: Option<i64>, now_us: i64, limit: ClassLimit, cost: u64) -> (Decision, i64) {
     let limit_n = limit.limit.max(1) as i64;
     let window_us = (limit.window_secs.max(1) as i64) * 1_000_000;
     // At least 1 µs, so a limit above the window's microseconds cannot divide by 0.
     let t = (window_us / limit_n).max(1);
+    let step = i64::try_from(cost.max(1))
+        .unwrap_or(i64::MAX)
+        .saturating_mul(t);
     let tat = tat_us.unwrap_or(now_us).max(now_us);
-    let new_tat = tat + t;
-    let allow_at = new_tat - window_us;
-    let mk = |allowed: bool, remaining: i64, reset_us: i64, retry_us: i64| Decision {
+    let mk = |allowed: bool, room_us: i64, reset_us: i64, retry_us: i64| Decision {
         allowed,
         limit: limit.limit,
         window_secs: limit.window_secs,
-        remaining: remaining.max(0) as u64,
+        remaining: (room_us.max(0) / t) as u64,
         reset_secs: ceil_secs(reset_us),
         retry_after_secs: ceil_secs(retry_us),
         degraded: None,
     };
+    if step > window_us {
+        // Never passes; the stored TAT stays as it was (or absent).
+        return (
+            mk(false, now_us - tat + window_us, tat - now_us, window_us),
+            tat_us.unwrap_or(now_us),
+        );
+    }
+    let new_tat = tat + step;
+    let allow_at = new_tat - window_us;
     if allow_at > now_us {
-        (mk(false, 0, tat - now_us, allow_at - now_us), tat)
+        (
+            mk(
+                false,
+                now_us - tat + window_us,
+                tat - now_us,
+                allow_at - now_us,
+            ),
+            tat,
+        )
     } else {
-        let remaining = (now_us - allow_at) / t;
-        (mk(true, remaining, new_tat - now_us, 0), new_tat)
+        (mk(true, now_us - allow_at, new_tat - now_us, 0), new_tat)
     }
 }
 
@@ -62,28 +93,36 @@ fn ceil_secs(us: i64) -> u64 {
     }
 }
 
-/// KEYS[1] = GCRA key; ARGV = limit, window_secs[, now_us]. Returns
+/// KEYS[1] = GCRA key; ARGV = limit, window_secs[, cost[, now_us]]. Returns
 /// {allowed, remaining, reset_us, retry_us}. Uses Redis's clock (`TIME`);
 /// `now_us` exists only so a test can drive the script with a synthetic clock
-/// and compare it with [`gcra`] — production never passes it.
+/// and compare it with [`gcra_n`] — production never passes it. `cost`
+/// defaults to 1.
 pub const GCRA_LUA: &str = r#"
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2]) * 1000000
 local t = math.floor(window / limit)
 if t < 1 then t = 1 end
+local cost = tonumber(ARGV[3] or '1')
+if cost < 1 then cost = 1 end
 local now
-if ARGV[3] then
-  now = tonumber(ARGV[3])
+if ARGV[4] then
+  now = tonumber(ARGV[4])
 else
   local now_t = redis.call('TIME')
   now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
 end
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local new_tat = tat + t
+local room = now - tat + window
+if room < 0 then room = 0 end
+local new_tat = tat + cost * t
 local allow_at = new_tat - window
+if cost * t > window then
+  return {0, math.floor(room / t), tat - now, window}
+end
 if allow_at > now then
-  return {0, 0, tat - now, allow_at - now}
+  return {0, math.floor(room / t), tat - now, allow_at - now}
 end
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
 return {1, math.floor((now - allow_at) / t), new_tat - now, 0}
@@ -113,8 +152,20 @@ pub async fn check(
     class: &str,
     limit: ClassLimit,
 ) -> Decision {
+    check_n(state, key, user_id, class, limit, 1).await
+}
+
+/// [`check`] for a request that costs `cost` units (the usage events budget).
+pub async fn check_n(
+    state: &crate::state::AppState,
+    key: &str,
+    user_id: &str,
+    class: &str,
+    limit: ClassLimit,
+    cost: u64,
+) -> Decision {
     let policy = state.settings.rate_limit.on_redis_error;
-    let d = decide(
+    let d = decide_n(
         &state.redis_link,
         &state.pg,
         policy,
@@ -122,6 +173,7 @@ pub async fn check(
         user_id,
         class,
         limit,
+        cost,
     )
     .await;
     let verdict = if d.allowed { "allow" } else { "deny" };
@@ -135,6 +187,48 @@ pub async fn check(
     d
 }
 
+/// The per-event budget of `usage/track` (SPEC §6): `rate_limit.usage_events`
+/// scaled by the plan multiplier. A per-user override of the `usage` class
+/// does not replace it: an override names a request limit, and this bound is
+/// what keeps one user's events (and so the stores) bounded whatever the
+/// request limit is.
+pub fn usage_events_limit(settings: &common::settings::Settings, plan: &str) -> ClassLimit {
+    let base = settings.rate_limit.usage_events;
+    let mult = settings
+        .plans
+        .get(plan)
+        .map(|p| p.rate_limit_multiplier)
+        .unwrap_or(1);
+    ClassLimit {
+        limit: base.limit.saturating_mul(mult),
+        window_secs: base.window_secs,
+    }
+}
+
+/// The class name of the events budget in keys, metrics and the Postgres
+/// fallback.
+pub const USAGE_EVENTS: &str = "usage_events";
+
+/// Of two decisions on one request, the one its `RateLimit-*` headers show:
+/// a refusal over a pass, else the one with the smaller share of its limit
+/// left (`remaining/limit`), so a client that paces itself by the headers
+/// meets the limit that binds first. Ties keep `a`.
+pub fn tighter(a: Decision, b: Decision) -> Decision {
+    match (a.allowed, b.allowed) {
+        (true, false) => return b,
+        (false, true) => return a,
+        _ => {}
+    }
+    // remaining_b / limit_b < remaining_a / limit_a, without division.
+    let lhs = u128::from(b.remaining) * u128::from(a.limit.max(1));
+    let rhs = u128::from(a.remaining) * u128::from(b.limit.max(1));
+    if lhs < rhs {
+        b
+    } else {
+        a
+    }
+}
+
 /// [`check`] without the application state (and without the metric): what
 /// the benchmark measures.
 pub async fn decide(
@@ -146,12 +240,30 @@ pub async fn decide(
     class: &str,
     limit: ClassLimit,
 ) -> Decision {
+    decide_n(link, pg, policy, key, user_id, class, limit, 1).await
+}
+
+/// [`decide`] for a request that costs `cost` units. The Postgres fallback
+/// counts requests, not units (`check_rate_limit()` has no cost): coarser,
+/// still a limit, only while Redis is unreachable.
+#[allow(clippy::too_many_arguments)]
+pub async fn decide_n(
+    link: &RedisLink,
+    pg: &sqlx::PgPool,
+    policy: RedisErrorPolicy,
+    key: &str,
+    user_id: &str,
+    class: &str,
+    limit: ClassLimit,
+    cost: u64,
+) -> Decision {
     let outcome = link
         .run(|mut conn| async move {
             script()
                 .key(key)
                 .arg(limit.limit)
                 .arg(limit.window_secs)
+                .arg(cost.max(1))
                 .invoke_async::<Vec<i64>>(&mut conn)
                 .await
         })
@@ -313,5 +425,69 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(tat2, tat);
         assert_eq!(d.retry_after_secs, 6);
+    }
+
+    #[test]
+    fn a_cost_of_n_takes_n_units_of_the_burst() {
+        let l = ClassLimit {
+            limit: 6000,
+            window_secs: 60,
+        };
+        let (d, tat) = gcra_n(None, 0, l, 500);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 5500);
+        // Eleven more of 500 pass (6000 in all), the next is refused and
+        // waits for 500 units to refill: 500 × 10 ms.
+        let mut tat = Some(tat);
+        for i in 0..11 {
+            let (d, t) = gcra_n(tat, 0, l, 500);
+            assert!(d.allowed, "batch {i}");
+            tat = Some(t);
+        }
+        let (d, t) = gcra_n(tat, 0, l, 500);
+        assert!(!d.allowed);
+        assert_eq!((d.remaining, d.retry_after_secs), (0, 5));
+        assert_eq!(Some(t), tat);
+    }
+
+    #[test]
+    fn a_refused_large_request_still_shows_the_room_for_smaller_ones() {
+        let (_, tat) = gcra_n(None, 0, L, 15);
+        let (d, _) = gcra_n(Some(tat), 0, L, 10);
+        assert!(!d.allowed);
+        assert_eq!(d.remaining, 5);
+        assert!(gcra_n(Some(tat), 0, L, 5).0.allowed);
+    }
+
+    #[test]
+    fn a_cost_above_the_limit_never_passes_and_says_one_window() {
+        let (d, tat) = gcra_n(None, 0, L, 21);
+        assert!(!d.allowed);
+        assert_eq!((d.remaining, d.retry_after_secs), (20, 60));
+        assert_eq!(tat, 0);
+        assert!(!gcra_n(None, 0, L, u64::MAX).0.allowed);
+        assert!(gcra_n(None, 0, L, 20).0.allowed);
+    }
+
+    #[test]
+    fn the_tighter_decision_is_a_refusal_else_the_smaller_share_left() {
+        let d = |allowed, limit, remaining| Decision {
+            allowed,
+            limit,
+            window_secs: 60,
+            remaining,
+            reset_secs: 1,
+            retry_after_secs: 0,
+            degraded: None,
+        };
+        let requests = d(true, 1200, 1199);
+        let events = d(true, 6000, 5500);
+        assert_eq!(tighter(requests, events), events);
+        assert_eq!(tighter(events, requests), events);
+        let single = d(true, 6000, 5999);
+        assert_eq!(tighter(requests, single), requests);
+        let refused = d(false, 6000, 5999);
+        assert_eq!(tighter(requests, refused), refused);
+        assert_eq!(tighter(refused, requests), refused);
     }
 }

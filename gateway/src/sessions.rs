@@ -1,5 +1,13 @@
 //! VS Code sessions (SPEC §5.1, §5.10): live in Redis with a sliding TTL, under
 //! the user's hash tag so they never cross users; a worker persists them.
+//!
+//! Bounded per user (`sessions.max_per_user`, SPEC §3): beside the records a
+//! sorted set holds the user's session ids scored by last use on Redis's
+//! clock. Every write of a record goes through one script that also scores
+//! the session, drops entries older than a TTL (their records expired on
+//! their own) and, past the bound, deletes the least recently used sessions
+//! with their token keys. One script, one slot: two gateways validating for
+//! the same user at once cannot both stay under the bound by racing.
 
 use chrono::{DateTime, Duration, Utc};
 use redis::AsyncCommands;
@@ -117,6 +125,52 @@ pub async fn validate(
     Ok((rec, true))
 }
 
+/// KEYS[1] = the session record, KEYS[2] = the user's sessions by last use,
+/// KEYS[3] (optional) = the client's token key. ARGV = record JSON, ttl_secs,
+/// session id, max_per_user, session key prefix, token key prefix. Returns
+/// the ids evicted. The current session is never its own victim, even when
+/// another shares its millisecond.
+pub const STORE_LUA: &str = r#"
+local ttl = tonumber(ARGV[2])
+local id = ARGV[3]
+local max = tonumber(ARGV[4])
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+if KEYS[3] then redis.call('SET', KEYS[3], id, 'EX', ttl) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl * 1000)
+redis.call('ZADD', KEYS[2], now, id)
+redis.call('EXPIRE', KEYS[2], ttl)
+local over = redis.call('ZCARD', KEYS[2]) - max
+local evicted = {}
+if over <= 0 then return evicted end
+for _, victim in ipairs(redis.call('ZRANGE', KEYS[2], 0, over)) do
+  if #evicted >= over then break end
+  if victim ~= id then
+    local skey = ARGV[5] .. victim
+    local raw = redis.call('GET', skey)
+    if raw then
+      local ok, rec = pcall(cjson.decode, raw)
+      if ok and type(rec) == 'table' and type(rec.session_token) == 'string' then
+        local tkey = ARGV[6] .. rec.session_token
+        if redis.call('GET', tkey) == victim then redis.call('DEL', tkey) end
+      end
+      redis.call('DEL', skey)
+    end
+    redis.call('ZREM', KEYS[2], victim)
+    evicted[#evicted + 1] = victim
+  end
+end
+return evicted
+"#;
+
+fn store_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(STORE_LUA))
+}
+
+/// Writes the record (and its token key), marks it the user's most recently
+/// used session and evicts past `sessions.max_per_user`, in one script.
 async fn store(
     state: &AppState,
     conn: &mut crate::state::LinkConn,
@@ -124,14 +178,23 @@ async fn store(
     ttl: u64,
 ) -> Result<()> {
     let json = serde_json::to_string(rec).map_err(|e| ApiError::Internal(e.into()))?;
-    let mut pipe = redis::pipe();
-    pipe.set_ex(state.keys.session(&rec.user_id, &rec.id), json, ttl)
-        .ignore();
+    let keys = &state.keys;
+    let mut inv = store_script().key(keys.session(&rec.user_id, &rec.id));
+    inv.key(keys.sessions_by_use(&rec.user_id));
     if let Some(t) = &rec.session_token {
-        pipe.set_ex(state.keys.session_token(&rec.user_id, t), &rec.id, ttl)
-            .ignore();
+        inv.key(keys.session_token(&rec.user_id, t));
     }
-    pipe.query_async::<()>(&mut **conn).await?;
+    inv.arg(json)
+        .arg(ttl)
+        .arg(&rec.id)
+        .arg(state.settings.sessions.max_per_user.max(1))
+        .arg(keys.session(&rec.user_id, ""))
+        .arg(keys.session_token(&rec.user_id, ""));
+    let evicted: Vec<String> = inv.invoke_async(&mut **conn).await?;
+    if !evicted.is_empty() {
+        metrics::counter!("sessions_evicted_total").increment(evicted.len() as u64);
+        tracing::debug!(user_id = %rec.user_id, evicted = evicted.len(), "sessions past the per-user bound evicted");
+    }
     Ok(())
 }
 

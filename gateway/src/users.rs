@@ -313,3 +313,216 @@ pub async fn load_record(
             .collect(),
     }))
 }
+
+// ---------------------------------------------------------------------------
+// Preferences bound
+// ---------------------------------------------------------------------------
+
+/// Whether a preferences patch may be published (SPEC §3: the merged object
+/// is at most `users.max_preferences_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreferencesFit {
+    /// Counted in; `size` is the merged object's compact-JSON size.
+    Fits { size: u64 },
+    /// Refused, nothing counted; `size` is what the merge would have been.
+    TooLarge { size: u64 },
+}
+
+/// How long the size ledger outlives a user's last patch. It only needs to
+/// outlive the queue (a patch admitted here and not yet in Postgres); past it
+/// the ledger is seeded from Postgres again.
+const PREFERENCES_SIZE_TTL_SECS: u64 = 7 * 86_400;
+
+/// What one top-level member adds to the compact JSON of its object:
+/// `"name":value` plus its separator (`,` or the closing brace). An object
+/// of members of these sizes is `max(2, 1 + Σ)` bytes long (`{}` is 2).
+pub fn member_size(name: &str, value: &serde_json::Value) -> u64 {
+    let name_len = serde_json::to_string(name).map(|s| s.len()).unwrap_or(0);
+    let value_len = serde_json::to_vec(value).map(|v| v.len()).unwrap_or(0);
+    (name_len + 1 + value_len + 1) as u64
+}
+
+/// The merged size of `base || patch` (a shallow merge, as the worker's
+/// `preferences || patch` is), from member sizes alone: what the script
+/// below computes in Redis.
+pub fn merged_size(base: &HashMap<String, u64>, patch: &[(String, u64)]) -> u64 {
+    let mut sum: u64 = base.values().sum();
+    for (name, size) in patch {
+        sum = sum - base.get(name).copied().unwrap_or(0) + size;
+    }
+    (1 + sum).max(2)
+}
+
+/// KEYS[1] = the size ledger. ARGV = max_bytes, ttl_secs, m, then m seed
+/// pairs (name, size) — `m = -1` when the caller has no seed — then the
+/// patch's pairs. Returns {1, size} (counted in), {0, size} (too large,
+/// nothing changed) or {-1, 0} (no ledger and no seed: read Postgres, call
+/// again with one). A seed is used only if the ledger is still missing, so
+/// two gateways seeding at once agree.
+const PREFERENCES_LUA: &str = r#"
+local max = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local m = tonumber(ARGV[3])
+local start = 4
+if m > 0 then start = 4 + 2 * m end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if m < 0 then return {-1, 0} end
+  local sum = 0
+  for i = 4, start - 1, 2 do
+    redis.call('HSET', KEYS[1], 'k:' .. ARGV[i], ARGV[i + 1])
+    sum = sum + tonumber(ARGV[i + 1])
+  end
+  redis.call('HSET', KEYS[1], 'sum', sum)
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
+local sum = tonumber(redis.call('HGET', KEYS[1], 'sum') or '0')
+for i = start, #ARGV, 2 do
+  local old = tonumber(redis.call('HGET', KEYS[1], 'k:' .. ARGV[i]) or '0')
+  sum = sum - old + tonumber(ARGV[i + 1])
+end
+local size = 1 + sum
+if size < 2 then size = 2 end
+if size > max then return {0, size} end
+for i = start, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], 'k:' .. ARGV[i], ARGV[i + 1])
+end
+redis.call('HSET', KEYS[1], 'sum', sum)
+redis.call('EXPIRE', KEYS[1], ttl)
+return {1, size}
+"#;
+
+/// Decides whether `patch` merged into the user's preferences stays within
+/// `users.max_preferences_bytes`, and if so counts it in, atomically.
+///
+/// The merge base is what the gateway knows, not what Postgres has: a size
+/// ledger in Redis under the user's hash tag, updated by every admitted
+/// patch. Postgres lags the queue (a patch is stored when a worker lands it),
+/// so a base read from it would let a burst of patches, each fitting alone,
+/// merge past the bound; the ledger counts them the moment they are
+/// admitted, on any gateway. Postgres is read only to seed a missing ledger
+/// (a user's first patch, after `PREFERENCES_SIZE_TTL_SECS` idle, or after a
+/// Redis loss); a seed then misses only patches still queued at that moment.
+pub async fn admit_preferences(
+    state: &AppState,
+    user_id: &str,
+    patch: &serde_json::Map<String, serde_json::Value>,
+) -> Result<PreferencesFit> {
+    let pairs: Vec<(String, u64)> = patch
+        .iter()
+        .map(|(k, v)| (k.clone(), member_size(k, v)))
+        .collect();
+    let mut seed: Option<Vec<(String, u64)>> = None;
+    loop {
+        let reply = run_preferences_script(state, user_id, &pairs, seed.as_deref()).await?;
+        match (reply.first().copied(), reply.get(1).copied()) {
+            (Some(1), Some(size)) => return Ok(PreferencesFit::Fits { size: size as u64 }),
+            (Some(0), Some(size)) => return Ok(PreferencesFit::TooLarge { size: size as u64 }),
+            (Some(-1), _) if seed.is_none() => {
+                seed = Some(stored_preference_sizes(state, user_id).await?);
+            }
+            _ => {
+                return Err(ApiError::Internal(anyhow::anyhow!(
+                    "preferences script replied {reply:?}"
+                )))
+            }
+        }
+    }
+}
+
+/// Forgets the size ledger (after a publish failed: the patch it counted
+/// never lands), so the next patch seeds it from Postgres again.
+pub async fn forget_preferences_size(state: &AppState, user_id: &str) {
+    let key = state.keys.preferences_size(user_id);
+    let done = state
+        .redis_link
+        .run(|mut c| async move { c.del::<_, ()>(key).await })
+        .await;
+    if let Err(e) = done {
+        tracing::warn!(error = %e, user_id, "could not forget the preferences size ledger");
+    }
+}
+
+async fn run_preferences_script(
+    state: &AppState,
+    user_id: &str,
+    pairs: &[(String, u64)],
+    seed: Option<&[(String, u64)]>,
+) -> Result<Vec<i64>> {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    let script = SCRIPT.get_or_init(|| redis::Script::new(PREFERENCES_LUA));
+    let key = state.keys.preferences_size(user_id);
+    let max = state.settings.users.max_preferences_bytes;
+    let reply = state
+        .redis_link
+        .run(|mut c| async move {
+            let mut inv = script.key(&key);
+            inv.arg(max)
+                .arg(PREFERENCES_SIZE_TTL_SECS)
+                .arg(seed.map_or(-1, |s| s.len() as i64));
+            for (k, v) in seed.unwrap_or_default().iter().chain(pairs) {
+                inv.arg(k).arg(v);
+            }
+            inv.invoke_async::<Vec<i64>>(&mut c).await
+        })
+        .await?;
+    Ok(reply)
+}
+
+/// The member sizes of the preferences Postgres holds (none for a user
+/// never seen, which the guard has provisioned by now anyway).
+async fn stored_preference_sizes(state: &AppState, user_id: &str) -> Result<Vec<(String, u64)>> {
+    let stored: Option<serde_json::Value> =
+        sqlx::query_scalar("select preferences from users where id = $1")
+            .bind(user_id)
+            .fetch_optional(&state.pg)
+            .await?;
+    Ok(stored
+        .as_ref()
+        .and_then(|v| v.as_object())
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), member_size(k, v)))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sizes(v: &serde_json::Value) -> HashMap<String, u64> {
+        v.as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), member_size(k, v)))
+            .collect()
+    }
+
+    #[test]
+    fn merged_size_is_the_compact_json_length_of_the_shallow_merge() {
+        let cases = [
+            (json!({}), json!({})),
+            (json!({}), json!({"theme": "dark"})),
+            (json!({"theme": "light", "n": 1}), json!({"theme": "dark"})),
+            (
+                json!({"a": [1, 2, {"b": null}]}),
+                json!({"c": "é\"\\", "a": true}),
+            ),
+        ];
+        for (base, patch) in cases {
+            let mut merged = base.as_object().unwrap().clone();
+            for (k, v) in patch.as_object().unwrap() {
+                merged.insert(k.clone(), v.clone());
+            }
+            let want = serde_json::to_vec(&merged).unwrap().len() as u64;
+            let pairs: Vec<(String, u64)> = sizes(&patch).into_iter().collect();
+            assert_eq!(
+                merged_size(&sizes(&base), &pairs),
+                want,
+                "{base} || {patch}"
+            );
+        }
+    }
+}

@@ -515,3 +515,124 @@ async fn redis_killed_and_restarted_empty_usage_goes_on_credits_rebuild_exactly_
         stored_features(&app, &user).await
     );
 }
+
+/// The ledger's consume rows of a user and its settled balance.
+async fn books(app: &TestApp, user: &str) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "select (select count(*) from credit_transactions t where t.user_id = u.id and t.kind = 'consume'), \
+                (select coalesce(sum(amount), 0)::int8 from credit_transactions t where t.user_id = u.id), \
+                u.credits_balance \
+         from users u where u.id = $1",
+    )
+    .bind(user)
+    .fetch_one(&app.pg)
+    .await
+    .unwrap_or((-1, -1, -1))
+}
+
+async fn api_balance(app: &TestApp, token: &str) -> i64 {
+    let b: Value = app
+        .get("/api/vscode/user/balance", token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    b["balance"].as_i64().unwrap()
+}
+
+/// SPEC §9.2: consumes answered while Postgres is down for longer than the
+/// stale-reservation window are held unacked by the worker; the reconciler
+/// must not give those reservations back (the worker commits them once
+/// Postgres returns), or the user could spend the same credits twice. After
+/// Postgres is back, the worker is kept from committing (the user's row is
+/// locked) while the reconciler runs, so the reconciler meets exactly the
+/// reservations that are old, not in the ledger, and still held.
+#[tokio::test]
+async fn consumes_answered_while_postgres_is_down_past_the_stale_window_are_never_given_back() {
+    let app = spawn_app_with(|v| {
+        v.insert("APP__CREDITS__STALE_RESERVATION_SECS".into(), "1".into());
+        v.insert("APP__AMQP__CONFIRM_TIMEOUT_MS".into(), "2000".into());
+        v.insert("APP__WORKER__RECONCILE_INTERVAL_SECS".into(), "1".into());
+    })
+    .await;
+    app.start_worker().await;
+    let (user, token) = new_user();
+    assert_eq!(consume(&app, &user, &token, 1).await.0, 200);
+    app.eventually(Duration::from_secs(20), || async {
+        (books(&app, &user).await.0 == 1).then_some(())
+    })
+    .await;
+
+    let _restore = Restore(PG_START);
+    sh(PG_STOP);
+    let mut answered = 1;
+    for _ in 0..10 {
+        let (status, body) = consume(&app, &user, &token, 3).await;
+        assert_eq!(
+            status, 200,
+            "a known user's consume is decided in Redis: {body}"
+        );
+        answered += 1;
+    }
+    // Past the stale window (confirm timeout 2 s + 1 s) several times over,
+    // with every one of those events unacked in the worker's batch.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sh(PG_START);
+
+    // Hold the worker's commit back: its settle locks the user's row first.
+    let mut lock = app
+        .eventually(Duration::from_secs(20), || async {
+            let mut tx = app.pg.begin().await.ok()?;
+            sqlx::query("select id from users where id = $1 for update")
+                .bind(&user)
+                .execute(&mut *tx)
+                .await
+                .ok()?;
+            Some(tx)
+        })
+        .await;
+    let rows_while_held: i64 = sqlx::query_scalar(
+        "select count(*) from credit_transactions where user_id = $1 and kind = 'consume'",
+    )
+    .bind(&user)
+    .fetch_one(&mut *lock)
+    .await
+    .unwrap();
+    let ctx = worker::startup::Ctx::new(app.settings.clone()).unwrap();
+    let summary = tokio::time::timeout(
+        Duration::from_secs(20),
+        worker::reconcile::reconcile_all(&ctx),
+    )
+    .await
+    .expect("the reconciler does not wait on the held row")
+    .unwrap();
+    let during = api_balance(&app, &token).await;
+    println!(
+        "while the worker held {} consumes: reconciler saw {} users, repaired {:?}; API balance {during}",
+        answered - rows_while_held,
+        summary.users,
+        summary.repairs
+    );
+    assert_eq!(
+        during,
+        100 - 1 - 30,
+        "no reservation held by the worker was given back"
+    );
+    lock.commit().await.unwrap();
+
+    app.eventually(Duration::from_secs(60), || async {
+        (books(&app, &user).await.0 == answered).then_some(())
+    })
+    .await;
+    let after = worker::reconcile::reconcile_all(&ctx).await.unwrap();
+    let (rows, ledger, balance) = books(&app, &user).await;
+    let api = api_balance(&app, &token).await;
+    println!("answered = {answered}, ledger rows = {rows}, ledger = {ledger}, users = {balance}, API = {api}");
+    assert_eq!(rows, answered, "every answered consume is one ledger row");
+    assert_eq!((ledger, balance, api), (69, 69, 69));
+    assert!(
+        after.repairs.is_empty(),
+        "nothing to repair: {:?}",
+        after.repairs
+    );
+}

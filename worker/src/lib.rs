@@ -6,6 +6,7 @@ pub mod demo;
 pub mod dlq;
 pub mod handlers;
 pub mod http;
+pub mod metrics;
 pub mod reconcile;
 pub mod schedule;
 pub mod startup;

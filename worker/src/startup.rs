@@ -59,6 +59,7 @@ impl Worker {
     /// Runs consumers and jobs until shutdown; consumers finish their batch,
     /// ack, and only then does this return.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        crate::metrics::init(&self.ctx.settings);
         let metrics = crate::http::metrics_handle();
         let app = crate::http::router(metrics);
         let stop = self.shutdown.clone();

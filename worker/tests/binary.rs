@@ -202,3 +202,64 @@ async fn a_worker_killed_with_sigkill_mid_stream_loses_nothing_and_doubles_nothi
             .unwrap();
     assert_eq!(rollup, total, "the rollup counts each event once");
 }
+
+/// `GET path` on a local port with a plain HTTP/1.1 request; the body, or
+/// None while nothing answers.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// SPEC §5.9: every series exists from start, so a fresh worker that has
+/// consumed nothing already names each one (at 0) on its `/metrics`.
+#[tokio::test]
+async fn a_fresh_workers_metrics_name_every_series_at_zero() {
+    let env = env().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .arg("run")
+        .arg("--queues")
+        .arg("usage")
+        .env_clear()
+        .envs(&env.vars)
+        .env("WORKER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("worker binary");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        if let Some(t) = http_get(port, "/metrics") {
+            break t;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no /metrics");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    signal(&child, "-TERM");
+    let _ = child.wait();
+    for name in worker::metrics::SERIES {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    let queue = format!("{}.usage", env.settings.amqp.namespace);
+    assert!(
+        text.contains(&format!(
+            "worker_events_stored_total{{queue=\"{queue}\"}} 0"
+        )),
+        "{text}"
+    );
+}

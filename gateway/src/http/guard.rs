@@ -86,6 +86,15 @@ fn allowed_while_suspended(method: &Method, path: &str) -> bool {
         && ((method == Method::POST && path.ends_with("/settle")) || method == Method::DELETE)
 }
 
+/// The one route a deleted account may still use: `DELETE /api/users/:id` of
+/// itself, so an erasure answered 503 half-way can be retried to the end.
+fn erasing_again(method: &Method, path: &str, user_id: &str) -> bool {
+    method == Method::DELETE
+        && path
+            .strip_prefix("/api/users/")
+            .is_some_and(|rest| rest == user_id)
+}
+
 pub async fn guard(
     State(state): State<AppState>,
     class: Class,
@@ -128,6 +137,8 @@ pub async fn guard(
         Status::Active => None,
         Status::Suspended if allowed_while_suspended(req.method(), req.uri().path()) => None,
         Status::Suspended => Some(ApiError::AccountSuspended),
+        // A retried erasure completes (see `privacy::erase`).
+        Status::Deleted if erasing_again(req.method(), req.uri().path(), &claims.sub) => None,
         Status::Deleted => Some(ApiError::AccountDeleted),
     };
     let refused = refused.or_else(|| {
@@ -142,7 +153,14 @@ pub async fn guard(
     }
     req.extensions_mut().insert(CurrentUser { claims, record });
     let mut resp = next.run(req).await;
-    put_headers(resp.headers_mut(), &decision);
+    // A handler that decided a second limit of its own (usage/track's events
+    // budget) leaves that decision on the response; the headers show the
+    // tighter of the two (SPEC §6).
+    let shown = match resp.extensions_mut().remove::<Decision>() {
+        Some(inner) => rate_limit::tighter(decision, inner),
+        None => decision,
+    };
+    put_headers(resp.headers_mut(), &shown);
     resp
 }
 
@@ -201,6 +219,18 @@ mod tests {
         assert!(!allowed_while_suspended(
             &Method::POST,
             "/api/users/u/credits/consume"
+        ));
+    }
+
+    #[test]
+    fn a_deleted_account_may_only_delete_itself_again() {
+        assert!(erasing_again(&Method::DELETE, "/api/users/u_1", "u_1"));
+        assert!(!erasing_again(&Method::DELETE, "/api/users/u_2", "u_1"));
+        assert!(!erasing_again(&Method::GET, "/api/users/u_1", "u_1"));
+        assert!(!erasing_again(
+            &Method::DELETE,
+            "/api/users/u_1/credits/holds/h",
+            "u_1"
         ));
     }
 }

@@ -70,6 +70,8 @@ pub fn guarded(state: &AppState, class: Class, routes: Router<AppState>) -> Rout
 }
 
 pub fn router(state: AppState) -> Router {
+    // Every series at 0 from the start (SPEC §5.9).
+    crate::metrics::init();
     let limit = state.settings.gateway.body_limit_bytes;
     let deadline = std::time::Duration::from_millis(state.settings.gateway.request_timeout_ms);
     let api = Router::new().merge(api_routes(&state));
@@ -118,10 +120,11 @@ async fn track_metrics(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().to_string();
+    // A fixed set: a client inventing methods cannot mint series.
+    let method = crate::metrics::method_label(req.method());
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => status)
+    metrics::counter!("http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);
     metrics::histogram!("http_request_duration_seconds", "route" => route, "method" => method)
         .record(started.elapsed().as_secs_f64());

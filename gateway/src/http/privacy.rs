@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use tokio::sync::mpsc;
 
 use super::analytics::target_id;
@@ -81,10 +81,12 @@ async fn audit(
 /// Sections of the export after `user`, in order: (member, rows as JSON text).
 /// Every table that holds rows of the user, oldest first. `usage_event_ids`
 /// is left out: it holds only the ids of the exported usage rows.
-const SECTIONS: [(&str, &str); 12] = [
+const SECTIONS: [(&str, &str); 13] = [
     ("subscriptions", "select to_jsonb(t)::text from subscriptions t where user_id = $1 order by created_at, id"),
     ("credit_transactions", "select to_jsonb(t)::text from credit_transactions t where user_id = $1 order by created_at, id"),
     ("credit_holds", "select to_jsonb(t)::text from credit_holds t where user_id = $1 order by created_at, id"),
+    // Idempotency records without their answers (the ledger and holds hold those).
+    ("idempotency_records", "select (to_jsonb(t) - 'answer')::text from idempotency_records t where user_id = $1 order by created_at, route, key"),
     ("vscode_sessions", "select to_jsonb(t)::text from vscode_sessions t where user_id = $1 order by created_at, id"),
     ("api_rate_limits", "select to_jsonb(t)::text from api_rate_limits t where user_id = $1 order by class"),
     ("rate_limit_windows", "select to_jsonb(t)::text from rate_limit_windows t where user_id = $1 order by class, window_start"),
@@ -104,6 +106,16 @@ const CHUNK_BYTES: usize = 64 * 1024;
 /// It is read in one repeatable-read snapshot. A failure after the first byte
 /// cannot become a problem document: the connection is cut, and the
 /// truncated JSON does not parse (see docs/analytics.md).
+///
+/// Bounded (docs/reliability.md, "Bounds"): every statement runs under
+/// `users.export_timeout_ms`, and at most one export per user runs at a time
+/// on all gateways. The second is 429 `rate_limited` with `Retry-After` (it
+/// is the same request too often, not a conflict of state; SPEC §5 has no
+/// 409 code that fits). The lock is a session-level Postgres advisory lock
+/// on a connection taken out of the pool for the export: it is released
+/// when that connection closes, however the export ends (done, client gone,
+/// error, panic), so it cannot outlive its export the way a Redis lock with
+/// a guessed TTL could, and it needs no TTL long enough for a slow reader.
 async fn export(
     State(state): State<AppState>,
     caller: CurrentUser,
@@ -113,7 +125,22 @@ async fn export(
 ) -> Result<Response> {
     let id = target_id(&caller, path)?;
     let rid = request_id(&headers);
-    let mut tx = state.pg.begin().await?;
+    let timeout_ms = state.settings.users.export_timeout_ms;
+    // Out of the pool: closing it is what releases the lock.
+    let mut conn = state.pg.acquire().await?.detach();
+    let locked: bool = sqlx::query_scalar(EXPORT_LOCK_SQL)
+        .bind(&id)
+        .fetch_one(&mut conn)
+        .await?;
+    if !locked {
+        return Err(ApiError::RateLimited {
+            retry_after: timeout_ms.div_ceil(1000).max(1),
+        });
+    }
+    let mut tx = sqlx::Connection::begin(&mut conn).await?;
+    sqlx::query(&statement_timeout(timeout_ms))
+        .execute(&mut *tx)
+        .await?;
     let user: Option<String> =
         sqlx::query_scalar("select to_jsonb(u)::text from users u where id = $1")
             .bind(&id)
@@ -135,12 +162,20 @@ async fn export(
         json!(Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         user
     );
-    let pg = state.pg.clone();
     tokio::spawn(async move {
-        if let Err(e) = stream_export(&pg, &id, head, &send).await {
+        let result = stream_export(&mut conn, timeout_ms, &id, head, &send).await;
+        // Unlocked before the body ends, so the client's next export finds
+        // the lock free; if this fails, closing the connection releases it.
+        let _ = sqlx::query(EXPORT_UNLOCK_SQL)
+            .bind(&id)
+            .execute(&mut conn)
+            .await;
+        if let Err(e) = result {
             tracing::warn!(error = %e, user_id = %id, "export cut short");
             let _ = send.send(Err(std::io::Error::other("export failed"))).await;
         }
+        drop(send);
+        let _ = sqlx::Connection::close(conn).await;
     });
     let mut recv = recv;
     let body = Body::from_stream(futures_util::stream::poll_fn(move |cx| recv.poll_recv(cx)));
@@ -156,15 +191,32 @@ async fn export(
     Ok(resp)
 }
 
+/// Takes the user's export lock on this connection, or answers false. A
+/// 64-bit hash of the id: two users sharing one would only wait for each
+/// other's export.
+pub const EXPORT_LOCK_SQL: &str =
+    "select pg_try_advisory_lock(hashtextextended('export:' || $1, 0))";
+
+const EXPORT_UNLOCK_SQL: &str = "select pg_advisory_unlock(hashtextextended('export:' || $1, 0))";
+
+/// `SET LOCAL` takes no bind parameters; the value is a number.
+fn statement_timeout(ms: u64) -> String {
+    format!("set local statement_timeout = {ms}")
+}
+
 /// Writes the document's sections to `send`; stops when the client leaves.
 async fn stream_export(
-    pg: &PgPool,
+    conn: &mut PgConnection,
+    timeout_ms: u64,
     id: &str,
     head: String,
     send: &mpsc::Sender<std::io::Result<Bytes>>,
 ) -> anyhow::Result<()> {
-    let mut tx = pg.begin().await?;
+    let mut tx = sqlx::Connection::begin(conn).await?;
     sqlx::query("set transaction isolation level repeatable read, read only")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&statement_timeout(timeout_ms))
         .execute(&mut *tx)
         .await?;
     let mut buf = head;
@@ -216,11 +268,23 @@ struct Scrubbed {
     feature_usage: u64,
     credit_transactions: u64,
     credit_holds: u64,
+    idempotency_records: u64,
 }
 
 /// `DELETE /api/users/:id`: 202 once Postgres holds no personal data of the
-/// user and this gateway refuses the account; Redis is swept now and once
-/// more after the other gateways' user caches have expired.
+/// user, Redis marks the account deleted (so every gateway refuses it once
+/// its local cache expires) and the user's Redis keys are swept; they are
+/// swept once more after the other gateways' user caches have expired.
+///
+/// Never a 202 that leaves the account active in Redis (docs/reliability.md,
+/// "Bounds"): the Redis status is written inside the Postgres transaction,
+/// before its commit, so a Redis failure rolls the erasure back whole and
+/// answers 503 `unavailable` with `Retry-After`; the client's retry is a
+/// fresh erasure. Whatever fails after that point (the commit itself, the
+/// first sweep) also answers 503, and the retry is safe: an account already
+/// deleted may DELETE again (the guard lets exactly this route through), and
+/// every step is idempotent (nulls stay null, `deleted_at` keeps the first
+/// time).
 async fn erase(
     State(state): State<AppState>,
     caller: CurrentUser,
@@ -231,13 +295,9 @@ async fn erase(
     let id = target_id(&caller, path)?;
     let rid = request_id(&headers);
     deadline.commit()?;
-    let deleted_at = erase_in_postgres(&state.pg, caller.id(), &id, &rid).await?;
+    let deleted_at = erase_in_postgres(&state, caller.id(), &id, &rid).await?;
     // From here on this gateway answers 403 account_deleted; others within
     // their local cache's lifetime (gateway.user_cache_ttl_ms, ≤ 5 s).
-    state.users.forget(&id);
-    if let Err(e) = erase_in_redis(&state, &id).await {
-        tracing::warn!(error = %e, user_id = %id, "redis erasure deferred to the second sweep");
-    }
     state.users.forget(&id);
     let later = state.clone();
     let uid = id.clone();
@@ -247,10 +307,14 @@ async fn erase(
         // Requests that passed another gateway's guard before it saw the
         // deletion may still have written session or cache keys.
         tokio::time::sleep(wait).await;
-        if let Err(e) = erase_in_redis(&later, &uid).await {
+        if let Err(e) = sweep_redis(&later, &uid).await {
             tracing::error!(error = %e, user_id = %uid, "second redis erasure sweep failed");
         }
     });
+    sweep_redis(&state, &id)
+        .await
+        .map_err(|e| ApiError::unavailable("redis", e))?;
+    state.users.forget(&id);
     let body = json!({
         "user_id": id,
         "status": "deleted",
@@ -260,9 +324,15 @@ async fn erase(
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
-/// One transaction: the user row, every table's free-form data, the audit row.
-async fn erase_in_postgres(pg: &PgPool, actor: &str, id: &str, rid: &str) -> Result<DateTime<Utc>> {
-    let mut tx = pg.begin().await?;
+/// One transaction: the user row, every table's free-form data, the audit
+/// row, and (last, before the commit) the deleted status in Redis.
+async fn erase_in_postgres(
+    state: &AppState,
+    actor: &str,
+    id: &str,
+    rid: &str,
+) -> Result<DateTime<Utc>> {
+    let mut tx = state.pg.begin().await?;
     // The row lock orders this against concurrent settles of the same user.
     let found: Option<String> =
         sqlx::query_scalar("select status from users where id = $1 for update")
@@ -311,6 +381,12 @@ async fn erase_in_postgres(pg: &PgPool, actor: &str, id: &str, rid: &str) -> Res
             .execute(&mut *tx)
             .await?
             .rows_affected();
+    // Durable idempotency records go whole (a retry of a deleted account is
+    // refused anyway); the worker stores none for a deleted user.
+    s.idempotency_records = run("delete from idempotency_records where user_id = $1")
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     let by = if actor == id { "self" } else { "admin" };
     audit(
         &mut tx,
@@ -321,6 +397,15 @@ async fn erase_in_postgres(pg: &PgPool, actor: &str, id: &str, rid: &str) -> Res
         json!({"by": by, "scrubbed": s}),
     )
     .await?;
+    // Under the row lock, as admin changes do, so Redis sees status changes
+    // in commit order. A failure here drops `tx`: nothing was erased.
+    let mut rec = crate::users::load_record(&mut tx, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such user".into()))?;
+    rec.status = Status::Deleted;
+    crate::users::write_redis(state, &rec)
+        .await
+        .map_err(|e| ApiError::unavailable("redis", e))?;
     tx.commit().await?;
     metrics::counter!("users_deleted_total").increment(1);
     Ok(deleted_at)
@@ -348,16 +433,11 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Marks the user deleted in Redis (so every gateway refuses it once its
-/// local cache expires) and deletes every other key of the user except the
-/// credit keys: sessions, session tokens, cached analytics and profile,
-/// idempotency answers, rate-limit state.
-async fn erase_in_redis(state: &AppState, id: &str) -> anyhow::Result<()> {
-    let mut rec = crate::users::load_or_provision(state, id, None)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    rec.status = Status::Deleted;
-    crate::users::write_redis(state, &rec).await?;
+/// Deletes every key of the user except the credit keys and the user hash
+/// (which says `deleted`): sessions, session tokens, cached analytics and
+/// profile, idempotency answers, rate-limit state, the preferences size
+/// ledger.
+async fn sweep_redis(state: &AppState, id: &str) -> anyhow::Result<()> {
     let mut conn = state.redis().await?;
     let base = state.keys.user_info(id);
     let prefix = base.strip_suffix("user").unwrap_or(&base).to_string();

@@ -40,13 +40,10 @@ struct Body {
 
 fn short(field: &str, v: Option<String>, max: usize) -> Result<Option<String>> {
     match v {
-        Some(s) if s.is_empty() || s.chars().count() > max || s.chars().any(char::is_control) => {
-            Err(ApiError::validation(
-                field,
-                format!("must be 1..={max} printable characters"),
-            ))
-        }
-        other => Ok(other),
+        Some(s) => common::valid::check_text(&s, common::valid::TextRule::Label, max)
+            .map(|()| Some(s))
+            .map_err(|reason| ApiError::validation(field, reason)),
+        None => Ok(None),
     }
 }
 

@@ -4,7 +4,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -14,6 +14,7 @@ use super::error::{ApiError, Result};
 use super::extract::ApiJson;
 use super::guard::CurrentUser;
 use super::{guarded, Class};
+use crate::rate_limit;
 use crate::state::AppState;
 use crate::usage::{parse_track, Shape};
 
@@ -30,10 +31,32 @@ async fn track(
     user: CurrentUser,
     deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
-) -> Result<impl IntoResponse> {
+) -> Result<Response> {
     let (shape, events) = parse_track(&body, user.id(), chrono::Utc::now())?;
     let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
     let n = events.len();
+    // The per-event budget (SPEC §6), known only now that the body is parsed:
+    // a valid request of n events costs n, before anything is published. The
+    // decision rides on the response for the guard's RateLimit-* headers.
+    let events_limit = rate_limit::usage_events_limit(&state.settings, &user.record.plan);
+    let key = state.keys.rate_limit(user.id(), rate_limit::USAGE_EVENTS);
+    let budget = rate_limit::check_n(
+        &state,
+        &key,
+        user.id(),
+        rate_limit::USAGE_EVENTS,
+        events_limit,
+        n as u64,
+    )
+    .await;
+    if !budget.allowed {
+        let mut resp = ApiError::RateLimited {
+            retry_after: budget.retry_after_secs.max(1),
+        }
+        .into_response();
+        resp.extensions_mut().insert(budget);
+        return Ok(resp);
+    }
     // From the publish on, the answer waits for the broker's confirm (bounded
     // by amqp.confirm_timeout_ms), never for the request deadline: a 503 for
     // confirmed events would make the client resend them.
@@ -50,5 +73,7 @@ async fn track(
         answer["success"] = json!(true);
         answer["remainingCredits"] = json!(balance.map(|b| b.balance));
     }
-    Ok((StatusCode::ACCEPTED, Json(answer)))
+    let mut resp = (StatusCode::ACCEPTED, Json(answer)).into_response();
+    resp.extensions_mut().insert(budget);
+    Ok(resp)
 }

@@ -20,6 +20,7 @@ use super::extract::ApiJson;
 use super::guard::CurrentUser;
 use super::{guarded, Class};
 use crate::state::AppState;
+use crate::users::PreferencesFit;
 
 /// Largest preferences patch, measured as compact JSON (whitespace is free).
 pub const MAX_PREFERENCES_BYTES: usize = 8 * 1024;
@@ -54,7 +55,26 @@ async fn update_preferences(
 ) -> Result<Response> {
     let id = target(&state, &caller, path).await?;
     check_preferences(&patch)?;
-    deadline.commit()?;
+    let members = patch.as_object().cloned().unwrap_or_default();
+    // Counted against the merged bound before anything is published (see
+    // `users::admit_preferences` for the merge base and docs/reliability.md,
+    // "Bounds").
+    match crate::users::admit_preferences(&state, &id, &members).await? {
+        PreferencesFit::Fits { .. } => {}
+        PreferencesFit::TooLarge { size } => {
+            return Err(ApiError::validation(
+                "preferences",
+                format!(
+                    "the merged preferences would be {size} bytes, above the {} allowed",
+                    state.settings.users.max_preferences_bytes
+                ),
+            ));
+        }
+    }
+    if let Err(e) = deadline.commit() {
+        crate::users::forget_preferences_size(&state, &id).await;
+        return Err(e);
+    }
     let envelope = Envelope::new(
         Event::UserPreferences(UserPreferences {
             user_id: id.clone(),
@@ -63,11 +83,11 @@ async fn update_preferences(
         Some(id.clone()),
         Utc::now(),
     );
-    state
-        .publisher
-        .publish(&envelope)
-        .await
-        .map_err(|e| ApiError::unavailable("rabbitmq", e))?;
+    if let Err(e) = state.publisher.publish(&envelope).await {
+        // Counted but never landing: let the next patch seed from Postgres.
+        crate::users::forget_preferences_size(&state, &id).await;
+        return Err(ApiError::unavailable("rabbitmq", e));
+    }
     let body = json!({"accepted": true, "user_id": id, "event_id": envelope.id});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
@@ -103,6 +123,9 @@ pub fn check_preferences(patch: &Value) -> Result<()> {
             "preferences must be a JSON object",
         ));
     }
+    // Keys and strings as Postgres's jsonb stores them (SPEC §3).
+    common::valid::check_json_object(patch)
+        .map_err(|reason| ApiError::validation("preferences", reason))?;
     let size = serde_json::to_vec(patch)
         .map(|b| b.len())
         .unwrap_or(usize::MAX);

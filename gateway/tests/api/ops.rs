@@ -37,3 +37,48 @@ async fn unknown_routes_are_404_problem_json() {
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
 }
+
+/// SPEC §5.9: every series exists from start (at 0), with label values
+/// from fixed sets.
+#[tokio::test]
+async fn a_fresh_gateways_metrics_name_every_series() {
+    let app = spawn_app().await;
+    let r = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    for name in gateway::metrics::SERIES {
+        assert!(text.contains(name), "{name} missing");
+    }
+    for line in [
+        r#"http_requests_total{route="/api/vscode/usage/track",method="POST",status="429"}"#,
+        r#"rate_limit_decisions_total{class="usage_events",decision="deny",degraded="no"}"#,
+        r#"publish_confirms_total{outcome="fail"}"#,
+    ] {
+        assert!(text.contains(line), "{line} missing");
+    }
+}
+
+/// The method label is one of a fixed set; an invented method is `other`.
+#[tokio::test]
+async fn an_invented_http_method_is_counted_as_other() {
+    let app = spawn_app().await;
+    let method = reqwest::Method::from_bytes(b"BREWCOFFEE").unwrap();
+    let r = app
+        .client
+        .request(method, app.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("BREWCOFFEE"));
+    assert!(text.contains(r#"method="other""#));
+}

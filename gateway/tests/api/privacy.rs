@@ -508,3 +508,220 @@ async fn deleting_a_user_erases_personal_data_everywhere_but_keeps_the_ledger() 
     assert_eq!(v["credit_transactions"].as_array().unwrap().len(), 3);
     w.stop().await;
 }
+
+/// A Redis of this test's own (a child process on a free port, no
+/// persistence), so it can be killed without touching the shared one.
+struct OwnRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Self { port, child: None };
+        r.start_again();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn start_again(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--maxmemory-policy", "noeviction"])
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "own redis did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn delete_user(app: &TestApp, id: &str, token: &str) -> reqwest::Response {
+    app.client
+        .delete(app.url(&format!("/api/users/{id}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// An erasure while Redis is unreachable is 503 with Retry-After, never a
+/// 202 that leaves the account active in Redis: nothing was erased, and the
+/// retry once Redis is back erases.
+#[tokio::test]
+async fn an_erasure_while_redis_is_down_is_503_and_erases_nothing_until_retried() {
+    let mut redis = OwnRedis::start();
+    let app = spawn_app_with(|v| {
+        v.insert("REDIS_URL".into(), redis.url());
+        v.insert("APP__REDIS__TIMEOUT_MS".into(), "300".into());
+    })
+    .await;
+    let p = Person::new();
+    let r = app
+        .get(&format!("/api/users/{}/profile", p.id), &p.token)
+        .await;
+    assert_eq!(r.status(), 200);
+
+    redis.kill();
+    let r = delete_user(&app, &p.id, &p.token).await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(problem["code"], "unavailable");
+    let (status, email): (String, Option<String>) =
+        sqlx::query_as("select status, email from users where id = $1")
+            .bind(&p.id)
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), email.as_deref()),
+        ("active", Some(p.email.as_str()))
+    );
+
+    // Back (empty): the retry erases, and says so in Redis too.
+    redis.start_again();
+    let r = app
+        .eventually(Duration::from_secs(15), || async {
+            let r = delete_user(&app, &p.id, &p.token).await;
+            (r.status() == 202).then_some(r)
+        })
+        .await;
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "deleted");
+    let status: String = sqlx::query_scalar("select status from users where id = $1")
+        .bind(&p.id)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(status, "deleted");
+    let mut conn = app.redis.get().await.unwrap();
+    let in_redis: Option<String> = redis::cmd("HGET")
+        .arg(format!(
+            "{}:{{{}}}:user",
+            app.settings.redis.key_prefix, p.id
+        ))
+        .arg("status")
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(in_redis.as_deref(), Some("deleted"));
+    // Retry-safe: the same DELETE again is answered 202, the rest stays 403.
+    assert_eq!(delete_user(&app, &p.id, &p.token).await.status(), 202);
+    let r = app
+        .get(&format!("/api/users/{}/profile", p.id), &p.token)
+        .await;
+    assert_eq!(r.status(), 403);
+}
+
+/// At most one export per user runs at a time: while one holds the user's
+/// export lock (here the test holds it, as a running export would), another
+/// is 429 with Retry-After; other users are not affected.
+#[tokio::test]
+async fn a_second_concurrent_export_of_one_user_is_429() {
+    let app = spawn_app().await;
+    let p = Person::new();
+    let export = format!("/api/users/{}/export", p.id);
+    let r = app.get(&export, &p.token).await;
+    assert_eq!(r.status(), 200);
+    // Read whole: the export's lock is released before its body ends.
+    r.json::<Value>().await.unwrap();
+
+    let mut holder = app.pg.acquire().await.unwrap();
+    let got: bool = sqlx::query_scalar(gateway::http::privacy::EXPORT_LOCK_SQL)
+        .bind(&p.id)
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    assert!(got);
+    let r = app.get(&export, &p.token).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let problem: Value = r.json().await.unwrap();
+    assert_eq!(problem["code"], "rate_limited");
+    let other = Person::new();
+    let r = app
+        .get(&format!("/api/users/{}/export", other.id), &other.token)
+        .await;
+    assert_eq!(r.status(), 200);
+
+    sqlx::query("select pg_advisory_unlock_all()")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let r = app.get(&export, &p.token).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["user_id"], p.id);
+}
+
+/// An export runs under `users.export_timeout_ms`: a statement stuck (here
+/// behind a lock the test holds) is cancelled and the export cut, instead
+/// of holding a connection for ever; the lock is free again afterwards.
+#[tokio::test]
+async fn an_export_stuck_past_its_statement_timeout_is_cut() {
+    let app = spawn_app_with(|v| {
+        v.insert("APP__USERS__EXPORT_TIMEOUT_MS".into(), "300".into());
+    })
+    .await;
+    let p = Person::new();
+    let export = format!("/api/users/{}/export", p.id);
+    let r = app.get(&export, &p.token).await;
+    assert_eq!(r.status(), 200);
+    // Read whole: the export's lock is released before its body ends.
+    r.json::<Value>().await.unwrap();
+
+    let mut blocker = app.pg.begin().await.unwrap();
+    sqlx::query("lock table model_usage in access exclusive mode")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = app.get(&export, &p.token).await;
+    let cut = match r.status().as_u16() {
+        200 => r.json::<Value>().await.is_err(),
+        _ => true,
+    };
+    assert!(cut, "the export should not complete");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    blocker.rollback().await.unwrap();
+    // Its lock went with it.
+    let r = app.get(&export, &p.token).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.json::<Value>().await.is_ok());
+}

@@ -169,3 +169,113 @@ async fn an_old_extension_gets_426_and_bad_versions_422() {
         .await;
     assert_eq!(r.status(), 200);
 }
+
+/// The user's session records in Redis.
+async fn session_keys(app: &TestApp, user: &str) -> Vec<String> {
+    let mut conn = app.redis.get().await.unwrap();
+    let pattern = format!("{}:{{{user}}}:session:*", app.settings.redis.key_prefix);
+    redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut *conn)
+        .await
+        .unwrap()
+}
+
+/// SPEC §3: `sessions.max_per_user`; one more evicts the least recently
+/// used (by last validation, not by creation).
+#[tokio::test]
+async fn validating_one_session_past_the_bound_evicts_the_least_recently_used() {
+    let app = spawn_app_with(|v| {
+        v.insert("APP__SESSIONS__MAX_PER_USER".into(), "3".into());
+    })
+    .await;
+    let (user, token) = new_user();
+    let new = json!({"extension_version": "1.4.0"});
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let s = validate(&app, &token, new.clone()).await;
+        assert_eq!(s["status"], "created");
+        ids.push(s["session_id"].as_str().unwrap().to_string());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The oldest created is used again: the second is now the least recent.
+    let again = |id: &str| json!({"session_id": id, "extension_version": "1.4.0"});
+    assert_eq!(
+        validate(&app, &token, again(&ids[0])).await["status"],
+        "active"
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let fourth = validate(&app, &token, new.clone()).await;
+    assert_eq!(fourth["status"], "created");
+    assert_eq!(session_keys(&app, &user).await.len(), 3);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    // The evicted one is gone: validating it makes a new session (which in
+    // turn evicts the third, now the least recently used).
+    let evicted = validate(&app, &token, again(&ids[1])).await;
+    assert_eq!(evicted["status"], "created");
+    assert_ne!(evicted["session_id"], ids[1].as_str());
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        validate(&app, &token, again(&ids[0])).await["status"],
+        "active"
+    );
+    let fourth_id = fourth["session_id"].as_str().unwrap();
+    assert_eq!(
+        validate(&app, &token, again(fourth_id)).await["status"],
+        "active"
+    );
+    assert_eq!(
+        validate(&app, &token, again(&ids[2])).await["status"],
+        "created"
+    );
+    let keys = session_keys(&app, &user).await;
+    assert_eq!(keys.len(), 3, "{keys:?}");
+
+    // Another user's sessions are not counted against this one.
+    let (other, other_token) = new_user();
+    validate(&app, &other_token, new.clone()).await;
+    assert_eq!(session_keys(&app, &other).await.len(), 1);
+    assert_eq!(session_keys(&app, &user).await.len(), 3);
+}
+
+/// An evicted session's client token goes with it (no key of the user
+/// outlives the bound), and the token then binds a fresh session.
+#[tokio::test]
+async fn an_evicted_sessions_token_goes_with_it() {
+    let app = spawn_app_with(|v| {
+        v.insert("APP__SESSIONS__MAX_PER_USER".into(), "1".into());
+    })
+    .await;
+    let (user, token) = new_user();
+    let a = validate(
+        &app,
+        &token,
+        json!({"sessionToken": "tok-aaaaaaaa", "extensionVersion": "1.4.0"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    validate(
+        &app,
+        &token,
+        json!({"sessionToken": "tok-bbbbbbbb", "extensionVersion": "1.4.0"}),
+    )
+    .await;
+    let mut conn = app.redis.get().await.unwrap();
+    let pattern = format!("{}:{{{user}}}:stoken:*", app.settings.redis.key_prefix);
+    let tokens: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    assert!(tokens[0].ends_with("tok-bbbbbbbb"));
+    let again = validate(
+        &app,
+        &token,
+        json!({"sessionToken": "tok-aaaaaaaa", "extensionVersion": "1.4.0"}),
+    )
+    .await;
+    assert_eq!(again["status"], "created");
+    assert_ne!(again["session_id"], a["session_id"]);
+}

@@ -233,3 +233,67 @@ async fn preferences_must_be_a_json_object_of_at_most_8_kib() {
         .unwrap();
     assert_problem(r, 415, "unsupported_media_type").await;
 }
+
+/// SPEC §3: the merged preferences are at most `users.max_preferences_bytes`
+/// (compact JSON). A patch whose merge would pass it is 422 naming
+/// `preferences` and is not published; replacing a member counts only the
+/// difference; the gateway's ledger of sizes is seeded from Postgres when
+/// it is missing.
+#[tokio::test]
+async fn a_patch_whose_merge_would_exceed_the_bound_is_422_and_not_published() {
+    let app = spawn_app_with(|v| {
+        v.insert("APP__USERS__MAX_PREFERENCES_BYTES".into(), "200".into());
+    })
+    .await;
+    app.start_worker_on(&["users"]).await;
+    let (id, token) = new_user();
+    // {"a":"x…"}: 108 bytes.
+    let a100 = json!({"a": "x".repeat(100)});
+    assert_eq!(
+        patch_preferences(&app, &id, &token, &a100).await.status(),
+        202
+    );
+    // Adding b would make 215.
+    let b100 = json!({"b": "y".repeat(100)});
+    let problem = assert_problem(
+        patch_preferences(&app, &id, &token, &b100).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("preferences"),
+        "{problem}"
+    );
+    // Replacing a counts the new value only: 158, then c: 164.
+    let a150 = "z".repeat(150);
+    let r = patch_preferences(&app, &id, &token, &json!({"a": a150})).await;
+    assert_eq!(r.status(), 202);
+    let r = patch_preferences(&app, &id, &token, &json!({"c": 1})).await;
+    assert_eq!(r.status(), 202);
+    preferences_become(&app, &id, &token, json!({"a": a150, "c": 1})).await;
+
+    // Without the ledger (a Redis loss, or long idle) the base is Postgres.
+    {
+        let mut conn = app.redis.get().await.unwrap();
+        let key = format!("{}:{{{id}}}:prefs_size", app.settings.redis.key_prefix);
+        let n: i64 = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    // d of 30 would make 201; of 29, exactly 200.
+    let r = patch_preferences(&app, &id, &token, &json!({"d": "w".repeat(30)})).await;
+    assert_problem(r, 422, "validation_failed").await;
+    let d29 = "w".repeat(29);
+    let r = patch_preferences(&app, &id, &token, &json!({"d": d29})).await;
+    assert_eq!(r.status(), 202);
+    let want = json!({"a": a150, "c": 1, "d": d29});
+    assert_eq!(serde_json::to_vec(&want).unwrap().len(), 200);
+    preferences_become(&app, &id, &token, want).await;
+}
