@@ -192,7 +192,7 @@ local function idem_begin(key, hash, window, id, may_reuse)
   if d == 'CONFLICT' or d == 'BUSY' then return reply(d), id, false end
   if d == 'REPLAY' then return reply('REPLAY', v), id, false end
   if d == 'STALE' then
-    if may_reuse ~= '1' then return reply('STALE', v), id, false end
+    if may_reuse ~= '1' and may_reuse ~= '2' then return reply('STALE', v), id, false end
     return nil, v, true
   end
   return nil, id, false
@@ -222,9 +222,10 @@ end
 /// Consume: KEYS[5] idempotency record; ARGV[3] body hash ('' without a key),
 /// ARGV[4] a fresh transaction id, ARGV[5] amount, ARGV[6] in-progress window
 /// ms, ARGV[7] answer TTL ms, ARGV[8] TTL of a remembered 402 ms, ARGV[9] '1'
-/// to reuse the id of a stale record.
-/// Replies LOST | CONFLICT | BUSY | REPLAY answer | STALE id | MISSING |
-/// INSUFFICIENT bal held | OK bal held created(1|0) tx reused(1|0).
+/// to reuse the id of a stale record while it is still pending ('2': and
+/// reserve it again when it is not).
+/// Replies LOST | CONFLICT | BUSY | REPLAY answer | STALE id | UNPENDING id |
+/// MISSING | INSUFFICIENT bal held | OK bal held created(1|0) tx reused(1|0).
 /// `created` 0: this transaction id is already reserved (a retry), nothing
 /// moved; `tx` is the id used (the recorded one when `reused`).
 const CONSUME: &str = r#"
@@ -240,6 +241,10 @@ if redis.call('HEXISTS', PEND, tx) == 1 then
   if HASH ~= '' then idem_run(IDEM, HASH, tx, ARGV[7]) end
   return reply('OK', s(bal), s(held), '0', tx, flag)
 end
+-- A recorded id no longer pending was either settled (the worker removes it
+-- only after its commit) or given back (its event is gone): the gateway
+-- tells which from Postgres before it may reserve again ('2').
+if reused and ARGV[9] ~= '2' then return reply('UNPENDING', tx) end
 if bal < amount then
   if HASH ~= '' then
     idem_done(IDEM, HASH, string.format('{"status":402,"balance":%d,"required":%d}', bal, amount), ARGV[8])

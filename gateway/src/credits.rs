@@ -555,6 +555,14 @@ pub async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
         Vec<i64>,
         Vec<DateTime<Utc>>,
     );
+    let keys = UserKeys::new(&state.keys, user_id);
+    // The durable idempotency records first, while `bal` is absent: a keyed
+    // script that runs meanwhile finds `bal` missing and loads too, so none
+    // can decide before the user's records are back (after a Redis loss,
+    // the recovery waited for every earlier event, so Postgres has them all).
+    // Before the ledger is read, so the snapshot INIT writes is no older
+    // than necessary (a grant's own Redis step may be waiting for it).
+    restore_records(state, &keys, user_id).await?;
     let row: Option<Row> = sqlx::query_as(
         "select u.credits_balance, \
                 (select max(t.created_at) from credit_transactions t where t.user_id = u.id), \
@@ -571,12 +579,6 @@ pub async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
     .await?;
     let (ledger, as_of, ids, amounts, expires) =
         row.ok_or_else(|| ApiError::NotFound("no such user".into()))?;
-    let keys = UserKeys::new(&state.keys, user_id);
-    // The durable idempotency records first, while `bal` is absent: a keyed
-    // script that runs meanwhile finds `bal` missing and loads too, so none
-    // can decide before the user's records are back (after a Redis loss,
-    // the recovery waited for every earlier event, so Postgres has them all).
-    restore_records(state, &keys, user_id).await?;
     let mut inv = keys.invoke(&scripts().init, ttl_ms(state));
     inv.arg(ledger).arg(
         as_of
@@ -645,8 +647,10 @@ async fn durable_replay(
     user_id: &str,
     idem: &Idem,
     recorded_id: &str,
-) -> Option<Answer> {
-    let found: std::result::Result<Option<Value>, sqlx::Error> = sqlx::query_scalar(
+) -> Result<Option<Answer>> {
+    // A Postgres error is a 503, never a guess: retrying under the recorded
+    // id without knowing whether it landed could re-reserve a settled charge.
+    let found: Option<Value> = sqlx::query_scalar(
         "select answer from idempotency_records \
          where user_id = $1 and route = $2 and key = $3 and body_hash = $4 and expires_at > now()",
     )
@@ -655,19 +659,15 @@ async fn durable_replay(
     .bind(&idem.key)
     .bind(&idem.hash)
     .fetch_optional(&state.pg)
-    .await;
-    match found {
-        Ok(Some(body)) => {
+    .await?;
+    Ok(match found {
+        Some(body) => {
             let answer = Remembered::Ok(body);
             remember(state, idem, &answer, recorded_id, ttl_ms(state)).await;
             Some(Answer::Replayed(answer))
         }
-        Ok(None) => None,
-        Err(e) => {
-            tracing::warn!(error = %e, "durable idempotency record not readable; retrying under the recorded id");
-            None
-        }
-    }
+        None => None,
+    })
 }
 
 /// Reads a user's balance: from Redis when it holds the user (releasing
@@ -794,7 +794,9 @@ pub async fn consume(
     let keys = UserKeys::new(&state.keys, user_id);
     let (record, hash) = idem_args(state, user_id, idem.as_ref());
     let (ttl, running, refused) = (ttl_ms(state), running_ms(state), refused_ttl_ms(state));
-    let mut reuse = false;
+    // "0" fresh; "1" reuse a stale record's id while it is pending; "2"
+    // reserve it again (Postgres said it was never settled).
+    let mut reuse = "0";
     let reply = loop {
         let reply = run(state, user_id, || {
             let mut inv = keys.invoke(&scripts().consume, ttl);
@@ -805,17 +807,27 @@ pub async fn consume(
                 .arg(running)
                 .arg(ttl)
                 .arg(refused)
-                .arg(if reuse { "1" } else { "0" });
+                .arg(reuse);
             inv
         })
         .await?;
-        match (reply.tag.as_str(), &idem) {
-            ("STALE", Some(i)) if !reuse => {
+        match (reply.tag.as_str(), &idem, reuse) {
+            ("STALE", Some(i), "0") => {
                 let recorded = reply.str(0).map_err(bad_reply)?;
-                if let Some(answer) = durable_replay(state, user_id, i, recorded).await {
+                if let Some(answer) = durable_replay(state, user_id, i, recorded).await? {
                     return Ok(answer);
                 }
-                reuse = true;
+                reuse = "1";
+            }
+            // Not pending any more: settled after our first look (the worker
+            // drops a pending entry only after its commit, which holds the
+            // durable record) or given back because its event is gone.
+            ("UNPENDING", Some(i), "1") => {
+                let recorded = reply.str(0).map_err(bad_reply)?;
+                if let Some(answer) = durable_replay(state, user_id, i, recorded).await? {
+                    return Ok(answer);
+                }
+                reuse = "2";
             }
             _ => break reply,
         }
@@ -970,7 +982,7 @@ pub async fn open_hold(
         match (reply.tag.as_str(), &idem) {
             ("STALE", Some(i)) if !reuse => {
                 let recorded = reply.str(0).map_err(bad_reply)?;
-                if let Some(answer) = durable_replay(state, user_id, i, recorded).await {
+                if let Some(answer) = durable_replay(state, user_id, i, recorded).await? {
                     return Ok(answer);
                 }
                 reuse = true;

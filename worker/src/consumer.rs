@@ -99,23 +99,55 @@ impl Probe {
     }
 }
 
-async fn heartbeat(ctx: Ctx, tag: String, probe: Arc<Probe>, stop: CancellationToken) {
+/// How long a credits consumer goes on without a heartbeat reaching Redis
+/// before it fences itself: it stops and closes its channel, so the broker
+/// takes back what it holds. Below the reconciler's and the recovery's
+/// `DEAD_AFTER_MS` (5 s), past which they treat a silent consumer as dead
+/// and its deliveries as returned to the queue: by then they are.
+const FENCE_AFTER: Duration = Duration::from_millis(2500);
+
+/// One heartbeat; `Err` when it did not reach Redis.
+async fn beat_once(
+    ctx: &Ctx,
+    key: &str,
+    tag: &str,
+    probe: &Probe,
+    remove: bool,
+) -> anyhow::Result<()> {
+    let (unacked, idle_ms) = probe.read();
+    let mut conn = ctx.redis.get().await?;
+    let _: i64 = common::credits::scripts()
+        .heartbeat
+        .key(key)
+        .arg(tag)
+        .arg(unacked)
+        .arg(idle_ms)
+        .arg(if remove { "1" } else { "0" })
+        .invoke_async(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn heartbeat(
+    ctx: Ctx,
+    tag: String,
+    probe: Arc<Probe>,
+    stop: CancellationToken,
+    fence: CancellationToken,
+) {
     let key = ctx.keys.credit_consumers();
-    let script = &common::credits::scripts().heartbeat;
+    let mut last_ok = Instant::now();
     loop {
-        let (unacked, idle_ms) = probe.read();
         let remove = stop.is_cancelled();
-        if let Ok(mut conn) = ctx.redis.get().await {
-            let r: redis::RedisResult<i64> = script
-                .key(&key)
-                .arg(&tag)
-                .arg(unacked)
-                .arg(idle_ms)
-                .arg(if remove { "1" } else { "0" })
-                .invoke_async(&mut *conn)
-                .await;
-            if let Err(e) = r {
+        match beat_once(&ctx, &key, &tag, &probe, remove).await {
+            Ok(()) => last_ok = Instant::now(),
+            Err(e) => {
                 tracing::debug!(error = %e, "credits consumer heartbeat failed");
+                if last_ok.elapsed() >= FENCE_AFTER && !fence.is_cancelled() {
+                    tracing::warn!("credits consumer fenced: its heartbeat has not reached Redis for {FENCE_AFTER:?}");
+                    metrics::counter!("worker_consumer_fenced_total").increment(1);
+                    fence.cancel();
+                }
             }
         }
         if remove {
@@ -130,7 +162,9 @@ async fn heartbeat(ctx: Ctx, tag: String, probe: Arc<Probe>, stop: CancellationT
 
 impl QueueConsumer {
     /// Connects, declares the topology and starts consuming `short` (e.g. "usage").
-    pub async fn connect(ctx: Ctx, short: &str) -> anyhow::Result<Self> {
+    /// `fence` is cancelled when a credits consumer must stop (see
+    /// [`FENCE_AFTER`]); pass a child of the shutdown token.
+    pub async fn connect(ctx: Ctx, short: &str, fence: CancellationToken) -> anyhow::Result<Self> {
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
             topology::connect(&ctx.settings.amqp.url),
@@ -152,6 +186,12 @@ impl QueueConsumer {
             .await?;
         let queue = ctx.topology.queue(short);
         let tag = format!("worker-{}-{}", std::process::id(), uuid::Uuid::new_v4());
+        let probe = (short == "credits").then(|| Arc::new(Probe::new()));
+        if let Some(p) = &probe {
+            // Seen before it takes anything: a credits consumer that Redis
+            // does not know of would hold events nobody accounts for.
+            beat_once(&ctx, &ctx.keys.credit_consumers(), &tag, p, false).await?;
+        }
         let consumer = channel
             .basic_consume(
                 &queue,
@@ -165,14 +205,11 @@ impl QueueConsumer {
                 FieldTable::default(),
             )
             .await?;
-        let (probe, beat) = if short == "credits" {
-            let probe = Arc::new(Probe::new());
+        let beat = probe.as_ref().map(|p| {
             let stop = CancellationToken::new();
-            tokio::spawn(heartbeat(ctx.clone(), tag, probe.clone(), stop.clone()));
-            (Some(probe), Some(stop.drop_guard()))
-        } else {
-            (None, None)
-        };
+            tokio::spawn(heartbeat(ctx.clone(), tag, p.clone(), stop.clone(), fence));
+            stop.drop_guard()
+        });
         Ok(Self {
             ctx,
             queue,
@@ -289,12 +326,14 @@ impl QueueConsumer {
                 .basic_ack(last_tag, BasicAckOptions { multiple: true })
                 .await?;
         }
-        self.probe_set(0);
         metrics::histogram!("worker_batch_messages", "queue" => self.queue.clone())
             .record(outcome.delivered as f64);
         metrics::counter!("worker_events_stored_total", "queue" => self.queue.clone())
             .increment(outcome.stored as u64);
         handlers::after_commit(&self.ctx, effects).await;
+        // Idle only once the follow-ups are done: until then the next
+        // deliveries wait in lapin's buffer, unseen by the queue's count.
+        self.probe_set(0);
         Ok(outcome)
     }
 
@@ -486,7 +525,9 @@ fn push_halves(todo: &mut Vec<Vec<Unit>>, mut group: Vec<Unit>) {
 pub async fn run(ctx: Ctx, short: String, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
-        let mut consumer = match QueueConsumer::connect(ctx.clone(), &short).await {
+        // Cancelled by shutdown, or by the consumer's own fence.
+        let stop = shutdown.child_token();
+        let mut consumer = match QueueConsumer::connect(ctx.clone(), &short, stop.clone()).await {
             Ok(c) => {
                 tracing::info!(queue = %short, "consuming");
                 backoff = Duration::from_millis(200);
@@ -503,11 +544,12 @@ pub async fn run(ctx: Ctx, short: String, shutdown: CancellationToken) {
             }
         };
         loop {
-            let Some(batch) = consumer.next_batch(&shutdown).await else {
+            let Some(batch) = consumer.next_batch(&stop).await else {
                 break;
             };
-            // A batch in hand is finished even when shutdown arrives meanwhile.
-            if let Err(e) = consumer.process(batch, &shutdown).await {
+            // A batch in hand is finished even when shutdown arrives meanwhile
+            // (only a Postgres outage makes it give the batch back).
+            if let Err(e) = consumer.process(batch, &stop).await {
                 tracing::warn!(queue = %short, error = %e, "batch not acknowledged; it will be redelivered");
                 break;
             }

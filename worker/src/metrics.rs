@@ -13,8 +13,9 @@ use common::topology::Topology;
 
 /// Every series name the worker records (the binary test checks each is in
 /// a fresh worker's `/metrics`).
-pub const SERIES: [&str; 9] = [
+pub const SERIES: [&str; 10] = [
     "worker_batch_messages",
+    "worker_consumer_fenced_total",
     "worker_events_stored_total",
     "worker_dead_letters_total",
     "worker_db_retries_total",
@@ -41,6 +42,10 @@ pub fn init(settings: &Settings) {
     describe_counter!(
         "worker_dead_letters_total",
         "Messages dead-lettered, by queue"
+    );
+    describe_counter!(
+        "worker_consumer_fenced_total",
+        "Credits consumers that stopped because their heartbeat could not reach Redis"
     );
     describe_counter!(
         "worker_db_retries_total",
@@ -71,6 +76,7 @@ pub fn init(settings: &Settings) {
         metrics::counter!("worker_dead_letters_total", "queue" => queue).increment(0);
     }
     metrics::counter!("worker_db_retries_total").increment(0);
+    metrics::counter!("worker_consumer_fenced_total").increment(0);
     let _ = metrics::histogram!("publish_to_postgres_lag_seconds");
     metrics::counter!("credit_reservations_released_total").increment(0);
     metrics::counter!("credit_reconcile_repairs_total").increment(0);

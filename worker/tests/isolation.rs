@@ -235,7 +235,7 @@ async fn unstorable_members_are_dead_lettered_alone_and_every_consume_is_charged
     );
     env.publish(&[usage.clone(), consumes]).await;
 
-    let mut u = QueueConsumer::connect(env.ctx.clone(), "usage")
+    let mut u = QueueConsumer::connect(env.ctx.clone(), "usage", CancellationToken::new())
         .await
         .unwrap();
     let out = step(&mut u).await;
@@ -247,7 +247,7 @@ async fn unstorable_members_are_dead_lettered_alone_and_every_consume_is_charged
     assert_eq!(env.ids("model_usage").await, vec![id_of(&good_model)]);
     assert_eq!(env.ids("feature_usage").await, vec![id_of(&good_feature)]);
 
-    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits")
+    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits", CancellationToken::new())
         .await
         .unwrap();
     let out = step(&mut c).await;
@@ -372,7 +372,7 @@ async fn a_member_postgres_refuses_is_dead_lettered_alone_and_replays_once_its_c
     );
     env.publish(&[usage_a, usage_b, consumes]).await;
 
-    let mut u = QueueConsumer::connect(env.ctx.clone(), "usage")
+    let mut u = QueueConsumer::connect(env.ctx.clone(), "usage", CancellationToken::new())
         .await
         .unwrap();
     let out = step(&mut u).await;
@@ -383,7 +383,7 @@ async fn a_member_postgres_refuses_is_dead_lettered_alone_and_replays_once_its_c
     );
     assert_eq!(env.ids("model_usage").await.len(), 3);
 
-    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits")
+    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits", CancellationToken::new())
         .await
         .unwrap();
     let out = step(&mut c).await;

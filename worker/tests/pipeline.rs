@@ -148,7 +148,7 @@ async fn a_worker_killed_between_commit_and_ack_loses_nothing_and_duplicates_not
     let stop = CancellationToken::new();
 
     // First worker: takes a batch, commits it, and "dies" before acking.
-    let mut first = QueueConsumer::connect(env.ctx.clone(), "usage")
+    let mut first = QueueConsumer::connect(env.ctx.clone(), "usage", CancellationToken::new())
         .await
         .unwrap();
     let batch = first.next_batch(&stop).await.unwrap();
@@ -164,7 +164,7 @@ async fn a_worker_killed_between_commit_and_ack_loses_nothing_and_duplicates_not
     drop(first); // connection closed without ack: the broker redelivers
 
     // Second worker: everything is redelivered; the committed part is not doubled.
-    let mut second = QueueConsumer::connect(env.ctx.clone(), "usage")
+    let mut second = QueueConsumer::connect(env.ctx.clone(), "usage", CancellationToken::new())
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -208,7 +208,7 @@ async fn a_poison_message_is_dead_lettered_and_the_events_behind_it_are_stored()
     .await;
     env.publish(&[good.clone(), usage_batch("u2", 5)]).await;
     let stop = CancellationToken::new();
-    let mut c = QueueConsumer::connect(env.ctx.clone(), "usage")
+    let mut c = QueueConsumer::connect(env.ctx.clone(), "usage", CancellationToken::new())
         .await
         .unwrap();
     let mut dead = 0;
@@ -262,7 +262,7 @@ async fn a_credit_event_postgres_refuses_is_dead_lettered_alone_and_the_rest_set
     ])
     .await;
     let stop = CancellationToken::new();
-    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits")
+    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits", CancellationToken::new())
         .await
         .unwrap();
     let mut dead = 0;
@@ -343,7 +343,7 @@ async fn grouped_consumes_settle_once_each_with_an_unbroken_balance_chain() {
     ]);
     env.publish(&[first, again, later]).await;
     let stop = CancellationToken::new();
-    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits")
+    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits", CancellationToken::new())
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -445,7 +445,7 @@ async fn a_poison_message_replayed_after_its_cause_is_fixed_lands_once_and_purge
     env.publish_raw("credit.consume", &[b"garbage".to_vec()])
         .await;
     let stop = CancellationToken::new();
-    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits")
+    let mut c = QueueConsumer::connect(env.ctx.clone(), "credits", CancellationToken::new())
         .await
         .unwrap();
     let mut dead = 0;
