@@ -1,5 +1,5 @@
 //! The event envelope and the event types that travel from gateways to workers
-//! (SPEC §7). One envelope per broker message; usage events of concurrent
+//! (docs/events.md). One envelope per broker message; usage events of concurrent
 //! requests travel grouped in one `usage.batch` message, each with its own id,
 //! and so do their credit consumes (`credit.consume_batch`).
 

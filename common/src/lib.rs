@@ -1,14 +1,46 @@
-//! Shared building blocks of gateway and worker: settings, event envelope and
-//! types, AMQP topology, Redis key names, connections, telemetry, shutdown.
+//! # Layout
+//!
+//! Shared building blocks of gateway and worker, one module per job:
+//!
+//! - `amqp`: the connection (`connect`) and the topology both sides declare (`topology`).
+//! - `class`: the endpoint classes, the one list of them.
+//! - `credits`: the credit decisions as plain functions, twins of their Lua.
+//! - `db`: the Postgres pool, the embedded migrations, `is_transient`.
+//! - `events`: the event envelope and its versioned, tagged payloads.
+//! - `redis`: the pool, key names (`keys`), cluster slots (`slot`), the credit scripts (`scripts`, `lua/*.lua`).
+//! - `settings`: the one typed configuration tree, its defaults and validation.
+//! - `shutdown`: the one shutdown token and the signals that cancel it.
+//! - `telemetry`: logs and the Prometheus recorder.
+//! - `valid`: field rules shared by bodies and events.
+//!
+//! Old paths kept while callers move: `keys` (now `redis::keys`), `topology`
+//! (`amqp`), `infra` (`db`, `redis::redis_pool`), and the script items under
+//! `credits` (`redis::scripts`, `redis::slot`).
 
+pub mod amqp;
+pub mod class;
 pub mod credits;
+pub mod db;
 pub mod events;
-pub mod infra;
-pub mod keys;
+pub mod redis;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
-pub mod topology;
 pub mod valid;
 
 pub use settings::Settings;
+
+/// Old path of [`redis::keys`].
+pub use self::redis::keys;
+
+/// Old path of [`amqp`]: the topology and the connection.
+pub mod topology {
+    pub use crate::amqp::connect::connect;
+    pub use crate::amqp::topology::*;
+}
+
+/// Old path of [`db`] and [`redis::redis_pool`].
+pub mod infra {
+    pub use crate::db::{pg_pool, MIGRATOR};
+    pub use crate::redis::redis_pool;
+}

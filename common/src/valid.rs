@@ -1,4 +1,4 @@
-//! One definition of a valid stored value (SPEC §3), used by every route that
+//! One definition of a valid stored value (docs/reliability.md, "A valid stored value"), used by every route that
 //! stores something and by the worker before it writes: what the gateway
 //! accepts, Postgres and Redis accept.
 //!

@@ -14,7 +14,7 @@ use common::settings::PlanSettings;
 use serde_json::json;
 
 use crate::audit::{self, Action};
-use crate::http::error::{ApiError, Result};
+use crate::error::{Error, Result};
 use crate::state::AppState;
 use crate::users::{self, UserRecord};
 
@@ -31,7 +31,7 @@ pub enum Unknown {
 /// (and its credits into Redis) the same way for both callers.
 pub async fn target(state: &AppState, user_id: &str, unknown: Unknown) -> Result<Arc<UserRecord>> {
     if unknown == Unknown::Refuse && users::find(state, user_id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("no user {user_id}")));
+        return Err(Error::NotFound(format!("no user {user_id}")));
     }
     state.users.get_by_id(state, user_id, None).await
 }
@@ -43,7 +43,7 @@ pub fn plan_name(plans: &BTreeMap<String, PlanSettings>, raw: &str) -> Result<St
         return Ok(raw.to_string());
     }
     let known: Vec<&str> = plans.keys().map(String::as_str).collect();
-    Err(ApiError::validation(
+    Err(Error::validation(
         "plan",
         format!("unknown plan {raw:?}; one of {}", known.join(", ")),
     ))
@@ -110,7 +110,7 @@ mod tests {
         .unwrap();
         assert_eq!(plan_name(&settings.plans, "pro").unwrap(), "pro");
         match plan_name(&settings.plans, "platinum") {
-            Err(ApiError::Validation { field, message }) => {
+            Err(Error::Validation { field, message }) => {
                 assert_eq!(field, "plan");
                 for p in ["free", "pro", "team", "enterprise"] {
                     assert!(message.contains(p), "{message}");

@@ -9,14 +9,12 @@
 
 use std::sync::Arc;
 
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
 
-use crate::http::error::{ApiError, Result};
+use crate::error::{Error, Result};
 use crate::state::AppState;
 use crate::users::{self, UserRecord};
 
@@ -87,19 +85,19 @@ where
         .fetch_optional(&mut *tx)
         .await?;
     if locked.is_none() {
-        return Err(ApiError::NotFound(format!("no user {user_id}")));
+        return Err(Error::NotFound(format!("no user {user_id}")));
     }
     let before = users::load_record(&mut tx, user_id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no user {user_id}")))?;
+        .ok_or_else(|| Error::NotFound(format!("no user {user_id}")))?;
     let (out, details) = write(&mut tx, &before).await?;
     insert(&mut tx, a, &details).await?;
     let after = users::load_record(&mut tx, user_id)
         .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("user vanished inside its own lock")))?;
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("user vanished inside its own lock")))?;
     users::write_redis(state, &after)
         .await
-        .map_err(|e| ApiError::unavailable("redis", e))?;
+        .map_err(|e| Error::unavailable("redis", e))?;
     if let Err(e) = tx.commit().await {
         // Redis already shows a change that did not commit: drop the hash so
         // the next read goes back to Postgres.
@@ -179,18 +177,6 @@ impl RequestId {
             }
             _ => Self(uuid::Uuid::new_v4().to_string()),
         }
-    }
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for RequestId {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok());
-        Ok(Self::from_header(header))
     }
 }
 

@@ -1,11 +1,22 @@
 //! The gateway: authenticates, rate-limits, answers what it can from Redis and
 //! publishes events to RabbitMQ with confirms.
+//!
+//! # Layout
+//! - `http/`: routes, extractors, the guard, `ApiError` (the only `IntoResponse`),
+//!   `target` (the one "may the caller act on user :id" rule);
+//! - `error`: the domain error, no HTTP in it; `decode`: JSON values into typed bodies;
+//! - `credits/`, `usage`, `analytics/`, `users`, `sessions`, `admin`, `audit`,
+//!   `operator`, `rate_limit`: the domain, returning `error::Error`;
+//! - `auth`, `publisher`, `redis_link`, `metrics`, `state`: handles and plumbing;
+//! - `server`, `startup`, `main.rs`: wiring.
 
 pub mod admin;
 pub mod analytics;
 pub mod audit;
 pub mod auth;
 pub mod credits;
+pub mod decode;
+pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod operator;

@@ -113,7 +113,10 @@ async fn main() {
             common::telemetry::init_for_commands(settings.app_env);
             if let Err(e) = run_admin(settings, admin).await {
                 eprintln!("gateway admin: {e:#}");
-                std::process::exit(1);
+                let code = e
+                    .downcast_ref::<gateway::error::Error>()
+                    .map_or(1, operator::exit_code);
+                std::process::exit(code.into());
             }
         }
     }

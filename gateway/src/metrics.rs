@@ -13,10 +13,9 @@
 //! Registering uses `increment(0)`, never `absolute(0)`: a test process holds
 //! several gateways and workers on one recorder, and a later start must not
 //! reset what an earlier one counted.
-
-use axum::http::Method;
-
-use crate::http::openapi;
+//!
+//! The routes come from the HTTP layer (`http::route_series`, built from the
+//! OpenAPI operations), so this module knows series, not the router.
 
 pub fn handle() -> metrics_exporter_prometheus::PrometheusHandle {
     common::telemetry::metrics_handle()
@@ -27,11 +26,29 @@ pub const METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD",
 
 /// The `method` label of a request: one of [`METHODS`], else `other`, so a
 /// client inventing methods cannot mint series.
-pub fn method_label(m: &Method) -> &'static str {
+pub fn method_label(m: &str) -> &'static str {
     METHODS
         .into_iter()
-        .find(|known| *known == m.as_str())
+        .find(|known| *known == m)
         .unwrap_or("other")
+}
+
+/// The `method` label of an operation's lowercase method (`"patch"`).
+pub fn method_label_of(lowercase: &str) -> &'static str {
+    METHODS
+        .into_iter()
+        .find(|m| m.eq_ignore_ascii_case(lowercase))
+        .unwrap_or("other")
+}
+
+/// A route the router serves, with the statuses its series start with.
+#[derive(Debug, Clone)]
+pub struct RouteSeries {
+    /// The matched pattern, as the `route` label reads it.
+    pub route: String,
+    /// One of [`METHODS`].
+    pub method: &'static str,
+    pub statuses: Vec<u16>,
 }
 
 /// Every series name the gateway records (the ops test checks each is in a
@@ -62,43 +79,18 @@ pub const SERIES: [&str; 22] = [
     "publish_batch_events_sum",
 ];
 
-/// The statuses a route's metrics start with: its success, the errors its
-/// OpenAPI entry documents, and 503 (a deadline or a dependency).
-fn statuses(op: &openapi::Op) -> Vec<u16> {
-    let mut s = vec![op.ok.0, 503];
-    s.extend(op.errors);
-    if op.path.contains('{') {
-        s.push(404);
-    }
-    if op.class.is_some() {
-        s.extend([401, 403, 422, 429]);
-        if op.body.is_some() {
-            s.extend([400, 413, 415]);
-        }
-    }
-    s.sort_unstable();
-    s.dedup();
-    s
-}
-
 /// Describes and registers every series with its fixed label values. Safe
 /// to call more than once (each gateway built in a test process calls it).
-pub fn init() {
+pub fn init(routes: &[RouteSeries]) {
     // The recorder first: series registered before it exists go nowhere.
     let _ = handle();
     describe();
-    let mut routes: Vec<(String, &'static str, Vec<u16>)> = openapi::operations()
-        .iter()
-        .map(|op| {
-            (
-                op.path.to_string(),
-                method_label_of(op.method),
-                statuses(op),
-            )
-        })
-        .collect();
-    routes.push(("/openapi.json".into(), "GET", vec![200]));
-    for (route, method, codes) in &routes {
+    for RouteSeries {
+        route,
+        method,
+        statuses: codes,
+    } in routes
+    {
         for code in codes {
             metrics::counter!("http_requests_total", "route" => route.clone(), "method" => *method, "status" => code.to_string())
                 .increment(0);
@@ -162,13 +154,6 @@ pub fn init() {
     for result in ["hit", "miss"] {
         metrics::counter!("analytics_cache_total", "result" => result).increment(0);
     }
-}
-
-fn method_label_of(lowercase: &str) -> &'static str {
-    METHODS
-        .into_iter()
-        .find(|m| m.eq_ignore_ascii_case(lowercase))
-        .unwrap_or("other")
 }
 
 fn describe() {
@@ -244,16 +229,20 @@ mod tests {
 
     #[test]
     fn methods_outside_the_fixed_set_are_other() {
-        assert_eq!(method_label(&Method::GET), "GET");
-        assert_eq!(method_label(&Method::OPTIONS), "OPTIONS");
-        assert_eq!(method_label(&Method::TRACE), "other");
-        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+        assert_eq!(method_label("GET"), "GET");
+        assert_eq!(method_label("OPTIONS"), "OPTIONS");
+        assert_eq!(method_label("TRACE"), "other");
+        assert_eq!(method_label("BREW"), "other");
         assert_eq!(method_label_of("patch"), "PATCH");
     }
 
     #[test]
     fn every_series_exists_after_init() {
-        init();
+        init(&[RouteSeries {
+            route: "/api/vscode/usage/track".into(),
+            method: "POST",
+            statuses: vec![200, 429],
+        }]);
         let text = handle().render();
         for name in SERIES {
             assert!(text.contains(name), "{name} missing");

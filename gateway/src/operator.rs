@@ -19,9 +19,29 @@ use uuid::Uuid;
 
 use crate::admin::{self, By, Unknown};
 use crate::credits::{self, Amount, Answer, GrantBody, GrantRequest, Remembered};
-use crate::http::error::{ApiError, Result};
+use crate::error::{Error, Result};
 use crate::publisher::Publisher;
 use crate::state::AppState;
+
+/// The exit status of a command that failed with `e`. Every failure is 1
+/// today (README: "bad input exits 1"): the input refused before anything
+/// was written (validation, an unknown user or plan) and a refusal or outage
+/// on the way. This is the one place to tell them apart if scripts ever
+/// need to (an outage would be 75, `EX_TEMPFAIL`: retrying may work).
+pub fn exit_code(e: &Error) -> u8 {
+    match e {
+        Error::Validation { .. } | Error::NotFound(_) => 1,
+        Error::Forbidden(_)
+        | Error::AccountSuspended
+        | Error::AccountDeleted
+        | Error::InsufficientCredits { .. }
+        | Error::IdempotencyConflict(_)
+        | Error::HoldExpired
+        | Error::UpgradeRequired { .. }
+        | Error::RateLimited { .. } => 1,
+        Error::Unavailable { .. } | Error::Internal(_) => 1,
+    }
+}
 
 /// The audit actor for `--actor NAME`: `operator` alone, or `operator:NAME`
 /// with NAME 1..=64 of `[A-Za-z0-9_.@-]` (a login or an e-mail address).
@@ -35,7 +55,7 @@ pub fn actor(name: Option<&str>) -> Result<String> {
         {
             Ok(format!("operator:{n}"))
         }
-        Some(_) => Err(ApiError::validation(
+        Some(_) => Err(Error::validation(
             "actor",
             "must be 1 to 64 of [A-Za-z0-9_.@-]",
         )),
@@ -47,7 +67,7 @@ pub fn user_id(raw: &str) -> Result<String> {
     if crate::auth::valid_user_id(raw) {
         Ok(raw.to_string())
     } else {
-        Err(ApiError::validation(
+        Err(Error::validation(
             "user",
             "must be 1 to 64 of [A-Za-z0-9_-]",
         ))
@@ -57,7 +77,7 @@ pub fn user_id(raw: &str) -> Result<String> {
 /// A `--amount` value: 1..=2^53−1, as the route's `amount`.
 pub fn amount(raw: i64) -> Result<Amount> {
     Amount::new(raw).ok_or_else(|| {
-        ApiError::validation(
+        Error::validation(
             "amount",
             format!("must be an integer from 1 to {MAX_CREDITS}"),
         )
@@ -124,7 +144,7 @@ impl Operator {
         let body = GrantBody {
             amount: self::amount(amount)?,
             reason: credits::Reason::parse(reason.to_string())
-                .map_err(|r| ApiError::validation("reason", r))?,
+                .map_err(|r| Error::validation("reason", r))?,
         };
         let (amount, reason) = body.validate()?;
         let key = key
@@ -147,7 +167,7 @@ impl Operator {
             Answer::Fresh(body) => (body, false),
             Answer::Replayed(Remembered::Ok(body)) => (body, true),
             Answer::Replayed(Remembered::Insufficient { .. }) => {
-                return Err(ApiError::Internal(anyhow::anyhow!(
+                return Err(Error::Internal(anyhow::anyhow!(
                     "a grant answered like a refused consume"
                 )))
             }
@@ -187,7 +207,7 @@ mod tests {
 
     fn field(r: Result<impl std::fmt::Debug>) -> String {
         match r {
-            Err(ApiError::Validation { field, .. }) => field,
+            Err(Error::Validation { field, .. }) => field,
             other => panic!("{other:?}"),
         }
     }
@@ -213,6 +233,12 @@ mod tests {
         for bad in [0, -5, MAX_CREDITS + 1, i64::MIN] {
             assert_eq!(field(amount(bad)), "amount", "{bad}");
         }
+    }
+
+    #[test]
+    fn bad_input_exits_1() {
+        assert_eq!(exit_code(&Error::validation("amount", "x")), 1);
+        assert_eq!(exit_code(&Error::NotFound("no user u".into())), 1);
     }
 
     #[test]

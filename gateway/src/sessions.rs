@@ -13,7 +13,7 @@ use chrono::{DateTime, Duration, Utc};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-use crate::http::error::{ApiError, Result};
+use crate::error::{Error, Result};
 use crate::state::AppState;
 
 /// What Redis keeps per session (JSON under `session:{id}`).
@@ -177,7 +177,7 @@ async fn store(
     rec: &SessionRecord,
     ttl: u64,
 ) -> Result<()> {
-    let json = serde_json::to_string(rec).map_err(|e| ApiError::Internal(e.into()))?;
+    let json = serde_json::to_string(rec).map_err(|e| Error::Internal(e.into()))?;
     let keys = &state.keys;
     let mut inv = store_script().key(keys.session(&rec.user_id, &rec.id));
     inv.key(keys.sessions_by_use(&rec.user_id));

@@ -51,7 +51,7 @@ impl Shared {
     /// The shared multiplexed Redis connection (503 when Redis is down).
     /// Concurrent requests pipeline on it; a pooled connection would cost a
     /// `PING` per checkout and queue requests for the pool's few sockets.
-    pub async fn redis(&self) -> crate::http::error::Result<LinkConn> {
+    pub async fn redis(&self) -> crate::error::Result<LinkConn> {
         Ok(LinkConn(self.redis_link.connection().await?))
     }
 }

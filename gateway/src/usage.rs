@@ -8,7 +8,7 @@ use common::valid::{self, len, TextRule};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::http::error::ApiError;
+use crate::error::Error;
 
 pub const MAX_EVENTS: usize = 500;
 pub use common::valid::MAX_METADATA_BYTES;
@@ -27,16 +27,16 @@ pub fn parse_track(
     body: &Value,
     user_id: &str,
     now: DateTime<Utc>,
-) -> Result<(Shape, Vec<UsageEvent>), ApiError> {
+) -> Result<(Shape, Vec<UsageEvent>), Error> {
     let obj = body.as_object().ok_or_else(|| {
-        ApiError::validation("body", "must be an event object or {\"events\": [...]}")
+        Error::validation("body", "must be an event object or {\"events\": [...]}")
     })?;
     if let Some(events) = obj.get("events") {
         let list = events
             .as_array()
-            .ok_or_else(|| ApiError::validation("events", "must be an array"))?;
+            .ok_or_else(|| Error::validation("events", "must be an array"))?;
         if list.is_empty() || list.len() > MAX_EVENTS {
-            return Err(ApiError::validation(
+            return Err(Error::validation(
                 "events",
                 format!("must hold 1..={MAX_EVENTS} events"),
             ));
@@ -59,7 +59,7 @@ fn parse_event(
     at: &str,
     user_id: &str,
     now: DateTime<Utc>,
-) -> Result<UsageEvent, ApiError> {
+) -> Result<UsageEvent, Error> {
     let f = |name: &str| format!("{at}{name}");
     let obj = v.as_object().ok_or_else(|| {
         let name = if at.is_empty() {
@@ -67,21 +67,21 @@ fn parse_event(
         } else {
             at.trim_end_matches('.')
         };
-        ApiError::validation(name, "must be an object")
+        Error::validation(name, "must be an object")
     })?;
     // Ids we make are UUIDv7 (time-ordered): the workers' unique indexes on
     // event ids then grow at their right edge instead of at random pages.
     let id = match obj.get("event_id") {
         None | Some(Value::Null) => Uuid::now_v7(),
         Some(Value::String(s)) => {
-            Uuid::parse_str(s).map_err(|_| ApiError::validation(f("event_id"), "must be a UUID"))?
+            Uuid::parse_str(s).map_err(|_| Error::validation(f("event_id"), "must be a UUID"))?
         }
-        Some(_) => return Err(ApiError::validation(f("event_id"), "must be a UUID string")),
+        Some(_) => return Err(Error::validation(f("event_id"), "must be a UUID string")),
     };
     let session_id = opt_str(obj, "session_id", len::SESSION_ID, &f)?;
     if let Some(s) = &session_id {
         if !valid_session_id(s) {
-            return Err(ApiError::validation(
+            return Err(Error::validation(
                 f("session_id"),
                 "must be 1..=128 of [A-Za-z0-9_.:-]",
             ));
@@ -91,16 +91,16 @@ fn parse_event(
         None | Some(Value::Null) => now,
         Some(Value::String(s)) => {
             let t = DateTime::parse_from_rfc3339(s)
-                .map_err(|_| ApiError::validation(f("occurred_at"), "must be an RFC 3339 time"))?
+                .map_err(|_| Error::validation(f("occurred_at"), "must be an RFC 3339 time"))?
                 .with_timezone(&Utc);
             if t > now + Duration::minutes(5) {
-                return Err(ApiError::validation(
+                return Err(Error::validation(
                     f("occurred_at"),
                     "is more than 5 minutes in the future",
                 ));
             }
             if t < now - Duration::days(30) {
-                return Err(ApiError::validation(
+                return Err(Error::validation(
                     f("occurred_at"),
                     "is more than 30 days in the past",
                 ));
@@ -108,7 +108,7 @@ fn parse_event(
             t
         }
         Some(_) => {
-            return Err(ApiError::validation(
+            return Err(Error::validation(
                 f("occurred_at"),
                 "must be an RFC 3339 time string",
             ))
@@ -118,7 +118,7 @@ fn parse_event(
     let kind = match obj.get("kind") {
         Some(Value::String(k)) => k.as_str(),
         _ => {
-            return Err(ApiError::validation(
+            return Err(Error::validation(
                 f("kind"),
                 "must be \"model\" or \"feature\"",
             ))
@@ -134,7 +134,7 @@ fn parse_event(
             success: match obj.get("success") {
                 None | Some(Value::Null) => None,
                 Some(Value::Bool(b)) => Some(*b),
-                Some(_) => return Err(ApiError::validation(f("success"), "must be a boolean")),
+                Some(_) => return Err(Error::validation(f("success"), "must be a boolean")),
             },
         },
         "feature" => UsageDetail::Feature {
@@ -143,7 +143,7 @@ fn parse_event(
             duration_ms: opt_count(obj, "duration_ms", &f)?,
         },
         _ => {
-            return Err(ApiError::validation(
+            return Err(Error::validation(
                 f("kind"),
                 "must be \"model\" or \"feature\"",
             ))
@@ -165,7 +165,7 @@ fn parse_legacy(
     obj: &Map<String, Value>,
     user_id: &str,
     now: DateTime<Utc>,
-) -> Result<UsageEvent, ApiError> {
+) -> Result<UsageEvent, Error> {
     let f = |name: &str| name.to_string();
     let model = req_str(obj, "modelId", len::MODEL, &f)?;
     let provider = provider_of(&model);
@@ -177,17 +177,12 @@ fn parse_legacy(
         Some(v @ Value::Number(n)) if n.as_f64().is_some_and(|x| x >= 0.0 && x.is_finite()) => {
             v.clone()
         }
-        Some(_) => {
-            return Err(ApiError::validation(
-                "costInCredits",
-                "must be a number ≥ 0",
-            ))
-        }
+        Some(_) => return Err(Error::validation("costInCredits", "must be a number ≥ 0")),
     };
     let session_id = opt_str(obj, "sessionToken", len::SESSION_ID, &f)?;
     if let Some(s) = &session_id {
         if !valid_session_token(s) {
-            return Err(ApiError::validation(
+            return Err(Error::validation(
                 "sessionToken",
                 "must be 8..=128 of [A-Za-z0-9_.-]",
             ));
@@ -238,12 +233,12 @@ pub fn valid_session_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-fn parse_metadata(v: Option<&Value>, field: &str) -> Result<Option<Value>, ApiError> {
+fn parse_metadata(v: Option<&Value>, field: &str) -> Result<Option<Value>, Error> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(m) => match valid::check_metadata(m) {
             Ok(()) => Ok(Some(m.clone())),
-            Err(reason) => Err(ApiError::validation(field, reason)),
+            Err(reason) => Err(Error::validation(field, reason)),
         },
     }
 }
@@ -253,10 +248,10 @@ fn req_str(
     name: &str,
     max: usize,
     f: &dyn Fn(&str) -> String,
-) -> Result<String, ApiError> {
+) -> Result<String, Error> {
     match opt_str(obj, name, max, f)? {
         Some(s) => Ok(s),
-        None => Err(ApiError::validation(f(name), "is required")),
+        None => Err(Error::validation(f(name), "is required")),
     }
 }
 
@@ -265,14 +260,14 @@ fn opt_str(
     name: &str,
     max: usize,
     f: &dyn Fn(&str) -> String,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<String>, Error> {
     match obj.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => match valid::check_text(s, TextRule::Label, max) {
             Ok(()) => Ok(Some(s.clone())),
-            Err(reason) => Err(ApiError::validation(f(name), reason)),
+            Err(reason) => Err(Error::validation(f(name), reason)),
         },
-        Some(_) => Err(ApiError::validation(f(name), "must be a string")),
+        Some(_) => Err(Error::validation(f(name), "must be a string")),
     }
 }
 
@@ -280,8 +275,8 @@ fn req_count(
     obj: &Map<String, Value>,
     name: &str,
     f: &dyn Fn(&str) -> String,
-) -> Result<i64, ApiError> {
-    opt_count(obj, name, f)?.ok_or_else(|| ApiError::validation(f(name), "is required"))
+) -> Result<i64, Error> {
+    opt_count(obj, name, f)?.ok_or_else(|| Error::validation(f(name), "is required"))
 }
 
 /// A count: a JSON integer `0..=valid::MAX_COUNT` (no floats, no strings).
@@ -289,9 +284,9 @@ fn opt_count(
     obj: &Map<String, Value>,
     name: &str,
     f: &dyn Fn(&str) -> String,
-) -> Result<Option<i64>, ApiError> {
+) -> Result<Option<i64>, Error> {
     let refuse = || {
-        ApiError::validation(
+        Error::validation(
             f(name),
             format!("must be an integer from 0 to {}", valid::MAX_COUNT),
         )
@@ -315,9 +310,9 @@ mod tests {
         "2026-11-25T12:00:00Z".parse().unwrap()
     }
 
-    fn field_of(r: Result<(Shape, Vec<UsageEvent>), ApiError>) -> String {
+    fn field_of(r: Result<(Shape, Vec<UsageEvent>), Error>) -> String {
         match r {
-            Err(ApiError::Validation { field, .. }) => field,
+            Err(Error::Validation { field, .. }) => field,
             other => panic!("expected a validation error, got {other:?}"),
         }
     }

@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 use uuid::Uuid;
 
 use crate::auth::Claims;
-use crate::http::error::{ApiError, Result};
+use crate::error::{Error, Result};
 use crate::state::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,7 +261,7 @@ pub async fn load_or_provision(
     }
     find(state, user_id)
         .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("user vanished after provisioning")))
+        .ok_or_else(|| Error::Internal(anyhow::anyhow!("user vanished after provisioning")))
 }
 
 pub fn starting_grant_id(user_id: &str) -> Uuid {
@@ -421,7 +421,7 @@ pub async fn admit_preferences(
                 seed = Some(stored_preference_sizes(state, user_id).await?);
             }
             _ => {
-                return Err(ApiError::Internal(anyhow::anyhow!(
+                return Err(Error::Internal(anyhow::anyhow!(
                     "preferences script replied {reply:?}"
                 )))
             }

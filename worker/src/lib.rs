@@ -1,15 +1,32 @@
 //! The worker: consumes events from RabbitMQ, writes them to Postgres in
 //! batches, acks only after commit, and refreshes Redis caches.
+//!
+//! # Layout
+//! - `main.rs`: the binary; parses the command line and wires.
+//! - [`ctx`]: the handles every consumer, job and command shares (`Ctx`).
+//! - [`startup`]: builds the worker from settings and runs it until shutdown.
+//! - [`consumer`]: one consumer per queue; [`consumer::batch`] decides when a batch closes,
+//!   [`consumer::disposition`] what happens to what Postgres refuses.
+//! - [`handlers`]: one file per kind of event, writing a batch in one transaction;
+//!   `sanitize` cleans events before a write, `usage::rollup` builds the `usage_daily` cells.
+//! - [`jobs`]: the jobs that run once across workers: `reconcile`, `hold_expiry`, `housekeeping`.
+//! - [`cli`]: operator commands: `dlq`, `reconcile`, `demo`.
+//! - [`http`]: `/healthz` and `/metrics`; [`metrics`]: every series, registered at start.
 
+pub mod cli;
 pub mod consumer;
-pub mod demo;
-pub mod dlq;
+pub mod ctx;
+#[cfg(test)]
+mod fixtures;
 pub mod handlers;
 pub mod http;
+pub mod jobs;
 pub mod metrics;
-pub mod reconcile;
-pub mod schedule;
 pub mod startup;
+
+/// Paths that tests (the gateway's among them) name.
+pub use cli::{demo, dlq};
+pub use jobs::reconcile;
 
 use common::settings::Settings;
 
@@ -17,31 +34,8 @@ use common::settings::Settings;
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(&settings.database.url).await?;
-    common::infra::MIGRATOR.run(&mut conn).await?;
+    common::db::MIGRATOR.run(&mut conn).await?;
     conn.close().await?;
     tracing::info!("migrations applied");
     Ok(())
-}
-
-/// Whether a database error means "Postgres is unavailable, retry later"
-/// (never a reason to dead-letter) rather than "this data is refused".
-pub fn is_transient(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            // connection exceptions, operator intervention (shutdown), resources,
-            // serialization/deadlock: all worth retrying.
-            c.starts_with("08")
-                || c.starts_with("57")
-                || c.starts_with("53")
-                || c == "40001"
-                || c == "40P01"
-        }),
-        _ => false,
-    }
 }

@@ -50,35 +50,7 @@ enum Command {
     /// Inspect and act on dead-lettered messages (queue `<namespace>.dead`).
     Dlq {
         #[command(subcommand)]
-        action: DlqAction,
-    },
-}
-
-#[derive(Subcommand)]
-enum DlqAction {
-    /// List dead letters (id, original routing key, queue, reason, size); removes nothing.
-    List {
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
-    },
-    /// Print one dead letter in full, as JSON.
-    Show { id: String },
-    /// Republish messages to their original routing key (confirmed), then remove them
-    /// from the dead-letter queue. Use after fixing what made them fail.
-    Replay {
-        /// Envelope ids to replay (repeatable).
-        #[arg(long = "id", required_unless_present = "all")]
-        ids: Vec<String>,
-        /// Replay every dead letter.
-        #[arg(long, conflicts_with = "ids")]
-        all: bool,
-    },
-    /// Delete messages from the dead-letter queue; only those named (or --all).
-    Purge {
-        #[arg(long = "id", required_unless_present = "all")]
-        ids: Vec<String>,
-        #[arg(long, conflicts_with = "ids")]
-        all: bool,
+        action: worker::cli::dlq::DlqAction,
     },
 }
 
@@ -87,8 +59,8 @@ async fn main() {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run { queues: None }) {
         Command::Migrate => worker::migrate(&configured()).await,
-        Command::Dlq { action } => dlq(&configured(), action).await,
-        Command::Reconcile { user } => reconcile(configured(), user).await,
+        Command::Dlq { action } => worker::cli::dlq::run(&configured(), action).await,
+        Command::Reconcile { user } => worker::cli::reconcile::run(configured(), user).await,
         Command::Demo {
             gateway,
             users,
@@ -148,78 +120,4 @@ fn configured() -> Settings {
             std::process::exit(2);
         }
     }
-}
-
-async fn dlq(settings: &Settings, action: DlqAction) -> anyhow::Result<()> {
-    use worker::dlq::{Dlq, Selection};
-    let q = Dlq::connect(settings).await?;
-    let sel = |ids: Vec<String>, all: bool| {
-        if all {
-            Selection::All
-        } else {
-            Selection::Ids(ids)
-        }
-    };
-    let result = match action {
-        DlqAction::List { limit } => {
-            let list = q.list(limit).await?;
-            println!(
-                "{:<38} {:<22} {:<16} {:<16} {:>8}",
-                "ID", "ROUTING KEY", "QUEUE", "REASON", "BYTES"
-            );
-            for d in &list {
-                println!(
-                    "{:<38} {:<22} {:<16} {:<16} {:>8}",
-                    d.id, d.routing_key, d.queue, d.reason, d.size
-                );
-            }
-            println!("{} dead letter(s)", list.len());
-            Ok(())
-        }
-        DlqAction::Show { id } => match q.show(&id).await? {
-            Some(d) => {
-                println!("{}", serde_json::to_string_pretty(&d)?);
-                Ok(())
-            }
-            None => Err(anyhow::anyhow!("no dead letter with id {id}")),
-        },
-        DlqAction::Replay { ids, all } => {
-            let done = q.replay(&sel(ids, all)).await?;
-            for d in &done {
-                println!("replayed {} -> {}", d.id, d.routing_key);
-            }
-            println!("{} replayed", done.len());
-            Ok(())
-        }
-        DlqAction::Purge { ids, all } => {
-            let done = q.purge(&sel(ids, all)).await?;
-            for d in &done {
-                println!("purged {}", d.id);
-            }
-            println!("{} purged", done.len());
-            Ok(())
-        }
-    };
-    q.close().await;
-    result
-}
-
-async fn reconcile(settings: Settings, user: Option<String>) -> anyhow::Result<()> {
-    let ctx = worker::startup::Ctx::new(settings)?;
-    let repairs = match user {
-        Some(u) => worker::reconcile::reconcile_user(&ctx, &u)
-            .await?
-            .into_iter()
-            .collect::<Vec<_>>(),
-        None => {
-            let s = worker::reconcile::reconcile_all(&ctx).await?;
-            println!("checked {} user(s)", s.users);
-            s.repairs
-        }
-    };
-    for r in &repairs {
-        println!("repaired {}: balance {} -> {}", r.user_id, r.from, r.to);
-    }
-    println!("{} repaired", repairs.len());
-    Ok(())
 }

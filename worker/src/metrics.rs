@@ -8,8 +8,8 @@
 //! gateways) on one process-wide recorder, and a later start must not reset
 //! what an earlier one counted.
 
+use common::amqp::topology::Topology;
 use common::settings::Settings;
-use common::topology::Topology;
 
 /// Every series name the worker records (the binary test checks each is in
 /// a fresh worker's `/metrics`).

@@ -1,36 +1,12 @@
 //! Builds the worker from settings: one consumer task per queue, the scheduled
 //! jobs, and the health/metrics listener.
 
-use std::sync::Arc;
-
-use common::keys::Keys;
 use common::settings::Settings;
-use common::topology::Topology;
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// What every consumer and job shares.
-#[derive(Clone)]
-pub struct Ctx {
-    pub settings: Arc<Settings>,
-    pub pg: PgPool,
-    pub redis: deadpool_redis::Pool,
-    pub keys: Keys,
-    pub topology: Topology,
-}
-
-impl Ctx {
-    pub fn new(settings: Settings) -> anyhow::Result<Self> {
-        Ok(Self {
-            pg: common::infra::pg_pool(&settings)?,
-            redis: common::infra::redis_pool(&settings)?,
-            keys: Keys::new(&settings.redis.key_prefix),
-            topology: Topology::new(&settings.amqp.namespace, settings.amqp.delivery_limit),
-            settings: Arc::new(settings),
-        })
-    }
-}
+/// Kept here too: tests and the gateway's tests name `worker::startup::Ctx`.
+pub use crate::ctx::Ctx;
 
 pub struct Worker {
     ctx: Ctx,
@@ -83,7 +59,7 @@ impl Worker {
                 )));
             }
         }
-        tasks.push(tokio::spawn(crate::schedule::run(
+        tasks.push(tokio::spawn(crate::jobs::run(
             self.ctx.clone(),
             self.shutdown.clone(),
         )));

@@ -58,14 +58,14 @@ impl Env {
 
     /// Publishes `messages` usage batches of `per` events each; returns the event count.
     async fn publish(&self, messages: usize, per: usize) -> i64 {
-        let conn = common::topology::connect(&self.settings.amqp.url)
+        let conn = common::amqp::connect::connect(&self.settings.amqp.url)
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .unwrap();
-        let topo = common::topology::Topology::new(&self.settings.amqp.namespace, 20);
+        let topo = common::amqp::topology::Topology::new(&self.settings.amqp.namespace, 20);
         topo.declare(&ch).await.unwrap();
         let mut confirms = Vec::new();
         for _ in 0..messages {

@@ -19,8 +19,8 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use worker::consumer::{Outcome, QueueConsumer};
+use worker::ctx::Ctx;
 use worker::dlq::{DeadLetter, Dlq, Selection};
-use worker::startup::Ctx;
 
 mod support;
 
@@ -45,7 +45,7 @@ impl Env {
     /// Publishes envelopes (as JSON values) with confirms, declaring the
     /// topology first.
     async fn publish(&self, envs: &[Value]) {
-        let conn = common::topology::connect(&self.stack.settings.amqp.url)
+        let conn = common::amqp::connect::connect(&self.stack.settings.amqp.url)
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();

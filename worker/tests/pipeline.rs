@@ -14,7 +14,7 @@ use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 use worker::consumer::QueueConsumer;
-use worker::startup::Ctx;
+use worker::ctx::Ctx;
 
 mod support;
 
@@ -40,7 +40,7 @@ async fn env() -> Env {
 
 impl Env {
     async fn publish_raw(&self, routing_key: &str, bodies: &[Vec<u8>]) {
-        let conn = common::topology::connect(&self.settings.amqp.url)
+        let conn = common::amqp::connect::connect(&self.settings.amqp.url)
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
@@ -96,7 +96,7 @@ impl Env {
     }
 
     async fn queue_depth(&self, queue: &str) -> u32 {
-        let conn = common::topology::connect(&self.settings.amqp.url)
+        let conn = common::amqp::connect::connect(&self.settings.amqp.url)
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();

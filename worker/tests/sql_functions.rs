@@ -467,3 +467,218 @@ async fn the_ledger_is_append_only_except_for_nulling_description_and_metadata()
     assert_eq!((metadata, description, amount), (None, None, -10));
     assert_ledger_consistent(&pool, &user).await;
 }
+
+/// One consume for `settle_consumes`: (transaction id, event id, user, amount, description, metadata).
+type Settle<'a> = (Uuid, Uuid, &'a str, i64, Option<&'a str>, Option<&'a str>);
+
+/// (id, balance_after, description, metadata, model) of a ledger row.
+type LedgerRow = (
+    Uuid,
+    i64,
+    Option<String>,
+    Option<serde_json::Value>,
+    Option<String>,
+);
+
+/// `settle_consumes` with its arrays built from the consumes; the other
+/// context columns carry a model and a provider, as the gateway's do.
+async fn settle_consumes(pool: &PgPool, rows: &[Settle<'_>]) -> Result<i64, sqlx::Error> {
+    let n = rows.len();
+    sqlx::query_scalar("select settle_consumes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+        .bind(rows.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.2).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.3).collect::<Vec<_>>())
+        .bind(vec![Some("sess"); n])
+        .bind(vec![Some("gpt"); n])
+        .bind(vec![Some("openai"); n])
+        .bind(vec![Some(3_i64); n])
+        .bind(vec![None::<i64>; n])
+        .bind(vec![None::<&str>; n])
+        .bind(rows.iter().map(|r| r.4).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.5).collect::<Vec<_>>())
+        .fetch_one(pool)
+        .await
+}
+
+#[tokio::test]
+async fn settle_consumes_writes_each_transaction_once_with_its_balance_after_chain_and_audit_row() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool(2).await;
+    let a = user_with(&pool, 100).await;
+    let b = user_with(&pool, 10).await;
+    let (t1, t2, t3, t4) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    let rows = [
+        (
+            t1,
+            Uuid::new_v4(),
+            a.as_str(),
+            30,
+            Some("first"),
+            Some(r#"{"k": 1}"#),
+        ),
+        (t2, Uuid::new_v4(), b.as_str(), 25, None, None),
+        (t3, Uuid::new_v4(), a.as_str(), 50, None, None),
+        // The same transaction id again in the call: counts once.
+        (t1, Uuid::new_v4(), a.as_str(), 30, Some("resend"), None),
+        // Zero writes nothing.
+        (t4, Uuid::new_v4(), a.as_str(), 0, None, None),
+    ];
+    assert_eq!(settle_consumes(&pool, &rows).await.unwrap(), 3);
+    // Settle mode: a granted consume is charged even below zero.
+    assert_eq!(
+        (balance(&pool, &a).await, balance(&pool, &b).await),
+        (20, -15)
+    );
+    assert_ledger_consistent(&pool, &a).await;
+    assert_ledger_consistent(&pool, &b).await;
+    let after: Vec<LedgerRow> = sqlx::query_as(
+        "select id, balance_after, description, metadata, model from credit_transactions \
+         where user_id = $1 and kind = 'consume' order by created_at",
+    )
+    .bind(&a)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(after.len(), 2);
+    assert_eq!(
+        (after[0].0, after[0].1, after[0].2.as_deref()),
+        (t1, 70, Some("first"))
+    );
+    assert_eq!(after[0].3, Some(serde_json::json!({"k": 1})));
+    assert_eq!(
+        (after[1].0, after[1].1, after[1].4.as_deref()),
+        (t3, 20, Some("gpt"))
+    );
+    let audited: Vec<(String, serde_json::Value)> = sqlx::query_as(
+        "select target, details from audit_log where action = 'credits.consume' order by id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        audited.len(),
+        3,
+        "one audit row per new consume: {audited:?}"
+    );
+    assert!(audited
+        .iter()
+        .any(|(t, d)| t == &a && d["transaction_id"] == t3.to_string() && d["amount"] == 50));
+
+    // Redelivered: nothing new, nothing moves.
+    assert_eq!(settle_consumes(&pool, &rows).await.unwrap(), 0);
+    assert_eq!(
+        (balance(&pool, &a).await, balance(&pool, &b).await),
+        (20, -15)
+    );
+    let (n,): (i64,) =
+        sqlx::query_as("select count(*) from audit_log where action = 'credits.consume'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(n, 3);
+}
+
+#[tokio::test]
+async fn settle_consumes_refuses_an_unknown_user_and_keeps_no_text_of_a_deleted_one() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool(2).await;
+    let a = user_with(&pool, 100).await;
+    let ghost = "user_nobody";
+    let e = settle_consumes(
+        &pool,
+        &[
+            (Uuid::new_v4(), Uuid::new_v4(), a.as_str(), 5, None, None),
+            (Uuid::new_v4(), Uuid::new_v4(), ghost, 5, None, None),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(sql_state(&e).as_deref(), Some("P0002"));
+    assert_eq!(
+        balance(&pool, &a).await,
+        100,
+        "a refused call writes nothing"
+    );
+
+    sqlx::query("update users set status = 'deleted' where id = $1")
+        .bind(&a)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let t = Uuid::new_v4();
+    let rows = [(
+        t,
+        Uuid::new_v4(),
+        a.as_str(),
+        5,
+        Some("words"),
+        Some(r#"{"k": 1}"#),
+    )];
+    assert_eq!(settle_consumes(&pool, &rows).await.unwrap(), 1);
+    let (description, metadata, model): (
+        Option<String>,
+        Option<serde_json::Value>,
+        Option<String>,
+    ) = sqlx::query_as(
+        "select description, metadata, model from credit_transactions where id = $1",
+    )
+    .bind(t)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (description, metadata, model.as_deref()),
+        (None, None, Some("gpt"))
+    );
+    assert_eq!(balance(&pool, &a).await, 95);
+}
+
+#[tokio::test]
+async fn concurrent_settle_consumes_of_the_same_users_never_deadlock_and_charge_once() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool(8).await;
+    let a = user_with(&pool, 1000).await;
+    let b = user_with(&pool, 1000).await;
+    let ids: Vec<Uuid> = (0..8).map(|_| Uuid::new_v4()).collect();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (pool, a, b, ids) = (pool.clone(), a.clone(), b.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            // Users in opposite orders on alternate calls; every call carries every id.
+            let (x, y) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            let rows: Vec<Settle<'_>> = ids
+                .iter()
+                .enumerate()
+                .map(|(k, id)| {
+                    (
+                        *id,
+                        *id,
+                        if k % 2 == 0 { x.as_str() } else { y.as_str() },
+                        10,
+                        None,
+                        None,
+                    )
+                })
+                .collect();
+            settle_consumes(&pool, &rows).await.unwrap()
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    // Each id lands with the user of the call that wrote it first; 8 rows in all.
+    assert_eq!(total, 8);
+    assert_eq!(
+        balance(&pool, &a).await + balance(&pool, &b).await,
+        2000 - 80
+    );
+    assert_ledger_consistent(&pool, &a).await;
+    assert_ledger_consistent(&pool, &b).await;
+}

@@ -4,7 +4,7 @@
 //! refreshes the Redis user hash (see [`crate::audit::change_user`]); other
 //! gateways pick it up when their local copy expires, well within 5 s.
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -15,9 +15,11 @@ use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::extract::{ApiJson, ApiQuery};
 use super::guard::{effective_limit, CurrentUser};
+use super::target::Target;
 use super::{guarded, Class};
 use crate::admin::{self, By, Unknown};
 use crate::audit::{self, Action, RequestId};
+use crate::error::Error;
 use crate::state::AppState;
 use crate::users::{Status, UserRecord};
 
@@ -55,26 +57,6 @@ impl<S: Send + Sync> FromRequestParts<S> for AdminUser {
         let user = CurrentUser::from_request_parts(parts, state).await?;
         user.require_admin()?;
         Ok(Self(user))
-    }
-}
-
-/// The `:id` of an admin route: a well-formed user id, else 422 naming `id`.
-pub struct TargetId(pub String);
-
-impl<S: Send + Sync> FromRequestParts<S> for TargetId {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self> {
-        let Path(id) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| ApiError::validation("id", "not a valid user id"))?;
-        if !crate::auth::valid_user_id(&id) {
-            return Err(ApiError::validation(
-                "id",
-                "must be 1..=64 of [A-Za-z0-9_-]",
-            ));
-        }
-        Ok(Self(id))
     }
 }
 
@@ -117,7 +99,7 @@ struct PlanBody {
 async fn set_plan(
     State(state): State<AppState>,
     AdminUser(caller): AdminUser,
-    TargetId(id): TargetId,
+    Target(id): Target,
     RequestId(rid): RequestId,
     deadline: Deadline,
     ApiJson(body): ApiJson<PlanBody>,
@@ -150,7 +132,7 @@ fn parse_class(field: &str, class: &str) -> Result<Class> {
 async fn set_rate_limit(
     State(state): State<AppState>,
     AdminUser(caller): AdminUser,
-    TargetId(id): TargetId,
+    Target(id): Target,
     RequestId(rid): RequestId,
     deadline: Deadline,
     ApiJson(body): ApiJson<RateLimitBody>,
@@ -213,7 +195,7 @@ struct ClassQuery {
 async fn delete_rate_limit(
     State(state): State<AppState>,
     AdminUser(caller): AdminUser,
-    TargetId(id): TargetId,
+    Target(id): Target,
     RequestId(rid): RequestId,
     deadline: Deadline,
     ApiQuery(q): ApiQuery<ClassQuery>,
@@ -234,7 +216,7 @@ async fn delete_rate_limit(
         Box::pin(async move {
             // Nothing to remove: 404 rolls back, so no audit row either.
             let Some(previous) = before.overrides.get(class.as_str()) else {
-                return Err(ApiError::NotFound(format!(
+                return Err(Error::NotFound(format!(
                     "no {} override for this user",
                     class.as_str()
                 )));
@@ -263,7 +245,7 @@ struct StatusBody {
 async fn set_status(
     State(state): State<AppState>,
     AdminUser(caller): AdminUser,
-    TargetId(id): TargetId,
+    Target(id): Target,
     RequestId(rid): RequestId,
     deadline: Deadline,
     ApiJson(body): ApiJson<StatusBody>,
@@ -289,7 +271,7 @@ async fn set_status(
         Box::pin(async move {
             // Erasure is final: a deleted account never comes back.
             if before.status == Status::Deleted {
-                return Err(ApiError::validation("status", "the account is deleted"));
+                return Err(Error::validation("status", "the account is deleted"));
             }
             sqlx::query("update users set status = $2, updated_at = now() where id = $1")
                 .bind(&before.id)

@@ -1,15 +1,15 @@
 //! Analytics and usage stats (SPEC §5.3, §5.6, §5.10): parse the query, call
 //! [`crate::analytics`], answer. Both routes are of class `analytics`.
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::Value;
 
-use super::error::{ApiError, Result};
+use super::error::Result;
 use super::extract::ApiQuery;
 use super::guard::CurrentUser;
+use super::target::Target;
 use super::{guarded, Class};
 use crate::analytics::{self, AnalyticsQuery, StatsQuery};
 use crate::state::AppState;
@@ -37,28 +37,9 @@ async fn vscode_analytics(
 /// `GET /api/users/:id/usage/stats?from=&to=&group_by=`.
 async fn usage_stats(
     State(state): State<AppState>,
-    user: CurrentUser,
-    path: Result<Path<String>, PathRejection>,
+    Target(id): Target,
     ApiQuery(q): ApiQuery<StatsQuery>,
 ) -> Result<Json<Value>> {
-    let id = target_id(&user, path)?;
     let req = q.parse(chrono::Utc::now())?;
     Ok(Json(analytics::stats(&state.pg, &id, req).await?))
-}
-
-/// The user a `/api/users/:id/...` route names, once the caller may reach it.
-/// A malformed id is 404 (no such user can exist), before the ownership check
-/// so the answer says nothing about other accounts.
-pub fn target_id(
-    caller: &CurrentUser,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<String> {
-    let Ok(Path(id)) = path else {
-        return Err(ApiError::NotFound("no such user".into()));
-    };
-    if !crate::auth::valid_user_id(&id) {
-        return Err(ApiError::NotFound("no such user".into()));
-    }
-    caller.authorize(&id)?;
-    Ok(id)
 }

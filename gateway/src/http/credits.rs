@@ -9,10 +9,12 @@ use axum::{Json, Router};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::admin::AdminUser;
 use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::extract::ApiJson;
 use super::guard::CurrentUser;
+use super::target::{provision_other, Target};
 use super::{guarded, Class};
 use crate::admin::{self, Unknown};
 use crate::audit::RequestId;
@@ -37,19 +39,6 @@ pub fn router(state: &AppState) -> Router<AppState> {
     Router::new()
         .merge(guarded(state, Class::Credits, user_routes))
         .merge(guarded(state, Class::Admin, admin_routes))
-}
-
-/// The user a credit route acts on: the caller, or anyone for an admin (an
-/// id never seen is provisioned first, SPEC §4).
-async fn target(state: &AppState, caller: &CurrentUser, id: &str) -> Result<()> {
-    caller.authorize(id)?;
-    if id != caller.id() {
-        if !crate::auth::valid_user_id(id) {
-            return Err(ApiError::NotFound("no such user".into()));
-        }
-        state.users.get_by_id(state, id, None).await?;
-    }
-    Ok(())
 }
 
 fn hold_id(raw: &str) -> Result<Uuid> {
@@ -79,13 +68,13 @@ fn respond(answer: Answer) -> Response {
 async fn consume(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
     deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
-    target(&state, &user, &id).await?;
-    let key = credits::idempotency_key(&headers)?;
+    provision_other(&state, &user, &id).await?;
+    let key = credits::idempotency_key(idempotency_header(&headers))?;
     let (amount, context) = credits::parse_body::<ConsumeBody>(body.clone())?.validate()?;
     let idem = key.map(|k| Idem::new(&state, &id, "consume", k, &body));
     deadline.commit()?;
@@ -97,13 +86,13 @@ async fn consume(
 async fn open_hold(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<String>,
+    Target(id): Target,
     headers: HeaderMap,
     deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
-    target(&state, &user, &id).await?;
-    let key = credits::idempotency_key(&headers)?;
+    provision_other(&state, &user, &id).await?;
+    let key = credits::idempotency_key(idempotency_header(&headers))?;
     let c = &state.settings.credits;
     let (amount, ttl, context) = credits::parse_body::<HoldBody>(body.clone())?
         .validate(c.hold_default_ttl_secs, c.hold_max_ttl_secs)?;
@@ -117,11 +106,12 @@ async fn open_hold(
 async fn settle_hold(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path((id, hold)): Path<(String, String)>,
+    Target(id): Target,
+    Path((_, hold)): Path<(String, String)>,
     deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
-    target(&state, &user, &id).await?;
+    provision_other(&state, &user, &id).await?;
     let hold = hold_id(&hold)?;
     let (amount, context) = credits::parse_body::<SettleBody>(body)?.validate()?;
     deadline.commit()?;
@@ -133,10 +123,11 @@ async fn settle_hold(
 async fn release_hold(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path((id, hold)): Path<(String, String)>,
+    Target(id): Target,
+    Path((_, hold)): Path<(String, String)>,
     deadline: Deadline,
 ) -> Result<StatusCode> {
-    target(&state, &user, &id).await?;
+    provision_other(&state, &user, &id).await?;
     let hold = hold_id(&hold)?;
     deadline.commit()?;
     credits::release_hold(&state, &id, hold).await?;
@@ -145,18 +136,14 @@ async fn release_hold(
 
 async fn grant(
     State(state): State<AppState>,
-    user: CurrentUser,
-    Path(id): Path<String>,
+    AdminUser(user): AdminUser,
+    Target(id): Target,
     RequestId(request_id): RequestId,
     headers: HeaderMap,
     deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
-    user.require_admin()?;
-    if !crate::auth::valid_user_id(&id) {
-        return Err(ApiError::NotFound("no such user".into()));
-    }
-    let key = credits::idempotency_key(&headers)?;
+    let key = credits::idempotency_key(idempotency_header(&headers))?;
     let (amount, reason) = credits::parse_body::<GrantBody>(body)?.validate()?;
     admin::target(&state, &id, Unknown::Provision).await?;
     deadline.commit()?;
@@ -173,4 +160,9 @@ async fn grant(
     )
     .await?;
     Ok(respond(answer))
+}
+
+/// The raw `Idempotency-Key` header, for [`credits::idempotency_key`] to judge.
+fn idempotency_header(headers: &HeaderMap) -> Option<&[u8]> {
+    headers.get("idempotency-key").map(HeaderValue::as_bytes)
 }

@@ -1,9 +1,14 @@
-//! The gateway's one error type, mapped once to `application/problem+json`
-//! (SPEC §5). 5xx causes are logged here, once; the client sees only what it may.
+//! The HTTP face of errors, mapped once to `application/problem+json`
+//! (SPEC §5). Domain errors ([`crate::error::Error`]) arrive through
+//! `From<Error>`; the cases only HTTP can meet (no token, bytes that are not
+//! JSON, a body over the limit, a missed deadline) are made here. 5xx causes
+//! are logged here, once; the client sees only what it may.
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
+
+use crate::error::Error;
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 
@@ -209,39 +214,58 @@ const DEADLINE_RETRY_AFTER: u64 = 5;
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorCode(pub &'static str);
 
+/// The one place a domain error gets its HTTP face: each case keeps its
+/// message and maps to the `ApiError` case of the same name.
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Validation { field, message } => Self::Validation { field, message },
+            Error::NotFound(m) => Self::NotFound(m),
+            Error::Forbidden(m) => Self::Forbidden(m),
+            Error::AccountSuspended => Self::AccountSuspended,
+            Error::AccountDeleted => Self::AccountDeleted,
+            Error::InsufficientCredits { balance, required } => {
+                Self::InsufficientCredits { balance, required }
+            }
+            Error::IdempotencyConflict(m) => Self::IdempotencyConflict(m),
+            Error::HoldExpired => Self::HoldExpired,
+            Error::UpgradeRequired { have, need } => Self::UpgradeRequired { have, need },
+            Error::Unavailable {
+                what,
+                retry_after,
+                cause,
+            } => Self::Unavailable {
+                what,
+                retry_after,
+                cause,
+            },
+            Error::RateLimited { retry_after } => Self::RateLimited { retry_after },
+            Error::Internal(cause) => Self::Internal(cause),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::unavailable("postgres", e)
-            }
-            sqlx::Error::Database(ref db)
-                if db
-                    .code()
-                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57")) =>
-            {
-                Self::unavailable("postgres", e)
-            }
-            other => Self::Internal(other.into()),
-        }
+        Error::from(e).into()
     }
 }
 
 impl From<redis::RedisError> for ApiError {
     fn from(e: redis::RedisError) -> Self {
-        Self::unavailable("redis", e)
+        Error::from(e).into()
     }
 }
 
 impl From<crate::redis_link::LinkError> for ApiError {
     fn from(e: crate::redis_link::LinkError) -> Self {
-        Self::unavailable("redis", e)
+        Error::from(e).into()
     }
 }
 
 impl From<deadpool_redis::PoolError> for ApiError {
     fn from(e: deadpool_redis::PoolError) -> Self {
-        Self::unavailable("redis", e)
+        Error::from(e).into()
     }
 }
 

@@ -9,6 +9,7 @@ use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use crate::audit::RequestId;
 
 /// A JSON body; like `axum::Json` but with our error mapping.
 pub struct ApiJson<T>(pub T);
@@ -64,22 +65,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     from_value(value)
 }
 
+/// `value` → `T` (422 naming the path of the member); see [`crate::decode::from_value`].
 pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        let message = e.inner().to_string();
-        // A missing member is reported at its parent; name the member itself.
-        let missing = message
-            .strip_prefix("missing field `")
-            .and_then(|m| m.split('`').next());
-        let field = match (path.as_str(), missing) {
-            (".", Some(m)) => m.to_string(),
-            (".", None) => "body".to_string(),
-            (p, Some(m)) => format!("{p}.{m}"),
-            (p, None) => p.to_string(),
-        };
-        ApiError::validation(field, message)
-    })
+    Ok(crate::decode::from_value(value)?)
 }
 
 /// Query parameters with 422 naming the parameter.
@@ -147,6 +135,19 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The audit row's request id, read from `x-request-id` (see [`RequestId::from_header`]).
+impl<S: Send + Sync> FromRequestParts<S> for RequestId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok());
+        Ok(RequestId::from_header(header))
+    }
 }
 
 #[cfg(test)]

@@ -36,17 +36,6 @@ impl CurrentUser {
         self.claims.admin
     }
 
-    /// A user reaches only their own `/api/users/:id/...`; admins reach anyone.
-    pub fn authorize(&self, target: &str) -> Result<(), ApiError> {
-        if self.is_admin() || self.id() == target {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(
-                "you may only access your own account".into(),
-            ))
-        }
-    }
-
     pub fn require_admin(&self) -> Result<(), ApiError> {
         if self.is_admin() {
             Ok(())
@@ -126,7 +115,7 @@ pub async fn guard(
     };
     let record = match state.users.get(&state, &claims).await {
         Ok(r) => r,
-        Err(e) => return e.into_response(),
+        Err(e) => return ApiError::from(e).into_response(),
     };
     // The limit is decided before the status so that a 403 carries the
     // RateLimit-* headers too (SPEC §6: every /api/ answer).

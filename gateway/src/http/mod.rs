@@ -13,6 +13,7 @@ pub mod openapi;
 pub mod ops;
 pub mod privacy;
 pub mod sessions;
+pub mod target;
 pub mod usage;
 pub mod users;
 
@@ -71,7 +72,7 @@ pub fn guarded(state: &AppState, class: Class, routes: Router<AppState>) -> Rout
 
 pub fn router(state: AppState) -> Router {
     // Every series at 0 from the start (SPEC §5.9).
-    crate::metrics::init();
+    crate::metrics::init(&route_series());
     let limit = state.settings.gateway.body_limit_bytes;
     let deadline = std::time::Duration::from_millis(state.settings.gateway.request_timeout_ms);
     let api = Router::new().merge(api_routes(&state));
@@ -113,6 +114,44 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .merge(privacy::router(state))
 }
 
+/// Every route the router serves with the statuses its series start with:
+/// the OpenAPI operations (the one list of routes) and the document itself.
+pub fn route_series() -> Vec<crate::metrics::RouteSeries> {
+    let mut routes: Vec<_> = openapi::operations()
+        .iter()
+        .map(|op| crate::metrics::RouteSeries {
+            route: op.path.to_string(),
+            method: crate::metrics::method_label_of(op.method),
+            statuses: statuses(op),
+        })
+        .collect();
+    routes.push(crate::metrics::RouteSeries {
+        route: "/openapi.json".into(),
+        method: "GET",
+        statuses: vec![200],
+    });
+    routes
+}
+
+/// The statuses a route's metrics start with: its success, the errors its
+/// OpenAPI entry documents, and 503 (a deadline or a dependency).
+fn statuses(op: &openapi::Op) -> Vec<u16> {
+    let mut s = vec![op.ok.0, 503];
+    s.extend(op.errors);
+    if op.path.contains('{') {
+        s.push(404);
+    }
+    if op.class.is_some() {
+        s.extend([401, 403, 422, 429]);
+        if op.body.is_some() {
+            s.extend([400, 413, 415]);
+        }
+    }
+    s.sort_unstable();
+    s.dedup();
+    s
+}
+
 async fn track_metrics(req: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
     let route = req
@@ -121,7 +160,7 @@ async fn track_metrics(req: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
     // A fixed set: a client inventing methods cannot mint series.
-    let method = crate::metrics::method_label(req.method());
+    let method = crate::metrics::method_label(req.method().as_str());
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
     metrics::counter!("http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
@@ -129,4 +168,22 @@ async fn track_metrics(req: Request, next: Next) -> Response {
     metrics::histogram!("http_request_duration_seconds", "route" => route, "method" => method)
         .record(started.elapsed().as_secs_f64());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_route_starts_its_series_with_its_errors() {
+        let routes = route_series();
+        let track = routes
+            .iter()
+            .find(|r| r.route == "/api/vscode/usage/track" && r.method == "POST")
+            .expect("usage/track is a route");
+        for status in [202, 401, 415, 429, 503] {
+            assert!(track.statuses.contains(&status), "{status}");
+        }
+        assert!(routes.iter().any(|r| r.route == "/openapi.json"));
+    }
 }

@@ -13,8 +13,7 @@
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -25,10 +24,10 @@ use serde_json::{json, Value};
 use sqlx::PgConnection;
 use tokio::sync::mpsc;
 
-use super::analytics::target_id;
 use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::guard::CurrentUser;
+use super::target::Target;
 use super::{guarded, Class};
 use crate::state::AppState;
 use crate::users::Status;
@@ -121,9 +120,8 @@ async fn export(
     caller: CurrentUser,
     headers: HeaderMap,
     deadline: Deadline,
-    path: Result<Path<String>, PathRejection>,
+    Target(id): Target,
 ) -> Result<Response> {
-    let id = target_id(&caller, path)?;
     let rid = request_id(&headers);
     let timeout_ms = state.settings.users.export_timeout_ms;
     // Out of the pool: closing it is what releases the lock.
@@ -290,9 +288,8 @@ async fn erase(
     caller: CurrentUser,
     headers: HeaderMap,
     deadline: Deadline,
-    path: Result<Path<String>, PathRejection>,
+    Target(id): Target,
 ) -> Result<Response> {
-    let id = target_id(&caller, path)?;
     let rid = request_id(&headers);
     deadline.commit()?;
     let deleted_at = erase_in_postgres(&state, caller.id(), &id, &rid).await?;

@@ -2,8 +2,7 @@
 //! rare, read-your-own-writes path) plus the balance from Redis; a preferences
 //! change travels as an event and lands through the users worker.
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
@@ -18,6 +17,7 @@ use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::extract::ApiJson;
 use super::guard::CurrentUser;
+use super::target::{provision_other, Target};
 use super::{guarded, Class};
 use crate::state::AppState;
 use crate::users::PreferencesFit;
@@ -36,9 +36,9 @@ pub fn router(state: &AppState) -> Router<AppState> {
 async fn profile(
     State(state): State<AppState>,
     caller: CurrentUser,
-    path: Result<Path<String>, PathRejection>,
+    Target(id): Target,
 ) -> Result<Json<Profile>> {
-    let id = target(&state, &caller, path).await?;
+    provision_other(&state, &caller, &id).await?;
     let profile = load_profile(&state, &id)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such user".into()))?;
@@ -49,11 +49,11 @@ async fn profile(
 async fn update_preferences(
     State(state): State<AppState>,
     caller: CurrentUser,
-    path: Result<Path<String>, PathRejection>,
+    Target(id): Target,
     deadline: Deadline,
     ApiJson(patch): ApiJson<Value>,
 ) -> Result<Response> {
-    let id = target(&state, &caller, path).await?;
+    provision_other(&state, &caller, &id).await?;
     check_preferences(&patch)?;
     let members = patch.as_object().cloned().unwrap_or_default();
     // Counted against the merged bound before anything is published (see
@@ -90,29 +90,6 @@ async fn update_preferences(
     }
     let body = json!({"accepted": true, "user_id": id, "event_id": envelope.id});
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
-}
-
-/// The user a `/api/users/:id/...` route names, once the caller may reach it.
-///
-/// A malformed id is 404: no such user can exist, and answering 404 before
-/// the ownership check tells a caller nothing about other accounts. An admin
-/// naming an id never seen provisions it first (SPEC §4).
-async fn target(
-    state: &AppState,
-    caller: &CurrentUser,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<String> {
-    let Ok(Path(id)) = path else {
-        return Err(ApiError::NotFound("no such user".into()));
-    };
-    if !crate::auth::valid_user_id(&id) {
-        return Err(ApiError::NotFound("no such user".into()));
-    }
-    caller.authorize(&id)?;
-    if id != caller.id() {
-        state.users.get_by_id(state, &id, None).await?;
-    }
-    Ok(id)
 }
 
 /// A preferences patch is a JSON object of at most 8 KiB.

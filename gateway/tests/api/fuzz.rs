@@ -78,7 +78,7 @@ proptest! {
                     prop_assert_eq!(e.user_id.as_str(), "user_1");
                 }
             }
-            Err(e) => prop_assert_eq!(e.status().as_u16(), 422),
+            Err(e) => prop_assert_eq!(ApiError::from(e).status().as_u16(), 422),
         }
     }
 

@@ -14,7 +14,7 @@ use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::Effects;
-use crate::startup::Ctx;
+use crate::ctx::Ctx;
 
 /// One consume to settle: the event's id (audit `request_id`), the consume,
 /// and its idempotency record when it had a key.
@@ -143,29 +143,18 @@ pub async fn store(
     Ok(())
 }
 
-/// Settles a batch's consumes set-based: the users' rows locked in id order
-/// (the lock every ledger write takes first, so concurrent workers serialise
-/// per user and never deadlock among themselves), then one statement that
-/// writes the new ledger rows with their `balance_after` chain, moves each
-/// balance once by the sum, and audits each consume, exactly once per
-/// transaction id. Returns how many ledger rows are new.
+/// Settles a batch's consumes through `settle_consumes()` (migration 0004):
+/// the users' rows locked in id order, then one statement that writes the
+/// new ledger rows with their `balance_after` chain, moves each balance once
+/// by the sum, and audits each consume, exactly once per transaction id.
+/// Then the idempotency records of keyed consumes, in the same transaction.
+/// Returns how many ledger rows are new. A consume of a user Postgres does
+/// not know refuses the call (P0002): refused data, dead-lettered like a
+/// single settle would be.
 async fn settle_consumes(
     tx: &mut Transaction<'_, Postgres>,
     rows: &[ConsumeRow<'_>],
 ) -> Result<usize, sqlx::Error> {
-    let mut users: Vec<&str> = rows.iter().map(|r| r.consume.user_id.as_str()).collect();
-    users.sort_unstable();
-    users.dedup();
-    let locked: Vec<(String,)> =
-        sqlx::query_as("select id from users where id = any($1) order by id for update")
-            .bind(&users)
-            .fetch_all(&mut **tx)
-            .await?;
-    if locked.len() != users.len() {
-        // A consume of a user Postgres does not know: refused data (the
-        // message is dead-lettered, as a single settle would be).
-        return Err(sqlx::Error::RowNotFound);
-    }
     let col = |f: fn(&CreditConsume) -> Option<String>| -> Vec<Option<String>> {
         rows.iter().map(|r| f(r.consume)).collect()
     };
@@ -180,14 +169,16 @@ async fn settle_consumes(
         .iter()
         .map(|r| r.consume.context.completion_tokens)
         .collect();
-    // Statement snapshot after the locks: every committed ledger row of these
-    // users is visible, so `not exists` is the once-only check.
-    let (n,): (i64,) = sqlx::query_as(
-        "with input as (            select distinct on (i.id) i.*            from unnest($1::uuid[], $2::uuid[], $3::text[], $4::int8[], $5::text[], $6::text[],                        $7::text[], $8::int8[], $9::int8[], $10::text[], $11::text[], $12::text[])              with ordinality as i(id, event_id, user_id, amount, session_id, model, provider,                                   prompt_tokens, completion_tokens, feature, description, metadata, ord)            where i.amount > 0            order by i.id, i.ord),          fresh as (            select i.*, u.credits_balance, u.status,                   row_number() over w as n, sum(i.amount) over w as running            from input i join users u on u.id = i.user_id            where not exists (select 1 from credit_transactions t where t.id = i.id)            window w as (partition by i.user_id order by i.ord)),          at as (select clock_timestamp() as ts),          ins as (            insert into credit_transactions (id, user_id, kind, amount, balance_after, session_id,                model, provider, prompt_tokens, completion_tokens, feature, description, metadata, created_at)            select f.id, f.user_id, 'consume', -f.amount, f.credits_balance - f.running, f.session_id,                f.model, f.provider, f.prompt_tokens, f.completion_tokens, f.feature,                case when f.status = 'deleted' then null else f.description end,                case when f.status = 'deleted' then null else f.metadata::jsonb end,                at.ts + f.n * interval '1 microsecond'            from fresh f, at            returning user_id, amount),          moved as (            update users u set credits_balance = u.credits_balance + s.total, updated_at = now()            from (select user_id, sum(amount) as total from ins group by user_id) s            where u.id = s.user_id),          audited as (            insert into audit_log (actor, action, target, request_id, details)            select f.user_id, 'credits.consume', f.user_id, f.event_id::text,                   jsonb_build_object('amount', f.amount, 'transaction_id', f.id)            from fresh f)          select count(*) from ins",
+    let n: i64 = sqlx::query_scalar(
+        "select settle_consumes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&ids)
     .bind(&events)
-    .bind(rows.iter().map(|r| r.consume.user_id.as_str()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|r| r.consume.user_id.as_str())
+            .collect::<Vec<_>>(),
+    )
     .bind(&amounts)
     .bind(col(|c| c.context.session_id.clone()))
     .bind(col(|c| c.context.model.clone()))

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use chrono::Utc;
 use common::events::{Envelope, Event};
 
-use crate::startup::Ctx;
+use crate::ctx::Ctx;
 
 /// What a committed batch changed, for the Redis follow-ups after commit.
 #[derive(Debug, Default)]

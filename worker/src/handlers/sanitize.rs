@@ -12,14 +12,10 @@
 //!   (`{"dropped_fields": ["description", ...]}`, merged into the original
 //!   metadata when that one could be kept). The amount is never touched.
 //! - **Postgres refusing anyway** (a message stored alone still fails):
-//!   [`disposition`] says what to try next. A group of several members is split
-//!   into its members (each a message of its own); a money event is retried once
-//!   with all its free text and metadata dropped; anything else is
-//!   dead-lettered alone with Postgres's reason.
+//!   `consumer::disposition` says what to try next, with [`strip_context`]
+//!   for the retry of a money event without its free text.
 
-use common::events::{
-    CreditConsumeBatch, CreditContext, Envelope, Event, UsageBatch, UsageDetail, UsageEvent,
-};
+use common::events::{CreditContext, Envelope, Event, UsageBatch, UsageDetail, UsageEvent};
 use common::valid::{self, TextRule};
 use serde_json::{Map, Value};
 
@@ -287,7 +283,7 @@ fn note_dropped(c: &mut CreditContext, dropped: &[&'static str]) {
 }
 
 /// A usage event as a message of its own (id and times of the event).
-fn usage_member(received_at: &chrono::DateTime<chrono::Utc>, e: UsageEvent) -> Envelope {
+pub(crate) fn usage_member(received_at: &chrono::DateTime<chrono::Utc>, e: UsageEvent) -> Envelope {
     let (id, user, at) = (e.id, e.user_id.clone(), e.occurred_at);
     let mut env = Envelope::new(
         Event::UsageBatch(UsageBatch { events: vec![e] }),
@@ -299,134 +295,14 @@ fn usage_member(received_at: &chrono::DateTime<chrono::Utc>, e: UsageEvent) -> E
     env
 }
 
-/// The members of a grouped message, each as a message of its own (a group
-/// of one, keeping the member's id, user and time); empty when `env` is not
-/// a group of several.
-pub fn members(env: &Envelope) -> Vec<Envelope> {
-    match &env.event {
-        Event::UsageBatch(b) if b.events.len() > 1 => b
-            .events
-            .iter()
-            .map(|e| usage_member(&env.received_at, e.clone()))
-            .collect(),
-        Event::CreditConsumeBatch(b) if b.consumes.len() > 1 => b
-            .consumes
-            .iter()
-            .map(|c| {
-                let mut m = Envelope::new(
-                    Event::CreditConsumeBatch(CreditConsumeBatch {
-                        consumes: vec![c.clone()],
-                    }),
-                    Some(c.consume.user_id.clone()),
-                    c.occurred_at,
-                );
-                m.id = c.id;
-                m.received_at = env.received_at;
-                m
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// What to do with a message Postgres refused when stored alone.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Disposition {
-    /// A group of several: store its members one by one (each its own message).
-    Split(Vec<Envelope>),
-    /// A money event: charge it once more with every free-text field dropped.
-    Retry(Box<Envelope>),
-    /// Nothing left to try: dead-letter it alone, with the reason.
-    DeadLetter,
-}
-
-/// Decides the next step for a refused message; `stripped` says whether its
-/// free text was already dropped (a retry of a retry dead-letters).
-pub fn disposition(env: &Envelope, stripped: bool) -> Disposition {
-    let members = members(env);
-    if !members.is_empty() {
-        return Disposition::Split(members);
-    }
-    if stripped {
-        return Disposition::DeadLetter;
-    }
-    let mut retry = env.clone();
-    let changed = match &mut retry.event {
-        Event::CreditConsume(c) => strip_context(&mut c.context).is_some(),
-        Event::CreditConsumeBatch(b) => {
-            // Every member stripped (no short circuit).
-            let mut any = false;
-            for c in &mut b.consumes {
-                any |= strip_context(&mut c.consume.context).is_some();
-            }
-            any
-        }
-        Event::HoldOpened(h) => strip_context(&mut h.context).is_some(),
-        Event::HoldSettled(h) => strip_context(&mut h.context).is_some(),
-        _ => false,
-    };
-    if changed {
-        Disposition::Retry(Box::new(retry))
-    } else {
-        Disposition::DeadLetter
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{consume, consumes, model_event, usage};
     use chrono::Utc;
-    use common::events::{BatchedConsume, HoldSettled};
+    use common::events::HoldSettled;
     use serde_json::json;
     use uuid::Uuid;
-
-    fn model_event(user: &str, model: &str, metadata: Option<Value>) -> UsageEvent {
-        UsageEvent {
-            id: Uuid::new_v4(),
-            user_id: user.into(),
-            session_id: Some("s1".into()),
-            occurred_at: Utc::now(),
-            received_at: Utc::now(),
-            metadata,
-            detail: UsageDetail::Model {
-                provider: "openai".into(),
-                model: model.into(),
-                prompt_tokens: 10,
-                completion_tokens: 5,
-                latency_ms: Some(20),
-                success: Some(true),
-            },
-        }
-    }
-
-    /// Built from JSON, as the gateway's events arrive: optional fields
-    /// added to the event types later need no change here.
-    fn consume(user: &str, context: CreditContext) -> BatchedConsume {
-        let mut v = json!({
-            "id": Uuid::new_v4(),
-            "occurred_at": Utc::now(),
-            "transaction_id": Uuid::new_v4(),
-            "user_id": user,
-            "amount": 7,
-        });
-        let ctx = serde_json::to_value(&context).unwrap();
-        v.as_object_mut()
-            .unwrap()
-            .extend(ctx.as_object().unwrap().clone());
-        serde_json::from_value(v).unwrap()
-    }
-
-    fn usage(events: Vec<UsageEvent>) -> Envelope {
-        Envelope::new(Event::UsageBatch(UsageBatch { events }), None, Utc::now())
-    }
-
-    fn consumes(items: Vec<BatchedConsume>) -> Envelope {
-        Envelope::new(
-            Event::CreditConsumeBatch(CreditConsumeBatch { consumes: items }),
-            None,
-            Utc::now(),
-        )
-    }
 
     #[test]
     fn a_usage_event_with_a_nul_or_bad_metadata_leaves_its_group_alone() {
@@ -597,68 +473,6 @@ mod tests {
             panic!("kept")
         };
         assert_eq!((h.amount, h.context.provider), (4, None));
-    }
-
-    #[test]
-    fn a_refused_group_splits_into_members_that_keep_their_ids() {
-        let a = consume("a", CreditContext::default());
-        let b = consume("b", CreditContext::default());
-        let env = consumes(vec![a.clone(), b.clone()]);
-        let Disposition::Split(members) = disposition(&env, false) else {
-            panic!("split")
-        };
-        assert_eq!(members.len(), 2);
-        for (m, c) in members.iter().zip([&a, &b]) {
-            assert_eq!(m.id, c.id);
-            assert_eq!(m.occurred_at, c.occurred_at);
-            assert_eq!(m.received_at, env.received_at);
-            assert_eq!(
-                m.event,
-                Event::CreditConsumeBatch(CreditConsumeBatch {
-                    consumes: vec![c.clone()]
-                })
-            );
-        }
-        let u = usage(vec![
-            model_event("a", "m", None),
-            model_event("b", "m", None),
-        ]);
-        assert!(matches!(disposition(&u, false), Disposition::Split(m) if m.len() == 2));
-    }
-
-    #[test]
-    fn a_refused_consume_is_retried_once_without_its_free_text_then_dead_lettered() {
-        let ctx = CreditContext {
-            model: Some("gpt".into()),
-            description: Some("words".into()),
-            prompt_tokens: Some(3),
-            metadata: Some(json!({"k": "v", "dropped_fields": ["session_id"]})),
-            ..Default::default()
-        };
-        let env = consumes(vec![consume("a", ctx)]);
-        let Disposition::Retry(retry) = disposition(&env, false) else {
-            panic!("retry")
-        };
-        let Event::CreditConsumeBatch(b) = &retry.event else {
-            panic!("batch")
-        };
-        let c = &b.consumes[0].consume;
-        assert_eq!((c.amount, c.context.prompt_tokens), (7, Some(3)));
-        assert_eq!(
-            (c.context.model.as_deref(), c.context.description.as_deref()),
-            (None, None)
-        );
-        assert_eq!(
-            c.context.metadata,
-            Some(json!({"dropped_fields": ["session_id", "model", "description", "metadata"]}))
-        );
-        assert_eq!(disposition(&retry, true), Disposition::DeadLetter);
-        // Nothing to drop: retrying would change nothing.
-        let bare = consumes(vec![consume("a", CreditContext::default())]);
-        assert_eq!(disposition(&bare, false), Disposition::DeadLetter);
-        // A usage event alone, or a session, is dead-lettered at once.
-        let one = usage(vec![model_event("a", "m", None)]);
-        assert_eq!(disposition(&one, false), Disposition::DeadLetter);
     }
 
     #[test]

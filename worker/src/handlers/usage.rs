@@ -1,10 +1,11 @@
 //! Usage events → `usage_event_ids` (the once-only guard), `model_usage` /
 //! `feature_usage` (monthly partitions) and the `usage_daily` rollup, all in
-//! the caller's transaction. Only events new to the guard touch the rollup.
+//! the caller's transaction. Only events new to the guard touch the rollup,
+//! whose cells [`rollup::cells`] computes.
 
 use std::collections::{HashMap, HashSet};
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use common::events::{UsageDetail, UsageEvent};
 use serde_json::Value;
 use sqlx::{Postgres, Transaction};
@@ -12,16 +13,7 @@ use uuid::Uuid;
 
 use super::Effects;
 
-/// One rollup cell: (user, day, kind, provider, model, feature, session).
-type RollupKey = (
-    String,
-    NaiveDate,
-    &'static str,
-    String,
-    String,
-    String,
-    String,
-);
+pub mod rollup;
 
 pub async fn store(
     tx: &mut Transaction<'_, Postgres>,
@@ -56,11 +48,8 @@ pub async fn store(
     }
     let mut m = ModelCols::default();
     let mut f = FeatureCols::default();
-    let mut rollup: HashMap<RollupKey, (i64, i64, i64)> = HashMap::new();
     for e in &fresh {
         effects.analytics_users.insert(e.user_id.clone());
-        let day = e.occurred_at.date_naive();
-        let session = e.session_id.clone().unwrap_or_default();
         match &e.detail {
             UsageDetail::Model {
                 provider,
@@ -79,22 +68,6 @@ pub async fn store(
                     *latency_ms,
                     *success,
                 );
-                let cell = rollup
-                    .entry((
-                        e.user_id.clone(),
-                        day,
-                        "model",
-                        provider.clone(),
-                        model.clone(),
-                        String::new(),
-                        session,
-                    ))
-                    .or_default();
-                // Counts are checked before a write (`sanitize`); saturating
-                // anyway, so no value ever panics a batch.
-                cell.0 += 1;
-                cell.1 = cell.1.saturating_add(*prompt_tokens);
-                cell.2 = cell.2.saturating_add(*completion_tokens);
             }
             UsageDetail::Feature {
                 feature,
@@ -102,18 +75,6 @@ pub async fn store(
                 duration_ms,
             } => {
                 f.push(e, feature, action.as_deref(), *duration_ms);
-                rollup
-                    .entry((
-                        e.user_id.clone(),
-                        day,
-                        "feature",
-                        String::new(),
-                        String::new(),
-                        feature.clone(),
-                        session,
-                    ))
-                    .or_default()
-                    .0 += 1;
             }
         }
     }
@@ -170,21 +131,7 @@ pub async fn store(
         .await?;
     }
     // Sorted, so concurrent workers take row locks in one order (no deadlocks).
-    let mut cells: Vec<_> = rollup.into_iter().collect();
-    cells.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut r = RollupCols::default();
-    for ((user, day, kind, provider, model, feature, session), (n, pt, ct)) in cells {
-        r.user.push(user);
-        r.day.push(day);
-        r.kind.push(kind.to_string());
-        r.provider.push(provider);
-        r.model.push(model);
-        r.feature.push(feature);
-        r.session.push(session);
-        r.n.push(n);
-        r.pt.push(pt);
-        r.ct.push(ct);
-    }
+    let r = rollup::cells(&fresh);
     sqlx::query(
         "insert into usage_daily (user_id, day, kind, provider, model, feature, session_id, \
          requests, prompt_tokens, completion_tokens) \
@@ -307,18 +254,4 @@ impl FeatureCols {
         self.occ.push(e.occurred_at);
         self.rec.push(e.received_at);
     }
-}
-
-#[derive(Default)]
-struct RollupCols {
-    user: Vec<String>,
-    day: Vec<NaiveDate>,
-    kind: Vec<String>,
-    provider: Vec<String>,
-    model: Vec<String>,
-    feature: Vec<String>,
-    session: Vec<String>,
-    n: Vec<i64>,
-    pt: Vec<i64>,
-    ct: Vec<i64>,
 }

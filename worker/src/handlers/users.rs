@@ -4,7 +4,7 @@ use common::events::{Envelope, Event};
 use sqlx::{Postgres, Transaction};
 
 use super::Effects;
-use crate::startup::Ctx;
+use crate::ctx::Ctx;
 
 pub async fn store(
     tx: &mut Transaction<'_, Postgres>,

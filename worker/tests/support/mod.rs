@@ -49,7 +49,7 @@ impl TestDb {
     pub async fn migrated() -> Self {
         let db = Self::empty().await;
         let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("test db");
-        common::infra::MIGRATOR
+        common::db::MIGRATOR
             .run(&mut conn)
             .await
             .expect("migrations");
@@ -157,9 +157,9 @@ impl Drop for Stack {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                if let Ok(conn) = common::topology::connect(&s.amqp.url).await {
+                if let Ok(conn) = common::amqp::connect::connect(&s.amqp.url).await {
                     if let Ok(ch) = conn.create_channel().await {
-                        let topo = common::topology::Topology::new(
+                        let topo = common::amqp::topology::Topology::new(
                             &s.amqp.namespace,
                             s.amqp.delivery_limit,
                         );

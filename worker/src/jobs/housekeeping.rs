@@ -1,28 +1,15 @@
-//! Jobs that must run once across all workers, each under a Postgres advisory
-//! lock: session cleanup, partitions made ahead, expired idempotency records,
-//! and the credit reconciler.
+//! Housekeeping every `worker.cleanup_interval_secs`, each step under its
+//! own advisory lock: monthly usage partitions made ahead, expired sessions
+//! and expired durable idempotency records deleted.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::startup::Ctx;
-
-/// Advisory lock ids (arbitrary, fixed).
-const LOCK_CLEANUP: i64 = 0x5653_4301;
-const LOCK_PARTITIONS: i64 = 0x5653_4302;
-const LOCK_HOLD_EXPIRY: i64 = 0x5653_4303;
-const LOCK_RECONCILE: i64 = 0x5653_4304;
-const LOCK_IDEMPOTENCY: i64 = 0x5653_4305;
+use super::{LOCK_CLEANUP, LOCK_IDEMPOTENCY, LOCK_PARTITIONS};
+use crate::ctx::Ctx;
 
 pub async fn run(ctx: Ctx, shutdown: CancellationToken) {
-    tokio::join!(
-        housekeeping(ctx.clone(), shutdown.clone()),
-        credit_jobs(ctx, shutdown)
-    );
-}
-
-async fn housekeeping(ctx: Ctx, shutdown: CancellationToken) {
     let every = Duration::from_secs(ctx.settings.worker.cleanup_interval_secs.max(1));
     loop {
         if let Err(e) = ensure_partitions(&ctx).await {
@@ -92,56 +79,4 @@ pub async fn ensure_partitions(ctx: &Ctx) -> Result<Option<i32>, sqlx::Error> {
         "select ensure_usage_partitions((now() - interval '2 months')::date, (now() + interval '3 months')::date)",
     )
     .await
-}
-
-/// Runs `job` only if this process takes the advisory lock `lock`, held for
-/// the whole job in a transaction of its own (a crash releases it). `None`
-/// when another worker holds it.
-pub async fn locked<T>(
-    ctx: &Ctx,
-    lock: i64,
-    job: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<Option<T>> {
-    let mut tx = ctx.pg.begin().await?;
-    let got: bool = sqlx::query_scalar("select pg_try_advisory_xact_lock($1)")
-        .bind(lock)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !got {
-        return Ok(None);
-    }
-    let result = job.await;
-    tx.commit().await?;
-    result.map(Some)
-}
-
-/// Hold expiry every `credits.expiry_interval_secs`, the reconciler every
-/// `worker.reconcile_interval_secs` (SPEC §5.5b, §8).
-async fn credit_jobs(ctx: Ctx, shutdown: CancellationToken) {
-    let tick = Duration::from_secs(ctx.settings.credits.expiry_interval_secs.max(1));
-    let reconcile_every = Duration::from_secs(ctx.settings.worker.reconcile_interval_secs.max(1));
-    let mut next_reconcile = tokio::time::Instant::now() + reconcile_every;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(tick) => {}
-        }
-        match locked(&ctx, LOCK_HOLD_EXPIRY, crate::reconcile::expire_holds(&ctx)).await {
-            Ok(Some(n)) if n > 0 => tracing::info!(expired = n, "expired holds released"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "hold expiry failed"),
-        }
-        if tokio::time::Instant::now() >= next_reconcile {
-            next_reconcile = tokio::time::Instant::now() + reconcile_every;
-            match locked(&ctx, LOCK_RECONCILE, crate::reconcile::reconcile_all(&ctx)).await {
-                Ok(Some(s)) => tracing::info!(
-                    users = s.users,
-                    repairs = s.repairs.len(),
-                    "credits reconciled"
-                ),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "reconciler failed"),
-            }
-        }
-    }
 }

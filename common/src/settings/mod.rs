@@ -1,4 +1,4 @@
-//! The one typed configuration tree, loaded in layers (SPEC §2):
+//! The one typed configuration tree, loaded in layers:
 //! built-in defaults → `config/default.toml` → `config/$APP_ENV.toml` →
 //! `APP__SECTION__KEY` variables → the well-known names (`DATABASE_URL`, …),
 //! which win over everything. Nothing else in the project reads the environment.
@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
+
+mod validate;
 
 /// Failure to produce a usable configuration. The message is one line naming
 /// the offending key, because it is what an operator sees when start-up stops.
@@ -91,7 +93,7 @@ pub struct AmqpSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct GatewaySettings {
     pub listen: String,
-    /// Largest request body accepted (SPEC §5.2: 1 MiB).
+    /// Largest request body accepted (1 MiB; docs/reliability.md).
     pub body_limit_bytes: usize,
     /// Deadline of one request from its arrival to its commit point (the first
     /// write: a publish, a reservation, a transaction). Past it, a request that
@@ -187,7 +189,7 @@ pub struct RateLimitSettings {
     pub classes: HashMap<String, ClassLimit>,
     pub auth_failures: ClassLimit,
     pub on_redis_error: RedisErrorPolicy,
-    /// The `usage` class limited per event besides per request (SPEC §6): a
+    /// The `usage` class limited per event besides per request (docs/rate-limits.md): a
     /// request of 500 events counts 500. Scaled by the plan multiplier.
     pub usage_events: ClassLimit,
 }
@@ -218,7 +220,7 @@ pub struct UserSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CreditSettings {
-    /// Default and maximum lifetime of a hold (SPEC §5.5b).
+    /// Default and maximum lifetime of a hold (docs/credits.md).
     pub hold_default_ttl_secs: u64,
     pub hold_max_ttl_secs: u64,
     /// How long idempotency answers and ended holds are remembered.
@@ -246,108 +248,15 @@ pub struct CreditSettings {
 /// Largest credit amount and balance: Redis scripts compute in doubles.
 pub const MAX_CREDITS: i64 = (1 << 53) - 1;
 
-/// Endpoint classes of SPEC §6.
-pub const RATE_LIMIT_CLASSES: [&str; 6] = [
-    "session",
-    "usage",
-    "analytics",
-    "profile",
-    "credits",
-    "admin",
-];
+/// The endpoint class names, from [`crate::class::Class`] (kept for callers
+/// that iterate names; new code uses `Class::ALL`).
+pub const RATE_LIMIT_CLASSES: [&str; 6] = crate::class::NAMES;
 
-const DEFAULTS: &str = r#"
-app_env = "development"
+/// The built-in defaults, the bottom layer under every file and variable.
+const DEFAULTS: &str = include_str!("defaults.toml");
 
-[database]
-url = "postgres://postgres@127.0.0.1:5432/postgres"
-max_connections = 16
-acquire_timeout_ms = 3000
-
-[redis]
-url = "redis://127.0.0.1:6379"
-pool_size = 32
-key_prefix = "vsc"
-timeout_ms = 2000
-
-[amqp]
-url = "amqp://guest:guest@127.0.0.1:5672/%2f"
-namespace = "vsc"
-confirm_timeout_ms = 5000
-delivery_limit = 20
-linger_us = 1000
-max_batch_events = 2000
-max_in_flight = 4
-
-[gateway]
-listen = "0.0.0.0:8080"
-body_limit_bytes = 1048576
-request_timeout_ms = 15000
-header_read_timeout_ms = 10000
-max_header_bytes = 16384
-max_headers = 100
-max_connections = 4096
-user_cache_ttl_ms = 2000
-
-[worker]
-listen = "0.0.0.0:9090"
-queues = ["usage", "credits", "sessions", "users"]
-prefetch = 2000
-usage_prefetch = 128
-usage_consumers = 2
-batch_size = 1000
-batch_max_bytes = 4194304
-batch_wait_ms = 100
-batch_idle_ms = 20
-cleanup_interval_secs = 300
-reconcile_interval_secs = 60
-analytics_refresh_ms = 250
-
-[auth]
-dev_tokens = false
-leeway_secs = 60
-jwks_refetch_interval_secs = 30
-
-[rate_limit]
-on_redis_error = "postgres"
-auth_failures = { limit = 300, window_secs = 60 }
-usage_events = { limit = 6000, window_secs = 60 }
-
-[rate_limit.classes]
-session = { limit = 60, window_secs = 60 }
-usage = { limit = 1200, window_secs = 60 }
-analytics = { limit = 300, window_secs = 60 }
-profile = { limit = 300, window_secs = 60 }
-credits = { limit = 1200, window_secs = 60 }
-admin = { limit = 600, window_secs = 60 }
-
-[plans]
-free = { starting_credits = 100, rate_limit_multiplier = 1 }
-pro = { starting_credits = 1000, rate_limit_multiplier = 5 }
-team = { starting_credits = 5000, rate_limit_multiplier = 10 }
-enterprise = { starting_credits = 20000, rate_limit_multiplier = 20 }
-
-[sessions]
-ttl_secs = 86400
-max_per_user = 50
-
-[users]
-max_preferences_bytes = 8192
-export_timeout_ms = 10000
-
-[credits]
-hold_default_ttl_secs = 300
-hold_max_ttl_secs = 3600
-idempotency_ttl_secs = 86400
-stale_reservation_secs = 30
-expiry_interval_secs = 5
-hold_expiry_grace_secs = 5
-recovery_grace_ms = 2000
-max_open_holds = 100
-insufficient_ttl_secs = 3600
-"#;
-
-/// The well-known variables of SPEC §2 and the key each one sets.
+/// The well-known variables, which win over every file and `APP__` key, and
+/// the key each one sets.
 pub const WELL_KNOWN: [(&str, &str); 11] = [
     ("DATABASE_URL", "database.url"),
     ("REDIS_URL", "redis.url"),
@@ -420,170 +329,6 @@ impl Settings {
             .map_err(|e| SettingsError::new(error_key(&e), e.to_string()))?;
         settings.validate()?;
         Ok(settings)
-    }
-
-    /// Checks what types alone cannot: every rule here names its key.
-    pub fn validate(&self) -> Result<(), SettingsError> {
-        let auth = &self.auth;
-        if self.app_env == AppEnv::Production && auth.dev_tokens {
-            return Err(SettingsError::new(
-                "AUTH_DEV_TOKENS",
-                "dev tokens are refused when APP_ENV=production",
-            ));
-        }
-        let secret = auth.jwt_secret.as_deref().filter(|s| !s.is_empty());
-        let jwks = auth.jwks_url.as_deref().filter(|s| !s.is_empty());
-        if secret.is_none() && jwks.is_none() && !auth.dev_tokens {
-            return Err(SettingsError::new(
-                "JWT_SECRET",
-                "no key source for JWTs: set JWT_SECRET and/or JWKS_URL (or AUTH_DEV_TOKENS=true in development)",
-            ));
-        }
-        if let Some(url) = jwks {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(SettingsError::new("JWKS_URL", "must be an http(s) URL"));
-            }
-        }
-        if self.redis.key_prefix.contains(['{', '}']) {
-            return Err(SettingsError::new(
-                "redis.key_prefix",
-                "must not contain { or }",
-            ));
-        }
-        for (var, url, schemes) in [
-            (
-                "DATABASE_URL",
-                &self.database.url,
-                &["postgres://", "postgresql://"][..],
-            ),
-            (
-                "REDIS_URL",
-                &self.redis.url,
-                &["redis://", "rediss://", "unix://"][..],
-            ),
-            ("AMQP_URL", &self.amqp.url, &["amqp://", "amqps://"][..]),
-        ] {
-            if !schemes.iter().any(|s| url.starts_with(s)) {
-                return Err(SettingsError::new(
-                    var,
-                    format!("must start with one of {}", schemes.join(", ")),
-                ));
-            }
-        }
-        for (var, addr) in [
-            ("GATEWAY_LISTEN", &self.gateway.listen),
-            ("WORKER_LISTEN", &self.worker.listen),
-        ] {
-            if addr.parse::<std::net::SocketAddr>().is_err() {
-                return Err(SettingsError::new(
-                    var,
-                    format!("not a socket address: {addr:?}"),
-                ));
-            }
-        }
-        for class in RATE_LIMIT_CLASSES {
-            match self.rate_limit.classes.get(class) {
-                Some(c) if c.limit >= 1 && c.window_secs >= 1 => {}
-                _ => {
-                    return Err(SettingsError::new(
-                        format!("rate_limit.classes.{class}"),
-                        "needs limit >= 1 and window_secs >= 1",
-                    ))
-                }
-            }
-        }
-        if !self.plans.contains_key("free") {
-            return Err(SettingsError::new("plans.free", "the free plan must exist"));
-        }
-        for (name, plan) in &self.plans {
-            if !(0..=MAX_CREDITS).contains(&plan.starting_credits) {
-                return Err(SettingsError::new(
-                    format!("plans.{name}.starting_credits"),
-                    "must be 0..=2^53-1",
-                ));
-            }
-            if plan.rate_limit_multiplier == 0 {
-                return Err(SettingsError::new(
-                    format!("plans.{name}.rate_limit_multiplier"),
-                    "must be >= 1",
-                ));
-            }
-        }
-        if let Some(v) = &self.sessions.min_extension_version {
-            if semver::Version::parse(v).is_err() {
-                return Err(SettingsError::new(
-                    "sessions.min_extension_version",
-                    "must be a semantic version",
-                ));
-            }
-        }
-        for q in &self.worker.queues {
-            if !crate::topology::QUEUES.contains(&q.as_str()) {
-                return Err(SettingsError::new(
-                    "worker.queues",
-                    format!("unknown queue {q:?}"),
-                ));
-            }
-        }
-        let g = &self.gateway;
-        for (key, value, min) in [
-            ("gateway.request_timeout_ms", g.request_timeout_ms, 1),
-            (
-                "gateway.header_read_timeout_ms",
-                g.header_read_timeout_ms,
-                1,
-            ),
-            ("gateway.max_header_bytes", g.max_header_bytes as u64, 1024),
-            ("gateway.max_headers", g.max_headers as u64, 8),
-            ("gateway.max_connections", g.max_connections as u64, 1),
-            // Batching: a zero would stall the publisher or the worker.
-            (
-                "amqp.max_batch_events",
-                self.amqp.max_batch_events as u64,
-                1,
-            ),
-            ("amqp.max_in_flight", self.amqp.max_in_flight as u64, 1),
-            ("worker.batch_size", self.worker.batch_size as u64, 1),
-            ("worker.batch_wait_ms", self.worker.batch_wait_ms, 1),
-            ("worker.batch_idle_ms", self.worker.batch_idle_ms, 1),
-            // Per-user bounds: zero would refuse every hold / session / patch.
-            (
-                "credits.max_open_holds",
-                self.credits.max_open_holds as u64,
-                1,
-            ),
-            (
-                "sessions.max_per_user",
-                self.sessions.max_per_user as u64,
-                1,
-            ),
-            (
-                "users.max_preferences_bytes",
-                self.users.max_preferences_bytes as u64,
-                2,
-            ),
-            (
-                "rate_limit.usage_events.limit",
-                self.rate_limit.usage_events.limit,
-                1,
-            ),
-            (
-                "rate_limit.usage_events.window_secs",
-                self.rate_limit.usage_events.window_secs,
-                1,
-            ),
-        ] {
-            if value < min {
-                return Err(SettingsError::new(key, format!("must be at least {min}")));
-            }
-        }
-        if self.amqp.delivery_limit < 20 {
-            return Err(SettingsError::new(
-                "amqp.delivery_limit",
-                "must be at least 20",
-            ));
-        }
-        Ok(())
     }
 
     /// The effective per-class limit for a plan, before per-user overrides.

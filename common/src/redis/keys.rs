@@ -1,5 +1,5 @@
 //! Redis key names. Every key of one user carries the hash tag `{USER_ID}` so
-//! each script touches one cluster slot (SPEC §7b); a few global keys don't.
+//! each script touches one cluster slot (docs/scaling.md); a few global keys don't.
 
 /// Builds keys under one prefix (tests give each app its own prefix).
 #[derive(Debug, Clone)]
@@ -62,9 +62,9 @@ impl Keys {
     /// The data-loss sentinel of the user's cluster slot: a key written only
     /// at start-up (or when a recovery completes) whose hash tag falls in the
     /// same slot as `{USER_ID}`, so every credit script can check it atomically
-    /// and still touch a single slot (see `crate::credits::slot_tag`).
+    /// and still touch a single slot (see `crate::redis::slot::slot_tag`).
     pub fn slot_sentinel(&self, user_id: &str) -> String {
-        self.slot_sentinel_for(crate::credits::slot_of(user_id))
+        self.slot_sentinel_for(crate::redis::slot::slot_of(user_id))
     }
 
     /// The sentinel of one cluster slot (0..16384).
@@ -72,7 +72,7 @@ impl Keys {
         format!(
             "{}:sentinel:{{{}}}",
             self.prefix,
-            crate::credits::slot_tag(slot)
+            crate::redis::slot::slot_tag(slot)
         )
     }
 
@@ -91,7 +91,7 @@ impl Keys {
         self.user(user_id, &format!("session:{session_id}"))
     }
 
-    /// The client's own session token (SPEC §5.10) → session id.
+    /// The client's own session token → session id.
     pub fn session_token(&self, user_id: &str, token: &str) -> String {
         self.user(user_id, &format!("stoken:{token}"))
     }
@@ -190,7 +190,10 @@ mod tests {
         for user in ["user_1", "user_2abc", "x", "user_2NzvQ3x"] {
             let key = k.slot_sentinel(user);
             let tag = key.split('{').nth(1).unwrap().trim_end_matches('}');
-            assert_eq!(crate::credits::slot_of(tag), crate::credits::slot_of(user));
+            assert_eq!(
+                crate::redis::slot::slot_of(tag),
+                crate::redis::slot::slot_of(user)
+            );
         }
     }
 }

@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::events::Envelope;
-use common::topology;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -38,9 +37,14 @@ use lapin::{BasicProperties, Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::handlers::sanitize::{self, Disposition};
+use crate::ctx::Ctx;
+use crate::handlers::sanitize;
 use crate::handlers::{self, Effects};
-use crate::startup::Ctx;
+
+pub mod batch;
+pub mod disposition;
+
+use disposition::{push_halves, Disposition};
 
 /// Headers of a dead letter this consumer published itself (no `x-death`):
 /// why, from which queue, and the id of the message it was a member of.
@@ -167,7 +171,7 @@ impl QueueConsumer {
     pub async fn connect(ctx: Ctx, short: &str, fence: CancellationToken) -> anyhow::Result<Self> {
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
-            topology::connect(&ctx.settings.amqp.url),
+            common::amqp::connect::connect(&ctx.settings.amqp.url),
         )
         .await??;
         let channel = conn.create_channel().await?;
@@ -228,11 +232,8 @@ impl QueueConsumer {
         }
     }
 
-    /// Waits for the next batch: the first delivery, then whatever follows,
-    /// until `batch_wait_ms` passed since the first, or nothing came for
-    /// `batch_idle_ms`, or `batch_size` / `batch_max_bytes` is reached. A
-    /// quiet queue is written after the idle gap (low lag); a busy one gathers
-    /// up to the whole wait into one transaction (Postgres pays per commit).
+    /// Waits for the next batch: the first delivery, then whatever follows
+    /// until the batch closes (see [`batch`]: size, bytes, wait, idle gap).
     /// `None` when the stream ended (broker gone) or shutdown was requested
     /// before anything arrived.
     pub async fn next_batch(&mut self, shutdown: &CancellationToken) -> Option<Vec<Delivery>> {
@@ -241,21 +242,8 @@ impl QueueConsumer {
             d = self.consumer.next() => d?.ok()?,
         };
         self.probe_set(1);
-        let w = &self.ctx.settings.worker;
-        let mut bytes = first.data.len();
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(w.batch_wait_ms);
-        let idle = Duration::from_millis(w.batch_idle_ms);
-        while batch.len() < w.batch_size && bytes < w.batch_max_bytes {
-            let until = deadline.min(tokio::time::Instant::now() + idle);
-            match tokio::time::timeout_at(until, self.consumer.next()).await {
-                Ok(Some(Ok(d))) => {
-                    bytes += d.data.len();
-                    batch.push(d);
-                }
-                _ => break,
-            }
-        }
+        let limits = batch::Limits::from_settings(&self.ctx.settings.worker);
+        let (batch, _) = batch::gather(first, &mut self.consumer, &limits, |d| d.data.len()).await;
         self.probe_set(batch.len());
         Some(batch)
     }
@@ -339,7 +327,7 @@ impl QueueConsumer {
 
     /// Stores the units, all in one transaction when Postgres takes them.
     /// When it refuses, the set is bisected (each half its own transaction)
-    /// down to the refused unit, whose next step [`sanitize::disposition`]
+    /// down to the refused unit, whose next step [`disposition::disposition`]
     /// decides: its members, a retry without free text, or a dead letter
     /// (pushed to `dead`). Returns the effects of every commit.
     async fn land(
@@ -370,7 +358,7 @@ impl QueueConsumer {
                 continue;
             }
             let unit = group.into_iter().next().expect("a group of one");
-            match sanitize::disposition(&unit.env, unit.unstripped.is_some()) {
+            match disposition::disposition(&unit.env, unit.unstripped.is_some()) {
                 Disposition::Split(members) => {
                     tracing::info!(queue = %self.queue, error = %err, id = %unit.env.id, members = members.len(), "Postgres refused a group; storing its members alone");
                     let from = unit.from;
@@ -469,14 +457,14 @@ impl QueueConsumer {
         loop {
             match handlers::apply(&self.ctx, envs).await {
                 Ok(effects) => return Ok(Ok(effects)),
-                Err(e) if crate::is_transient(&e) => {
+                Err(e) if common::db::is_transient(&e) => {
                     tracing::warn!(queue = %self.queue, error = %e, "Postgres unavailable; batch held, retrying");
                     metrics::counter!("worker_db_retries_total").increment(1);
                     tokio::select! {
                         _ = shutdown.cancelled() => anyhow::bail!("shutdown while Postgres is unavailable"),
                         _ = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = disposition::backoff(backoff);
                 }
                 Err(e) => return Ok(Err(e)),
             }
@@ -514,13 +502,6 @@ struct Dead {
     from: Uuid,
 }
 
-/// Splits a group in two, the first half to be tried first.
-fn push_halves(todo: &mut Vec<Vec<Unit>>, mut group: Vec<Unit>) {
-    let second = group.split_off(group.len() / 2);
-    todo.push(second);
-    todo.push(group);
-}
-
 /// Consumes one queue until shutdown, reconnecting whenever the broker goes away.
 pub async fn run(ctx: Ctx, short: String, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
@@ -539,7 +520,7 @@ pub async fn run(ctx: Ctx, short: String, shutdown: CancellationToken) {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = disposition::backoff(backoff);
                 continue;
             }
         };

@@ -1,12 +1,5 @@
-//! The credit jobs of SPEC §5.5b and §8, each run by one worker at a time
-//! (advisory lock, see `schedule`):
-//!
-//! - **Hold expiry**: holds still open in Postgres past `expires_at` plus a
-//!   grace are released in Redis (if Redis still holds them; the script decides
-//!   once) and marked `expired` in Postgres. Gateways release expired holds
-//!   lazily first and publish the event; this job covers users nobody calls and
-//!   events that were never published, so no credit is ever stuck.
-//! - **Reconciler**: for every user whose credits Redis holds, pending entries
+//! The credit reconciler of SPEC §8, run by one worker at a time (advisory
+//! lock, see `jobs`): for every user whose credits Redis holds, pending entries
 //!   already in the ledger leave `pending` (the worker's HDEL was lost);
 //!   entries older than the confirm timeout plus `stale_reservation_secs` with
 //!   no ledger row are given back once no credit event can still be on its
@@ -20,12 +13,13 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::credits::{parse_pending, scripts, Heartbeat, Reply, UserKeys};
+use common::credits::{parse_pending, scripts, Heartbeat, UserKeys};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use uuid::Uuid;
 
-use crate::startup::Ctx;
+use super::{call, ttl_ms};
+use crate::ctx::Ctx;
 
 /// A balance the reconciler corrected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,24 +39,68 @@ pub struct Summary {
 }
 
 /// The reconciler's view of one user's Redis state.
-#[derive(Debug, Clone)]
-struct Snapshot {
-    bal: i64,
-    held: i64,
-    ver: String,
-    now_ms: i64,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Redis's balance (`bal`).
+    pub bal: i64,
+    /// Credits in open holds (`held`).
+    pub held: i64,
+    /// The version a repair is conditional on (nothing moved since).
+    pub ver: String,
+    /// Redis's clock at the snapshot.
+    pub now_ms: i64,
     /// (transaction id, amount, reserved_at_ms)
-    pending: Vec<(String, i64, i64)>,
+    pub pending: Vec<(String, i64, i64)>,
 }
 
-fn ttl_ms(ctx: &Ctx) -> u64 {
-    ctx.settings.credits.idempotency_ttl_secs * 1000
+/// What to do with a user's pending reservations, given which of them the
+/// ledger already holds.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Settled in the ledger: they leave `pending` (the worker's HDEL was lost).
+    pub drop: Vec<String>,
+    /// Older than `max_age_ms` with no ledger row: given back if
+    /// [`release_allowed`] says no event can still be on its way, and the
+    /// ledger still has no row for them right before ([`to_release`]).
+    pub stale: Vec<String>,
 }
 
-async fn call(ctx: &Ctx, inv: redis::ScriptInvocation<'_>) -> anyhow::Result<Reply> {
-    let mut conn = ctx.redis.get().await?;
-    let raw: Vec<String> = inv.invoke_async(&mut *conn).await?;
-    Ok(Reply::parse(raw)?)
+/// The pending part of the plan. `max_age_ms` is the confirm timeout plus
+/// `credits.stale_reservation_secs`: a reservation that old whose event never
+/// reached the ledger had its event lost before the broker took it.
+pub fn plan(snap: &Snapshot, in_ledger: &HashSet<String>, max_age_ms: i64) -> Plan {
+    let mut plan = Plan::default();
+    for (id, _, at) in &snap.pending {
+        if in_ledger.contains(id) {
+            plan.drop.push(id.clone());
+        } else if *at <= snap.now_ms - max_age_ms {
+            plan.stale.push(id.clone());
+        }
+    }
+    plan
+}
+
+/// The stale reservations to give back once the release is allowed: those
+/// the ledger still does not hold (`late`: looked up again right before, a
+/// worker may have settled one meanwhile).
+pub fn to_release<'a>(stale: &'a [String], late: &HashSet<String>) -> Vec<&'a str> {
+    stale
+        .iter()
+        .filter(|id| !late.contains(*id))
+        .map(String::as_str)
+        .collect()
+}
+
+/// The balance Redis should hold, when it holds another: with nothing
+/// pending, `bal` must be `ledger − held`. `None` when it already is, or when
+/// Redis's `held` differs from Postgres's open holds (holds still travelling:
+/// the figures are not comparable yet).
+pub fn repair_to(snap: &Snapshot, ledger: i64, open_held: i64) -> Option<i64> {
+    if !snap.pending.is_empty() || open_held != snap.held {
+        return None;
+    }
+    let expected = ledger - snap.held;
+    (expected != snap.bal).then_some(expected)
 }
 
 async fn snapshot(ctx: &Ctx, keys: &UserKeys) -> anyhow::Result<Option<Snapshot>> {
@@ -104,7 +142,7 @@ async fn in_ledger(ctx: &Ctx, ids: &[String]) -> anyhow::Result<HashSet<String>>
 pub async fn credits_queue_ready(ctx: &Ctx) -> anyhow::Result<u32> {
     let conn = tokio::time::timeout(
         Duration::from_secs(5),
-        common::topology::connect(&ctx.settings.amqp.url),
+        common::amqp::connect::connect(&ctx.settings.amqp.url),
     )
     .await??;
     let ch = conn.create_channel().await?;
@@ -223,9 +261,12 @@ pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<R
     if !snap.pending.is_empty() {
         let ids: Vec<String> = snap.pending.iter().map(|p| p.0.clone()).collect();
         let settled = in_ledger(ctx, &ids).await?;
-        if !settled.is_empty() {
+        let max_age = (ctx.settings.amqp.confirm_timeout_ms
+            + ctx.settings.credits.stale_reservation_secs * 1000) as i64;
+        let plan = plan(&snap, &settled, max_age);
+        if !plan.drop.is_empty() {
             let mut inv = keys.invoke(&scripts().drop_settled, ttl);
-            for id in &settled {
+            for id in &plan.drop {
                 inv.arg(id);
             }
             let r = call(ctx, inv).await?;
@@ -234,24 +275,15 @@ pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<R
                 "settled reservations left pending"
             );
         }
-        let max_age = (ctx.settings.amqp.confirm_timeout_ms
-            + ctx.settings.credits.stale_reservation_secs * 1000) as i64;
-        let stale: Vec<String> = snap
-            .pending
-            .iter()
-            .filter(|(id, _, at)| !settled.contains(id) && *at <= snap.now_ms - max_age)
-            .map(|p| p.0.clone())
-            .collect();
         // Only with the queue drained and no consumer holding a delivery: an
         // event waiting in it (workers down or behind) or held unacked by a
         // worker (Postgres was down) must settle its reservation, not find it
         // released.
-        if !stale.is_empty() && release_allowed(ctx).await? {
-            // Look again right before: a worker may have settled one meanwhile.
-            let late = in_ledger(ctx, &stale).await?;
+        if !plan.stale.is_empty() && release_allowed(ctx).await? {
+            let late = in_ledger(ctx, &plan.stale).await?;
             let mut inv = keys.invoke(&scripts().release_stale, ttl);
             inv.arg(max_age);
-            for id in stale.iter().filter(|id| !late.contains(*id)) {
+            for id in to_release(&plan.stale, &late) {
                 inv.arg(id);
             }
             let r = call(ctx, inv).await?;
@@ -283,15 +315,9 @@ pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<R
     let Some((ledger, open_held, grants)) = row else {
         return Ok(None);
     };
-    // Holds still travelling (opened or ended in Redis, not yet in Postgres):
-    // the figures are not comparable yet.
-    if open_held != snap.held {
+    let Some(expected) = repair_to(&snap, ledger, open_held) else {
         return Ok(None);
-    }
-    let expected = ledger - snap.held;
-    if expected == snap.bal {
-        return Ok(None);
-    }
+    };
     let mut inv = keys.invoke(&scripts().repair, ttl);
     inv.key(ctx.keys.grants_applied(user_id))
         .arg(&snap.ver)
@@ -358,71 +384,67 @@ pub async fn reconcile_all(ctx: &Ctx) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-/// Expires holds still open in Postgres past `expires_at` plus the grace.
-/// Returns how many were marked.
-pub async fn expire_holds(ctx: &Ctx) -> anyhow::Result<usize> {
-    let grace = ctx.settings.credits.hold_expiry_grace_secs as f64;
-    let due: Vec<(Uuid, String)> = sqlx::query_as(
-        "select id, user_id from credit_holds \
-         where status = 'open' and expires_at < now() - make_interval(secs => $1) \
-         order by expires_at limit 1000",
-    )
-    .bind(grace)
-    .fetch_all(&ctx.pg)
-    .await?;
-    let mut marked = 0;
-    for (hold_id, user_id) in due {
-        let keys = UserKeys::new(&ctx.keys, &user_id);
-        let mut inv = keys.invoke(&scripts().expire_hold, ttl_ms(ctx));
-        inv.arg(hold_id.to_string());
-        let r = call(ctx, inv).await?;
-        match r.tag.as_str() {
-            // Redis's clock is behind Postgres's: next run.
-            "NOT_DUE" => continue,
-            "RELEASED" => {
-                metrics::counter!("credit_holds_expired_total", "by" => "worker")
-                    .increment(r.expired.len() as u64);
-                for h in &r.expired {
-                    let Ok(id) = h.hold_id.parse::<Uuid>() else {
-                        continue;
-                    };
-                    // Upsert: a hold of this user whose open event has not landed
-                    // yet gets its row in its final state (the late open is a no-op).
-                    marked += sqlx::query(
-                        "insert into credit_holds (id, user_id, amount, status, expires_at, ended_at) \
-                         values ($1, $2, $3, 'expired', now(), now()) \
-                         on conflict (id) do update set \
-                           status = case when credit_holds.status = 'open' then 'expired' else credit_holds.status end, \
-                           ended_at = coalesce(credit_holds.ended_at, now())",
-                    )
-                    .bind(id)
-                    .bind(&user_id)
-                    .bind(h.amount.max(1))
-                    .execute(&ctx.pg)
-                    .await?
-                    .rows_affected() as usize;
-                }
-            }
-            // Not in Redis (already ended there, or the user is not loaded, or
-            // a recovery runs and will load from Postgres): Postgres only.
-            _ => {
-                marked += sqlx::query(
-                    "update credit_holds set status = 'expired', ended_at = now() \
-                     where id = $1 and status = 'open'",
-                )
-                .bind(hold_id)
-                .execute(&ctx.pg)
-                .await?
-                .rows_affected() as usize;
-            }
-        }
-    }
-    Ok(marked)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn snap(bal: i64, held: i64, pending: &[(&str, i64)]) -> Snapshot {
+        Snapshot {
+            bal,
+            held,
+            ver: "7".into(),
+            now_ms: 1_000_000,
+            pending: pending
+                .iter()
+                .map(|(id, at)| (id.to_string(), 1, *at))
+                .collect(),
+        }
+    }
+
+    fn set(ids: &[&str]) -> HashSet<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn settled_reservations_are_dropped_and_old_unsettled_ones_are_stale() {
+        let max_age = 35_000;
+        let s = snap(
+            100,
+            0,
+            &[
+                ("settled-old", 0),
+                ("old", 1_000_000 - max_age),
+                ("young", 999_000),
+                ("settled", 999_999),
+            ],
+        );
+        let p = plan(&s, &set(&["settled-old", "settled"]), max_age);
+        assert_eq!(p.drop, ["settled-old", "settled"]);
+        // Exactly max_age old is stale; younger waits for its event.
+        assert_eq!(p.stale, ["old"]);
+        assert_eq!(plan(&snap(1, 0, &[]), &set(&[]), max_age), Plan::default());
+    }
+
+    #[test]
+    fn a_reservation_settled_meanwhile_is_not_released() {
+        let stale = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        assert_eq!(to_release(&stale, &set(&["b"])), ["a", "c"]);
+        assert!(to_release(&stale, &set(&["a", "b", "c"])).is_empty());
+    }
+
+    #[test]
+    fn the_balance_is_repaired_to_ledger_minus_held_only_when_comparable() {
+        // Drift: Redis says 90, ledger 120 with 20 held → 100.
+        assert_eq!(repair_to(&snap(90, 20, &[]), 120, 20), Some(100));
+        // In agreement: nothing to do.
+        assert_eq!(repair_to(&snap(100, 20, &[]), 120, 20), None);
+        // Holds still travelling: not comparable.
+        assert_eq!(repair_to(&snap(90, 20, &[]), 120, 30), None);
+        // Something still pending: not comparable either.
+        assert_eq!(repair_to(&snap(90, 20, &[("x", 0)]), 120, 20), None);
+        // A negative balance is a balance like any other.
+        assert_eq!(repair_to(&snap(0, 0, &[]), -5, 0), Some(-5));
+    }
 
     fn beats(v: &[&str]) -> HashMap<String, String> {
         v.iter()

@@ -13,8 +13,9 @@
 
 use std::time::Duration;
 
+use clap::Subcommand;
+use common::amqp::topology::Topology;
 use common::settings::Settings;
-use common::topology::Topology;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -68,7 +69,7 @@ impl Dlq {
     pub async fn connect(settings: &Settings) -> anyhow::Result<Self> {
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
-            common::topology::connect(&settings.amqp.url),
+            common::amqp::connect::connect(&settings.amqp.url),
         )
         .await??;
         let channel = conn.create_channel().await?;
@@ -282,6 +283,88 @@ fn death_of(headers: Option<&FieldTable>) -> (String, String, Option<String>, Op
         _ => None,
     };
     (s("queue"), s("reason"), key, None)
+}
+
+#[derive(Subcommand)]
+pub enum DlqAction {
+    /// List dead letters (id, original routing key, queue, reason, size); removes nothing.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Print one dead letter in full, as JSON.
+    Show { id: String },
+    /// Republish messages to their original routing key (confirmed), then remove them
+    /// from the dead-letter queue. Use after fixing what made them fail.
+    Replay {
+        /// Envelope ids to replay (repeatable).
+        #[arg(long = "id", required_unless_present = "all")]
+        ids: Vec<String>,
+        /// Replay every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete messages from the dead-letter queue; only those named (or --all).
+    Purge {
+        #[arg(long = "id", required_unless_present = "all")]
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+/// Runs one `worker dlq` command, printing what it did.
+pub async fn run(settings: &Settings, action: DlqAction) -> anyhow::Result<()> {
+    let q = Dlq::connect(settings).await?;
+    let sel = |ids: Vec<String>, all: bool| {
+        if all {
+            Selection::All
+        } else {
+            Selection::Ids(ids)
+        }
+    };
+    let result = match action {
+        DlqAction::List { limit } => {
+            let list = q.list(limit).await?;
+            println!(
+                "{:<38} {:<22} {:<16} {:<16} {:>8}",
+                "ID", "ROUTING KEY", "QUEUE", "REASON", "BYTES"
+            );
+            for d in &list {
+                println!(
+                    "{:<38} {:<22} {:<16} {:<16} {:>8}",
+                    d.id, d.routing_key, d.queue, d.reason, d.size
+                );
+            }
+            println!("{} dead letter(s)", list.len());
+            Ok(())
+        }
+        DlqAction::Show { id } => match q.show(&id).await? {
+            Some(d) => {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+                Ok(())
+            }
+            None => Err(anyhow::anyhow!("no dead letter with id {id}")),
+        },
+        DlqAction::Replay { ids, all } => {
+            let done = q.replay(&sel(ids, all)).await?;
+            for d in &done {
+                println!("replayed {} -> {}", d.id, d.routing_key);
+            }
+            println!("{} replayed", done.len());
+            Ok(())
+        }
+        DlqAction::Purge { ids, all } => {
+            let done = q.purge(&sel(ids, all)).await?;
+            for d in &done {
+                println!("purged {}", d.id);
+            }
+            println!("{} purged", done.len());
+            Ok(())
+        }
+    };
+    q.close().await;
+    result
 }
 
 #[cfg(test)]

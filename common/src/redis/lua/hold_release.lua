@@ -1,0 +1,19 @@
+-- Releases a hold whole: ARGV[3] hold id. Replies LOST | ENDED remembered |
+-- MISSING | GONE | OK bal held hold_amount hold_json.
+if lost() then return reply('LOST') end
+local id = ARGV[3]
+local ended = redis.call('GET', END_PREFIX .. id)
+if ended then return reply('ENDED', ended) end
+if not load() then return reply('MISSING') end
+expire_due()
+ended = redis.call('GET', END_PREFIX .. id)
+if ended then return reply('ENDED', ended) end
+local raw = redis.call('HGET', HOLDS, id)
+if not raw then return reply('GONE') end
+local h = cjson.decode(raw)
+redis.call('HDEL', HOLDS, id)
+held = held - h.amount
+bal = bal + h.amount
+save()
+redis.call('SET', END_PREFIX .. id, '{"state":"released"}', 'PX', END_TTL)
+return reply('OK', s(bal), s(held), s(h.amount), raw)

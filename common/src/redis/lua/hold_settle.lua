@@ -1,0 +1,27 @@
+-- Settles a hold: ARGV[3] hold id, ARGV[4] transaction id, ARGV[5] amount. The
+-- hold leaves, the unused rest returns to bal, the amount becomes a pending
+-- reservation, and the answer is remembered in `hold_end:ID`. Replies LOST |
+-- ENDED remembered | MISSING | GONE | TOO_MUCH held | OK bal held hold_amount
+-- hold_json.
+if lost() then return reply('LOST') end
+local id = ARGV[3]
+local ended = redis.call('GET', END_PREFIX .. id)
+if ended then return reply('ENDED', ended) end
+if not load() then return reply('MISSING') end
+expire_due()
+ended = redis.call('GET', END_PREFIX .. id)
+if ended then return reply('ENDED', ended) end
+local raw = redis.call('HGET', HOLDS, id)
+if not raw then return reply('GONE') end
+local h = cjson.decode(raw)
+local amount = tonumber(ARGV[5])
+if amount > h.amount then return reply('TOO_MUCH', s(h.amount)) end
+redis.call('HDEL', HOLDS, id)
+held = held - h.amount
+bal = bal + h.amount - amount
+if amount > 0 then redis.call('HSET', PEND, ARGV[4], s(amount) .. ':' .. s(now)) end
+save()
+redis.call('SET', END_PREFIX .. id,
+  string.format('{"state":"settled","transaction_id":"%s","amount":%d,"released":%d,"balance":%d}',
+    ARGV[4], amount, h.amount - amount, bal), 'PX', END_TTL)
+return reply('OK', s(bal), s(held), s(h.amount), raw)

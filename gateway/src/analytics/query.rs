@@ -1,0 +1,297 @@
+//! The query strings of `GET /api/vscode/analytics` and `GET /api/usage/stats`,
+//! parsed into windows and groupings; a bad value is a 422 naming its parameter.
+
+use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
+use serde::Deserialize;
+
+use super::{DayWindow, DEFAULT_DAYS, MAX_DAYS, MAX_STATS_SPAN_DAYS};
+use crate::error::{Error, Result};
+
+/// Raw query of `GET /api/vscode/analytics`: strings, so a bad value is a 422
+/// that names its parameter rather than a generic deserialization error.
+#[derive(Debug, Default, Deserialize)]
+pub struct AnalyticsQuery {
+    pub days: Option<String>,
+    /// The original client's `1d|7d|30d` (SPEC §5.10).
+    pub timeframe: Option<String>,
+}
+
+impl AnalyticsQuery {
+    /// The number of days asked for; `days` wins when both are given.
+    pub fn days(&self) -> Result<u32> {
+        if let Some(d) = &self.days {
+            return match d.trim().parse::<u32>() {
+                Ok(n) if (1..=MAX_DAYS).contains(&n) => Ok(n),
+                _ => Err(Error::validation(
+                    "days",
+                    format!("must be an integer from 1 to {MAX_DAYS}"),
+                )),
+            };
+        }
+        match self.timeframe.as_deref() {
+            None => Ok(DEFAULT_DAYS),
+            Some("1d") => Ok(1),
+            Some("7d") => Ok(7),
+            Some("30d") => Ok(30),
+            Some(_) => Err(Error::validation("timeframe", "must be one of 1d, 7d, 30d")),
+        }
+    }
+}
+
+/// `group_by` of the stats route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Day,
+    Model,
+    Provider,
+    Feature,
+    Session,
+}
+
+impl GroupBy {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "day" => Self::Day,
+            "model" => Self::Model,
+            "provider" => Self::Provider,
+            "feature" => Self::Feature,
+            "session" => Self::Session,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Day => "day",
+            Self::Model => "model",
+            Self::Provider => "provider",
+            Self::Feature => "feature",
+            Self::Session => "session",
+        }
+    }
+
+    /// The key column in both rollups ('' means "none" there).
+    pub(super) fn key_column(self) -> &'static str {
+        match self {
+            Self::Day => "to_char(day, 'YYYY-MM-DD')",
+            Self::Model => "nullif(model, '')",
+            Self::Provider => "nullif(provider, '')",
+            Self::Feature => "nullif(feature, '')",
+            Self::Session => "nullif(session_id, '')",
+        }
+    }
+}
+
+/// Raw query of `GET /api/users/:id/usage/stats`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StatsQuery {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub group_by: Option<String>,
+}
+
+/// A parsed stats request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatsRequest {
+    pub window: DayWindow,
+    pub group_by: GroupBy,
+}
+
+/// `from`/`to` as RFC 3339 or a plain date. A date `from` is the start of
+/// that day; a date `to` includes that whole day.
+pub(super) fn parse_instant(field: &str, s: &str, is_to: bool) -> Result<DateTime<Utc>> {
+    let s = s.trim();
+    let in_range = |t: DateTime<Utc>| {
+        common::valid::check_time(t).map_err(|reason| Error::validation(field, reason))
+    };
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return in_range(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        // Checked before any arithmetic: chrono panics past its own range.
+        common::valid::check_date(d).map_err(|reason| Error::validation(field, reason))?;
+        let d = if is_to { d.succ_opt() } else { Some(d) };
+        if let Some(d) = d {
+            return Ok(d.and_time(NaiveTime::MIN).and_utc());
+        }
+    }
+    Err(Error::validation(
+        field,
+        "must be an RFC 3339 time or a YYYY-MM-DD date",
+    ))
+}
+
+impl StatsQuery {
+    /// Validates the query against `now`. The answer covers whole UTC days:
+    /// every day that `[from, to)` touches (see docs/analytics.md).
+    pub fn parse(&self, now: DateTime<Utc>) -> Result<StatsRequest> {
+        let group_by = match self.group_by.as_deref() {
+            None => GroupBy::Day,
+            Some(g) => GroupBy::parse(g).ok_or_else(|| {
+                Error::validation(
+                    "group_by",
+                    "must be one of day, model, provider, feature, session",
+                )
+            })?,
+        };
+        let to = match &self.to {
+            Some(s) => parse_instant("to", s, true)?,
+            None => now,
+        };
+        let from = match &self.from {
+            Some(s) => parse_instant("from", s, false)?,
+            // The last 30 days: the same window as the analytics default.
+            None => {
+                let last = last_day_of(to - Duration::microseconds(1), to);
+                (last - Duration::days(i64::from(DEFAULT_DAYS) - 1))
+                    .and_time(NaiveTime::MIN)
+                    .and_utc()
+            }
+        };
+        if to < from {
+            return Err(Error::validation("to", "must not be before `from`"));
+        }
+        if to - from > Duration::days(MAX_STATS_SPAN_DAYS) {
+            return Err(Error::validation(
+                "to",
+                format!("the span from `from` to `to` must be at most {MAX_STATS_SPAN_DAYS} days"),
+            ));
+        }
+        Ok(StatsRequest {
+            window: DayWindow {
+                first: from.date_naive(),
+                last: last_day_of(from, to),
+            },
+            group_by,
+        })
+    }
+}
+
+/// The day of the last instant of `[from, to)` (the day of `from` when empty).
+pub(super) fn last_day_of(from: DateTime<Utc>, to: DateTime<Utc>) -> NaiveDate {
+    if to > from {
+        (to - Duration::microseconds(1)).date_naive()
+    } else {
+        from.date_naive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+
+    #[test]
+    fn days_and_timeframe_parse_and_bad_values_name_their_parameter() {
+        let q = |days: Option<&str>, tf: Option<&str>| AnalyticsQuery {
+            days: days.map(Into::into),
+            timeframe: tf.map(Into::into),
+        };
+        assert_eq!(q(None, None).days().unwrap(), 30);
+        assert_eq!(q(Some("365"), None).days().unwrap(), 365);
+        assert_eq!(q(None, Some("7d")).days().unwrap(), 7);
+        assert_eq!(q(None, Some("1d")).days().unwrap(), 1);
+        assert_eq!(q(Some("2"), Some("30d")).days().unwrap(), 2);
+        for bad in ["0", "366", "-1", "abc", "", "1.5"] {
+            match q(Some(bad), None).days() {
+                Err(Error::Validation { field, .. }) => assert_eq!(field, "days"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        match q(None, Some("90d")).days() {
+            Err(Error::Validation { field, .. }) => assert_eq!(field, "timeframe"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn stats_q(from: Option<&str>, to: Option<&str>, g: Option<&str>) -> StatsQuery {
+        StatsQuery {
+            from: from.map(Into::into),
+            to: to.map(Into::into),
+            group_by: g.map(Into::into),
+        }
+    }
+
+    fn field_of(r: Result<StatsRequest>) -> String {
+        match r {
+            Err(Error::Validation { field, .. }) => field,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn stats_windows_default_to_the_last_30_days_and_widen_to_whole_days() {
+        let now = at("2024-03-10T15:00:00Z");
+        let r = stats_q(None, None, None).parse(now).unwrap();
+        assert_eq!(r.group_by, GroupBy::Day);
+        assert_eq!(r.window, DayWindow::last_days(30, now));
+        let r = stats_q(Some("2024-03-01"), Some("2024-03-05"), Some("model"))
+            .parse(now)
+            .unwrap();
+        assert_eq!(r.group_by, GroupBy::Model);
+        assert_eq!(
+            (r.window.first, r.window.last),
+            (d("2024-03-01"), d("2024-03-05"))
+        );
+        let r = stats_q(
+            Some("2024-03-01T10:00:00Z"),
+            Some("2024-03-03T00:00:00Z"),
+            None,
+        )
+        .parse(now)
+        .unwrap();
+        assert_eq!(
+            (r.window.first, r.window.last),
+            (d("2024-03-01"), d("2024-03-02"))
+        );
+        let r = stats_q(
+            Some("2024-03-01T10:00:00+02:00"),
+            Some("2024-03-01T10:00:00+02:00"),
+            None,
+        )
+        .parse(now)
+        .unwrap();
+        assert_eq!(
+            (r.window.first, r.window.last),
+            (d("2024-03-01"), d("2024-03-01"))
+        );
+        let r = stats_q(None, Some("2024-01-31"), None).parse(now).unwrap();
+        assert_eq!(
+            (r.window.first, r.window.last),
+            (d("2024-01-02"), d("2024-01-31"))
+        );
+        // A whole leap year is 366 days: allowed; a day more is not.
+        assert!(stats_q(Some("2024-01-01"), Some("2024-12-31"), None)
+            .parse(now)
+            .is_ok());
+        assert_eq!(
+            field_of(stats_q(Some("2024-01-01"), Some("2025-01-01"), None).parse(now)),
+            "to"
+        );
+    }
+
+    #[test]
+    fn bad_stats_parameters_are_named() {
+        let now = at("2024-03-10T15:00:00Z");
+        assert_eq!(
+            field_of(stats_q(None, None, Some("week")).parse(now)),
+            "group_by"
+        );
+        assert_eq!(
+            field_of(stats_q(Some("yesterday"), None, None).parse(now)),
+            "from"
+        );
+        assert_eq!(
+            field_of(stats_q(None, Some("2024-13-01"), None).parse(now)),
+            "to"
+        );
+        assert_eq!(
+            field_of(stats_q(Some("2024-03-05"), Some("2024-03-01"), None).parse(now)),
+            "to"
+        );
+        assert_eq!(
+            field_of(stats_q(None, Some("+262143-12-31"), None).parse(now)),
+            "to"
+        );
+    }
+}

@@ -1,0 +1,447 @@
+//! Rollup rows shaped into the answers of both routes: plain functions over
+//! rows already read, so every sum is tested without Postgres.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::{ts, ts_ms, DayWindow, StatsRequest};
+
+/// One rollup aggregate of one of two grouping sets over the window: per
+/// (day, kind) when `day` is set (provider, model and feature are then
+/// empty), or per (kind, provider, model, feature) over the whole window when
+/// it is not. Every event counts once in each set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollupRow {
+    pub day: Option<NaiveDate>,
+    pub kind: String,
+    pub provider: String,
+    pub model: String,
+    pub feature: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+/// Everything the analytics answer is made of.
+#[derive(Debug, Clone, Default)]
+pub struct AnalyticsInput {
+    pub rows: Vec<RollupRow>,
+    /// Credits consumed per day (from the ledger).
+    pub credits: Vec<(NaiveDate, i64)>,
+    /// Distinct non-empty session ids in the window.
+    pub sessions: i64,
+    /// Newest settled event behind the figures.
+    pub as_of: Option<DateTime<Utc>>,
+}
+
+#[derive(Default)]
+pub(super) struct ModelSums {
+    requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+}
+
+#[derive(Default, Clone, Copy)]
+pub(super) struct DaySums {
+    requests: i64,
+    total_tokens: i64,
+    credits_consumed: i64,
+    feature_events: i64,
+}
+
+/// The SPEC §5.3 body plus `summary` (§5.10) and `as_of` (§8).
+///
+/// Lists are ordered for stable answers: `by_model`/`by_provider` by requests
+/// (most first), `by_feature` by events, ties by name; `daily` has one entry
+/// per day of the window, oldest first, zero days included.
+pub fn shape_analytics(
+    user_id: &str,
+    window: DayWindow,
+    input: &AnalyticsInput,
+    generated_at: DateTime<Utc>,
+) -> Value {
+    let mut by_model: BTreeMap<(&str, &str), ModelSums> = BTreeMap::new();
+    let mut by_feature: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut daily: BTreeMap<NaiveDate, DaySums> =
+        window.days().map(|d| (d, DaySums::default())).collect();
+    for r in &input.rows {
+        let model = r.kind == "model";
+        match r.day {
+            Some(d) => {
+                let day = daily.entry(d).or_default();
+                if model {
+                    day.requests = day.requests.saturating_add(r.requests);
+                    day.total_tokens = day
+                        .total_tokens
+                        .saturating_add(r.prompt_tokens.saturating_add(r.completion_tokens));
+                } else {
+                    day.feature_events = day.feature_events.saturating_add(r.requests);
+                }
+            }
+            None if model => {
+                let m = by_model.entry((&r.provider, &r.model)).or_default();
+                m.requests = m.requests.saturating_add(r.requests);
+                m.prompt_tokens = m.prompt_tokens.saturating_add(r.prompt_tokens);
+                m.completion_tokens = m.completion_tokens.saturating_add(r.completion_tokens);
+            }
+            None => {
+                let e = by_feature.entry(&r.feature).or_default();
+                *e = e.saturating_add(r.requests);
+            }
+        }
+    }
+    for (d, c) in &input.credits {
+        let day = daily.entry(*d).or_default();
+        day.credits_consumed = day.credits_consumed.saturating_add(*c);
+    }
+    let mut by_provider: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for ((p, _), m) in &by_model {
+        let e = by_provider.entry(p).or_default();
+        e.0 = e.0.saturating_add(m.requests);
+        e.1 =
+            e.1.saturating_add(m.prompt_tokens.saturating_add(m.completion_tokens));
+    }
+    let requests: i64 = by_model
+        .values()
+        .map(|m| m.requests)
+        .fold(0, i64::saturating_add);
+    let prompt_tokens: i64 = by_model
+        .values()
+        .map(|m| m.prompt_tokens)
+        .fold(0, i64::saturating_add);
+    let completion_tokens: i64 = by_model
+        .values()
+        .map(|m| m.completion_tokens)
+        .fold(0, i64::saturating_add);
+    let total_tokens = prompt_tokens.saturating_add(completion_tokens);
+    let credits_consumed: i64 = input
+        .credits
+        .iter()
+        .map(|(_, c)| *c)
+        .fold(0, i64::saturating_add);
+    let feature_events: i64 = by_feature.values().copied().fold(0, i64::saturating_add);
+    let unique_models = by_model
+        .keys()
+        .map(|(_, m)| *m)
+        .collect::<BTreeSet<_>>()
+        .len();
+
+    let mut models: Vec<_> = by_model.into_iter().collect();
+    models.sort_by(|a, b| b.1.requests.cmp(&a.1.requests).then(a.0.cmp(&b.0)));
+    let mut providers: Vec<_> = by_provider.into_iter().collect();
+    providers.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(b.0)));
+    let mut features: Vec<_> = by_feature.into_iter().collect();
+    features.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let unique_features = features.len();
+
+    json!({
+        "user_id": user_id,
+        "from": ts(window.from()),
+        "to": ts(window.to()),
+        "generated_at": ts_ms(generated_at),
+        "as_of": input.as_of.map(ts_ms),
+        "totals": {
+            "requests": requests,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": total_tokens,
+            "credits_consumed": credits_consumed,
+            "feature_events": feature_events,
+            "sessions": input.sessions,
+        },
+        "by_model": models.iter().map(|((p, m), s)| json!({
+            "provider": p, "model": m, "requests": s.requests,
+            "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+        })).collect::<Vec<_>>(),
+        "by_provider": providers.iter().map(|(p, (n, t))| json!({
+            "provider": p, "requests": n, "total_tokens": t,
+        })).collect::<Vec<_>>(),
+        "by_feature": features.iter().map(|(f, n)| json!({"feature": f, "events": n})).collect::<Vec<_>>(),
+        "daily": daily.iter().map(|(d, s)| json!({
+            "date": d.format("%Y-%m-%d").to_string(), "requests": s.requests,
+            "total_tokens": s.total_tokens, "credits_consumed": s.credits_consumed,
+            "feature_events": s.feature_events,
+        })).collect::<Vec<_>>(),
+        "summary": {
+            "totalRequests": requests,
+            "totalTokens": total_tokens,
+            "totalCreditsUsed": credits_consumed,
+            "uniqueModels": unique_models,
+            "uniqueFeatures": unique_features,
+        },
+    })
+}
+
+/// Usage figures of one stats key (from the rollup).
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct StatsUsageRow {
+    pub key: Option<String>,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub feature_events: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StatsFigures {
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub credits_consumed: i64,
+    pub feature_events: i64,
+}
+
+impl StatsFigures {
+    fn add(&mut self, o: &StatsFigures) {
+        self.requests = self.requests.saturating_add(o.requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.credits_consumed = self.credits_consumed.saturating_add(o.credits_consumed);
+        self.feature_events = self.feature_events.saturating_add(o.feature_events);
+    }
+}
+
+/// The SPEC §5.6 body. Rows merge the rollup's and the ledger's figures by
+/// key; `key` is null for what has no such attribute (feature events when
+/// grouping by model, events without a session, ...), so rows always sum to
+/// the totals. Rows are ordered by key (null last); only keys with activity
+/// appear.
+pub fn shape_stats(
+    user_id: &str,
+    req: StatsRequest,
+    usage: &[StatsUsageRow],
+    credits: &[(Option<String>, i64)],
+) -> Value {
+    let mut rows: HashMap<Option<&str>, StatsFigures> = HashMap::new();
+    for u in usage {
+        rows.entry(u.key.as_deref())
+            .or_default()
+            .add(&StatsFigures {
+                requests: u.requests,
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                credits_consumed: 0,
+                feature_events: u.feature_events,
+            });
+    }
+    for (k, c) in credits {
+        let row = rows.entry(k.as_deref()).or_default();
+        row.credits_consumed = row.credits_consumed.saturating_add(*c);
+    }
+    let mut rows: Vec<(Option<&str>, StatsFigures)> = rows
+        .into_iter()
+        .filter(|(_, f)| *f != StatsFigures::default())
+        .collect();
+    rows.sort_by(|a, b| match (a.0, b.0) {
+        (Some(x), Some(y)) => x.cmp(y),
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (None, None) => std::cmp::Ordering::Equal,
+    });
+    let mut totals = StatsFigures::default();
+    for (_, f) in &rows {
+        totals.add(f);
+    }
+    json!({
+        "user_id": user_id,
+        "from": ts(req.window.from()),
+        "to": ts(req.window.to()),
+        "group_by": req.group_by.as_str(),
+        "rows": rows.iter().map(|(k, f)| {
+            let mut v = serde_json::to_value(f).unwrap_or_default();
+            v["key"] = json!(k);
+            v
+        }).collect::<Vec<_>>(),
+        "totals": totals,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::super::GroupBy;
+    use super::*;
+
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        day: &str,
+        kind: &str,
+        p: &str,
+        m: &str,
+        f: &str,
+        n: i64,
+        pt: i64,
+        ct: i64,
+    ) -> RollupRow {
+        RollupRow {
+            day: Some(d(day)),
+            kind: kind.into(),
+            provider: p.into(),
+            model: m.into(),
+            feature: f.into(),
+            requests: n,
+            prompt_tokens: pt,
+            completion_tokens: ct,
+        }
+    }
+
+    /// What the SQL's grouping sets make of rollup cells.
+    fn grouping_sets(cells: Vec<RollupRow>) -> Vec<RollupRow> {
+        let mut out: Vec<RollupRow> = Vec::new();
+        for c in cells {
+            let per_day = RollupRow {
+                provider: String::new(),
+                model: String::new(),
+                feature: String::new(),
+                ..c.clone()
+            };
+            let per_attr = RollupRow { day: None, ..c };
+            for cell in [per_day, per_attr] {
+                match out.iter_mut().find(|o| {
+                    (&o.day, &o.kind, &o.provider, &o.model, &o.feature)
+                        == (
+                            &cell.day,
+                            &cell.kind,
+                            &cell.provider,
+                            &cell.model,
+                            &cell.feature,
+                        )
+                }) {
+                    Some(o) => {
+                        o.requests += cell.requests;
+                        o.prompt_tokens += cell.prompt_tokens;
+                        o.completion_tokens += cell.completion_tokens;
+                    }
+                    None => out.push(cell),
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn analytics_sum_models_providers_features_and_days() {
+        let w = DayWindow {
+            first: d("2024-03-08"),
+            last: d("2024-03-10"),
+        };
+        let input = AnalyticsInput {
+            rows: grouping_sets(vec![
+                row("2024-03-08", "model", "openai", "gpt-4o", "", 2, 100, 10),
+                row("2024-03-10", "model", "openai", "gpt-4o", "", 1, 50, 5),
+                row("2024-03-10", "model", "openai", "gpt-4o-mini", "", 3, 30, 3),
+                row("2024-03-10", "model", "anthropic", "claude", "", 1, 7, 1),
+                row("2024-03-10", "feature", "", "", "chat", 4, 0, 0),
+                row("2024-03-08", "feature", "", "", "edit", 1, 0, 0),
+            ]),
+            credits: vec![(d("2024-03-08"), 5), (d("2024-03-09"), 2)],
+            sessions: 2,
+            as_of: Some(at("2024-03-10T12:00:00Z")),
+        };
+        let v = shape_analytics("u1", w, &input, at("2024-03-10T13:00:00Z"));
+        assert_eq!(v["from"], "2024-03-08T00:00:00Z");
+        assert_eq!(v["to"], "2024-03-11T00:00:00Z");
+        assert_eq!(v["as_of"], "2024-03-10T12:00:00.000Z");
+        assert_eq!(
+            v["totals"],
+            json!({"requests": 7, "prompt_tokens": 187, "completion_tokens": 19, "total_tokens": 206,
+                   "credits_consumed": 7, "feature_events": 5, "sessions": 2})
+        );
+        assert_eq!(
+            v["by_model"],
+            json!([
+                {"provider": "openai", "model": "gpt-4o", "requests": 3, "prompt_tokens": 150, "completion_tokens": 15},
+                {"provider": "openai", "model": "gpt-4o-mini", "requests": 3, "prompt_tokens": 30, "completion_tokens": 3},
+                {"provider": "anthropic", "model": "claude", "requests": 1, "prompt_tokens": 7, "completion_tokens": 1},
+            ])
+        );
+        assert_eq!(
+            v["by_provider"],
+            json!([{"provider": "openai", "requests": 6, "total_tokens": 198},
+                   {"provider": "anthropic", "requests": 1, "total_tokens": 8}])
+        );
+        assert_eq!(
+            v["by_feature"],
+            json!([{"feature": "chat", "events": 4}, {"feature": "edit", "events": 1}])
+        );
+        assert_eq!(
+            v["daily"],
+            json!([
+                {"date": "2024-03-08", "requests": 2, "total_tokens": 110, "credits_consumed": 5, "feature_events": 1},
+                {"date": "2024-03-09", "requests": 0, "total_tokens": 0, "credits_consumed": 2, "feature_events": 0},
+                {"date": "2024-03-10", "requests": 5, "total_tokens": 96, "credits_consumed": 0, "feature_events": 4},
+            ])
+        );
+        assert_eq!(
+            v["summary"],
+            json!({"totalRequests": 7, "totalTokens": 206, "totalCreditsUsed": 7,
+                   "uniqueModels": 3, "uniqueFeatures": 2})
+        );
+    }
+
+    #[test]
+    fn an_empty_window_has_zero_days_and_no_as_of() {
+        let w = DayWindow::last_days(7, at("2024-03-10T00:00:00Z"));
+        let v = shape_analytics(
+            "u",
+            w,
+            &AnalyticsInput::default(),
+            at("2024-03-10T00:00:00Z"),
+        );
+        assert_eq!(v["daily"].as_array().unwrap().len(), 7);
+        assert_eq!(v["totals"]["requests"], 0);
+        assert!(v["as_of"].is_null());
+        assert_eq!(v["by_model"], json!([]));
+    }
+
+    #[test]
+    fn stats_rows_merge_usage_and_credits_by_key_and_sum_to_the_totals() {
+        let req = StatsRequest {
+            window: DayWindow {
+                first: d("2024-03-01"),
+                last: d("2024-03-02"),
+            },
+            group_by: GroupBy::Model,
+        };
+        let usage = vec![
+            StatsUsageRow {
+                key: Some("gpt-4o".into()),
+                requests: 2,
+                prompt_tokens: 20,
+                completion_tokens: 4,
+                feature_events: 0,
+            },
+            StatsUsageRow {
+                key: None,
+                requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                feature_events: 3,
+            },
+        ];
+        let credits = vec![
+            (Some("claude".into()), 9),
+            (Some("gpt-4o".into()), 5),
+            (None, 1),
+        ];
+        let v = shape_stats("u", req, &usage, &credits);
+        assert_eq!(v["group_by"], "model");
+        assert_eq!(v["from"], "2024-03-01T00:00:00Z");
+        assert_eq!(v["to"], "2024-03-03T00:00:00Z");
+        assert_eq!(
+            v["rows"],
+            json!([
+                {"key": "claude", "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "credits_consumed": 9, "feature_events": 0},
+                {"key": "gpt-4o", "requests": 2, "prompt_tokens": 20, "completion_tokens": 4, "credits_consumed": 5, "feature_events": 0},
+                {"key": null, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "credits_consumed": 1, "feature_events": 3},
+            ])
+        );
+        assert_eq!(
+            v["totals"],
+            json!({"requests": 2, "prompt_tokens": 20, "completion_tokens": 4, "credits_consumed": 15, "feature_events": 3})
+        );
+    }
+}

@@ -1,0 +1,220 @@
+//! The SQL behind both routes and the cached analytics view (see the module
+//! doc of [`crate::analytics`] for the generation rule).
+
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::shape::{shape_analytics, shape_stats, AnalyticsInput, RollupRow, StatsUsageRow};
+use super::{ts, DayWindow, StatsRequest, CACHE_TTL_SECS};
+use crate::error::{Error, Result};
+use crate::state::AppState;
+
+/// Reads the analytics figures of `window` from the rollup and the ledger.
+#[tracing::instrument(skip_all, fields(user_id, days))]
+pub async fn load_analytics(
+    pg: &sqlx::PgPool,
+    user_id: &str,
+    window: DayWindow,
+) -> Result<AnalyticsInput> {
+    // One statement over the user's rollup rows in the window (primary key
+    // prefix user_id, day): per day and kind for `daily`, per model/feature
+    // for the breakdowns, and one row for the whole window with the newest
+    // write; distinct sessions by hashing (a sort of the ids costs more).
+    type Row = (
+        Option<NaiveDate>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        i64,
+        i64,
+        i64,
+        Option<DateTime<Utc>>,
+        i64,
+    );
+    let grouped: Vec<Row> = sqlx::query_as(
+        "select day, kind, provider, model, feature, least(coalesce(sum(requests), 0), 9223372036854775807)::int8, \
+                least(coalesce(sum(prompt_tokens), 0), 9223372036854775807)::int8, least(coalesce(sum(completion_tokens), 0), 9223372036854775807)::int8, \
+                max(updated_at), \
+                (select count(*) from (select session_id from usage_daily \
+                   where user_id = $1 and day >= $2 and day <= $3 and session_id <> '' \
+                   group by session_id) s)::int8 \
+         from usage_daily where user_id = $1 and day >= $2 and day <= $3 \
+         group by grouping sets ((day, kind), (kind, provider, model, feature), ())",
+    )
+    .bind(user_id)
+    .bind(window.first)
+    .bind(window.last)
+    .fetch_all(pg)
+    .await?;
+    let mut rows = Vec::with_capacity(grouped.len());
+    let (mut sessions, mut rollup_as_of) = (0, None);
+    for (day, kind, provider, model, feature, n, pt, ct, at, s) in grouped {
+        let Some(kind) = kind else {
+            // The whole-window row.
+            sessions = s;
+            rollup_as_of = at;
+            continue;
+        };
+        rows.push(RollupRow {
+            day,
+            kind,
+            provider: provider.unwrap_or_default(),
+            model: model.unwrap_or_default(),
+            feature: feature.unwrap_or_default(),
+            requests: n,
+            prompt_tokens: pt,
+            completion_tokens: ct,
+        });
+    }
+    // The ledger's daily rollup (kept by a trigger on the ledger, 0002).
+    let credits: Vec<(NaiveDate, i64, DateTime<Utc>)> = sqlx::query_as(
+        "select day, least(sum(consumed), 9223372036854775807)::int8, max(updated_at) from credit_daily \
+         where user_id = $1 and day >= $2 and day <= $3 group by day",
+    )
+    .bind(user_id)
+    .bind(window.first)
+    .bind(window.last)
+    .fetch_all(pg)
+    .await?;
+    let ledger_as_of = credits.iter().map(|c| c.2).max();
+    Ok(AnalyticsInput {
+        rows,
+        credits: credits.into_iter().map(|(d, c, _)| (d, c)).collect(),
+        sessions,
+        as_of: rollup_as_of.max(ledger_as_of),
+    })
+}
+
+/// The stats answer, straight from Postgres (not cached: arbitrary windows).
+#[tracing::instrument(skip_all, fields(user_id, group_by = req.group_by.as_str()))]
+pub async fn stats(pg: &sqlx::PgPool, user_id: &str, req: StatsRequest) -> Result<Value> {
+    let usage: Vec<StatsUsageRow> = sqlx::query_as(&format!(
+        "select {key} as key, \
+                least(coalesce(sum(requests) filter (where kind = 'model'), 0), 9223372036854775807)::int8 as requests, \
+                least(coalesce(sum(prompt_tokens), 0), 9223372036854775807)::int8 as prompt_tokens, \
+                least(coalesce(sum(completion_tokens), 0), 9223372036854775807)::int8 as completion_tokens, \
+                least(coalesce(sum(requests) filter (where kind = 'feature'), 0), 9223372036854775807)::int8 as feature_events \
+         from usage_daily where user_id = $1 and day >= $2 and day <= $3 group by 1",
+        key = req.group_by.key_column()
+    ))
+    .bind(user_id)
+    .bind(req.window.first)
+    .bind(req.window.last)
+    .fetch_all(pg)
+    .await?;
+    let credits: Vec<(Option<String>, i64)> = sqlx::query_as(&format!(
+        "select {key}, least(sum(consumed), 9223372036854775807)::int8 from credit_daily \
+         where user_id = $1 and day >= $2 and day <= $3 group by 1",
+        key = req.group_by.key_column()
+    ))
+    .bind(user_id)
+    .bind(req.window.first)
+    .bind(req.window.last)
+    .fetch_all(pg)
+    .await?;
+    Ok(shape_stats(user_id, req, &usage, &credits))
+}
+
+/// What Redis keeps under `Keys::analytics`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct CachedView {
+    /// The analytics generation read before the view was computed.
+    gen: Option<String>,
+    body: Value,
+}
+
+/// Whether a cached view may be served: computed under the current
+/// generation and for the current window (a view from yesterday is stale).
+pub(super) fn usable(view: &CachedView, gen: &Option<String>, window: DayWindow) -> bool {
+    view.gen == *gen && view.body["to"].as_str() == Some(ts(window.to()).as_str())
+}
+
+/// The analytics answer for the last `days` days: from the cache, or computed
+/// from Postgres and cached. Redis down: computed, not cached.
+pub async fn analytics(state: &AppState, user_id: &str, days: u32) -> Result<Value> {
+    let now = Utc::now();
+    let window = DayWindow::last_days(days, now);
+    let key = state.keys.analytics(user_id, days);
+    let gen_key = state.keys.analytics_gen(user_id);
+    let mut conn = state.redis().await.ok();
+    // The generation is read before Postgres, so a commit after it shows up as
+    // a newer generation and this view is never served once that happens.
+    let mut gen: Option<String> = None;
+    let mut cache_ok = false;
+    if let Some(c) = conn.as_mut() {
+        let got: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
+            .arg(&key)
+            .arg(&gen_key)
+            .query_async(&mut **c)
+            .await;
+        match got {
+            Ok((cached, g)) => {
+                cache_ok = true;
+                if let Some(view) = cached.and_then(|c| serde_json::from_str::<CachedView>(&c).ok())
+                {
+                    if usable(&view, &g, window) {
+                        metrics::counter!("analytics_cache_total", "result" => "hit").increment(1);
+                        return Ok(view.body);
+                    }
+                }
+                gen = g;
+            }
+            Err(e) => tracing::debug!(error = %e, "analytics cache unavailable"),
+        }
+    }
+    metrics::counter!("analytics_cache_total", "result" => "miss").increment(1);
+    let input = load_analytics(&state.pg, user_id, window).await?;
+    let body = shape_analytics(user_id, window, &input, now);
+    if let (Some(c), true) = (conn.as_mut(), cache_ok) {
+        let view = serde_json::to_string(&CachedView {
+            gen,
+            body: body.clone(),
+        })
+        .map_err(|e| Error::Internal(e.into()))?;
+        let stored: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(&key)
+            .arg(view)
+            .arg("EX")
+            .arg(CACHE_TTL_SECS)
+            .query_async(&mut **c)
+            .await;
+        if let Err(e) = stored {
+            tracing::debug!(error = %e, "analytics view not cached");
+        }
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+
+    #[test]
+    fn a_cached_view_is_served_only_under_its_generation_and_window() {
+        let w = DayWindow::last_days(30, at("2024-03-10T10:00:00Z"));
+        let body = shape_analytics(
+            "u",
+            w,
+            &AnalyticsInput::default(),
+            at("2024-03-10T10:00:00Z"),
+        );
+        let view = CachedView {
+            gen: Some("3".into()),
+            body,
+        };
+        assert!(usable(&view, &Some("3".into()), w));
+        assert!(
+            !usable(&view, &Some("4".into()), w),
+            "a drop happened since"
+        );
+        assert!(!usable(&view, &None, w));
+        let tomorrow = DayWindow::last_days(30, at("2024-03-11T00:00:01Z"));
+        assert!(
+            !usable(&view, &Some("3".into()), tomorrow),
+            "yesterday's window"
+        );
+    }
+}

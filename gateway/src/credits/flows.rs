@@ -1,0 +1,582 @@
+//! The credit flows of SPEC §5.5, §5.5b and §5.7: consume, open, settle and
+//! release a hold (reserve in Redis, publish with a confirm, answer, undo
+//! what surely never left) and the admin grant (Postgres first, with its
+//! audit row, then Redis).
+
+use chrono::{DateTime, TimeZone, Utc};
+use common::credits::{scripts, ExpiredHold, Reply, UserKeys};
+use common::events::{
+    BatchedConsume, CreditConsume, CreditContext, Envelope, Event, HoldOpened, HoldReleased,
+    HoldSettled,
+};
+use common::settings::MAX_CREDITS;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::idempotency::{
+    derived_id, idem_args, refused_ttl_ms, running_ms, settle_id, ttl_ms, Answer, HoldEnd, Idem,
+    Remembered,
+};
+use super::reserve::{bad_reply, expect_tag, keyed_early, remember, run, with_required};
+use super::store::{balance, durable_replay};
+use crate::error::{Error, Result};
+use crate::publisher::PublishError;
+use crate::state::AppState;
+
+/// Whether a failed publish surely did not reach the broker (so the Redis
+/// change can be undone) or may have (so it stays, and the event settles it
+/// or the reconciler releases it after the confirm timeout plus 30 s).
+pub fn publish_surely_failed(e: &PublishError) -> bool {
+    matches!(
+        e,
+        PublishError::NotConnected | PublishError::Nacked | PublishError::Returned
+    )
+}
+
+pub(super) fn millis_to_time(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or_else(Utc::now)
+}
+
+pub(super) fn publish_failed(e: PublishError) -> Error {
+    Error::unavailable("rabbitmq", e)
+}
+
+pub(super) async fn publish(
+    state: &AppState,
+    user_id: &str,
+    event: Event,
+) -> std::result::Result<(), PublishError> {
+    let env = Envelope::new(event, Some(user_id.to_string()), Utc::now());
+    state.publisher.publish(&env).await
+}
+
+/// Publishes the `HoldReleased` of holds a script found expired. In the
+/// background: the answer does not wait, and if the publish fails the worker's
+/// expiry job marks them in Postgres instead.
+pub(super) fn publish_expired(state: &AppState, user_id: &str, expired: &[ExpiredHold]) {
+    if expired.is_empty() {
+        return;
+    }
+    metrics::counter!("credit_holds_expired_total", "by" => "gateway")
+        .increment(expired.len() as u64);
+    let state = state.clone();
+    let user = user_id.to_string();
+    let expired = expired.to_vec();
+    tokio::spawn(async move {
+        for h in expired {
+            let Ok(hold_id) = h.hold_id.parse::<Uuid>() else {
+                continue;
+            };
+            let ev = Event::HoldReleased(HoldReleased {
+                hold_id,
+                user_id: user.clone(),
+                held: h.amount,
+                reason: "expired".into(),
+            });
+            if let Err(e) = publish(&state, &user, ev).await {
+                tracing::warn!(error = %e, %hold_id, "expired hold not published; the worker's expiry job marks it");
+            }
+        }
+    });
+}
+
+/// SPEC §5.5: reserve, publish with confirm, answer.
+#[tracing::instrument(skip_all, fields(user_id, amount))]
+pub async fn consume(
+    state: &AppState,
+    user_id: &str,
+    amount: i64,
+    context: CreditContext,
+    idem: Option<Idem>,
+) -> Result<Answer> {
+    let fresh = Uuid::now_v7();
+    let keys = UserKeys::new(&state.keys, user_id);
+    let (record, hash) = idem_args(state, user_id, idem.as_ref());
+    let (ttl, running, refused) = (ttl_ms(state), running_ms(state), refused_ttl_ms(state));
+    // "0" fresh; "1" reuse a stale record's id while it is pending; "2"
+    // reserve it again (Postgres said it was never settled).
+    let mut reuse = "0";
+    let reply = loop {
+        let reply = run(state, user_id, || {
+            let mut inv = keys.invoke(&scripts().consume, ttl);
+            inv.key(&record)
+                .arg(&hash)
+                .arg(fresh.to_string())
+                .arg(amount)
+                .arg(running)
+                .arg(ttl)
+                .arg(refused)
+                .arg(reuse);
+            inv
+        })
+        .await?;
+        match (reply.tag.as_str(), &idem, reuse) {
+            ("STALE", Some(i), "0") => {
+                let recorded = reply.str(0).map_err(bad_reply)?;
+                if let Some(answer) = durable_replay(state, user_id, i, recorded).await? {
+                    return Ok(answer);
+                }
+                reuse = "1";
+            }
+            // Not pending any more: settled after our first look (the worker
+            // drops a pending entry only after its commit, which holds the
+            // durable record) or given back because its event is gone.
+            ("UNPENDING", Some(i), "1") => {
+                let recorded = reply.str(0).map_err(bad_reply)?;
+                if let Some(answer) = durable_replay(state, user_id, i, recorded).await? {
+                    return Ok(answer);
+                }
+                reuse = "2";
+            }
+            _ => break reply,
+        }
+    };
+    if let Some(answer) = keyed_early(&reply).map_err(|e| with_required(e, amount))? {
+        return Ok(answer);
+    }
+    expect_tag(&reply, "OK")?;
+    let balance = reply.int(0).map_err(bad_reply)?;
+    let created = reply.flag(2).map_err(bad_reply)?;
+    let tx: Uuid = reply
+        .str(3)
+        .map_err(bad_reply)?
+        .parse()
+        .map_err(bad_reply)?;
+    let reused = reply.flag(4).map_err(bad_reply)?;
+    let body = json!({
+        "transaction_id": tx.to_string(),
+        "user_id": user_id,
+        "amount": amount,
+        "balance": balance,
+        "success": true,
+        "remaining_credits": balance,
+    });
+    let event = BatchedConsume {
+        id: Uuid::new_v4(),
+        occurred_at: Utc::now(),
+        consume: CreditConsume {
+            transaction_id: tx,
+            user_id: user_id.to_string(),
+            amount,
+            context,
+        },
+        idempotency: idem.as_ref().map(|i| i.durable(state, &body)),
+    };
+    if let Err(e) = state.publisher.publish_consume(event).await {
+        let surely = publish_surely_failed(&e);
+        let give_back = created && surely;
+        // Only a fresh id that surely never left may be forgotten; any other
+        // stays recorded, so a retry can never charge under a second id.
+        let forget = surely && !reused;
+        let undo = async {
+            let mut conn = state.redis().await?;
+            let mut inv = keys.invoke(&scripts().consume_undo, ttl);
+            inv.key(&record)
+                .arg(&hash)
+                .arg(tx.to_string())
+                .arg(if give_back { "1" } else { "0" })
+                .arg(if forget { "1" } else { "0" });
+            inv.invoke_async::<Vec<String>>(&mut *conn).await?;
+            anyhow::Ok(())
+        };
+        if let Err(u) = undo.await {
+            // The reservation stays; the reconciler releases it after the
+            // confirm timeout plus 30 s, since no event will settle it.
+            tracing::warn!(error = %u, "reservation not given back after a failed publish");
+        }
+        metrics::counter!("credit_decisions_total", "op" => "consume", "outcome" => "unavailable")
+            .increment(1);
+        return Err(publish_failed(e));
+    }
+    if let Some(idem) = &idem {
+        remember(
+            state,
+            idem,
+            &Remembered::Ok(body.clone()),
+            &tx.to_string(),
+            ttl,
+        )
+        .await;
+    }
+    metrics::counter!("credit_decisions_total", "op" => "consume", "outcome" => "ok").increment(1);
+    Ok(answered(body, reused))
+}
+
+/// A retry under a recorded id answers for the first request (whose 200 may
+/// already have been sent): it says so, and the ledger has one row for both.
+pub(super) fn answered(body: Value, reused: bool) -> Answer {
+    if reused {
+        Answer::Replayed(Remembered::Ok(body))
+    } else {
+        Answer::Fresh(body)
+    }
+}
+
+/// SPEC §5.5b: hold an upper bound before the model call.
+#[tracing::instrument(skip_all, fields(user_id, amount))]
+pub async fn open_hold(
+    state: &AppState,
+    user_id: &str,
+    amount: i64,
+    ttl_secs: u64,
+    context: CreditContext,
+    idem: Option<Idem>,
+) -> Result<Answer> {
+    let fresh = Uuid::now_v7();
+    let keys = UserKeys::new(&state.keys, user_id);
+    let (record, hash) = idem_args(state, user_id, idem.as_ref());
+    let (ttl, running, refused) = (ttl_ms(state), running_ms(state), refused_ttl_ms(state));
+    let max_open = state.settings.credits.max_open_holds;
+    let mut reuse = false;
+    let reply = loop {
+        let reply = run(state, user_id, || {
+            let mut inv = keys.invoke(&scripts().hold_open, ttl);
+            inv.key(&record)
+                .arg(&hash)
+                .arg(fresh.to_string())
+                .arg(amount)
+                .arg(ttl_secs * 1000)
+                .arg(running)
+                .arg(ttl)
+                .arg(refused)
+                .arg(if reuse { "1" } else { "0" })
+                .arg(max_open);
+            inv
+        })
+        .await?;
+        match (reply.tag.as_str(), &idem) {
+            ("STALE", Some(i)) if !reuse => {
+                let recorded = reply.str(0).map_err(bad_reply)?;
+                if let Some(answer) = durable_replay(state, user_id, i, recorded).await? {
+                    return Ok(answer);
+                }
+                reuse = true;
+            }
+            _ => break reply,
+        }
+    };
+    if let Some(answer) = keyed_early(&reply).map_err(|e| with_required(e, amount))? {
+        return Ok(answer);
+    }
+    match reply.tag.as_str() {
+        // A retry under a recorded hold id whose hold has ended meanwhile
+        // (and whose open has not landed in Postgres yet).
+        "ENDED" => return Err(Error::HoldExpired),
+        "TOO_MANY" => {
+            metrics::counter!("credit_decisions_total", "op" => "hold", "outcome" => "too_many")
+                .increment(1);
+            return Err(Error::validation(
+                "holds",
+                format!(
+                    "at most {max_open} holds may be open at once; settle or release one first"
+                ),
+            ));
+        }
+        _ => expect_tag(&reply, "OK")?,
+    }
+    let balance = reply.int(0).map_err(bad_reply)?;
+    let held = reply.int(1).map_err(bad_reply)?;
+    let expires_at = millis_to_time(reply.int(2).map_err(bad_reply)?);
+    let created = reply.flag(3).map_err(bad_reply)?;
+    let hold_id: Uuid = reply
+        .str(4)
+        .map_err(bad_reply)?
+        .parse()
+        .map_err(bad_reply)?;
+    let reused = reply.flag(5).map_err(bad_reply)?;
+    let body = json!({
+        "hold_id": hold_id.to_string(),
+        "amount": amount,
+        "balance": balance,
+        "held": held,
+        "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    let event = Event::HoldOpened(HoldOpened {
+        hold_id,
+        user_id: user_id.to_string(),
+        amount,
+        expires_at,
+        context,
+        idempotency: idem.as_ref().map(|i| i.durable(state, &body)),
+    });
+    if let Err(e) = publish(state, user_id, event).await {
+        let surely = publish_surely_failed(&e);
+        let remove = created && surely;
+        let forget = surely && !reused;
+        let undo = async {
+            let mut conn = state.redis().await?;
+            let mut inv = keys.invoke(&scripts().hold_undo, ttl);
+            inv.key(&record)
+                .arg(&hash)
+                .arg(hold_id.to_string())
+                .arg(if remove { "1" } else { "0" })
+                .arg(if forget { "1" } else { "0" });
+            inv.invoke_async::<Vec<String>>(&mut *conn).await?;
+            anyhow::Ok(())
+        };
+        if let Err(u) = undo.await {
+            // The hold stays and expires by itself at `expires_at`.
+            tracing::warn!(error = %u, "hold not removed after a failed publish");
+        }
+        return Err(publish_failed(e));
+    }
+    if let Some(idem) = &idem {
+        remember(
+            state,
+            idem,
+            &Remembered::Ok(body.clone()),
+            &hold_id.to_string(),
+            ttl,
+        )
+        .await;
+    }
+    metrics::counter!("credit_decisions_total", "op" => "hold", "outcome" => "ok").increment(1);
+    Ok(answered(body, reused))
+}
+
+/// SPEC §5.5b: settle a hold; the rest returns to the balance. Settling again
+/// answers the first settle; an expired or released hold is 409.
+#[tracing::instrument(skip_all, fields(user_id, %hold_id, amount))]
+pub async fn settle_hold(
+    state: &AppState,
+    user_id: &str,
+    hold_id: Uuid,
+    amount: i64,
+    context: CreditContext,
+) -> Result<Answer> {
+    let tx = settle_id(hold_id);
+    let keys = UserKeys::new(&state.keys, user_id);
+    let ttl = ttl_ms(state);
+    let reply = run(state, user_id, || {
+        let mut inv = keys.invoke(&scripts().hold_settle, ttl);
+        inv.arg(hold_id.to_string()).arg(tx.to_string()).arg(amount);
+        inv
+    })
+    .await?;
+    match reply.tag.as_str() {
+        "ENDED" => {
+            return match HoldEnd::parse(reply.str(0).map_err(bad_reply)?) {
+                Some(HoldEnd::Settled(body)) => Ok(Answer::Replayed(Remembered::Ok(body))),
+                _ => Err(Error::HoldExpired),
+            }
+        }
+        "GONE" => return Err(Error::HoldExpired),
+        "TOO_MUCH" => {
+            let held = reply.int(0).map_err(bad_reply)?;
+            return Err(Error::validation(
+                "amount",
+                format!("must be at most the held amount {held}"),
+            ));
+        }
+        _ => expect_tag(&reply, "OK")?,
+    }
+    let balance = reply.int(0).map_err(bad_reply)?;
+    let hold_amount = reply.int(2).map_err(bad_reply)?;
+    let hold_raw = reply.str(3).map_err(bad_reply)?.to_string();
+    let event = Event::HoldSettled(HoldSettled {
+        hold_id,
+        transaction_id: tx,
+        user_id: user_id.to_string(),
+        held: hold_amount,
+        amount,
+        context,
+    });
+    if let Err(e) = publish(state, user_id, event).await {
+        if publish_surely_failed(&e) {
+            let undo = async {
+                let mut conn = state.redis().await?;
+                let mut inv = keys.invoke(&scripts().hold_unsettle, ttl);
+                inv.arg(hold_id.to_string())
+                    .arg(tx.to_string())
+                    .arg(amount)
+                    .arg(&hold_raw);
+                inv.invoke_async::<Vec<String>>(&mut *conn).await?;
+                anyhow::Ok(())
+            };
+            if let Err(u) = undo.await {
+                tracing::warn!(error = %u, "hold not restored after a failed publish");
+            }
+        }
+        return Err(publish_failed(e));
+    }
+    metrics::counter!("credit_decisions_total", "op" => "settle", "outcome" => "ok").increment(1);
+    Ok(Answer::Fresh(json!({
+        "transaction_id": tx.to_string(),
+        "amount": amount,
+        "released": hold_amount - amount,
+        "balance": balance,
+    })))
+}
+
+/// SPEC §5.5b: release a hold whole. Releasing an ended (released or expired)
+/// hold again is fine; a settled one is 409.
+#[tracing::instrument(skip_all, fields(user_id, %hold_id))]
+pub async fn release_hold(state: &AppState, user_id: &str, hold_id: Uuid) -> Result<()> {
+    let keys = UserKeys::new(&state.keys, user_id);
+    let ttl = ttl_ms(state);
+    let reply = run(state, user_id, || {
+        let mut inv = keys.invoke(&scripts().hold_release, ttl);
+        inv.arg(hold_id.to_string());
+        inv
+    })
+    .await?;
+    match reply.tag.as_str() {
+        "ENDED" => {
+            return match HoldEnd::parse(reply.str(0).map_err(bad_reply)?) {
+                Some(HoldEnd::Released | HoldEnd::Expired) => Ok(()),
+                _ => Err(Error::HoldExpired),
+            }
+        }
+        "GONE" => return Err(Error::HoldExpired),
+        _ => expect_tag(&reply, "OK")?,
+    }
+    let hold_amount = reply.int(2).map_err(bad_reply)?;
+    let hold_raw = reply.str(3).map_err(bad_reply)?.to_string();
+    let event = Event::HoldReleased(HoldReleased {
+        hold_id,
+        user_id: user_id.to_string(),
+        held: hold_amount,
+        reason: "released".into(),
+    });
+    if let Err(e) = publish(state, user_id, event).await {
+        if publish_surely_failed(&e) {
+            let undo = async {
+                let mut conn = state.redis().await?;
+                let mut inv = keys.invoke(&scripts().hold_unrelease, ttl);
+                inv.arg(hold_id.to_string()).arg(&hold_raw);
+                inv.invoke_async::<Vec<String>>(&mut *conn).await?;
+                anyhow::Ok(())
+            };
+            if let Err(u) = undo.await {
+                tracing::warn!(error = %u, "hold not restored after a failed publish");
+            }
+        }
+        return Err(publish_failed(e));
+    }
+    metrics::counter!("credit_decisions_total", "op" => "release", "outcome" => "ok").increment(1);
+    Ok(())
+}
+
+/// Who asked for a grant, for the audit row.
+#[derive(Debug, Clone)]
+pub struct GrantRequest {
+    pub actor: String,
+    pub user_id: String,
+    pub amount: i64,
+    pub reason: String,
+    pub key: Option<String>,
+    pub request_id: String,
+}
+
+/// SPEC §5.7: the grant is written to Postgres with its audit row in one
+/// transaction (once per grant id), then added to the Redis balance once (by
+/// the grant id) if Redis holds the user; otherwise Redis loads it later.
+#[tracing::instrument(skip_all, fields(user_id = %g.user_id, amount = g.amount))]
+pub async fn grant(state: &AppState, g: GrantRequest) -> Result<Answer> {
+    let id = derived_id("grant", &g.user_id, g.key.as_deref());
+    let mut tx = state.pg.begin().await?;
+    let result: std::result::Result<(bool, i64), sqlx::Error> =
+        sqlx::query_as("select applied, balance from grant_credits($1, $2, $3, $4, $5, 'grant')")
+            .bind(id)
+            .bind(&g.user_id)
+            .bind(g.amount)
+            .bind(&g.reason)
+            .bind(json!({"reason": g.reason, "actor": g.actor, "request_id": g.request_id}))
+            .fetch_one(&mut *tx)
+            .await;
+    let (applied, _) = match result {
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("22003") => {
+            return Err(Error::validation(
+                "amount",
+                format!("the balance would pass {MAX_CREDITS}"),
+            ))
+        }
+        other => other?,
+    };
+    let recent = if applied {
+        sqlx::query(
+            "insert into audit_log (actor, action, target, request_id, details) \
+             values ($1, 'credits.grant', $2, $3, $4)",
+        )
+        .bind(&g.actor)
+        .bind(&g.user_id)
+        .bind(&g.request_id)
+        .bind(json!({"amount": g.amount, "reason": g.reason, "transaction_id": id.to_string()}))
+        .execute(&mut *tx)
+        .await?;
+        true
+    } else {
+        // The same key again: the same body replays, another is a conflict.
+        let (kind, amount, reason, recent): (String, i64, Option<String>, bool) = sqlx::query_as(
+            "select kind, amount, description, created_at > now() - make_interval(secs => $2) \
+             from credit_transactions where id = $1",
+        )
+        .bind(id)
+        .bind(state.settings.credits.idempotency_ttl_secs as f64)
+        .fetch_one(&mut *tx)
+        .await?;
+        if kind != "grant" || amount != g.amount || reason.as_deref() != Some(g.reason.as_str()) {
+            return Err(Error::IdempotencyConflict(
+                "this Idempotency-Key was used with another body".into(),
+            ));
+        }
+        recent
+    };
+    tx.commit().await?;
+    // A replay applies too, in case the first attempt died before this step;
+    // the applied-set makes it once. Past the idempotency window the set is
+    // gone, so an old replay leaves Redis alone (the reconciler covers it).
+    let mut spendable = None;
+    if recent && !state.recovery.is_active() {
+        let keys = UserKeys::new(&state.keys, &g.user_id);
+        let applied_key = state.keys.grants_applied(&g.user_id);
+        let ttl = ttl_ms(state);
+        let outcome = async {
+            let mut conn = state.redis().await?;
+            let mut inv = keys.invoke(&scripts().grant_apply, ttl);
+            inv.key(&applied_key)
+                .arg(id.to_string())
+                .arg(g.amount)
+                .arg(ttl + 3_600_000);
+            let raw: Vec<String> = inv.invoke_async(&mut *conn).await?;
+            anyhow::Ok(Reply::parse(raw)?)
+        }
+        .await;
+        match outcome {
+            Ok(r) if r.tag == "OK" => spendable = Some(r.int(0).map_err(bad_reply)?),
+            Ok(r) if r.tag == "LOST" => state.recovery.enter(state).await,
+            Ok(_) => {}
+            // Redis will not hold a stale figure: the reconciler compares it
+            // with the ledger once nothing is pending.
+            Err(e) => tracing::warn!(error = %e, "grant committed but not added to Redis yet"),
+        }
+    }
+    let balance = match spendable {
+        Some(b) => b,
+        None => balance(state, &g.user_id).await?.balance,
+    };
+    metrics::counter!("credit_grants_total", "replayed" => (!applied).to_string()).increment(1);
+    let body = json!({"transaction_id": id.to_string(), "balance": balance});
+    Ok(if applied {
+        Answer::Fresh(body)
+    } else {
+        Answer::Replayed(Remembered::Ok(body))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sure_publish_failures_are_undone() {
+        assert!(publish_surely_failed(&PublishError::NotConnected));
+        assert!(publish_surely_failed(&PublishError::Nacked));
+        assert!(!publish_surely_failed(&PublishError::Timeout));
+        assert!(!publish_surely_failed(&PublishError::Broker(
+            "reset".into()
+        )));
+    }
+}

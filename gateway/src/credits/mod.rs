@@ -1,0 +1,38 @@
+//! Credit decisions (SPEC §5.5, §5.5b, §5.7): reserve in Redis with one script,
+//! publish the event with a confirm, answer. The model, the invariants and
+//! each failure are in `docs/credits.md`; the scripts in `common::credits`.
+//!
+//! # Layout
+//! - [`amount`]: the bodies, `Credits<MIN>` and each field's rule.
+//! - [`idempotency`]: the key, the body hash, derived ids, remembered answers.
+//! - [`reserve`]: running a credit script in Redis and reading its replies.
+//! - [`store`]: Postgres reads and loading a user into Redis.
+//! - [`flows`]: consume, hold, settle, release, grant (what handlers call).
+//! - [`recovery`]: the recovery after Redis lost its credit data.
+//!
+//! The plain functions decide what a request means and are unit-tested beside
+//! them; the async ones do the IO. Every public item is re-exported here, so
+//! `crate::credits::X` paths stay as they were.
+
+pub mod amount;
+pub mod flows;
+pub mod idempotency;
+pub mod recovery;
+pub mod reserve;
+pub mod store;
+
+pub use amount::{
+    Amount, ConsumeBody, Count, Credits, Description, FeatureName, GrantBody, HoldBody, ModelName,
+    ProviderName, Reason, SessionRef, SettleBody,
+};
+pub use flows::{
+    consume, grant, open_hold, publish_surely_failed, release_hold, settle_hold, GrantRequest,
+};
+pub use idempotency::{
+    body_hash, canonical_json, derived_id, idempotency_key, idempotency_key_value, settle_id,
+    Answer, HoldEnd, Idem, Remembered,
+};
+pub use store::{balance, balance_from_postgres, load_into_redis, Balance};
+
+/// Parses a request body into `T`, which must be a JSON object.
+pub use crate::decode::parse_body;

@@ -1,0 +1,172 @@
+//! The Redis side of a credit decision: running a script for one user
+//! (loading the user first when Redis does not hold it, entering a recovery
+//! when the slot lost its data), reading the replies every keyed script
+//! shares, and storing a final answer under its key.
+
+use common::credits::{scripts, Reply};
+
+use super::flows::publish_expired;
+use super::idempotency::{Answer, Idem, Remembered};
+use super::store::load_into_redis;
+use crate::error::{Error, Result};
+use crate::state::AppState;
+
+pub(super) fn bad_reply(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Internal(anyhow::Error::new(e))
+}
+
+pub(super) fn recovering() -> Error {
+    Error::Unavailable {
+        what: "credits",
+        retry_after: 5,
+        cause: None,
+    }
+}
+
+/// Runs a credit script for one user. `MISSING` (Redis does not hold the
+/// user yet) loads the user from Postgres and runs it again; `LOST` (the
+/// slot's sentinel is gone) starts a recovery and answers 503.
+pub(super) async fn run(
+    state: &AppState,
+    user_id: &str,
+    invocation: impl Fn() -> redis::ScriptInvocation<'static>,
+) -> Result<Reply> {
+    for _ in 0..3 {
+        let raw: Vec<String> = {
+            let mut conn = state.redis().await?;
+            invocation().invoke_async(&mut *conn).await?
+        };
+        let reply = Reply::parse(raw).map_err(bad_reply)?;
+        publish_expired(state, user_id, &reply.expired);
+        match reply.tag.as_str() {
+            "LOST" => {
+                state.recovery.enter(state).await;
+                return Err(recovering());
+            }
+            "MISSING" => load_into_redis(state, user_id).await?,
+            _ => return Ok(reply),
+        }
+    }
+    Err(Error::Internal(anyhow::anyhow!(
+        "credits of {user_id} could not be loaded into Redis"
+    )))
+}
+
+/// Stores a final 200 answer under the request's key. Best effort: when it
+/// fails, the record stays in progress with its id; a retry past the
+/// in-progress window replays the durable record the event carried, or
+/// re-publishes under the same id, which the ledger deduplicates.
+pub(super) async fn remember(
+    state: &AppState,
+    idem: &Idem,
+    answer: &Remembered,
+    id: &str,
+    ttl: u64,
+) {
+    let result = async {
+        let mut conn = state.redis().await?;
+        scripts()
+            .idem_finish
+            .key(&idem.record)
+            .arg(&idem.hash)
+            .arg(answer.to_json())
+            .arg(ttl)
+            .arg(id)
+            .invoke_async::<i64>(&mut *conn)
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "idempotent answer not stored");
+    }
+}
+
+/// Turns the early replies every keyed script shares into an answer.
+pub(super) fn keyed_early(reply: &Reply) -> Result<Option<Answer>> {
+    match reply.tag.as_str() {
+        "CONFLICT" => Err(Error::IdempotencyConflict(
+            "this Idempotency-Key was used with another body".into(),
+        )),
+        "BUSY" => Err(Error::IdempotencyConflict(
+            "a request with this Idempotency-Key is still running".into(),
+        )),
+        "REPLAY" => {
+            let stored = reply.str(0).map_err(bad_reply)?;
+            let r = Remembered::parse(stored)
+                .ok_or_else(|| Error::Internal(anyhow::anyhow!("unreadable remembered answer")))?;
+            Ok(Some(Answer::Replayed(r)))
+        }
+        "INSUFFICIENT" => Err(Error::InsufficientCredits {
+            balance: reply.int(0).map_err(bad_reply)?,
+            required: 0,
+        }),
+        _ => Ok(None),
+    }
+}
+
+/// A fresh 402 carries the amount asked for (the script knows only the balance).
+pub(super) fn with_required(e: Error, amount: i64) -> Error {
+    match e {
+        Error::InsufficientCredits { balance, .. } => {
+            metrics::counter!("credit_decisions_total", "op" => "reserve", "outcome" => "insufficient").increment(1);
+            Error::InsufficientCredits {
+                balance,
+                required: amount,
+            }
+        }
+        other => other,
+    }
+}
+
+pub(super) fn expect_tag(reply: &Reply, tag: &str) -> Result<()> {
+    if reply.tag == tag {
+        Ok(())
+    } else {
+        Err(Error::Internal(anyhow::anyhow!(
+            "unexpected credit script reply {:?}",
+            reply.tag
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_replies_become_answers() {
+        let r = |v: &[&str]| Reply::parse(v.iter().map(|s| s.to_string()).collect()).unwrap();
+        assert!(matches!(
+            keyed_early(&r(&["CONFLICT", "0"])),
+            Err(Error::IdempotencyConflict(_))
+        ));
+        assert!(matches!(
+            keyed_early(&r(&["BUSY", "0"])),
+            Err(Error::IdempotencyConflict(_))
+        ));
+        assert!(matches!(
+            with_required(
+                keyed_early(&r(&["INSUFFICIENT", "0", "4", "0"])).unwrap_err(),
+                7
+            ),
+            Error::InsufficientCredits {
+                balance: 4,
+                required: 7
+            }
+        ));
+        assert_eq!(
+            keyed_early(&r(&[
+                "REPLAY",
+                "0",
+                r#"{"status":402,"balance":1,"required":2}"#
+            ]))
+            .unwrap(),
+            Some(Answer::Replayed(Remembered::Insufficient {
+                balance: 1,
+                required: 2
+            }))
+        );
+        assert_eq!(keyed_early(&r(&["OK", "0", "1", "0", "1"])).unwrap(), None);
+    }
+}

@@ -1,0 +1,217 @@
+//! The Postgres side of credits: the settled balance, loading a user's
+//! ledger, open holds and durable idempotency records into Redis, and the
+//! durable answer of a keyed request whose Redis record went stale.
+
+use chrono::{DateTime, Utc};
+use common::credits::{hold_json, scripts, Reply, UserKeys};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::flows::publish_expired;
+use super::idempotency::{ttl_ms, Answer, Idem, Remembered};
+use super::reserve::{bad_reply, recovering, remember};
+use crate::error::{Error, Result};
+use crate::state::AppState;
+
+/// What a user can spend now, and what is held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    pub balance: i64,
+    pub held: i64,
+    /// Time of the newest settled event behind the figure.
+    pub as_of: Option<DateTime<Utc>>,
+}
+
+/// Loads a user's credits from Postgres into Redis (only if absent): the
+/// ledger balance, the open holds, and the newest ledger time. One statement,
+/// so balance and holds are one snapshot.
+#[tracing::instrument(skip_all, fields(user_id))]
+pub async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
+    type Row = (
+        i64,
+        Option<DateTime<Utc>>,
+        Vec<Uuid>,
+        Vec<i64>,
+        Vec<DateTime<Utc>>,
+    );
+    let keys = UserKeys::new(&state.keys, user_id);
+    // The durable idempotency records first, while `bal` is absent: a keyed
+    // script that runs meanwhile finds `bal` missing and loads too, so none
+    // can decide before the user's records are back (after a Redis loss,
+    // the recovery waited for every earlier event, so Postgres has them all).
+    // Before the ledger is read, so the snapshot INIT writes is no older
+    // than necessary (a grant's own Redis step may be waiting for it).
+    restore_records(state, &keys, user_id).await?;
+    let row: Option<Row> = sqlx::query_as(
+        "select u.credits_balance, \
+                (select max(t.created_at) from credit_transactions t where t.user_id = u.id), \
+                coalesce(h.ids, '{}'), coalesce(h.amounts, '{}'), coalesce(h.expires, '{}') \
+         from users u \
+         left join lateral ( \
+             select array_agg(id order by id) ids, array_agg(amount order by id) amounts, \
+                    array_agg(expires_at order by id) expires \
+             from credit_holds where user_id = u.id and status = 'open') h on true \
+         where u.id = $1",
+    )
+    .bind(user_id)
+    .fetch_optional(&state.pg)
+    .await?;
+    let (ledger, as_of, ids, amounts, expires) =
+        row.ok_or_else(|| Error::NotFound("no such user".into()))?;
+    let mut inv = keys.invoke(&scripts().init, ttl_ms(state));
+    inv.arg(ledger).arg(
+        as_of
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default(),
+    );
+    for ((id, amount), exp) in ids.iter().zip(&amounts).zip(&expires) {
+        inv.arg(id.to_string())
+            .arg(hold_json(*amount, exp.timestamp_millis()));
+    }
+    let raw: Vec<String> = {
+        let mut conn = state.redis().await?;
+        inv.invoke_async(&mut *conn).await?
+    };
+    let reply = Reply::parse(raw).map_err(bad_reply)?;
+    if reply.tag == "LOST" {
+        state.recovery.enter(state).await;
+        return Err(recovering());
+    }
+    metrics::counter!("credit_users_loaded_total").increment(u64::from(reply.tag == "OK"));
+    Ok(())
+}
+
+/// Restores a user's unexpired durable idempotency records into Redis as
+/// `done`, in chunks, only while Redis does not hold the user's balance.
+pub(super) async fn restore_records(
+    state: &AppState,
+    keys: &UserKeys,
+    user_id: &str,
+) -> Result<()> {
+    let rows: Vec<(String, String, String, Value, DateTime<Utc>)> = sqlx::query_as(
+        "select route, key, body_hash, answer, expires_at from idempotency_records \
+         where user_id = $1 and expires_at > now() order by created_at",
+    )
+    .bind(user_id)
+    .fetch_all(&state.pg)
+    .await?;
+    for chunk in rows.chunks(200) {
+        let mut inv = keys.invoke(&scripts().idem_restore, ttl_ms(state));
+        for (route, key, hash, answer, expires_at) in chunk {
+            inv.key(state.keys.idempotency(user_id, route, key))
+                .arg(hash)
+                .arg(Remembered::Ok(answer.clone()).to_json())
+                .arg(expires_at.timestamp_millis());
+        }
+        let raw: Vec<String> = {
+            let mut conn = state.redis().await?;
+            inv.invoke_async(&mut *conn).await?
+        };
+        match Reply::parse(raw).map_err(bad_reply)?.tag.as_str() {
+            "LOST" => {
+                state.recovery.enter(state).await;
+                return Err(recovering());
+            }
+            // Loaded by someone else meanwhile, with these records.
+            "EXISTS" => return Ok(()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The durable answer of a keyed request whose Redis record is stale (it
+/// started long ago and never stored its answer): present when its event
+/// has landed. It is stored in Redis for the next retry. A Postgres error
+/// is `None`: the caller retries under the recorded id, which the ledger
+/// deduplicates.
+pub(super) async fn durable_replay(
+    state: &AppState,
+    user_id: &str,
+    idem: &Idem,
+    recorded_id: &str,
+) -> Result<Option<Answer>> {
+    // A Postgres error is a 503, never a guess: retrying under the recorded
+    // id without knowing whether it landed could re-reserve a settled charge.
+    let found: Option<Value> = sqlx::query_scalar(
+        "select answer from idempotency_records \
+         where user_id = $1 and route = $2 and key = $3 and body_hash = $4 and expires_at > now()",
+    )
+    .bind(user_id)
+    .bind(&idem.route)
+    .bind(&idem.key)
+    .bind(&idem.hash)
+    .fetch_optional(&state.pg)
+    .await?;
+    Ok(match found {
+        Some(body) => {
+            let answer = Remembered::Ok(body);
+            remember(state, idem, &answer, recorded_id, ttl_ms(state)).await;
+            Some(Answer::Replayed(answer))
+        }
+        None => None,
+    })
+}
+
+/// Reads a user's balance: from Redis when it holds the user (releasing
+/// expired holds on the way), else from Postgres (ledger minus open holds),
+/// and always from Postgres while a recovery runs.
+pub async fn balance(state: &AppState, user_id: &str) -> Result<Balance> {
+    for attempt in 0..2 {
+        if state.recovery.is_active() {
+            break;
+        }
+        let keys = UserKeys::new(&state.keys, user_id);
+        let outcome = async {
+            let mut conn = state.redis().await?;
+            let raw: Vec<String> = keys
+                .invoke(&scripts().read, ttl_ms(state))
+                .invoke_async(&mut *conn)
+                .await?;
+            anyhow::Ok(Reply::parse(raw)?)
+        }
+        .await;
+        match outcome {
+            Ok(reply) if reply.tag == "OK" => {
+                publish_expired(state, user_id, &reply.expired);
+                return Ok(Balance {
+                    balance: reply.int(0).map_err(bad_reply)?,
+                    held: reply.int(1).map_err(bad_reply)?,
+                    as_of: DateTime::parse_from_rfc3339(reply.str(2).unwrap_or(""))
+                        .ok()
+                        .map(|t| t.with_timezone(&Utc)),
+                });
+            }
+            Ok(reply) if reply.tag == "LOST" => state.recovery.enter(state).await,
+            // Not loaded yet: load it once (so later reads need no Postgres).
+            Ok(reply) if reply.tag == "MISSING" && attempt == 0 => {
+                if load_into_redis(state, user_id).await.is_ok() {
+                    continue;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "balance: Redis unavailable, reading Postgres"),
+        }
+        break;
+    }
+    balance_from_postgres(state, user_id).await
+}
+
+/// The settled truth: `users.credits_balance` minus open holds.
+pub async fn balance_from_postgres(state: &AppState, user_id: &str) -> Result<Balance> {
+    let row: Option<(i64, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "select u.credits_balance, \
+                coalesce((select sum(amount) from credit_holds h where h.user_id = u.id and h.status = 'open'), 0)::bigint, \
+                (select max(created_at) from credit_transactions t where t.user_id = u.id) \
+         from users u where u.id = $1",
+    )
+    .bind(user_id)
+    .fetch_optional(&state.pg)
+    .await?;
+    let (settled, held, as_of) = row.unwrap_or((0, 0, None));
+    Ok(Balance {
+        balance: settled - held,
+        held,
+        as_of,
+    })
+}

@@ -1,0 +1,5 @@
+//! Operator commands of the `worker` binary, apart from `run` and `migrate`.
+
+pub mod demo;
+pub mod dlq;
+pub mod reconcile;
