@@ -15,15 +15,17 @@ COPY common/Cargo.toml common/
 COPY gateway/Cargo.toml gateway/
 COPY worker/Cargo.toml worker/
 COPY bench/Cargo.toml bench/
-RUN mkdir -p common/src gateway/src gateway/tests/api worker/src bench/src \
- && touch common/src/lib.rs gateway/src/lib.rs worker/src/lib.rs \
+COPY testkit/Cargo.toml testkit/
+COPY e2e/Cargo.toml e2e/
+RUN mkdir -p common/src gateway/src worker/src bench/src testkit/src e2e/tests/api \
+ && touch common/src/lib.rs gateway/src/lib.rs worker/src/lib.rs testkit/src/lib.rs \
  && echo 'fn main() {}' > gateway/src/main.rs \
  && echo 'fn main() {}' > worker/src/main.rs \
  && echo 'fn main() {}' > bench/src/main.rs \
- && echo 'fn main() {}' > gateway/tests/api/main.rs \
- && echo 'fn main() {}' > gateway/tests/faults.rs \
+ && echo 'fn main() {}' > e2e/tests/api/main.rs \
+ && echo 'fn main() {}' > e2e/tests/faults.rs \
  && cargo build --release --locked -p gateway -p worker --bins \
- && rm -rf common gateway worker bench
+ && rm -rf common gateway worker bench testkit e2e
 
 # The real sources (migrations/ too: `sqlx::migrate!` embeds them at compile time).
 COPY . .

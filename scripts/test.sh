@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/ensure-services.sh --drop-test-databases
 cargo nextest run --workspace --no-fail-fast -E 'not binary(faults) and not binary(devstack)' "$@"
 echo "== outage tests (serial)"
-cargo nextest run -p gateway --test faults --no-fail-fast --test-threads 1 --no-capture "$@"
+cargo nextest run -p e2e --test faults --no-fail-fast --test-threads 1 --no-capture "$@"
 bash scripts/ensure-services.sh
 echo "== dev stack from a clean checkout (serial, slow: builds the checkout)"
 cargo nextest run -p worker --test devstack --no-fail-fast "$@"

@@ -1,5 +1,5 @@
 //! The credit decisions as plain functions, each the twin of a Lua snippet
-//! in `redis/lua/` (an agreement test in gateway/tests runs both on real
+//! in `redis/lua/` (an agreement test in e2e/tests runs both on real
 //! Redis, the way GCRA's does): the idempotency check and whether one more
 //! hold may open. The scripts themselves are in [`crate::redis::scripts`].
 

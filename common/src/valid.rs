@@ -345,6 +345,86 @@ impl Serialize for TokenCount {
     }
 }
 
+// ─────────────────────────── schemas ───────────────────────────
+//
+// The OpenAPI form of each typed field, written once beside its rule so the
+// document carries the same limits the deserializer enforces.
+
+/// The JSON Schema `pattern` of a label: no C0, DEL or C1 character.
+pub const LABEL_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
+/// The JSON Schema `pattern` of free text: as a label, but tab, LF and CR allowed.
+pub const FREE_TEXT_PATTERN: &str =
+    "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$";
+
+fn text_schema(
+    max: usize,
+    pattern: &str,
+    what: &str,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(max))
+        .pattern(Some(pattern))
+        .description(Some(format!("{what}, 1 to {max} characters")))
+        .into()
+}
+
+impl<const MAX: usize> utoipa::PartialSchema for Label<MAX> {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        text_schema(MAX, LABEL_PATTERN, "a string without control characters")
+    }
+}
+impl<const MAX: usize> utoipa::ToSchema for Label<MAX> {
+    fn name() -> std::borrow::Cow<'static, str> {
+        format!("Label{MAX}").into()
+    }
+}
+
+impl<const MAX: usize> utoipa::PartialSchema for FreeText<MAX> {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        text_schema(
+            MAX,
+            FREE_TEXT_PATTERN,
+            "a string without control characters other than tab, CR and LF",
+        )
+    }
+}
+impl<const MAX: usize> utoipa::ToSchema for FreeText<MAX> {
+    fn name() -> std::borrow::Cow<'static, str> {
+        format!("FreeText{MAX}").into()
+    }
+}
+
+impl utoipa::PartialSchema for Metadata {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .additional_properties(Some(AdditionalProperties::FreeForm(true)))
+            .description(Some(format!(
+                "at most {MAX_METADATA_BYTES} bytes of JSON, nested at most {MAX_METADATA_DEPTH} levels; \
+                 keys of 1 to {MAX_METADATA_KEY_CHARS} characters without control characters, \
+                 strings without control characters other than tab, CR and LF"
+            )))
+            .into()
+    }
+}
+impl utoipa::ToSchema for Metadata {}
+
+impl utoipa::PartialSchema for TokenCount {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(0))
+            .maximum(Some(MAX_COUNT))
+            .into()
+    }
+}
+impl utoipa::ToSchema for TokenCount {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

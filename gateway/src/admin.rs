@@ -4,7 +4,7 @@
 //! propagated exactly as one made through the API.
 //!
 //! The two callers differ in one decision only, [`Unknown`]: the routes
-//! provision a user id never seen (SPEC §4), the shell refuses it, so a typo
+//! provision a user id never seen (docs/api.md "Conventions"), the shell refuses it, so a typo
 //! at 3 a.m. never creates an account.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::audit::{self, Action};
 use crate::error::{Error, Result};
-use crate::state::AppState;
+use crate::state::UserStore;
 use crate::users::{self, UserRecord};
 
 /// What an admin action does with a user id that was never seen.
@@ -29,11 +29,11 @@ pub enum Unknown {
 
 /// The user an admin action targets, loaded into this gateway's directory
 /// (and its credits into Redis) the same way for both callers.
-pub async fn target(state: &AppState, user_id: &str, unknown: Unknown) -> Result<Arc<UserRecord>> {
-    if unknown == Unknown::Refuse && users::find(state, user_id).await?.is_none() {
+pub async fn target(store: &UserStore, user_id: &str, unknown: Unknown) -> Result<Arc<UserRecord>> {
+    if unknown == Unknown::Refuse && users::find(store, user_id).await?.is_none() {
         return Err(Error::NotFound(format!("no user {user_id}")));
     }
-    state.users.get_by_id(state, user_id, None).await
+    store.directory.get_by_id(store, user_id, None).await
 }
 
 /// A plan name from the configuration (`plans.PLAN`), else 422 naming `plan`
@@ -69,7 +69,7 @@ pub struct PlanChange {
 /// (see [`audit::change_user`]); every gateway applies the plan's limits
 /// within its user cache's lifetime (≤ 5 s). The user must exist ([`target`]).
 pub async fn set_plan(
-    state: &AppState,
+    store: &UserStore,
     by: By<'_>,
     user_id: &str,
     plan: &str,
@@ -81,7 +81,7 @@ pub async fn set_plan(
         request_id: by.request_id,
     };
     let plan = plan.to_string();
-    let (previous, record) = audit::change_user(state, action, user_id, |conn, before| {
+    let (previous, record) = audit::change_user(store, action, user_id, |conn, before| {
         Box::pin(async move {
             sqlx::query("update users set plan = $2, updated_at = now() where id = $1")
                 .bind(&before.id)

@@ -1,4 +1,4 @@
-//! The audit trail (SPEC §5.7): an admin or privacy change writes Postgres
+//! The audit trail (docs/api.md "Admin"): an admin or privacy change writes Postgres
 //! directly, and its `audit_log` row commits in the same transaction, so there
 //! is never a change without its row nor a row without its change.
 //!
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::{Error, Result};
-use crate::state::AppState;
+use crate::state::UserStore;
 use crate::users::{self, UserRecord};
 
 /// Who did what to whom, under which request; the details come from the write.
@@ -71,7 +71,7 @@ where
 /// a committed change that Redis (and so other gateways) would not show.
 /// The target must exist (provision it first with `Directory::get_by_id`).
 pub async fn change_user<T, F>(
-    state: &AppState,
+    store: &UserStore,
     a: Action<'_>,
     user_id: &str,
     write: F,
@@ -79,7 +79,7 @@ pub async fn change_user<T, F>(
 where
     F: for<'c> FnOnce(&'c mut PgConnection, &'c UserRecord) -> BoxFuture<'c, Result<(T, Value)>>,
 {
-    let mut tx = state.pg.begin().await?;
+    let mut tx = store.pg.begin().await?;
     let locked: Option<(String,)> = sqlx::query_as("select id from users where id = $1 for update")
         .bind(user_id)
         .fetch_optional(&mut *tx)
@@ -95,20 +95,20 @@ where
     let after = users::load_record(&mut tx, user_id)
         .await?
         .ok_or_else(|| Error::Internal(anyhow::anyhow!("user vanished inside its own lock")))?;
-    users::write_redis(state, &after)
+    users::write_redis(store, &after)
         .await
         .map_err(|e| Error::unavailable("redis", e))?;
     if let Err(e) = tx.commit().await {
         // Redis already shows a change that did not commit: drop the hash so
         // the next read goes back to Postgres.
-        let key = state.keys.user_info(user_id);
-        let _ = state
+        let key = store.keys.user_info(user_id);
+        let _ = store
             .redis_link
             .run(|mut c| async move { redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await })
             .await;
         return Err(e.into());
     }
-    state.users.forget(user_id);
+    store.directory.forget(user_id);
     Ok((out, Arc::new(after)))
 }
 

@@ -1,4 +1,4 @@
-//! Token verification (SPEC §4). The key decides the algorithm, never the
+//! Token verification (docs/api.md "Conventions"). The key decides the algorithm, never the
 //! token: a token with a `kid` is checked only against that JWKS key with the
 //! algorithm the key implies; a token without one only against `JWT_SECRET`
 //! with HS256. Dev tokens (`dev:USER[:admin]`) only when enabled.

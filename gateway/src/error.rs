@@ -68,23 +68,16 @@ impl Error {
     }
 }
 
-/// A Postgres error is an outage when the connection or the server is at
-/// fault (class 08 connection exception, class 57 operator intervention, a
-/// pool timeout); anything else is a bug.
+/// A Postgres error is an outage when `common::db::is_transient` says so
+/// (the one rule, which the worker retries by): the connection or the pool,
+/// SQLSTATE classes 08, 53 and 57, a serialization failure or a deadlock.
+/// Anything else is a bug.
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                Self::unavailable("postgres", e)
-            }
-            sqlx::Error::Database(ref db)
-                if db
-                    .code()
-                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57")) =>
-            {
-                Self::unavailable("postgres", e)
-            }
-            other => Self::Internal(other.into()),
+        if common::db::is_transient(&e) {
+            Self::unavailable("postgres", e)
+        } else {
+            Self::Internal(e.into())
         }
     }
 }
@@ -124,6 +117,62 @@ mod tests {
             Error::from(sqlx::Error::RowNotFound),
             Error::Internal(_)
         ));
+    }
+
+    /// A database error with only a SQLSTATE, as Postgres would send it.
+    #[derive(Debug)]
+    struct Code(&'static str);
+
+    impl std::fmt::Display for Code {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "sqlstate {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Code {}
+
+    impl sqlx::error::DatabaseError for Code {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(std::borrow::Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    #[test]
+    fn a_deadlock_a_serialization_failure_or_too_many_connections_is_an_outage_as_the_worker_says()
+    {
+        for code in ["40P01", "40001", "53300", "57P01", "08006"] {
+            let e = Error::from(sqlx::Error::Database(Box::new(Code(code))));
+            assert!(
+                matches!(
+                    e,
+                    Error::Unavailable {
+                        what: "postgres",
+                        retry_after: 5,
+                        ..
+                    }
+                ),
+                "{code}: {e:?}"
+            );
+        }
+        for code in ["23505", "22003", "42P01"] {
+            let e = Error::from(sqlx::Error::Database(Box::new(Code(code))));
+            assert!(matches!(e, Error::Internal(_)), "{code}: {e:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - `error`: the domain error, no HTTP in it; `decode`: JSON values into typed bodies;
 //! - `credits/`, `usage`, `analytics/`, `users`, `sessions`, `admin`, `audit`,
 //!   `operator`, `rate_limit`: the domain, returning `error::Error`;
-//! - `auth`, `publisher`, `redis_link`, `metrics`, `state`: handles and plumbing;
+//! - `auth`, `publisher`, `redis_link`, `metrics`: plumbing; `state`: `AppState` and the
+//!   handles domain functions take (`CreditStore`, `UserStore`, `SessionStore`, `Limiter`);
 //! - `server`, `startup`, `main.rs`: wiring.
 
 pub mod admin;

@@ -12,7 +12,7 @@ use gateway::operator::{self, Operator};
     long_about = "The HTTP gateway: authenticates, rate-limits, answers from Redis, publishes \
                   to RabbitMQ.\n\nWith no subcommand it serves HTTP on GATEWAY_LISTEN until \
                   SIGTERM or Ctrl-C. Configuration comes from config/*.toml and the environment \
-                  (SPEC §2), for the subcommands too: run them with the gateways' environment, \
+                  (README.md, Configuration), for the subcommands too: run them with the gateways' environment, \
                   so they act on the same Postgres, Redis and key prefix."
 )]
 struct Cli {

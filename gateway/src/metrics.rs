@@ -1,5 +1,5 @@
 //! The process-wide Prometheus recorder (shared with the worker in tests), and
-//! every series the gateway records, registered at start at 0 (SPEC §5.9).
+//! every series the gateway records, registered at start at 0 (docs/api.md "Operations").
 //!
 //! A series that appears only once something happened reads as "no data"
 //! rather than 0 to an alert (`rate(x[5m]) > 0` never fires on a series
@@ -110,7 +110,7 @@ pub fn init(routes: &[RouteSeries]) {
     metrics::counter!("http_connection_cap_reached_total").increment(0);
     metrics::gauge!("http_connections_open").increment(0.0);
 
-    let classes = common::settings::RATE_LIMIT_CLASSES
+    let classes = common::class::NAMES
         .iter()
         .copied()
         .chain(["auth_failures", crate::rate_limit::USAGE_EVENTS]);

@@ -62,7 +62,7 @@ pub fn actor(name: Option<&str>) -> Result<String> {
     }
 }
 
-/// A `--user` value: a well-formed user id (SPEC §4), else 422 naming `user`.
+/// A `--user` value: a well-formed user id (docs/api.md "Conventions"), else 422 naming `user`.
 pub fn user_id(raw: &str) -> Result<String> {
     if crate::auth::valid_user_id(raw) {
         Ok(raw.to_string())
@@ -150,9 +150,10 @@ impl Operator {
         let key = key
             .map(|k| credits::idempotency_key_value("idempotency-key", k))
             .transpose()?;
-        admin::target(&self.state, &user, Unknown::Refuse).await?;
+        admin::target(&self.state.user_store, &user, Unknown::Refuse).await?;
         let answer = credits::grant(
-            &self.state,
+            &self.state.credits,
+            &self.state.publisher,
             GrantRequest {
                 actor: self.actor.clone(),
                 user_id: user,
@@ -183,12 +184,12 @@ impl Operator {
     pub async fn set_plan(&self, user: &str, plan: &str) -> Result<Planned> {
         let user = user_id(user)?;
         let plan = admin::plan_name(&self.state.settings.plans, plan)?;
-        admin::target(&self.state, &user, Unknown::Refuse).await?;
+        admin::target(&self.state.user_store, &user, Unknown::Refuse).await?;
         let by = By {
             actor: &self.actor,
             request_id: &self.request_id,
         };
-        let change = admin::set_plan(&self.state, by, &user, &plan).await?;
+        let change = admin::set_plan(&self.state.user_store, by, &user, &plan).await?;
         Ok(Planned {
             previous: change.previous,
             plan: change.record.plan.clone(),

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use common::amqp::{self, Topology};
 use common::events::{BatchedConsume, CreditConsumeBatch, Envelope, Event, UsageBatch, UsageEvent};
 use common::settings::Settings;
-use common::topology::{self, Topology};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::ShortString;
@@ -285,8 +285,7 @@ async fn supervise(inner: Arc<Inner>, shutdown: CancellationToken) {
 }
 
 async fn connect(inner: &Inner) -> anyhow::Result<(lapin::Connection, Channel)> {
-    let conn =
-        tokio::time::timeout(Duration::from_secs(5), topology::connect(&inner.url)).await??;
+    let conn = tokio::time::timeout(Duration::from_secs(5), amqp::connect(&inner.url)).await??;
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -311,7 +310,7 @@ async fn run_batcher<T: Send + 'static>(
     let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
     while let Some(first) = rx.recv().await {
         // Every request of this message is answered within the confirm
-        // timeout of its first item, slot wait included (SPEC §9.5: a write
+        // timeout of its first item, slot wait included (docs/api.md "Outages": a write
         // answers 503 within 5 s of a broker that stopped confirming).
         let deadline = tokio::time::Instant::now() + publisher.inner.confirm_timeout;
         let mut events = first.0;

@@ -1,4 +1,4 @@
-//! Rate limits (SPEC §6): GCRA per user and endpoint class, decided in one
+//! Rate limits (docs/rate-limits.md): GCRA per user and endpoint class, decided in one
 //! Redis round trip on Redis's clock, so any number of gateways share it exactly.
 //!
 //! GCRA keeps one number per key, the theoretical arrival time (TAT). With
@@ -8,7 +8,7 @@
 //! after it: at most `limit + ⌊t·limit/window⌋` in any span of t seconds.
 //!
 //! A request may cost more than one unit (`usage` is limited per event too,
-//! SPEC §6: a request of 500 events costs 500). Cost `n` moves TAT by `n·T`
+//! docs/rate-limits.md: a request of 500 events costs 500). Cost `n` moves TAT by `n·T`
 //! and passes when `max(TAT, now) + n·T - window <= now`, so the bounds above
 //! hold in units. A cost above `limit` (`n·T > window`) can never pass: it is
 //! refused with `Retry-After` of one window, rather than a time after which
@@ -146,29 +146,28 @@ pub fn decision_from_reply(reply: &[i64], limit: ClassLimit) -> Decision {
 /// `rate_limit.on_redis_error` and marks the decision degraded. Counts every
 /// decision in `rate_limit_decisions_total{class, decision, degraded}`.
 pub async fn check(
-    state: &crate::state::AppState,
+    limiter: &crate::state::Limiter,
     key: &str,
     user_id: &str,
     class: &str,
     limit: ClassLimit,
 ) -> Decision {
-    check_n(state, key, user_id, class, limit, 1).await
+    check_n(limiter, key, user_id, class, limit, 1).await
 }
 
 /// [`check`] for a request that costs `cost` units (the usage events budget).
 pub async fn check_n(
-    state: &crate::state::AppState,
+    limiter: &crate::state::Limiter,
     key: &str,
     user_id: &str,
     class: &str,
     limit: ClassLimit,
     cost: u64,
 ) -> Decision {
-    let policy = state.settings.rate_limit.on_redis_error;
     let d = decide_n(
-        &state.redis_link,
-        &state.pg,
-        policy,
+        &limiter.redis_link,
+        &limiter.pg,
+        limiter.policy,
         key,
         user_id,
         class,
@@ -187,7 +186,7 @@ pub async fn check_n(
     d
 }
 
-/// The per-event budget of `usage/track` (SPEC §6): `rate_limit.usage_events`
+/// The per-event budget of `usage/track` (docs/rate-limits.md): `rate_limit.usage_events`
 /// scaled by the plan multiplier. A per-user override of the `usage` class
 /// does not replace it: an override names a request limit, and this bound is
 /// what keeps one user's events (and so the stores) bounded whatever the

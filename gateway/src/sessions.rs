@@ -1,7 +1,7 @@
-//! VS Code sessions (SPEC §5.1, §5.10): live in Redis with a sliding TTL, under
+//! VS Code sessions (docs/api.md "Sessions", §5.10): live in Redis with a sliding TTL, under
 //! the user's hash tag so they never cross users; a worker persists them.
 //!
-//! Bounded per user (`sessions.max_per_user`, SPEC §3): beside the records a
+//! Bounded per user (`sessions.max_per_user`, docs/reliability.md): beside the records a
 //! sorted set holds the user's session ids scored by last use on Redis's
 //! clock. Every write of a record goes through one script that also scores
 //! the session, drops entries older than a TTL (their records expired on
@@ -14,7 +14,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::state::AppState;
+use crate::state::SessionStore;
 
 /// What Redis keeps per session (JSON under `session:{id}`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,14 +62,14 @@ pub fn new_session_id() -> String {
 /// Finds the caller's live session (by id or by the client's token) and slides
 /// it, or creates a new one. Returns the record and whether it was created.
 pub async fn validate(
-    state: &AppState,
+    sessions: &SessionStore,
     user_id: &str,
     req: &ValidateRequest,
 ) -> Result<(SessionRecord, bool)> {
-    let ttl = state.settings.sessions.ttl_secs;
+    let ttl = sessions.ttl_secs;
     let now = Utc::now();
-    let mut conn = state.redis().await?;
-    let keys = &state.keys;
+    let mut conn = sessions.redis().await?;
+    let keys = &sessions.keys;
 
     // Which existing session does the request name?
     let mut existing_id = req.session_id.clone();
@@ -103,7 +103,7 @@ pub async fn validate(
                     extension_version: req.extension_version.clone(),
                     ..rec
                 };
-                store(state, &mut conn, &rec, ttl).await?;
+                store(sessions, &mut conn, &rec, ttl).await?;
                 return Ok((rec, false));
             }
         }
@@ -121,7 +121,7 @@ pub async fn validate(
         extension_version: req.extension_version.clone(),
         session_token: req.session_token.clone(),
     };
-    store(state, &mut conn, &rec, ttl).await?;
+    store(sessions, &mut conn, &rec, ttl).await?;
     Ok((rec, true))
 }
 
@@ -172,13 +172,13 @@ fn store_script() -> &'static redis::Script {
 /// Writes the record (and its token key), marks it the user's most recently
 /// used session and evicts past `sessions.max_per_user`, in one script.
 async fn store(
-    state: &AppState,
+    sessions: &SessionStore,
     conn: &mut crate::state::LinkConn,
     rec: &SessionRecord,
     ttl: u64,
 ) -> Result<()> {
     let json = serde_json::to_string(rec).map_err(|e| Error::Internal(e.into()))?;
-    let keys = &state.keys;
+    let keys = &sessions.keys;
     let mut inv = store_script().key(keys.session(&rec.user_id, &rec.id));
     inv.key(keys.sessions_by_use(&rec.user_id));
     if let Some(t) = &rec.session_token {
@@ -187,7 +187,7 @@ async fn store(
     inv.arg(json)
         .arg(ttl)
         .arg(&rec.id)
-        .arg(state.settings.sessions.max_per_user.max(1))
+        .arg(sessions.max_per_user.max(1))
         .arg(keys.session(&rec.user_id, ""))
         .arg(keys.session_token(&rec.user_id, ""));
     let evicted: Vec<String> = inv.invoke_async(&mut **conn).await?;

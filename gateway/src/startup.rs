@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::keys::Keys;
+use common::redis::keys::Keys;
 use common::settings::Settings;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::publisher::Publisher;
 use crate::redis_link::RedisLink;
-use crate::state::{AppState, Shared};
+use crate::state::{AppState, CreditLimits, CreditStore, Limiter, SessionStore, Shared, UserStore};
 use crate::users::Directory;
 
 pub struct Application {
@@ -26,17 +26,47 @@ pub struct Application {
 /// here). The operator commands build one too, with a publisher that never
 /// connects: they act through the same functions as the admin routes.
 pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Result<AppState> {
-    let pg = common::infra::pg_pool(&settings)?;
-    let redis = common::infra::redis_pool(&settings)?;
+    let pg = common::db::pg_pool(&settings)?;
+    let redis = common::redis::redis_pool(&settings)?;
     let redis_link = Arc::new(RedisLink::new(
         &settings.redis.url,
         Duration::from_millis(settings.redis.timeout_ms),
     )?);
+    let keys = Keys::new(&settings.redis.key_prefix);
+    let recovery = Arc::new(crate::credits::recovery::Recovery::new());
+    let credits = CreditStore {
+        pg: pg.clone(),
+        redis_link: redis_link.clone(),
+        keys: keys.clone(),
+        recovery: recovery.clone(),
+        limits: CreditLimits::new(&settings),
+    };
+    let sessions = SessionStore {
+        redis_link: redis_link.clone(),
+        keys: keys.clone(),
+        ttl_secs: settings.sessions.ttl_secs,
+        max_per_user: settings.sessions.max_per_user,
+    };
+    let directory = Arc::new(Directory::new(Duration::from_millis(
+        settings.gateway.user_cache_ttl_ms,
+    )));
+    let user_store = UserStore {
+        pg: pg.clone(),
+        redis_link: redis_link.clone(),
+        keys: keys.clone(),
+        directory: directory.clone(),
+        credits: credits.clone(),
+        starting_credits: settings.starting_credits("free"),
+        max_preferences_bytes: settings.users.max_preferences_bytes,
+    };
+    let limiter = Limiter {
+        redis_link: redis_link.clone(),
+        pg: pg.clone(),
+        policy: settings.rate_limit.on_redis_error,
+    };
     Ok(AppState::new(Shared {
-        keys: Keys::new(&settings.redis.key_prefix),
-        users: Arc::new(Directory::new(Duration::from_millis(
-            settings.gateway.user_cache_ttl_ms,
-        ))),
+        keys,
+        users: directory,
         metrics: crate::metrics::handle(),
         auth: Authenticator::new(&settings.auth),
         settings,
@@ -44,7 +74,11 @@ pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Resul
         redis,
         redis_link,
         publisher,
-        recovery: Arc::new(crate::credits::recovery::Recovery::new()),
+        recovery,
+        credits,
+        sessions,
+        user_store,
+        limiter,
     }))
 }
 
@@ -63,7 +97,7 @@ impl Application {
         // first credit request is not mistaken for one after a data loss.
         match tokio::time::timeout(
             Duration::from_secs(10),
-            crate::credits::recovery::prepare(&state),
+            crate::credits::recovery::prepare(&state.credits),
         )
         .await
         {

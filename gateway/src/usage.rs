@@ -1,4 +1,4 @@
-//! Parsing and validating a `usage/track` body (SPEC §5.2, §5.10) into events.
+//! Parsing and validating a `usage/track` body (docs/api.md "Usage", §5.10) into events.
 //! Plain functions: every rule here is unit-tested without IO. Any invalid
 //! event refuses the whole request, naming `events[i].field`.
 
@@ -212,7 +212,7 @@ fn parse_legacy(
     })
 }
 
-/// `openai/gpt-4o` → `openai`; no slash → `openrouter` (SPEC §5.10).
+/// `openai/gpt-4o` → `openai`; no slash → `openrouter` (docs/compatibility.md).
 pub fn provider_of(model_id: &str) -> String {
     match model_id.split_once('/') {
         Some((p, _)) if !p.is_empty() => p.chars().take(64).collect(),

@@ -1,5 +1,5 @@
 //! The user directory: plan, status and rate-limit overrides of a user, read
-//! from a short local cache (≤ 5 s stale, SPEC §7b), then Redis, then Postgres,
+//! from a short local cache (≤ 5 s stale, docs/scaling.md), then Redis, then Postgres,
 //! where an unknown `sub` is provisioned on the spot with its plan's credits.
 
 use std::collections::HashMap;
@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::auth::Claims;
 use crate::error::{Error, Result};
-use crate::state::AppState;
+use crate::state::UserStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -87,34 +87,34 @@ impl Directory {
     }
 
     /// The caller's record, provisioning the user on first sight.
-    pub async fn get(&self, state: &AppState, claims: &Claims) -> Result<Arc<UserRecord>> {
-        self.get_by_id(state, &claims.sub, Some(claims)).await
+    pub async fn get(&self, store: &UserStore, claims: &Claims) -> Result<Arc<UserRecord>> {
+        self.get_by_id(store, &claims.sub, Some(claims)).await
     }
 
     pub async fn get_by_id(
         &self,
-        state: &AppState,
+        store: &UserStore,
         user_id: &str,
         claims: Option<&Claims>,
     ) -> Result<Arc<UserRecord>> {
         if let Some(r) = self.cached(user_id) {
             return Ok(r);
         }
-        let rec = match read_redis(state, user_id).await {
+        let rec = match read_redis(store, user_id).await {
             Ok(Some(r)) => r,
             Ok(None) => {
-                let r = load_or_provision(state, user_id, claims).await?;
+                let r = load_or_provision(store, user_id, claims).await?;
                 // Best effort: a Redis failure here only costs a later re-read.
-                let _ = fill_redis(state, &r).await;
+                let _ = fill_redis(store, &r).await;
                 // The credits are loaded too, so a user the gateway knows is
-                // served without Postgres from now on (SPEC §9.5).
-                let _ = crate::credits::load_into_redis(state, user_id).await;
+                // served without Postgres from now on (docs/api.md "Outages").
+                let _ = crate::credits::load_into_redis(&store.credits, user_id).await;
                 r
             }
             Err(e) => {
                 // Redis down: Postgres is the truth for plan and status.
                 tracing::debug!(error = %e, "user cache unavailable; reading Postgres");
-                load_or_provision(state, user_id, claims).await?
+                load_or_provision(store, user_id, claims).await?
             }
         };
         let rec = Arc::new(rec);
@@ -123,9 +123,9 @@ impl Directory {
     }
 }
 
-async fn read_redis(state: &AppState, user_id: &str) -> anyhow::Result<Option<UserRecord>> {
-    let key = state.keys.user_info(user_id);
-    let map: HashMap<String, String> = state
+async fn read_redis(store: &UserStore, user_id: &str) -> anyhow::Result<Option<UserRecord>> {
+    let key = store.keys.user_info(user_id);
+    let map: HashMap<String, String> = store
         .redis_link
         .run(|mut c| async move { c.hgetall(key).await })
         .await?;
@@ -162,7 +162,7 @@ pub fn record_from_hash(user_id: &str, map: &HashMap<String, String>) -> Option<
 /// exactly the current `rl:CLASS` overrides (stale ones are removed; fields
 /// that others keep in the hash stay). Admin changes call this while they
 /// hold the user's row lock, so two changes reach Redis in commit order.
-pub async fn write_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<()> {
+pub async fn write_redis(store: &UserStore, rec: &UserRecord) -> anyhow::Result<()> {
     static WRITE: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
     let script = WRITE.get_or_init(|| {
         redis::Script::new(
@@ -172,13 +172,13 @@ pub async fn write_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<(
              redis.call('HSET', KEYS[1], unpack(ARGV)) return 1",
         )
     });
-    set_fields(state, script, rec).await
+    set_fields(store, script, rec).await
 }
 
 /// Fills the hash after a cache miss, unless a record appeared meanwhile: a
 /// miss read Postgres earlier, and must not overwrite what an admin change
 /// wrote after that read.
-async fn fill_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<()> {
+async fn fill_redis(store: &UserStore, rec: &UserRecord) -> anyhow::Result<()> {
     static FILL: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
     let script = FILL.get_or_init(|| {
         redis::Script::new(
@@ -186,7 +186,7 @@ async fn fill_redis(state: &AppState, rec: &UserRecord) -> anyhow::Result<()> {
              redis.call('HSET', KEYS[1], unpack(ARGV)) return 1",
         )
     });
-    set_fields(state, script, rec).await
+    set_fields(store, script, rec).await
 }
 
 fn hash_fields(rec: &UserRecord) -> Vec<(String, String)> {
@@ -204,13 +204,13 @@ fn hash_fields(rec: &UserRecord) -> Vec<(String, String)> {
 }
 
 async fn set_fields(
-    state: &AppState,
+    store: &UserStore,
     script: &redis::Script,
     rec: &UserRecord,
 ) -> anyhow::Result<()> {
-    let key = state.keys.user_info(&rec.id);
+    let key = store.keys.user_info(&rec.id);
     let fields = hash_fields(rec);
-    state
+    store
         .redis_link
         .run(|mut c| async move {
             let mut inv = script.key(&key);
@@ -226,16 +226,16 @@ async fn set_fields(
 /// Reads the user from Postgres, creating it (free plan, starting credits as a
 /// `grant` ledger row) when the id was never seen.
 pub async fn load_or_provision(
-    state: &AppState,
+    store: &UserStore,
     user_id: &str,
     claims: Option<&Claims>,
 ) -> Result<UserRecord> {
-    if let Some(rec) = find(state, user_id).await? {
+    if let Some(rec) = find(store, user_id).await? {
         return Ok(rec);
     }
     let plan = "free";
-    let starting = state.settings.starting_credits(plan);
-    let mut tx = state.pg.begin().await?;
+    let starting = store.starting_credits;
+    let mut tx = store.pg.begin().await?;
     let inserted = sqlx::query(
         "insert into users (id, email, name, plan, status, credits_balance) \
          values ($1, $2, $3, $4, 'active', 0) on conflict (id) do nothing",
@@ -259,7 +259,7 @@ pub async fn load_or_provision(
     if inserted == 1 {
         metrics::counter!("users_provisioned_total").increment(1);
     }
-    find(state, user_id)
+    find(store, user_id)
         .await?
         .ok_or_else(|| Error::Internal(anyhow::anyhow!("user vanished after provisioning")))
 }
@@ -270,8 +270,8 @@ pub fn starting_grant_id(user_id: &str) -> Uuid {
 
 /// The user as Postgres has it, or `None` for an id never seen (nothing is
 /// provisioned: the operator commands refuse unknown ids with this).
-pub async fn find(state: &AppState, user_id: &str) -> Result<Option<UserRecord>> {
-    let mut conn = state.pg.acquire().await?;
+pub async fn find(store: &UserStore, user_id: &str) -> Result<Option<UserRecord>> {
+    let mut conn = store.pg.acquire().await?;
     load_record(&mut conn, user_id).await
 }
 
@@ -318,7 +318,7 @@ pub async fn load_record(
 // Preferences bound
 // ---------------------------------------------------------------------------
 
-/// Whether a preferences patch may be published (SPEC §3: the merged object
+/// Whether a preferences patch may be published (docs/reliability.md: the merged object
 /// is at most `users.max_preferences_bytes`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PreferencesFit {
@@ -403,7 +403,7 @@ return {1, size}
 /// (a user's first patch, after `PREFERENCES_SIZE_TTL_SECS` idle, or after a
 /// Redis loss); a seed then misses only patches still queued at that moment.
 pub async fn admit_preferences(
-    state: &AppState,
+    store: &UserStore,
     user_id: &str,
     patch: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<PreferencesFit> {
@@ -413,12 +413,12 @@ pub async fn admit_preferences(
         .collect();
     let mut seed: Option<Vec<(String, u64)>> = None;
     loop {
-        let reply = run_preferences_script(state, user_id, &pairs, seed.as_deref()).await?;
+        let reply = run_preferences_script(store, user_id, &pairs, seed.as_deref()).await?;
         match (reply.first().copied(), reply.get(1).copied()) {
             (Some(1), Some(size)) => return Ok(PreferencesFit::Fits { size: size as u64 }),
             (Some(0), Some(size)) => return Ok(PreferencesFit::TooLarge { size: size as u64 }),
             (Some(-1), _) if seed.is_none() => {
-                seed = Some(stored_preference_sizes(state, user_id).await?);
+                seed = Some(stored_preference_sizes(store, user_id).await?);
             }
             _ => {
                 return Err(Error::Internal(anyhow::anyhow!(
@@ -431,9 +431,9 @@ pub async fn admit_preferences(
 
 /// Forgets the size ledger (after a publish failed: the patch it counted
 /// never lands), so the next patch seeds it from Postgres again.
-pub async fn forget_preferences_size(state: &AppState, user_id: &str) {
-    let key = state.keys.preferences_size(user_id);
-    let done = state
+pub async fn forget_preferences_size(store: &UserStore, user_id: &str) {
+    let key = store.keys.preferences_size(user_id);
+    let done = store
         .redis_link
         .run(|mut c| async move { c.del::<_, ()>(key).await })
         .await;
@@ -443,16 +443,16 @@ pub async fn forget_preferences_size(state: &AppState, user_id: &str) {
 }
 
 async fn run_preferences_script(
-    state: &AppState,
+    store: &UserStore,
     user_id: &str,
     pairs: &[(String, u64)],
     seed: Option<&[(String, u64)]>,
 ) -> Result<Vec<i64>> {
     static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
     let script = SCRIPT.get_or_init(|| redis::Script::new(PREFERENCES_LUA));
-    let key = state.keys.preferences_size(user_id);
-    let max = state.settings.users.max_preferences_bytes;
-    let reply = state
+    let key = store.keys.preferences_size(user_id);
+    let max = store.max_preferences_bytes;
+    let reply = store
         .redis_link
         .run(|mut c| async move {
             let mut inv = script.key(&key);
@@ -470,11 +470,11 @@ async fn run_preferences_script(
 
 /// The member sizes of the preferences Postgres holds (none for a user
 /// never seen, which the guard has provisioned by now anyway).
-async fn stored_preference_sizes(state: &AppState, user_id: &str) -> Result<Vec<(String, u64)>> {
+async fn stored_preference_sizes(store: &UserStore, user_id: &str) -> Result<Vec<(String, u64)>> {
     let stored: Option<serde_json::Value> =
         sqlx::query_scalar("select preferences from users where id = $1")
             .bind(user_id)
-            .fetch_optional(&state.pg)
+            .fetch_optional(&store.pg)
             .await?;
     Ok(stored
         .as_ref()

@@ -41,7 +41,7 @@ enum Command {
         user_prefix: String,
     },
     /// Compare Redis balances with the Postgres ledger and repair drift (the
-    /// reconciler of SPEC §8, on demand); prints every repair.
+    /// reconciler of docs/architecture.md, on demand); prints every repair.
     Reconcile {
         /// Only this user (default: every user with a balance loaded in Redis).
         #[arg(long)]

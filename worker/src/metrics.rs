@@ -1,4 +1,4 @@
-//! Every series the worker records, registered at start at 0 (SPEC §5.9), so
+//! Every series the worker records, registered at start at 0 (docs/api.md "Operations"), so
 //! a fresh worker's `/metrics` already names each one and an alert on a
 //! series reads 0 rather than "no data". Label values come from fixed sets:
 //! the queues this worker consumes (`worker.queues`, under the namespace)

@@ -11,17 +11,15 @@ use common::settings::Settings;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::BasicProperties;
 
-mod support;
-
 struct Env {
     vars: HashMap<String, String>,
     settings: Settings,
     pg: sqlx::PgPool,
-    _stack: support::Stack,
+    _stack: testkit::Stack,
 }
 
 async fn env() -> Env {
-    let stack = support::Stack::new(&[
+    let stack = testkit::Stack::new(&[
         ("WORKER_LISTEN", "127.0.0.1:0"),
         ("APP__WORKER__BATCH_SIZE", "50"),
         ("APP__WORKER__PREFETCH", "100"),
@@ -220,7 +218,7 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
-/// SPEC §5.9: every series exists from start, so a fresh worker that has
+/// docs/api.md "Operations": every series exists from start, so a fresh worker that has
 /// consumed nothing already names each one (at 0) on its `/metrics`.
 #[tokio::test]
 async fn a_fresh_workers_metrics_name_every_series_at_zero() {

@@ -18,8 +18,6 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-mod support;
-
 /// Building the checkout's crates on a shared 2-core machine can be slow.
 const READY_DEADLINE: Duration = Duration::from_secs(900);
 const LANDED_DEADLINE: Duration = Duration::from_secs(30);
@@ -145,7 +143,7 @@ async fn the_dev_stack_starts_from_a_clean_checkout_answers_its_curl_lines_and_s
         .expect("workspace root");
     // Not `t_…`: engineers' older scripts/ensure-services.sh drop every t_*
     // database whenever they run, and this one sits idle through the build.
-    let stack = support::Stack::unmigrated("devstack", &[]).await;
+    let stack = testkit::Stack::unmigrated("devstack", &[]).await;
     let checkout = std::env::temp_dir().join(format!("devstack-{}", uuid::Uuid::new_v4().simple()));
     let mut cleanup = Cleanup {
         pgid: None,

@@ -1,5 +1,5 @@
 //! One user's input never costs another user's data, or anyone's money
-//! (SPEC §7, §9.2): grouped messages with unstorable or refused members land
+//! (docs/events.md, §9.2): grouped messages with unstorable or refused members land
 //! the rest in the same pass and dead-letter only those members, each as a
 //! message of its own; and the reconciler never gives back a reservation
 //! whose event a worker still holds.
@@ -22,15 +22,13 @@ use worker::consumer::{Outcome, QueueConsumer};
 use worker::ctx::Ctx;
 use worker::dlq::{DeadLetter, Dlq, Selection};
 
-mod support;
-
 struct Env {
     ctx: Ctx,
-    stack: support::Stack,
+    stack: testkit::Stack,
 }
 
 async fn env() -> Env {
-    let stack = support::Stack::new(&[
+    let stack = testkit::Stack::new(&[
         ("APP__WORKER__BATCH_WAIT_MS", "300"),
         ("APP__WORKER__BATCH_IDLE_MS", "300"),
     ])
@@ -447,7 +445,7 @@ fn fake_consumer(ctx: &Ctx, unacked: Arc<AtomicI64>, stop: CancellationToken) {
         let key = ctx.keys.credit_consumers();
         while !stop.is_cancelled() {
             let mut conn = ctx.redis.get().await.unwrap();
-            let _: i64 = common::credits::scripts()
+            let _: i64 = common::redis::scripts::scripts()
                 .heartbeat
                 .key(&key)
                 .arg("fake-consumer")

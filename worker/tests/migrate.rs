@@ -1,13 +1,11 @@
-//! `worker migrate` (SPEC §2, §3): idempotent on a fresh database, and the
+//! `worker migrate` (README.md "Configuration", §3): idempotent on a fresh database, and the
 //! schema carries every table, column and function the spec names.
-
-mod support;
 
 use std::time::Duration;
 
-use support::TestDb;
+use testkit::TestDb;
 
-/// Columns that outside tools read (SPEC §3), with the type where it names one.
+/// Columns that outside tools read (docs/reliability.md), with the type where it names one.
 const COLUMNS: &[(&str, &str, Option<&str>)] = &[
     ("users", "id", Some("text")),
     ("users", "email", None),

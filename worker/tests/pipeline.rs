@@ -16,16 +16,14 @@ use tokio_util::sync::CancellationToken;
 use worker::consumer::QueueConsumer;
 use worker::ctx::Ctx;
 
-mod support;
-
 struct Env {
     ctx: Ctx,
     settings: Settings,
-    _stack: support::Stack,
+    _stack: testkit::Stack,
 }
 
 async fn env() -> Env {
-    let stack = support::Stack::new(&[
+    let stack = testkit::Stack::new(&[
         ("APP__WORKER__BATCH_WAIT_MS", "200"),
         ("APP__WORKER__BATCH_IDLE_MS", "200"),
     ])

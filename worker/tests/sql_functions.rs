@@ -1,13 +1,11 @@
-//! The SQL functions of SPEC §3 on a real database: credit settlement in both
+//! The SQL functions of docs/reliability.md on a real database: credit settlement in both
 //! modes under concurrency, idempotent grants, the Postgres rate-limit
 //! fallback, session cleanup, and the append-only ledger.
-
-mod support;
 
 use std::sync::Arc;
 
 use sqlx::PgPool;
-use support::TestDb;
+use testkit::TestDb;
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
@@ -448,7 +446,7 @@ async fn the_ledger_is_append_only_except_for_nulling_description_and_metadata()
         .await;
     assert!(r.is_err(), "no ledger row may be deleted");
 
-    // Erasure (SPEC §5.8): the only update the ledger allows.
+    // Erasure (docs/api.md "Privacy"): the only update the ledger allows.
     sqlx::query(
         "update credit_transactions set metadata = null, description = null where user_id = $1",
     )

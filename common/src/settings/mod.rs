@@ -144,8 +144,6 @@ pub struct WorkerSettings {
     pub batch_idle_ms: u64,
     pub cleanup_interval_secs: u64,
     pub reconcile_interval_secs: u64,
-    /// Debounce of analytics cache refreshes per user.
-    pub analytics_refresh_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,4 +1,4 @@
-//! Analytics and usage statistics (SPEC §5.3, §5.6, §5.10, §8).
+//! Analytics and usage statistics (docs/api.md "Analytics", §5.6, §5.10, §8).
 //!
 //! Every figure comes from two rollups that stay small as usage grows:
 //! `usage_daily` (one row per user, day, model/feature and session, written

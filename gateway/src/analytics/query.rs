@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 #[derive(Debug, Default, Deserialize)]
 pub struct AnalyticsQuery {
     pub days: Option<String>,
-    /// The original client's `1d|7d|30d` (SPEC §5.10).
+    /// The original client's `1d|7d|30d` (docs/compatibility.md).
     pub timeframe: Option<String>,
 }
 

@@ -52,7 +52,7 @@ pub(super) struct DaySums {
     feature_events: i64,
 }
 
-/// The SPEC §5.3 body plus `summary` (§5.10) and `as_of` (§8).
+/// The docs/api.md "Analytics" body plus `summary` (§5.10) and `as_of` (§8).
 ///
 /// Lists are ordered for stable answers: `by_model`/`by_provider` by requests
 /// (most first), `by_feature` by events, ties by name; `daily` has one entry
@@ -204,7 +204,7 @@ impl StatsFigures {
     }
 }
 
-/// The SPEC §5.6 body. Rows merge the rollup's and the ledger's figures by
+/// The docs/api.md "Usage statistics" body. Rows merge the rollup's and the ledger's figures by
 /// key; `key` is null for what has no such attribute (feature events when
 /// grouping by model, events without a session, ...), so rows always sum to
 /// the totals. Rows are ordered by key (null last); only keys with activity

@@ -2,13 +2,15 @@
 //! doc of [`crate::analytics`] for the generation rule).
 
 use chrono::{DateTime, NaiveDate, Utc};
+use common::redis::keys::Keys;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sqlx::PgPool;
 
 use super::shape::{shape_analytics, shape_stats, AnalyticsInput, RollupRow, StatsUsageRow};
 use super::{ts, DayWindow, StatsRequest, CACHE_TTL_SECS};
 use crate::error::{Error, Result};
-use crate::state::AppState;
+use crate::redis_link::RedisLink;
 
 /// Reads the analytics figures of `window` from the rollup and the ledger.
 #[tracing::instrument(skip_all, fields(user_id, days))]
@@ -133,12 +135,18 @@ pub(super) fn usable(view: &CachedView, gen: &Option<String>, window: DayWindow)
 
 /// The analytics answer for the last `days` days: from the cache, or computed
 /// from Postgres and cached. Redis down: computed, not cached.
-pub async fn analytics(state: &AppState, user_id: &str, days: u32) -> Result<Value> {
+pub async fn analytics(
+    pg: &PgPool,
+    redis: &RedisLink,
+    keys: &Keys,
+    user_id: &str,
+    days: u32,
+) -> Result<Value> {
     let now = Utc::now();
     let window = DayWindow::last_days(days, now);
-    let key = state.keys.analytics(user_id, days);
-    let gen_key = state.keys.analytics_gen(user_id);
-    let mut conn = state.redis().await.ok();
+    let key = keys.analytics(user_id, days);
+    let gen_key = keys.analytics_gen(user_id);
+    let mut conn = redis.connection().await.ok();
     // The generation is read before Postgres, so a commit after it shows up as
     // a newer generation and this view is never served once that happens.
     let mut gen: Option<String> = None;
@@ -147,7 +155,7 @@ pub async fn analytics(state: &AppState, user_id: &str, days: u32) -> Result<Val
         let got: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("MGET")
             .arg(&key)
             .arg(&gen_key)
-            .query_async(&mut **c)
+            .query_async(c)
             .await;
         match got {
             Ok((cached, g)) => {
@@ -165,7 +173,7 @@ pub async fn analytics(state: &AppState, user_id: &str, days: u32) -> Result<Val
         }
     }
     metrics::counter!("analytics_cache_total", "result" => "miss").increment(1);
-    let input = load_analytics(&state.pg, user_id, window).await?;
+    let input = load_analytics(pg, user_id, window).await?;
     let body = shape_analytics(user_id, window, &input, now);
     if let (Some(c), true) = (conn.as_mut(), cache_ok) {
         let view = serde_json::to_string(&CachedView {
@@ -178,7 +186,7 @@ pub async fn analytics(state: &AppState, user_id: &str, days: u32) -> Result<Val
             .arg(view)
             .arg("EX")
             .arg(CACHE_TTL_SECS)
-            .query_async(&mut **c)
+            .query_async(c)
             .await;
         if let Err(e) = stored {
             tracing::debug!(error = %e, "analytics view not cached");

@@ -59,8 +59,26 @@ impl<'de, const MIN: i64> Deserialize<'de> for Credits<MIN> {
     }
 }
 
+/// The schema of the same range, so the OpenAPI document states it.
+impl<const MIN: i64> utoipa::PartialSchema for Credits<MIN> {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(MIN))
+            .maximum(Some(MAX_CREDITS))
+            .into()
+    }
+}
+impl<const MIN: i64> utoipa::ToSchema for Credits<MIN> {
+    fn name() -> std::borrow::Cow<'static, str> {
+        format!("Credits{MIN}").into()
+    }
+}
+
 // Every text, count and metadata field carries its rule on its type
-// (`common::valid`, SPEC §3 "a valid stored value"): deserializing refuses a
+// (`common::valid`, docs/reliability.md "A valid stored value"): deserializing refuses a
 // value the ledger could not store, with a 422 naming the field.
 
 /// A model or provider name, a feature, a session id, as stored in the ledger.
@@ -72,7 +90,7 @@ pub type Description = FreeText<{ len::DESCRIPTION }>;
 pub type Reason = FreeText<{ len::REASON }>;
 
 /// `POST /api/users/:id/credits/consume`, with the original client's names.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ConsumeBody {
     pub amount: Amount,
     #[serde(default, alias = "sessionId")]
@@ -94,10 +112,12 @@ pub struct ConsumeBody {
 }
 
 /// `POST /api/users/:id/credits/holds`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct HoldBody {
     pub amount: Amount,
     #[serde(default)]
+    /// The upper bound is a setting (`credits.hold_max_ttl_secs`), so only the lower one is stated.
+    #[schema(minimum = 1)]
     pub ttl_secs: Option<u64>,
     #[serde(default, alias = "sessionId")]
     pub session_id: Option<SessionRef>,
@@ -110,7 +130,7 @@ pub struct HoldBody {
 }
 
 /// `POST /api/users/:id/credits/holds/:hold_id/settle`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct SettleBody {
     pub amount: Count,
     #[serde(default, alias = "modelId")]
@@ -124,7 +144,7 @@ pub struct SettleBody {
 }
 
 /// `POST /api/admin/users/:id/credits/grant`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct GrantBody {
     pub amount: Amount,
     pub reason: Reason,

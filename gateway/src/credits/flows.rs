@@ -1,14 +1,14 @@
-//! The credit flows of SPEC §5.5, §5.5b and §5.7: consume, open, settle and
+//! The credit flows of docs/api.md "Credits", §5.5b and §5.7: consume, open, settle and
 //! release a hold (reserve in Redis, publish with a confirm, answer, undo
 //! what surely never left) and the admin grant (Postgres first, with its
 //! audit row, then Redis).
 
 use chrono::{DateTime, TimeZone, Utc};
-use common::credits::{scripts, ExpiredHold, Reply, UserKeys};
 use common::events::{
     BatchedConsume, CreditConsume, CreditContext, Envelope, Event, HoldOpened, HoldReleased,
     HoldSettled,
 };
+use common::redis::scripts::{scripts, ExpiredHold, Reply, Tag, UserKeys};
 use common::settings::MAX_CREDITS;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -20,8 +20,8 @@ use super::idempotency::{
 use super::reserve::{bad_reply, expect_tag, keyed_early, remember, run, with_required};
 use super::store::{balance, durable_replay};
 use crate::error::{Error, Result};
-use crate::publisher::PublishError;
-use crate::state::AppState;
+use crate::publisher::{PublishError, Publisher};
+use crate::state::CreditStore;
 
 /// Whether a failed publish surely did not reach the broker (so the Redis
 /// change can be undone) or may have (so it stays, and the event settles it
@@ -44,24 +44,24 @@ pub(super) fn publish_failed(e: PublishError) -> Error {
 }
 
 pub(super) async fn publish(
-    state: &AppState,
+    publisher: &Publisher,
     user_id: &str,
     event: Event,
 ) -> std::result::Result<(), PublishError> {
     let env = Envelope::new(event, Some(user_id.to_string()), Utc::now());
-    state.publisher.publish(&env).await
+    publisher.publish(&env).await
 }
 
 /// Publishes the `HoldReleased` of holds a script found expired. In the
 /// background: the answer does not wait, and if the publish fails the worker's
 /// expiry job marks them in Postgres instead.
-pub(super) fn publish_expired(state: &AppState, user_id: &str, expired: &[ExpiredHold]) {
+pub(super) fn publish_expired(publisher: &Publisher, user_id: &str, expired: &[ExpiredHold]) {
     if expired.is_empty() {
         return;
     }
     metrics::counter!("credit_holds_expired_total", "by" => "gateway")
         .increment(expired.len() as u64);
-    let state = state.clone();
+    let publisher = publisher.clone();
     let user = user_id.to_string();
     let expired = expired.to_vec();
     tokio::spawn(async move {
@@ -75,31 +75,32 @@ pub(super) fn publish_expired(state: &AppState, user_id: &str, expired: &[Expire
                 held: h.amount,
                 reason: "expired".into(),
             });
-            if let Err(e) = publish(&state, &user, ev).await {
+            if let Err(e) = publish(&publisher, &user, ev).await {
                 tracing::warn!(error = %e, %hold_id, "expired hold not published; the worker's expiry job marks it");
             }
         }
     });
 }
 
-/// SPEC §5.5: reserve, publish with confirm, answer.
+/// docs/api.md "Credits": reserve, publish with confirm, answer.
 #[tracing::instrument(skip_all, fields(user_id, amount))]
 pub async fn consume(
-    state: &AppState,
+    store: &CreditStore,
+    publisher: &Publisher,
     user_id: &str,
     amount: i64,
     context: CreditContext,
     idem: Option<Idem>,
 ) -> Result<Answer> {
     let fresh = Uuid::now_v7();
-    let keys = UserKeys::new(&state.keys, user_id);
-    let (record, hash) = idem_args(state, user_id, idem.as_ref());
-    let (ttl, running, refused) = (ttl_ms(state), running_ms(state), refused_ttl_ms(state));
+    let keys = UserKeys::new(&store.keys, user_id);
+    let (record, hash) = idem_args(store, user_id, idem.as_ref());
+    let (ttl, running, refused) = (ttl_ms(store), running_ms(store), refused_ttl_ms(store));
     // "0" fresh; "1" reuse a stale record's id while it is pending; "2"
     // reserve it again (Postgres said it was never settled).
     let mut reuse = "0";
     let reply = loop {
-        let reply = run(state, user_id, || {
+        let reply = run(store, publisher, user_id, || {
             let mut inv = keys.invoke(&scripts().consume, ttl);
             inv.key(&record)
                 .arg(&hash)
@@ -112,10 +113,10 @@ pub async fn consume(
             inv
         })
         .await?;
-        match (reply.tag.as_str(), &idem, reuse) {
-            ("STALE", Some(i), "0") => {
+        match (reply.kind(), &idem, reuse) {
+            (Tag::Stale, Some(i), "0") => {
                 let recorded = reply.str(0).map_err(bad_reply)?;
-                if let Some(answer) = durable_replay(state, user_id, i, recorded).await? {
+                if let Some(answer) = durable_replay(store, user_id, i, recorded).await? {
                     return Ok(answer);
                 }
                 reuse = "1";
@@ -123,9 +124,9 @@ pub async fn consume(
             // Not pending any more: settled after our first look (the worker
             // drops a pending entry only after its commit, which holds the
             // durable record) or given back because its event is gone.
-            ("UNPENDING", Some(i), "1") => {
+            (Tag::Unpending, Some(i), "1") => {
                 let recorded = reply.str(0).map_err(bad_reply)?;
-                if let Some(answer) = durable_replay(state, user_id, i, recorded).await? {
+                if let Some(answer) = durable_replay(store, user_id, i, recorded).await? {
                     return Ok(answer);
                 }
                 reuse = "2";
@@ -136,7 +137,7 @@ pub async fn consume(
     if let Some(answer) = keyed_early(&reply).map_err(|e| with_required(e, amount))? {
         return Ok(answer);
     }
-    expect_tag(&reply, "OK")?;
+    expect_tag(&reply, Tag::Ok)?;
     let balance = reply.int(0).map_err(bad_reply)?;
     let created = reply.flag(2).map_err(bad_reply)?;
     let tx: Uuid = reply
@@ -162,16 +163,16 @@ pub async fn consume(
             amount,
             context,
         },
-        idempotency: idem.as_ref().map(|i| i.durable(state, &body)),
+        idempotency: idem.as_ref().map(|i| i.durable(store, &body)),
     };
-    if let Err(e) = state.publisher.publish_consume(event).await {
+    if let Err(e) = publisher.publish_consume(event).await {
         let surely = publish_surely_failed(&e);
         let give_back = created && surely;
         // Only a fresh id that surely never left may be forgotten; any other
         // stays recorded, so a retry can never charge under a second id.
         let forget = surely && !reused;
         let undo = async {
-            let mut conn = state.redis().await?;
+            let mut conn = store.redis().await?;
             let mut inv = keys.invoke(&scripts().consume_undo, ttl);
             inv.key(&record)
                 .arg(&hash)
@@ -192,7 +193,7 @@ pub async fn consume(
     }
     if let Some(idem) = &idem {
         remember(
-            state,
+            store,
             idem,
             &Remembered::Ok(body.clone()),
             &tx.to_string(),
@@ -214,10 +215,11 @@ pub(super) fn answered(body: Value, reused: bool) -> Answer {
     }
 }
 
-/// SPEC §5.5b: hold an upper bound before the model call.
+/// docs/api.md "Credits" (holds): hold an upper bound before the model call.
 #[tracing::instrument(skip_all, fields(user_id, amount))]
 pub async fn open_hold(
-    state: &AppState,
+    store: &CreditStore,
+    publisher: &Publisher,
     user_id: &str,
     amount: i64,
     ttl_secs: u64,
@@ -225,13 +227,13 @@ pub async fn open_hold(
     idem: Option<Idem>,
 ) -> Result<Answer> {
     let fresh = Uuid::now_v7();
-    let keys = UserKeys::new(&state.keys, user_id);
-    let (record, hash) = idem_args(state, user_id, idem.as_ref());
-    let (ttl, running, refused) = (ttl_ms(state), running_ms(state), refused_ttl_ms(state));
-    let max_open = state.settings.credits.max_open_holds;
+    let keys = UserKeys::new(&store.keys, user_id);
+    let (record, hash) = idem_args(store, user_id, idem.as_ref());
+    let (ttl, running, refused) = (ttl_ms(store), running_ms(store), refused_ttl_ms(store));
+    let max_open = store.limits.max_open_holds;
     let mut reuse = false;
     let reply = loop {
-        let reply = run(state, user_id, || {
+        let reply = run(store, publisher, user_id, || {
             let mut inv = keys.invoke(&scripts().hold_open, ttl);
             inv.key(&record)
                 .arg(&hash)
@@ -246,10 +248,10 @@ pub async fn open_hold(
             inv
         })
         .await?;
-        match (reply.tag.as_str(), &idem) {
-            ("STALE", Some(i)) if !reuse => {
+        match (reply.kind(), &idem) {
+            (Tag::Stale, Some(i)) if !reuse => {
                 let recorded = reply.str(0).map_err(bad_reply)?;
-                if let Some(answer) = durable_replay(state, user_id, i, recorded).await? {
+                if let Some(answer) = durable_replay(store, user_id, i, recorded).await? {
                     return Ok(answer);
                 }
                 reuse = true;
@@ -260,11 +262,11 @@ pub async fn open_hold(
     if let Some(answer) = keyed_early(&reply).map_err(|e| with_required(e, amount))? {
         return Ok(answer);
     }
-    match reply.tag.as_str() {
+    match reply.kind() {
         // A retry under a recorded hold id whose hold has ended meanwhile
         // (and whose open has not landed in Postgres yet).
-        "ENDED" => return Err(Error::HoldExpired),
-        "TOO_MANY" => {
+        Tag::Ended => return Err(Error::HoldExpired),
+        Tag::TooMany => {
             metrics::counter!("credit_decisions_total", "op" => "hold", "outcome" => "too_many")
                 .increment(1);
             return Err(Error::validation(
@@ -274,7 +276,7 @@ pub async fn open_hold(
                 ),
             ));
         }
-        _ => expect_tag(&reply, "OK")?,
+        _ => expect_tag(&reply, Tag::Ok)?,
     }
     let balance = reply.int(0).map_err(bad_reply)?;
     let held = reply.int(1).map_err(bad_reply)?;
@@ -299,14 +301,14 @@ pub async fn open_hold(
         amount,
         expires_at,
         context,
-        idempotency: idem.as_ref().map(|i| i.durable(state, &body)),
+        idempotency: idem.as_ref().map(|i| i.durable(store, &body)),
     });
-    if let Err(e) = publish(state, user_id, event).await {
+    if let Err(e) = publish(publisher, user_id, event).await {
         let surely = publish_surely_failed(&e);
         let remove = created && surely;
         let forget = surely && !reused;
         let undo = async {
-            let mut conn = state.redis().await?;
+            let mut conn = store.redis().await?;
             let mut inv = keys.invoke(&scripts().hold_undo, ttl);
             inv.key(&record)
                 .arg(&hash)
@@ -324,7 +326,7 @@ pub async fn open_hold(
     }
     if let Some(idem) = &idem {
         remember(
-            state,
+            store,
             idem,
             &Remembered::Ok(body.clone()),
             &hold_id.to_string(),
@@ -336,41 +338,42 @@ pub async fn open_hold(
     Ok(answered(body, reused))
 }
 
-/// SPEC §5.5b: settle a hold; the rest returns to the balance. Settling again
+/// docs/api.md "Credits" (holds): settle a hold; the rest returns to the balance. Settling again
 /// answers the first settle; an expired or released hold is 409.
 #[tracing::instrument(skip_all, fields(user_id, %hold_id, amount))]
 pub async fn settle_hold(
-    state: &AppState,
+    store: &CreditStore,
+    publisher: &Publisher,
     user_id: &str,
     hold_id: Uuid,
     amount: i64,
     context: CreditContext,
 ) -> Result<Answer> {
     let tx = settle_id(hold_id);
-    let keys = UserKeys::new(&state.keys, user_id);
-    let ttl = ttl_ms(state);
-    let reply = run(state, user_id, || {
+    let keys = UserKeys::new(&store.keys, user_id);
+    let ttl = ttl_ms(store);
+    let reply = run(store, publisher, user_id, || {
         let mut inv = keys.invoke(&scripts().hold_settle, ttl);
         inv.arg(hold_id.to_string()).arg(tx.to_string()).arg(amount);
         inv
     })
     .await?;
-    match reply.tag.as_str() {
-        "ENDED" => {
+    match reply.kind() {
+        Tag::Ended => {
             return match HoldEnd::parse(reply.str(0).map_err(bad_reply)?) {
                 Some(HoldEnd::Settled(body)) => Ok(Answer::Replayed(Remembered::Ok(body))),
                 _ => Err(Error::HoldExpired),
             }
         }
-        "GONE" => return Err(Error::HoldExpired),
-        "TOO_MUCH" => {
+        Tag::Gone => return Err(Error::HoldExpired),
+        Tag::TooMuch => {
             let held = reply.int(0).map_err(bad_reply)?;
             return Err(Error::validation(
                 "amount",
                 format!("must be at most the held amount {held}"),
             ));
         }
-        _ => expect_tag(&reply, "OK")?,
+        _ => expect_tag(&reply, Tag::Ok)?,
     }
     let balance = reply.int(0).map_err(bad_reply)?;
     let hold_amount = reply.int(2).map_err(bad_reply)?;
@@ -383,10 +386,10 @@ pub async fn settle_hold(
         amount,
         context,
     });
-    if let Err(e) = publish(state, user_id, event).await {
+    if let Err(e) = publish(publisher, user_id, event).await {
         if publish_surely_failed(&e) {
             let undo = async {
-                let mut conn = state.redis().await?;
+                let mut conn = store.redis().await?;
                 let mut inv = keys.invoke(&scripts().hold_unsettle, ttl);
                 inv.arg(hold_id.to_string())
                     .arg(tx.to_string())
@@ -410,27 +413,32 @@ pub async fn settle_hold(
     })))
 }
 
-/// SPEC §5.5b: release a hold whole. Releasing an ended (released or expired)
+/// docs/api.md "Credits" (holds): release a hold whole. Releasing an ended (released or expired)
 /// hold again is fine; a settled one is 409.
 #[tracing::instrument(skip_all, fields(user_id, %hold_id))]
-pub async fn release_hold(state: &AppState, user_id: &str, hold_id: Uuid) -> Result<()> {
-    let keys = UserKeys::new(&state.keys, user_id);
-    let ttl = ttl_ms(state);
-    let reply = run(state, user_id, || {
+pub async fn release_hold(
+    store: &CreditStore,
+    publisher: &Publisher,
+    user_id: &str,
+    hold_id: Uuid,
+) -> Result<()> {
+    let keys = UserKeys::new(&store.keys, user_id);
+    let ttl = ttl_ms(store);
+    let reply = run(store, publisher, user_id, || {
         let mut inv = keys.invoke(&scripts().hold_release, ttl);
         inv.arg(hold_id.to_string());
         inv
     })
     .await?;
-    match reply.tag.as_str() {
-        "ENDED" => {
+    match reply.kind() {
+        Tag::Ended => {
             return match HoldEnd::parse(reply.str(0).map_err(bad_reply)?) {
                 Some(HoldEnd::Released | HoldEnd::Expired) => Ok(()),
                 _ => Err(Error::HoldExpired),
             }
         }
-        "GONE" => return Err(Error::HoldExpired),
-        _ => expect_tag(&reply, "OK")?,
+        Tag::Gone => return Err(Error::HoldExpired),
+        _ => expect_tag(&reply, Tag::Ok)?,
     }
     let hold_amount = reply.int(2).map_err(bad_reply)?;
     let hold_raw = reply.str(3).map_err(bad_reply)?.to_string();
@@ -440,10 +448,10 @@ pub async fn release_hold(state: &AppState, user_id: &str, hold_id: Uuid) -> Res
         held: hold_amount,
         reason: "released".into(),
     });
-    if let Err(e) = publish(state, user_id, event).await {
+    if let Err(e) = publish(publisher, user_id, event).await {
         if publish_surely_failed(&e) {
             let undo = async {
-                let mut conn = state.redis().await?;
+                let mut conn = store.redis().await?;
                 let mut inv = keys.invoke(&scripts().hold_unrelease, ttl);
                 inv.arg(hold_id.to_string()).arg(&hold_raw);
                 inv.invoke_async::<Vec<String>>(&mut *conn).await?;
@@ -470,13 +478,13 @@ pub struct GrantRequest {
     pub request_id: String,
 }
 
-/// SPEC §5.7: the grant is written to Postgres with its audit row in one
+/// docs/api.md "Admin": the grant is written to Postgres with its audit row in one
 /// transaction (once per grant id), then added to the Redis balance once (by
 /// the grant id) if Redis holds the user; otherwise Redis loads it later.
 #[tracing::instrument(skip_all, fields(user_id = %g.user_id, amount = g.amount))]
-pub async fn grant(state: &AppState, g: GrantRequest) -> Result<Answer> {
+pub async fn grant(store: &CreditStore, publisher: &Publisher, g: GrantRequest) -> Result<Answer> {
     let id = derived_id("grant", &g.user_id, g.key.as_deref());
-    let mut tx = state.pg.begin().await?;
+    let mut tx = store.pg.begin().await?;
     let result: std::result::Result<(bool, i64), sqlx::Error> =
         sqlx::query_as("select applied, balance from grant_credits($1, $2, $3, $4, $5, 'grant')")
             .bind(id)
@@ -514,7 +522,7 @@ pub async fn grant(state: &AppState, g: GrantRequest) -> Result<Answer> {
              from credit_transactions where id = $1",
         )
         .bind(id)
-        .bind(state.settings.credits.idempotency_ttl_secs as f64)
+        .bind(store.limits.idempotency_ttl_secs as f64)
         .fetch_one(&mut *tx)
         .await?;
         if kind != "grant" || amount != g.amount || reason.as_deref() != Some(g.reason.as_str()) {
@@ -529,12 +537,12 @@ pub async fn grant(state: &AppState, g: GrantRequest) -> Result<Answer> {
     // the applied-set makes it once. Past the idempotency window the set is
     // gone, so an old replay leaves Redis alone (the reconciler covers it).
     let mut spendable = None;
-    if recent && !state.recovery.is_active() {
-        let keys = UserKeys::new(&state.keys, &g.user_id);
-        let applied_key = state.keys.grants_applied(&g.user_id);
-        let ttl = ttl_ms(state);
+    if recent && !store.recovery.is_active() {
+        let keys = UserKeys::new(&store.keys, &g.user_id);
+        let applied_key = store.keys.grants_applied(&g.user_id);
+        let ttl = ttl_ms(store);
         let outcome = async {
-            let mut conn = state.redis().await?;
+            let mut conn = store.redis().await?;
             let mut inv = keys.invoke(&scripts().grant_apply, ttl);
             inv.key(&applied_key)
                 .arg(id.to_string())
@@ -545,8 +553,8 @@ pub async fn grant(state: &AppState, g: GrantRequest) -> Result<Answer> {
         }
         .await;
         match outcome {
-            Ok(r) if r.tag == "OK" => spendable = Some(r.int(0).map_err(bad_reply)?),
-            Ok(r) if r.tag == "LOST" => state.recovery.enter(state).await,
+            Ok(r) if r.kind() == Tag::Ok => spendable = Some(r.int(0).map_err(bad_reply)?),
+            Ok(r) if r.kind() == Tag::Lost => store.recovery.enter(store).await,
             Ok(_) => {}
             // Redis will not hold a stale figure: the reconciler compares it
             // with the ledger once nothing is pending.
@@ -555,7 +563,7 @@ pub async fn grant(state: &AppState, g: GrantRequest) -> Result<Answer> {
     }
     let balance = match spendable {
         Some(b) => b,
-        None => balance(state, &g.user_id).await?.balance,
+        None => balance(store, publisher, &g.user_id).await?.balance,
     };
     metrics::counter!("credit_grants_total", "replayed" => (!applied).to_string()).increment(1);
     let body = json!({"transaction_id": id.to_string(), "balance": balance});

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::state::AppState;
+use crate::state::CreditStore;
 use crate::users::ID_NAMESPACE;
 
 /// The `Idempotency-Key` header's bytes (the handler reads the header):
@@ -168,9 +168,9 @@ pub struct Idem {
 }
 
 impl Idem {
-    pub fn new(state: &AppState, user_id: &str, route: &str, key: String, body: &Value) -> Self {
+    pub fn new(store: &CreditStore, user_id: &str, route: &str, key: String, body: &Value) -> Self {
         Self {
-            record: state.keys.idempotency(user_id, route, &key),
+            record: store.keys.idempotency(user_id, route, &key),
             route: route.to_string(),
             hash: body_hash(body),
             key,
@@ -178,8 +178,8 @@ impl Idem {
     }
 
     /// The durable form of this request's 200 answer, carried by its event.
-    pub(super) fn durable(&self, state: &AppState, answer: &Value) -> IdempotencyRecord {
-        let ttl = i64::try_from(state.settings.credits.idempotency_ttl_secs).unwrap_or(i64::MAX);
+    pub(super) fn durable(&self, store: &CreditStore, answer: &Value) -> IdempotencyRecord {
+        let ttl = i64::try_from(store.limits.idempotency_ttl_secs).unwrap_or(i64::MAX);
         IdempotencyRecord {
             route: self.route.clone(),
             key: self.key.clone(),
@@ -190,27 +190,31 @@ impl Idem {
     }
 }
 
-pub(super) fn ttl_ms(state: &AppState) -> u64 {
-    state.settings.credits.idempotency_ttl_secs * 1000
+pub(super) fn ttl_ms(store: &CreditStore) -> u64 {
+    store.limits.idempotency_ttl_secs * 1000
 }
 
 /// How long a remembered 402 lives (it moved no money).
-pub(super) fn refused_ttl_ms(state: &AppState) -> u64 {
-    state.settings.credits.insufficient_ttl_secs * 1000
+pub(super) fn refused_ttl_ms(store: &CreditStore) -> u64 {
+    store.limits.insufficient_ttl_secs * 1000
 }
 
 /// How long an in-progress marker lives: past the longest a request can
 /// take, so a crashed gateway does not block its key for a day.
-pub(super) fn running_ms(state: &AppState) -> u64 {
-    state.settings.amqp.confirm_timeout_ms + 30_000
+pub(super) fn running_ms(store: &CreditStore) -> u64 {
+    store.limits.confirm_timeout_ms + 30_000
 }
 
 /// KEYS[5] and the hash argument of a keyed script. Without a key the
 /// record name is still one of the user's keys (same slot), and unused.
-pub(super) fn idem_args(state: &AppState, user_id: &str, idem: Option<&Idem>) -> (String, String) {
+pub(super) fn idem_args(
+    store: &CreditStore,
+    user_id: &str,
+    idem: Option<&Idem>,
+) -> (String, String) {
     match idem {
         Some(i) => (i.record.clone(), i.hash.clone()),
-        None => (state.keys.idempotency(user_id, "none", "-"), String::new()),
+        None => (store.keys.idempotency(user_id, "none", "-"), String::new()),
     }
 }
 

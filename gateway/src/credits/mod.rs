@@ -1,6 +1,6 @@
-//! Credit decisions (SPEC §5.5, §5.5b, §5.7): reserve in Redis with one script,
+//! Credit decisions (docs/api.md "Credits", §5.5b, §5.7): reserve in Redis with one script,
 //! publish the event with a confirm, answer. The model, the invariants and
-//! each failure are in `docs/credits.md`; the scripts in `common::credits`.
+//! each failure are in `docs/credits.md`; the scripts in `common::redis::scripts`.
 //!
 //! # Layout
 //! - [`amount`]: the bodies, `Credits<MIN>` and each field's rule.

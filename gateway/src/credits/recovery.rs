@@ -1,4 +1,4 @@
-//! Detecting and recovering from a Redis data loss (SPEC §9.2).
+//! Detecting and recovering from a Redis data loss (docs/credits.md).
 //!
 //! Sentinels: one key per cluster slot (`Keys::slot_sentinel_for`) plus one
 //! global key (`Keys::sentinel`), written only when a gateway starts against
@@ -39,13 +39,15 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::credits::{scripts, Heartbeat, SLOTS};
+use common::redis::keys::Keys;
+use common::redis::scripts::{scripts, Heartbeat};
+use common::redis::slot::SLOTS;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::AppState;
+use crate::state::{AppState, CreditStore};
 
 /// A consumer heartbeat older than this belongs to a dead process (whose
 /// unacked deliveries the broker has returned to the queue).
@@ -80,20 +82,20 @@ impl Recovery {
     }
 
     /// Starts (or joins) a recovery: a credit script found its sentinel gone.
-    pub async fn enter(&self, state: &AppState) {
+    pub async fn enter(&self, store: &CreditStore) {
         self.set(true);
-        if let Err(e) = start(state).await {
+        if let Err(e) = start(store).await {
             tracing::warn!(error = %e, "recovery start not recorded; the watcher retries");
         }
     }
 }
 
 /// Records the recovery's start on Redis's clock (once); returns it.
-async fn start(state: &AppState) -> anyhow::Result<String> {
-    let mut conn = state.redis().await?;
+async fn start(store: &CreditStore) -> anyhow::Result<String> {
+    let mut conn = store.redis().await?;
     let v: String = scripts()
         .recovery_enter
-        .key(state.keys.recovery())
+        .key(store.keys.recovery())
         .invoke_async(&mut *conn)
         .await?;
     Ok(v)
@@ -103,15 +105,15 @@ async fn start(state: &AppState) -> anyhow::Result<String> {
 /// an absent sentinel on an empty deployment (no user in Postgres, so nothing
 /// was ever reserved; a reservation needs the sentinel) is simply written; an
 /// absent sentinel anywhere else means Redis lost its data: a recovery starts.
-pub async fn prepare(state: &AppState) -> anyhow::Result<()> {
-    let mut conn = state.redis().await?;
+pub async fn prepare(store: &CreditStore) -> anyhow::Result<()> {
+    let mut conn = store.redis().await?;
     let (global, recovering): (bool, Option<String>) = redis::pipe()
-        .exists(state.keys.sentinel())
-        .get(state.keys.recovery())
+        .exists(store.keys.sentinel())
+        .get(store.keys.recovery())
         .query_async(&mut *conn)
         .await?;
     if recovering.is_some() {
-        state.recovery.set(true);
+        store.recovery.set(true);
         return Ok(());
     }
     if global {
@@ -119,14 +121,14 @@ pub async fn prepare(state: &AppState) -> anyhow::Result<()> {
     }
     // Postgres unreachable: assume data existed (the safe side).
     let fresh: bool = sqlx::query_scalar("select not exists (select 1 from users)")
-        .fetch_one(&state.pg)
+        .fetch_one(&store.pg)
         .await
         .unwrap_or(false);
     if fresh {
-        write_sentinels(&mut conn, state, true).await?;
+        write_sentinels(&mut conn, &store.keys, true).await?;
         tracing::info!("empty deployment: credit sentinels written");
     } else {
-        state.recovery.enter(state).await;
+        store.recovery.enter(store).await;
     }
     Ok(())
 }
@@ -135,14 +137,14 @@ pub async fn prepare(state: &AppState) -> anyhow::Result<()> {
 /// sees a finished write).
 async fn write_sentinels(
     conn: &mut crate::state::LinkConn,
-    state: &AppState,
+    keys: &Keys,
     only_if_absent: bool,
 ) -> anyhow::Result<()> {
     let epoch = uuid::Uuid::new_v4().to_string();
     let mut pipe = redis::pipe();
     for slot in 0..SLOTS {
         let mut cmd = redis::cmd("SET");
-        cmd.arg(state.keys.slot_sentinel_for(slot)).arg(&epoch);
+        cmd.arg(keys.slot_sentinel_for(slot)).arg(&epoch);
         if only_if_absent {
             cmd.arg("NX");
         }
@@ -150,7 +152,7 @@ async fn write_sentinels(
     }
     pipe.query_async::<()>(&mut **conn).await?;
     let mut cmd = redis::cmd("SET");
-    cmd.arg(state.keys.sentinel()).arg(&epoch);
+    cmd.arg(keys.sentinel()).arg(&epoch);
     if only_if_absent {
         cmd.arg("NX");
     }
@@ -236,7 +238,7 @@ impl Watcher {
         let Some(value) = recovering else {
             // No sentinel and no recovery: a start-up that did not finish
             // its check, or a loss. `prepare` tells them apart.
-            return prepare(state).await;
+            return prepare(&state.credits).await;
         };
         state.recovery.set(true);
         let started = parse_started(&value)
@@ -272,7 +274,7 @@ impl Watcher {
             .invoke_async(&mut *conn)
             .await?;
         if claimed == 1 {
-            write_sentinels(&mut conn, state, false).await?;
+            write_sentinels(&mut conn, &state.keys, false).await?;
             let _: () = conn.del(state.keys.recovery()).await?;
             metrics::counter!("credit_recoveries_total").increment(1);
             tracing::info!(
@@ -295,7 +297,7 @@ impl Watcher {
         {
             let conn = tokio::time::timeout(
                 Duration::from_secs(5),
-                common::topology::connect(&state.settings.amqp.url),
+                common::amqp::connect(&state.settings.amqp.url),
             )
             .await??;
             let ch = conn.create_channel().await?;

@@ -3,13 +3,14 @@
 //! when the slot lost its data), reading the replies every keyed script
 //! shares, and storing a final answer under its key.
 
-use common::credits::{scripts, Reply};
+use common::redis::scripts::{scripts, Reply, Tag};
 
 use super::flows::publish_expired;
 use super::idempotency::{Answer, Idem, Remembered};
 use super::store::load_into_redis;
 use crate::error::{Error, Result};
-use crate::state::AppState;
+use crate::publisher::Publisher;
+use crate::state::CreditStore;
 
 pub(super) fn bad_reply(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Internal(anyhow::Error::new(e))
@@ -27,23 +28,24 @@ pub(super) fn recovering() -> Error {
 /// user yet) loads the user from Postgres and runs it again; `LOST` (the
 /// slot's sentinel is gone) starts a recovery and answers 503.
 pub(super) async fn run(
-    state: &AppState,
+    store: &CreditStore,
+    publisher: &Publisher,
     user_id: &str,
     invocation: impl Fn() -> redis::ScriptInvocation<'static>,
 ) -> Result<Reply> {
     for _ in 0..3 {
         let raw: Vec<String> = {
-            let mut conn = state.redis().await?;
+            let mut conn = store.redis().await?;
             invocation().invoke_async(&mut *conn).await?
         };
         let reply = Reply::parse(raw).map_err(bad_reply)?;
-        publish_expired(state, user_id, &reply.expired);
-        match reply.tag.as_str() {
-            "LOST" => {
-                state.recovery.enter(state).await;
+        publish_expired(publisher, user_id, &reply.expired);
+        match reply.kind() {
+            Tag::Lost => {
+                store.recovery.enter(store).await;
                 return Err(recovering());
             }
-            "MISSING" => load_into_redis(state, user_id).await?,
+            Tag::Missing => load_into_redis(store, user_id).await?,
             _ => return Ok(reply),
         }
     }
@@ -57,14 +59,14 @@ pub(super) async fn run(
 /// in-progress window replays the durable record the event carried, or
 /// re-publishes under the same id, which the ledger deduplicates.
 pub(super) async fn remember(
-    state: &AppState,
+    store: &CreditStore,
     idem: &Idem,
     answer: &Remembered,
     id: &str,
     ttl: u64,
 ) {
     let result = async {
-        let mut conn = state.redis().await?;
+        let mut conn = store.redis().await?;
         scripts()
             .idem_finish
             .key(&idem.record)
@@ -84,20 +86,20 @@ pub(super) async fn remember(
 
 /// Turns the early replies every keyed script shares into an answer.
 pub(super) fn keyed_early(reply: &Reply) -> Result<Option<Answer>> {
-    match reply.tag.as_str() {
-        "CONFLICT" => Err(Error::IdempotencyConflict(
+    match reply.kind() {
+        Tag::Conflict => Err(Error::IdempotencyConflict(
             "this Idempotency-Key was used with another body".into(),
         )),
-        "BUSY" => Err(Error::IdempotencyConflict(
+        Tag::Busy => Err(Error::IdempotencyConflict(
             "a request with this Idempotency-Key is still running".into(),
         )),
-        "REPLAY" => {
+        Tag::Replay => {
             let stored = reply.str(0).map_err(bad_reply)?;
             let r = Remembered::parse(stored)
                 .ok_or_else(|| Error::Internal(anyhow::anyhow!("unreadable remembered answer")))?;
             Ok(Some(Answer::Replayed(r)))
         }
-        "INSUFFICIENT" => Err(Error::InsufficientCredits {
+        Tag::Insufficient => Err(Error::InsufficientCredits {
             balance: reply.int(0).map_err(bad_reply)?,
             required: 0,
         }),
@@ -119,8 +121,8 @@ pub(super) fn with_required(e: Error, amount: i64) -> Error {
     }
 }
 
-pub(super) fn expect_tag(reply: &Reply, tag: &str) -> Result<()> {
-    if reply.tag == tag {
+pub(super) fn expect_tag(reply: &Reply, tag: Tag) -> Result<()> {
+    if reply.kind() == tag {
         Ok(())
     } else {
         Err(Error::Internal(anyhow::anyhow!(

@@ -3,7 +3,7 @@
 //! durable answer of a keyed request whose Redis record went stale.
 
 use chrono::{DateTime, Utc};
-use common::credits::{hold_json, scripts, Reply, UserKeys};
+use common::redis::scripts::{hold_json, scripts, Reply, Tag, UserKeys};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -11,7 +11,8 @@ use super::flows::publish_expired;
 use super::idempotency::{ttl_ms, Answer, Idem, Remembered};
 use super::reserve::{bad_reply, recovering, remember};
 use crate::error::{Error, Result};
-use crate::state::AppState;
+use crate::publisher::Publisher;
+use crate::state::CreditStore;
 
 /// What a user can spend now, and what is held.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +27,7 @@ pub struct Balance {
 /// ledger balance, the open holds, and the newest ledger time. One statement,
 /// so balance and holds are one snapshot.
 #[tracing::instrument(skip_all, fields(user_id))]
-pub async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
+pub async fn load_into_redis(store: &CreditStore, user_id: &str) -> Result<()> {
     type Row = (
         i64,
         Option<DateTime<Utc>>,
@@ -34,14 +35,14 @@ pub async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
         Vec<i64>,
         Vec<DateTime<Utc>>,
     );
-    let keys = UserKeys::new(&state.keys, user_id);
+    let keys = UserKeys::new(&store.keys, user_id);
     // The durable idempotency records first, while `bal` is absent: a keyed
     // script that runs meanwhile finds `bal` missing and loads too, so none
     // can decide before the user's records are back (after a Redis loss,
     // the recovery waited for every earlier event, so Postgres has them all).
     // Before the ledger is read, so the snapshot INIT writes is no older
     // than necessary (a grant's own Redis step may be waiting for it).
-    restore_records(state, &keys, user_id).await?;
+    restore_records(store, &keys, user_id).await?;
     let row: Option<Row> = sqlx::query_as(
         "select u.credits_balance, \
                 (select max(t.created_at) from credit_transactions t where t.user_id = u.id), \
@@ -54,11 +55,11 @@ pub async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
          where u.id = $1",
     )
     .bind(user_id)
-    .fetch_optional(&state.pg)
+    .fetch_optional(&store.pg)
     .await?;
     let (ledger, as_of, ids, amounts, expires) =
         row.ok_or_else(|| Error::NotFound("no such user".into()))?;
-    let mut inv = keys.invoke(&scripts().init, ttl_ms(state));
+    let mut inv = keys.invoke(&scripts().init, ttl_ms(store));
     inv.arg(ledger).arg(
         as_of
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
@@ -69,22 +70,22 @@ pub async fn load_into_redis(state: &AppState, user_id: &str) -> Result<()> {
             .arg(hold_json(*amount, exp.timestamp_millis()));
     }
     let raw: Vec<String> = {
-        let mut conn = state.redis().await?;
+        let mut conn = store.redis().await?;
         inv.invoke_async(&mut *conn).await?
     };
     let reply = Reply::parse(raw).map_err(bad_reply)?;
-    if reply.tag == "LOST" {
-        state.recovery.enter(state).await;
+    if reply.kind() == Tag::Lost {
+        store.recovery.enter(store).await;
         return Err(recovering());
     }
-    metrics::counter!("credit_users_loaded_total").increment(u64::from(reply.tag == "OK"));
+    metrics::counter!("credit_users_loaded_total").increment(u64::from(reply.kind() == Tag::Ok));
     Ok(())
 }
 
 /// Restores a user's unexpired durable idempotency records into Redis as
 /// `done`, in chunks, only while Redis does not hold the user's balance.
 pub(super) async fn restore_records(
-    state: &AppState,
+    store: &CreditStore,
     keys: &UserKeys,
     user_id: &str,
 ) -> Result<()> {
@@ -93,27 +94,27 @@ pub(super) async fn restore_records(
          where user_id = $1 and expires_at > now() order by created_at",
     )
     .bind(user_id)
-    .fetch_all(&state.pg)
+    .fetch_all(&store.pg)
     .await?;
     for chunk in rows.chunks(200) {
-        let mut inv = keys.invoke(&scripts().idem_restore, ttl_ms(state));
+        let mut inv = keys.invoke(&scripts().idem_restore, ttl_ms(store));
         for (route, key, hash, answer, expires_at) in chunk {
-            inv.key(state.keys.idempotency(user_id, route, key))
+            inv.key(store.keys.idempotency(user_id, route, key))
                 .arg(hash)
                 .arg(Remembered::Ok(answer.clone()).to_json())
                 .arg(expires_at.timestamp_millis());
         }
         let raw: Vec<String> = {
-            let mut conn = state.redis().await?;
+            let mut conn = store.redis().await?;
             inv.invoke_async(&mut *conn).await?
         };
-        match Reply::parse(raw).map_err(bad_reply)?.tag.as_str() {
-            "LOST" => {
-                state.recovery.enter(state).await;
+        match Reply::parse(raw).map_err(bad_reply)?.kind() {
+            Tag::Lost => {
+                store.recovery.enter(store).await;
                 return Err(recovering());
             }
             // Loaded by someone else meanwhile, with these records.
-            "EXISTS" => return Ok(()),
+            Tag::Exists => return Ok(()),
             _ => {}
         }
     }
@@ -126,7 +127,7 @@ pub(super) async fn restore_records(
 /// is `None`: the caller retries under the recorded id, which the ledger
 /// deduplicates.
 pub(super) async fn durable_replay(
-    state: &AppState,
+    store: &CreditStore,
     user_id: &str,
     idem: &Idem,
     recorded_id: &str,
@@ -141,12 +142,12 @@ pub(super) async fn durable_replay(
     .bind(&idem.route)
     .bind(&idem.key)
     .bind(&idem.hash)
-    .fetch_optional(&state.pg)
+    .fetch_optional(&store.pg)
     .await?;
     Ok(match found {
         Some(body) => {
             let answer = Remembered::Ok(body);
-            remember(state, idem, &answer, recorded_id, ttl_ms(state)).await;
+            remember(store, idem, &answer, recorded_id, ttl_ms(store)).await;
             Some(Answer::Replayed(answer))
         }
         None => None,
@@ -156,24 +157,24 @@ pub(super) async fn durable_replay(
 /// Reads a user's balance: from Redis when it holds the user (releasing
 /// expired holds on the way), else from Postgres (ledger minus open holds),
 /// and always from Postgres while a recovery runs.
-pub async fn balance(state: &AppState, user_id: &str) -> Result<Balance> {
+pub async fn balance(store: &CreditStore, publisher: &Publisher, user_id: &str) -> Result<Balance> {
     for attempt in 0..2 {
-        if state.recovery.is_active() {
+        if store.recovery.is_active() {
             break;
         }
-        let keys = UserKeys::new(&state.keys, user_id);
+        let keys = UserKeys::new(&store.keys, user_id);
         let outcome = async {
-            let mut conn = state.redis().await?;
+            let mut conn = store.redis().await?;
             let raw: Vec<String> = keys
-                .invoke(&scripts().read, ttl_ms(state))
+                .invoke(&scripts().read, ttl_ms(store))
                 .invoke_async(&mut *conn)
                 .await?;
             anyhow::Ok(Reply::parse(raw)?)
         }
         .await;
         match outcome {
-            Ok(reply) if reply.tag == "OK" => {
-                publish_expired(state, user_id, &reply.expired);
+            Ok(reply) if reply.kind() == Tag::Ok => {
+                publish_expired(publisher, user_id, &reply.expired);
                 return Ok(Balance {
                     balance: reply.int(0).map_err(bad_reply)?,
                     held: reply.int(1).map_err(bad_reply)?,
@@ -182,10 +183,10 @@ pub async fn balance(state: &AppState, user_id: &str) -> Result<Balance> {
                         .map(|t| t.with_timezone(&Utc)),
                 });
             }
-            Ok(reply) if reply.tag == "LOST" => state.recovery.enter(state).await,
+            Ok(reply) if reply.kind() == Tag::Lost => store.recovery.enter(store).await,
             // Not loaded yet: load it once (so later reads need no Postgres).
-            Ok(reply) if reply.tag == "MISSING" && attempt == 0 => {
-                if load_into_redis(state, user_id).await.is_ok() {
+            Ok(reply) if reply.kind() == Tag::Missing && attempt == 0 => {
+                if load_into_redis(store, user_id).await.is_ok() {
                     continue;
                 }
             }
@@ -194,11 +195,11 @@ pub async fn balance(state: &AppState, user_id: &str) -> Result<Balance> {
         }
         break;
     }
-    balance_from_postgres(state, user_id).await
+    balance_from_postgres(store, user_id).await
 }
 
 /// The settled truth: `users.credits_balance` minus open holds.
-pub async fn balance_from_postgres(state: &AppState, user_id: &str) -> Result<Balance> {
+pub async fn balance_from_postgres(store: &CreditStore, user_id: &str) -> Result<Balance> {
     let row: Option<(i64, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
         "select u.credits_balance, \
                 coalesce((select sum(amount) from credit_holds h where h.user_id = u.id and h.status = 'open'), 0)::bigint, \
@@ -206,7 +207,7 @@ pub async fn balance_from_postgres(state: &AppState, user_id: &str) -> Result<Ba
          from users u where u.id = $1",
     )
     .bind(user_id)
-    .fetch_optional(&state.pg)
+    .fetch_optional(&store.pg)
     .await?;
     let (settled, held, as_of) = row.unwrap_or((0, 0, None));
     Ok(Balance {

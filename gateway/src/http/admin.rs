@@ -1,4 +1,4 @@
-//! Admin routes: plan, rate-limit overrides, status, audit (SPEC §5.7).
+//! Admin routes: plan, rate-limit overrides, status, audit (docs/api.md "Admin").
 //!
 //! Every change writes Postgres with its audit row in one transaction and
 //! refreshes the Redis user hash (see [`crate::audit::change_user`]); other
@@ -85,14 +85,14 @@ fn view(state: &AppState, rec: &UserRecord) -> Value {
     })
 }
 
-/// The target is provisioned first when never seen (SPEC §4).
+/// The target is provisioned first when never seen (docs/api.md "Conventions").
 async fn provision(state: &AppState, id: &str) -> Result<()> {
-    admin::target(state, id, Unknown::Provision).await?;
+    admin::target(&state.user_store, id, Unknown::Provision).await?;
     Ok(())
 }
 
-#[derive(Deserialize)]
-struct PlanBody {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct PlanBody {
     plan: String,
 }
 
@@ -111,14 +111,19 @@ async fn set_plan(
         actor: caller.id(),
         request_id: &rid,
     };
-    let change = admin::set_plan(&state, by, &id, &plan).await?;
+    let change = admin::set_plan(&state.user_store, by, &id, &plan).await?;
     Ok(Json(view(&state, &change.record)))
 }
 
-#[derive(Deserialize)]
-struct RateLimitBody {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct RateLimitBody {
+    #[schema(schema_with = super::openapi::class_schema)]
     class: String,
+    /// At most `MAX_OVERRIDE_LIMIT` (a test holds the two equal).
+    #[schema(minimum = 1, maximum = 1000000)]
     limit: u64,
+    /// At most `MAX_OVERRIDE_WINDOW_SECS`.
+    #[schema(minimum = 1, maximum = 86400)]
     window_secs: u64,
 }
 
@@ -159,7 +164,7 @@ async fn set_rate_limit(
         request_id: &rid,
     };
     let (limit, window) = (body.limit as i64, body.window_secs as i64);
-    let ((), rec) = audit::change_user(&state, action, &id, |conn, before| {
+    let ((), rec) = audit::change_user(&state.user_store, action, &id, |conn, before| {
         Box::pin(async move {
             sqlx::query(
                 "insert into api_rate_limits (user_id, class, \"limit\", window_secs) \
@@ -212,7 +217,7 @@ async fn delete_rate_limit(
         target: Some(&id),
         request_id: &rid,
     };
-    let ((), rec) = audit::change_user(&state, action, &id, |conn, before| {
+    let ((), rec) = audit::change_user(&state.user_store, action, &id, |conn, before| {
         Box::pin(async move {
             // Nothing to remove: 404 rolls back, so no audit row either.
             let Some(previous) = before.overrides.get(class.as_str()) else {
@@ -237,8 +242,9 @@ async fn delete_rate_limit(
     Ok(Json(view(&state, &rec)))
 }
 
-#[derive(Deserialize)]
-struct StatusBody {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct StatusBody {
+    #[schema(schema_with = super::openapi::settable_status_schema)]
     status: String,
 }
 
@@ -267,7 +273,7 @@ async fn set_status(
         target: Some(&id),
         request_id: &rid,
     };
-    let ((), rec) = audit::change_user(&state, action, &id, |conn, before| {
+    let ((), rec) = audit::change_user(&state.user_store, action, &id, |conn, before| {
         Box::pin(async move {
             // Erasure is final: a deleted account never comes back.
             if before.status == Status::Deleted {

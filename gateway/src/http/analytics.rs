@@ -1,4 +1,4 @@
-//! Analytics and usage stats (SPEC §5.3, §5.6, §5.10): parse the query, call
+//! Analytics and usage stats (docs/api.md "Analytics", §5.6, §5.10): parse the query, call
 //! [`crate::analytics`], answer. Both routes are of class `analytics`.
 
 use axum::extract::State;
@@ -31,7 +31,9 @@ async fn vscode_analytics(
     ApiQuery(q): ApiQuery<AnalyticsQuery>,
 ) -> Result<Json<Value>> {
     let days = q.days()?;
-    Ok(Json(analytics::analytics(&state, user.id(), days).await?))
+    Ok(Json(
+        analytics::analytics(&state.pg, &state.redis_link, &state.keys, user.id(), days).await?,
+    ))
 }
 
 /// `GET /api/users/:id/usage/stats?from=&to=&group_by=`.

@@ -1,4 +1,4 @@
-//! Read routes of the original backend's client (SPEC §5.10), class `profile`:
+//! Read routes of the original backend's client (docs/compatibility.md), class `profile`:
 //! `GET /api/vscode/user/balance`, `GET /api/vscode/user/subscription`,
 //! `GET /api/auth/user-info`.
 
@@ -22,7 +22,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
 
 /// `GET /api/vscode/user/balance` → `{balance, held, as_of, plan}`.
 async fn balance(State(state): State<AppState>, user: CurrentUser) -> Result<Json<Value>> {
-    let b = crate::credits::balance(&state, user.id()).await?;
+    let b = crate::credits::balance(&state.credits, &state.publisher, user.id()).await?;
     Ok(Json(json!({
         "balance": b.balance,
         "held": b.held,

@@ -1,4 +1,4 @@
-//! Credits: consume, holds, admin grant (SPEC §5.5, §5.5b, §5.7). Thin: parse,
+//! Credits: consume, holds, admin grant (docs/api.md "Credits", §5.5b, §5.7). Thin: parse,
 //! authorize, call `crate::credits`, map the answer.
 
 use axum::extract::{Path, State};
@@ -76,10 +76,10 @@ async fn consume(
     provision_other(&state, &user, &id).await?;
     let key = credits::idempotency_key(idempotency_header(&headers))?;
     let (amount, context) = credits::parse_body::<ConsumeBody>(body.clone())?.validate()?;
-    let idem = key.map(|k| Idem::new(&state, &id, "consume", k, &body));
+    let idem = key.map(|k| Idem::new(&state.credits, &id, "consume", k, &body));
     deadline.commit()?;
     Ok(respond(
-        credits::consume(&state, &id, amount, context, idem).await?,
+        credits::consume(&state.credits, &state.publisher, &id, amount, context, idem).await?,
     ))
 }
 
@@ -96,10 +96,19 @@ async fn open_hold(
     let c = &state.settings.credits;
     let (amount, ttl, context) = credits::parse_body::<HoldBody>(body.clone())?
         .validate(c.hold_default_ttl_secs, c.hold_max_ttl_secs)?;
-    let idem = key.map(|k| Idem::new(&state, &id, "holds", k, &body));
+    let idem = key.map(|k| Idem::new(&state.credits, &id, "holds", k, &body));
     deadline.commit()?;
     Ok(respond(
-        credits::open_hold(&state, &id, amount, ttl, context, idem).await?,
+        credits::open_hold(
+            &state.credits,
+            &state.publisher,
+            &id,
+            amount,
+            ttl,
+            context,
+            idem,
+        )
+        .await?,
     ))
 }
 
@@ -116,7 +125,7 @@ async fn settle_hold(
     let (amount, context) = credits::parse_body::<SettleBody>(body)?.validate()?;
     deadline.commit()?;
     Ok(respond(
-        credits::settle_hold(&state, &id, hold, amount, context).await?,
+        credits::settle_hold(&state.credits, &state.publisher, &id, hold, amount, context).await?,
     ))
 }
 
@@ -130,7 +139,7 @@ async fn release_hold(
     provision_other(&state, &user, &id).await?;
     let hold = hold_id(&hold)?;
     deadline.commit()?;
-    credits::release_hold(&state, &id, hold).await?;
+    credits::release_hold(&state.credits, &state.publisher, &id, hold).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -145,10 +154,11 @@ async fn grant(
 ) -> Result<Response> {
     let key = credits::idempotency_key(idempotency_header(&headers))?;
     let (amount, reason) = credits::parse_body::<GrantBody>(body)?.validate()?;
-    admin::target(&state, &id, Unknown::Provision).await?;
+    admin::target(&state.user_store, &id, Unknown::Provision).await?;
     deadline.commit()?;
     let answer = credits::grant(
-        &state,
+        &state.credits,
+        &state.publisher,
         GrantRequest {
             actor: user.id().to_string(),
             user_id: id,

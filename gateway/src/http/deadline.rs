@@ -7,7 +7,7 @@
 //! about to write calls [`Deadline::commit`]; from then on the deadline no
 //! longer cuts it, because an answer of "unavailable" for an event the broker
 //! has confirmed, or for a reservation already made, would deny an acceptance
-//! that happened (SPEC §5.2: a 202 only after the confirm; and never a 503
+//! that happened (docs/api.md "Usage": a 202 only after the confirm; and never a 503
 //! that hides a write). A committed request is bounded instead by what it
 //! waits on: the publisher's confirm wait (`amqp.confirm_timeout_ms`) and
 //! each Redis round trip (`redis.timeout_ms`).

@@ -1,5 +1,5 @@
 //! The HTTP face of errors, mapped once to `application/problem+json`
-//! (SPEC §5). Domain errors ([`crate::error::Error`]) arrive through
+//! (docs/api.md). Domain errors ([`crate::error::Error`]) arrive through
 //! `From<Error>`; the cases only HTTP can meet (no token, bytes that are not
 //! JSON, a body over the limit, a missed deadline) are made here. 5xx causes
 //! are logged here, once; the client sees only what it may.
@@ -54,7 +54,7 @@ pub enum ApiError {
         cause: Option<anyhow::Error>,
     },
     /// 503: the request did not reach its commit point within
-    /// `gateway.request_timeout_ms` (see `http::deadline`). SPEC §5 has no
+    /// `gateway.request_timeout_ms` (see `http::deadline`). docs/api.md has no
     /// 504 and no `timeout` code: a deadline passes because something behind
     /// the gateway is slow, which is what 503 `unavailable` says. Nothing of
     /// the request was written, so a retry is safe.

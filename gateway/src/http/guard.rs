@@ -113,15 +113,16 @@ pub async fn guard(
             return auth_failure(&state, &addr, e).await;
         }
     };
-    let record = match state.users.get(&state, &claims).await {
+    let record = match state.users.get(&state.user_store, &claims).await {
         Ok(r) => r,
         Err(e) => return ApiError::from(e).into_response(),
     };
     // The limit is decided before the status so that a 403 carries the
-    // RateLimit-* headers too (SPEC §6: every /api/ answer).
+    // RateLimit-* headers too (docs/rate-limits.md: every /api/ answer).
     let limit = effective_limit(&state, &record, class);
     let key = state.keys.rate_limit(&claims.sub, class.as_str());
-    let decision = rate_limit::check(&state, &key, &claims.sub, class.as_str(), limit).await;
+    let decision =
+        rate_limit::check(&state.limiter, &key, &claims.sub, class.as_str(), limit).await;
     let refused = match record.status {
         Status::Active => None,
         Status::Suspended if allowed_while_suspended(req.method(), req.uri().path()) => None,
@@ -144,7 +145,7 @@ pub async fn guard(
     let mut resp = next.run(req).await;
     // A handler that decided a second limit of its own (usage/track's events
     // budget) leaves that decision on the response; the headers show the
-    // tighter of the two (SPEC §6).
+    // tighter of the two (docs/rate-limits.md).
     let shown = match resp.extensions_mut().remove::<Decision>() {
         Some(inner) => rate_limit::tighter(decision, inner),
         None => decision,
@@ -161,7 +162,7 @@ pub async fn guard(
 async fn auth_failure(state: &AppState, addr: &str, e: AuthError) -> Response {
     let limit = state.settings.rate_limit.auth_failures;
     let key = state.keys.auth_failures(addr);
-    let d = rate_limit::check(state, &key, addr, "auth_failures", limit).await;
+    let d = rate_limit::check(&state.limiter, &key, addr, "auth_failures", limit).await;
     let counts = matches!(d.degraded, None | Some("postgres"));
     let mut resp = if !d.allowed && counts {
         ApiError::RateLimited {

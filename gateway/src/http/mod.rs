@@ -25,42 +25,8 @@ use axum::Router;
 use crate::state::AppState;
 use extract::BodyLimit;
 
-/// Endpoint classes of SPEC §6.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    Session,
-    Usage,
-    Analytics,
-    Profile,
-    Credits,
-    Admin,
-}
-
-impl Class {
-    pub const ALL: [Class; 6] = [
-        Self::Session,
-        Self::Usage,
-        Self::Analytics,
-        Self::Profile,
-        Self::Credits,
-        Self::Admin,
-    ];
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|c| c.as_str() == s)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Session => "session",
-            Self::Usage => "usage",
-            Self::Analytics => "analytics",
-            Self::Profile => "profile",
-            Self::Credits => "credits",
-            Self::Admin => "admin",
-        }
-    }
-}
+/// The endpoint classes: the one list, in `common::class`.
+pub use common::class::Class;
 
 /// Routes of one class, behind that class's guard.
 pub fn guarded(state: &AppState, class: Class, routes: Router<AppState>) -> Router<AppState> {
@@ -71,7 +37,7 @@ pub fn guarded(state: &AppState, class: Class, routes: Router<AppState>) -> Rout
 }
 
 pub fn router(state: AppState) -> Router {
-    // Every series at 0 from the start (SPEC §5.9).
+    // Every series at 0 from the start (docs/api.md "Operations").
     crate::metrics::init(&route_series());
     let limit = state.settings.gateway.body_limit_bytes;
     let deadline = std::time::Duration::from_millis(state.settings.gateway.request_timeout_ms);
@@ -81,7 +47,7 @@ pub fn router(state: AppState) -> Router {
         .merge(openapi::router())
         .merge(api)
         .fallback(|| async { error::ApiError::NotFound("no such route".into()) })
-        // The error codes of SPEC §5 have no 405: a known path with another
+        // The error codes of docs/api.md have no 405: a known path with another
         // method is a route that does not exist.
         .method_not_allowed_fallback(|| async {
             error::ApiError::NotFound("no such route for this method".into())

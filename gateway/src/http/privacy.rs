@@ -1,4 +1,4 @@
-//! Privacy (SPEC §5.8): export everything stored about a user, and erase a
+//! Privacy (docs/api.md "Privacy"): export everything stored about a user, and erase a
 //! user's personal data. Both are rare and read their own writes, so they
 //! work on Postgres directly (with their audit row in the same transaction)
 //! and then on Redis. Class `profile`; a user reaches only their own id,
@@ -109,7 +109,7 @@ const CHUNK_BYTES: usize = 64 * 1024;
 /// Bounded (docs/reliability.md, "Bounds"): every statement runs under
 /// `users.export_timeout_ms`, and at most one export per user runs at a time
 /// on all gateways. The second is 429 `rate_limited` with `Retry-After` (it
-/// is the same request too often, not a conflict of state; SPEC §5 has no
+/// is the same request too often, not a conflict of state; docs/api.md has no
 /// 409 code that fits). The lock is a session-level Postgres advisory lock
 /// on a connection taken out of the pool for the export: it is released
 /// when that connection closes, however the export ends (done, client gone,
@@ -400,7 +400,7 @@ async fn erase_in_postgres(
         .await?
         .ok_or_else(|| ApiError::NotFound("no such user".into()))?;
     rec.status = Status::Deleted;
-    crate::users::write_redis(state, &rec)
+    crate::users::write_redis(&state.user_store, &rec)
         .await
         .map_err(|e| ApiError::unavailable("redis", e))?;
     tx.commit().await?;

@@ -1,11 +1,10 @@
-//! Session validation (SPEC §5.1, with the original client's members of §5.10).
+//! Session validation (docs/api.md "Sessions", with the original client's members of §5.10).
 
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use chrono::{SecondsFormat, Utc};
 use common::events::{Envelope, Event, SessionUpsert};
-use common::settings::RATE_LIMIT_CLASSES;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -26,15 +25,22 @@ pub fn router(state: &AppState) -> Router<AppState> {
     )
 }
 
-#[derive(Debug, Deserialize)]
-struct Body {
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = SessionValidateBody)]
+pub(crate) struct Body {
+    #[schema(schema_with = super::openapi::track::session_id)]
     session_id: Option<String>,
     #[serde(alias = "extensionVersion")]
+    /// A semantic version; required (422 when absent), 426 below the configured minimum.
     extension_version: Option<String>,
+    #[schema(value_type = Option<common::valid::Label<64>>)]
     vscode_version: Option<String>,
+    #[schema(value_type = Option<common::valid::Label<64>>)]
     platform: Option<String>,
+    #[schema(value_type = Option<common::valid::Label<128>>)]
     machine_id: Option<String>,
     #[serde(rename = "sessionToken")]
+    #[schema(schema_with = super::openapi::track::session_token)]
     session_token: Option<String>,
 }
 
@@ -92,7 +98,7 @@ async fn validate_session(
         extension_version: version.to_string(),
     };
     deadline.commit()?;
-    let (rec, created) = validate(&state, user.id(), &req).await?;
+    let (rec, created) = validate(&state.sessions, user.id(), &req).await?;
     let event = Event::SessionUpsert(SessionUpsert {
         session_id: rec.id.clone(),
         user_id: user.id().to_string(),
@@ -114,13 +120,12 @@ async fn validate_session(
         ))
         .await
         .map_err(|e| ApiError::unavailable("rabbitmq", e))?;
-    let balance = crate::credits::balance(&state, user.id()).await?;
+    let balance = crate::credits::balance(&state.credits, &state.publisher, user.id()).await?;
     let mut limits = Map::new();
-    for class in RATE_LIMIT_CLASSES {
-        let c = class_of(class);
+    for c in Class::ALL {
         let l = effective_limit(&state, &user.record, c);
         limits.insert(
-            class.into(),
+            c.as_str().into(),
             json!({"limit": l.limit, "window_secs": l.window_secs}),
         );
     }
@@ -143,15 +148,4 @@ async fn validate_session(
         "session": {"id": rec.id, "expiresAt": expires},
         "permissions": permissions(&plan),
     })))
-}
-
-fn class_of(name: &str) -> Class {
-    match name {
-        "session" => Class::Session,
-        "usage" => Class::Usage,
-        "analytics" => Class::Analytics,
-        "profile" => Class::Profile,
-        "credits" => Class::Credits,
-        _ => Class::Admin,
-    }
 }

@@ -49,7 +49,7 @@ pub fn decide(caller: &str, is_admin: bool, id: Option<&str>) -> Result<String, 
     }
 }
 
-/// An admin naming an id never seen provisions it first (SPEC §4), as the
+/// An admin naming an id never seen provisions it first (docs/api.md "Conventions"), as the
 /// caller's own id was provisioned by the guard.
 pub async fn provision_other(
     state: &AppState,
@@ -57,7 +57,7 @@ pub async fn provision_other(
     id: &str,
 ) -> Result<(), ApiError> {
     if id != caller.id() {
-        state.users.get_by_id(state, id, None).await?;
+        state.users.get_by_id(&state.user_store, id, None).await?;
     }
     Ok(())
 }

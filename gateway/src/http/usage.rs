@@ -1,4 +1,4 @@
-//! Usage tracking (SPEC §5.2, §5.10): validate the whole request, publish its
+//! Usage tracking (docs/api.md "Usage", §5.10): validate the whole request, publish its
 //! events (grouped with concurrent requests' events), answer 202 only once the
 //! broker confirmed them.
 
@@ -35,13 +35,13 @@ async fn track(
     let (shape, events) = parse_track(&body, user.id(), chrono::Utc::now())?;
     let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
     let n = events.len();
-    // The per-event budget (SPEC §6), known only now that the body is parsed:
+    // The per-event budget (docs/rate-limits.md), known only now that the body is parsed:
     // a valid request of n events costs n, before anything is published. The
     // decision rides on the response for the guard's RateLimit-* headers.
     let events_limit = rate_limit::usage_events_limit(&state.settings, &user.record.plan);
     let key = state.keys.rate_limit(user.id(), rate_limit::USAGE_EVENTS);
     let budget = rate_limit::check_n(
-        &state,
+        &state.limiter,
         &key,
         user.id(),
         rate_limit::USAGE_EVENTS,
@@ -69,7 +69,9 @@ async fn track(
     let mut answer = json!({"accepted": n, "event_ids": ids});
     if shape == Shape::Legacy {
         // The original client reads these; usage never moves credits.
-        let balance = crate::credits::balance(&state, user.id()).await.ok();
+        let balance = crate::credits::balance(&state.credits, &state.publisher, user.id())
+            .await
+            .ok();
         answer["success"] = json!(true);
         answer["remainingCredits"] = json!(balance.map(|b| b.balance));
     }

@@ -1,4 +1,4 @@
-//! Profiles and preferences (SPEC §5.4). A profile is read from Postgres (the
+//! Profiles and preferences (docs/api.md "Profile"). A profile is read from Postgres (the
 //! rare, read-your-own-writes path) plus the balance from Redis; a preferences
 //! change travels as an event and lands through the users worker.
 
@@ -59,7 +59,7 @@ async fn update_preferences(
     // Counted against the merged bound before anything is published (see
     // `users::admit_preferences` for the merge base and docs/reliability.md,
     // "Bounds").
-    match crate::users::admit_preferences(&state, &id, &members).await? {
+    match crate::users::admit_preferences(&state.user_store, &id, &members).await? {
         PreferencesFit::Fits { .. } => {}
         PreferencesFit::TooLarge { size } => {
             return Err(ApiError::validation(
@@ -72,7 +72,7 @@ async fn update_preferences(
         }
     }
     if let Err(e) = deadline.commit() {
-        crate::users::forget_preferences_size(&state, &id).await;
+        crate::users::forget_preferences_size(&state.user_store, &id).await;
         return Err(e);
     }
     let envelope = Envelope::new(
@@ -85,7 +85,7 @@ async fn update_preferences(
     );
     if let Err(e) = state.publisher.publish(&envelope).await {
         // Counted but never landing: let the next patch seed from Postgres.
-        crate::users::forget_preferences_size(&state, &id).await;
+        crate::users::forget_preferences_size(&state.user_store, &id).await;
         return Err(ApiError::unavailable("rabbitmq", e));
     }
     let body = json!({"accepted": true, "user_id": id, "event_id": envelope.id});
@@ -100,7 +100,7 @@ pub fn check_preferences(patch: &Value) -> Result<()> {
             "preferences must be a JSON object",
         ));
     }
-    // Keys and strings as Postgres's jsonb stores them (SPEC §3).
+    // Keys and strings as Postgres's jsonb stores them (docs/reliability.md).
     common::valid::check_json_object(patch)
         .map_err(|reason| ApiError::validation("preferences", reason))?;
     let size = serde_json::to_vec(patch)
@@ -191,7 +191,7 @@ pub async fn load_profile(state: &AppState, user_id: &str) -> Result<Option<Prof
     .bind(user_id)
     .fetch_optional(&state.pg)
     .await?;
-    let balance = crate::credits::balance(state, user_id).await?;
+    let balance = crate::credits::balance(&state.credits, &state.publisher, user_id).await?;
     Ok(Some(Profile {
         user_id: row.id,
         email: row.email,

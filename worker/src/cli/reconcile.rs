@@ -1,4 +1,4 @@
-//! `worker reconcile [--user ID]`: the reconciler of SPEC §8 on demand,
+//! `worker reconcile [--user ID]`: the reconciler of docs/architecture.md on demand,
 //! printing every repair.
 
 use common::settings::Settings;

@@ -1,4 +1,4 @@
-//! What happens to what Postgres refuses (SPEC §7: one member never fails
+//! What happens to what Postgres refuses (docs/events.md: one member never fails
 //! a group, money never depends on metadata), as plain functions.
 //!
 //! The consumer first tries a whole batch in one transaction. A transient

@@ -7,7 +7,7 @@
 //!   until Postgres answers (never dead-lettered for that).
 //! - A message that cannot be decoded is rejected without requeue and so
 //!   dead-lettered; the rest of its batch lands.
-//! - One member never fails a group (SPEC §7): every message is checked and
+//! - One member never fails a group (docs/events.md): every message is checked and
 //!   cleaned first (`handlers::sanitize`): a usage event that cannot be stored
 //!   leaves its group, and a consume or settle is charged without the fields
 //!   that cannot be stored. If Postgres still refuses the batch, it is
@@ -120,7 +120,7 @@ async fn beat_once(
 ) -> anyhow::Result<()> {
     let (unacked, idle_ms) = probe.read();
     let mut conn = ctx.redis.get().await?;
-    let _: i64 = common::credits::scripts()
+    let _: i64 = common::redis::scripts::scripts()
         .heartbeat
         .key(key)
         .arg(tag)

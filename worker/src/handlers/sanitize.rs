@@ -1,4 +1,4 @@
-//! The worker's own check before a write (SPEC §3 "a valid stored value",
+//! The worker's own check before a write (docs/reliability.md "A valid stored value",
 //! §7): what one user sent never fails a message that holds other users' data,
 //! and money never depends on metadata. Pure: no IO, so every rule is
 //! unit-tested here.

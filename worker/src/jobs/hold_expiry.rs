@@ -1,11 +1,11 @@
-//! Hold expiry (SPEC §5.5b), run by one worker at a time (advisory lock, see
+//! Hold expiry (docs/api.md "Credits" (holds)), run by one worker at a time (advisory lock, see
 //! `jobs`): holds still open in Postgres past `expires_at` plus a grace are
 //! released in Redis (if Redis still holds them; the script decides once) and
 //! marked `expired` in Postgres. Gateways release expired holds lazily first
 //! and publish the event; this job covers users nobody calls and events that
 //! were never published, so no credit is ever stuck.
 
-use common::credits::{scripts, UserKeys};
+use common::redis::scripts::{scripts, Tag, UserKeys};
 use uuid::Uuid;
 
 use super::{call, ttl_ms};
@@ -29,10 +29,10 @@ pub async fn expire_holds(ctx: &Ctx) -> anyhow::Result<usize> {
         let mut inv = keys.invoke(&scripts().expire_hold, ttl_ms(ctx));
         inv.arg(hold_id.to_string());
         let r = call(ctx, inv).await?;
-        match r.tag.as_str() {
+        match r.kind() {
             // Redis's clock is behind Postgres's: next run.
-            "NOT_DUE" => continue,
-            "RELEASED" => {
+            Tag::NotDue => continue,
+            Tag::Released => {
                 metrics::counter!("credit_holds_expired_total", "by" => "worker")
                     .increment(r.expired.len() as u64);
                 for h in &r.expired {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use common::credits::Reply;
+use common::redis::scripts::Reply;
 
 use crate::ctx::Ctx;
 
@@ -50,7 +50,7 @@ pub async fn locked<T>(
 }
 
 /// Hold expiry every `credits.expiry_interval_secs`, the reconciler every
-/// `worker.reconcile_interval_secs` (SPEC §5.5b, §8).
+/// `worker.reconcile_interval_secs` (docs/api.md "Credits" (holds), §8).
 async fn credit_jobs(ctx: Ctx, shutdown: CancellationToken) {
     let tick = Duration::from_secs(ctx.settings.credits.expiry_interval_secs.max(1));
     let reconcile_every = Duration::from_secs(ctx.settings.worker.reconcile_interval_secs.max(1));

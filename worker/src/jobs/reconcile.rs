@@ -1,4 +1,4 @@
-//! The credit reconciler of SPEC §8, run by one worker at a time (advisory
+//! The credit reconciler of docs/architecture.md, run by one worker at a time (advisory
 //! lock, see `jobs`): for every user whose credits Redis holds, pending entries
 //!   already in the ledger leave `pending` (the worker's HDEL was lost);
 //!   entries older than the confirm timeout plus `stale_reservation_secs` with
@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::credits::{parse_pending, scripts, Heartbeat, UserKeys};
+use common::redis::scripts::{parse_pending, scripts, Heartbeat, Tag, UserKeys};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use uuid::Uuid;
@@ -105,7 +105,7 @@ pub fn repair_to(snap: &Snapshot, ledger: i64, open_held: i64) -> Option<i64> {
 
 async fn snapshot(ctx: &Ctx, keys: &UserKeys) -> anyhow::Result<Option<Snapshot>> {
     let r = call(ctx, keys.invoke(&scripts().snapshot, ttl_ms(ctx))).await?;
-    if r.tag != "OK" {
+    if r.kind() != Tag::Ok {
         return Ok(None);
     }
     let mut pending = Vec::new();
@@ -184,7 +184,7 @@ pub enum Release {
     Held,
 }
 
-/// The decision of SPEC §9.2 ("never while its event is still held unacked
+/// The decision of docs/credits.md ("never while its event is still held unacked
 /// by a worker"), as a plain function over the consumers' heartbeats
 /// ("unacked:idle_since_ms:beat_ms", Redis's clock). With no ready message at
 /// `t_q`, every event that left the queue before is in some consumer's hands
@@ -328,7 +328,7 @@ pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<R
         inv.arg(g.to_string());
     }
     let r = call(ctx, inv).await?;
-    if r.tag != "REPAIRED" {
+    if r.kind() != Tag::Repaired {
         return Ok(None);
     }
     let repair = Repair {

@@ -4,7 +4,7 @@
 //! table's cells (`on conflict … do update set requests = requests + …`).
 //!
 //! - The day is the event's `occurred_at` day in UTC, so a replayed event
-//!   counts on the day it happened (SPEC §8).
+//!   counts on the day it happened (docs/architecture.md).
 //! - A model cell has an empty `feature`, a feature cell an empty `provider`
 //!   and `model`; no session is the empty session (the key has no nulls).
 //! - A model event adds 1 request and its tokens; a feature event 1 request.

@@ -38,7 +38,7 @@ async fn unknown_routes_are_404_problem_json() {
     assert_eq!(r.headers()["content-type"], "application/problem+json");
 }
 
-/// SPEC §5.9: every series exists from start (at 0), with label values
+/// docs/api.md "Operations": every series exists from start (at 0), with label values
 /// from fixed sets.
 #[tokio::test]
 async fn a_fresh_gateways_metrics_name_every_series() {

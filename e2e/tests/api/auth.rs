@@ -1,4 +1,4 @@
-//! Authentication and authorization (SPEC §4): the JWT attack matrix, JWKS
+//! Authentication and authorization (docs/api.md "Conventions"): the JWT attack matrix, JWKS
 //! keys of every family with rotation and the re-fetch limit, account status,
 //! dev tokens, provisioning and BOLA on `/api/users/:id/...`.
 //!

@@ -388,7 +388,7 @@ async fn consume(app: &TestApp, user: &str, token: &str, amount: i64) -> (u16, V
     (status, body)
 }
 
-/// SPEC §9.5 (Redis down) and §9.2 (Redis loses its data), on a Redis that
+/// docs/api.md "Outages" (Redis down) and §9.2 (Redis loses its data), on a Redis that
 /// really goes away and comes back empty: while it is down, usage is served
 /// under `rate_limit.on_redis_error` (postgres) and credits and sessions
 /// answer 503; once it is back, the gateway sees the loss, rebuilds balances
@@ -540,7 +540,7 @@ async fn api_balance(app: &TestApp, token: &str) -> i64 {
     b["balance"].as_i64().unwrap()
 }
 
-/// SPEC §9.2: consumes answered while Postgres is down for longer than the
+/// docs/credits.md: consumes answered while Postgres is down for longer than the
 /// stale-reservation window are held unacked by the worker; the reconciler
 /// must not give those reservations back (the worker commits them once
 /// Postgres returns), or the user could spend the same credits twice. After

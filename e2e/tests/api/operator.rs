@@ -17,7 +17,7 @@ async fn gateway(app: &TestApp, args: &[&str]) -> Output {
 }
 
 async fn gateway_with(vars: &HashMap<String, String>, args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-gateway"))
         .args(args)
         .env_clear()
         .envs(vars)

@@ -22,7 +22,7 @@ async fn sigterm_under_load_exits_zero_and_every_accepted_event_is_stored() {
     let app = spawn_app().await;
     app.start_worker().await;
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_e2e-gateway"))
         .env_clear()
         .envs(&app.vars)
         .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))

@@ -1,7 +1,8 @@
 //! Boots the real gateway (and, when a test asks, a real worker) against the
-#![allow(dead_code)]
 //! machine's Postgres, Redis and RabbitMQ, each test in its own database, Redis
-//! key prefix and AMQP namespace; everything is removed when the app drops.
+//! key prefix and AMQP namespace ([`testkit`]); everything is removed when the
+//! app drops.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,41 +12,12 @@ use std::time::Duration;
 use common::settings::Settings;
 use gateway::startup::Application;
 use serde_json::Value;
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub const SECRET: &str = "test-secret-of-adequate-length-0123456789";
-
-pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-pub fn db_url(name: &str) -> String {
-    let admin = admin_url();
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    format!("{base}/{name}")
-}
-
-/// Creates a fresh database with every migration applied.
-pub async fn create_db() -> String {
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&admin_url())
-        .await
-        .expect("admin connection");
-    sqlx::query(&format!("create database \"{name}\""))
-        .execute(&mut admin)
-        .await
-        .expect("create database");
-    let mut conn = sqlx::PgConnection::connect(&db_url(&name))
-        .await
-        .expect("test db");
-    common::infra::MIGRATOR
-        .run(&mut conn)
-        .await
-        .expect("migrations");
-    name
-}
+// Not every binary that includes this file (`api`, `faults`) uses each of them.
+#[allow(unused_imports)]
+pub use testkit::{admin_token, create_db, db_url, hs_token, new_user, now, SECRET};
 
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -83,7 +55,7 @@ pub async fn spawn_app() -> TestApp {
 /// Spawns a gateway; `tweak` may change the variables before settings load.
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> TestApp {
     let db_name = create_db().await;
-    let tag = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let tag = testkit::new_tag();
     let mut vars = base_vars(&db_name, &tag);
     tweak(&mut vars);
     let mut app = spawn_gateway(vars, &db_name).await;
@@ -94,7 +66,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut HashMap<String, String>)) ->
 /// A gateway whose broker is unreachable (its publisher never connects).
 pub async fn spawn_app_without_broker() -> TestApp {
     let db_name = create_db().await;
-    let tag = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let tag = testkit::new_tag();
     let mut vars = base_vars(&db_name, &tag);
     vars.insert(
         "AMQP_URL".into(),
@@ -249,76 +221,12 @@ impl Drop for TestApp {
         }
         let db = self.db_name.clone();
         let settings = self.settings.clone();
-        // Cleanup needs async IO; a thread with its own runtime works even while
-        // the test's runtime is unwinding from a panic.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(cleanup(db, settings));
-        })
-        .join();
+        testkit::block_on_cleanup(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            testkit::drop_db(&db).await;
+            testkit::drop_namespace(&settings).await;
+        });
     }
-}
-
-async fn cleanup(db: String, settings: Settings) {
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
-        let _ = sqlx::query(&format!("drop database if exists \"{db}\" with (force)"))
-            .execute(&mut admin)
-            .await;
-    }
-    if let Ok(conn) = common::topology::connect(&settings.amqp.url).await {
-        if let Ok(ch) = conn.create_channel().await {
-            let topo = common::topology::Topology::new(
-                &settings.amqp.namespace,
-                settings.amqp.delivery_limit,
-            );
-            let _ = topo.delete(&ch).await;
-        }
-        let _ = conn.close(200, "bye").await;
-    }
-    if let Ok(client) = redis::Client::open(settings.redis.url.as_str()) {
-        if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-            let pattern = format!("{}:*", settings.redis.key_prefix);
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(&pattern)
-                .query_async(&mut c)
-                .await
-                .unwrap_or_default();
-            if !keys.is_empty() {
-                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
-            }
-        }
-    }
-}
-
-/// An HS256 token signed with the test secret.
-pub fn hs_token(claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-pub fn now() -> i64 {
-    chrono::Utc::now().timestamp()
-}
-
-/// A fresh user id and a valid HS256 token for it.
-pub fn new_user() -> (String, String) {
-    let id = format!("user_{}", uuid::Uuid::new_v4().simple());
-    let token = hs_token(
-        &serde_json::json!({"sub": id, "exp": now() + 3600, "email": format!("{id}@example.com")}),
-    );
-    (id, token)
-}
-
-pub fn admin_token() -> String {
-    hs_token(&serde_json::json!({"sub": "admin_1", "exp": now() + 3600, "role": "admin"}))
 }
 
 /// A gateway sharing `of`'s database and Redis but pointed at a closed AMQP port.

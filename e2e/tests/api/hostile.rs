@@ -1,7 +1,7 @@
 //! Issue 16 as a hostile user would try it, against the real gateway, worker,
 //! Postgres, Redis and RabbitMQ: values the stores refuse are 422 at the door
-//! (SPEC §3 "a valid stored value"), and nothing one user sends costs another
-//! user an event or a charge (SPEC §7, §9.1, §9.2).
+//! (docs/reliability.md "A valid stored value"), and nothing one user sends costs another
+//! user an event or a charge (docs/events.md, §9.1, §9.2).
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,11 +1,11 @@
-//! The OpenAPI document lists every route of SPEC §5, and every route it lists
+//! The OpenAPI document lists every route of docs/api.md, and every route it lists
 //! is served (no documented route falls through to the router's 404).
 
 use serde_json::Value;
 
 use crate::helpers::*;
 
-/// SPEC §5's routes, written down independently of the code.
+/// docs/api.md's routes, written down independently of the code.
 const SPEC_ROUTES: &[(&str, &str)] = &[
     ("post", "/api/vscode/session/validate"),
     ("post", "/api/vscode/usage/track"),

@@ -1,4 +1,4 @@
-//! The original backend's client and scripts (SPEC §5.10): their request
+//! The original backend's client and scripts (docs/compatibility.md): their request
 //! members are understood and their response members are present.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! Idempotency keys at any time (SPEC §5.5, docs/credits.md "Idempotency"):
+//! Idempotency keys at any time (docs/api.md "Credits", docs/credits.md "Idempotency"):
 //! every fresh 200 is exactly one ledger row and every replay none — after a
 //! record's TTL, after a Redis data loss, after the answer's write failed —
 //! plus the per-user bound on open holds, and the Lua decisions agreeing

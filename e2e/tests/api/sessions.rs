@@ -181,7 +181,7 @@ async fn session_keys(app: &TestApp, user: &str) -> Vec<String> {
         .unwrap()
 }
 
-/// SPEC §3: `sessions.max_per_user`; one more evicts the least recently
+/// docs/reliability.md: `sessions.max_per_user`; one more evicts the least recently
 /// used (by last validation, not by creation).
 #[tokio::test]
 async fn validating_one_session_past_the_bound_evicts_the_least_recently_used() {

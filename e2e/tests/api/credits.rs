@@ -1,4 +1,4 @@
-//! Credits against the real services (SPEC §5.5, §5.5b, §5.7, §9.2): the
+//! Credits against the real services (docs/api.md "Credits", §5.5b, §5.7, §9.2): the
 //! balance never overspends, retries charge once, holds end exactly once,
 //! bad input changes nothing, and a Redis data loss is recovered from.
 

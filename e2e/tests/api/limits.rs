@@ -247,7 +247,7 @@ async fn usage_track_past_its_deadline_still_answers_202_once_the_broker_confirm
 
 /// A write waits at most `amqp.confirm_timeout_ms` for the broker, also when
 /// all the publisher's slots are taken by messages whose confirms never come
-/// (SPEC §9.5): a request queued behind them answers 503 by its own deadline,
+/// (docs/api.md "Outages"): a request queued behind them answers 503 by its own deadline,
 /// not after a slot frees plus a confirm timeout of its own.
 #[tokio::test]
 async fn a_write_queued_behind_unconfirmed_messages_answers_503_within_the_confirm_timeout() {

@@ -1,5 +1,5 @@
 //! The built gateway binary refuses a bad configuration at start with one
-//! line naming the key (SPEC §2, §4).
+//! line naming the key (README.md "Configuration", §4).
 
 use std::time::Duration;
 
@@ -8,7 +8,7 @@ use std::time::Duration;
 async fn run_gateway(vars: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
     let dir = std::env::temp_dir().join(format!("gw-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"));
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_e2e-gateway"));
     cmd.env_clear()
         .current_dir(&dir)
         // Should it start after all, it must not take a real port, and it dies with the test.

@@ -1,4 +1,4 @@
-//! Profiles and preferences (SPEC §5.4).
+//! Profiles and preferences (docs/api.md "Profile").
 
 use std::time::Duration;
 
@@ -234,7 +234,7 @@ async fn preferences_must_be_a_json_object_of_at_most_8_kib() {
     assert_problem(r, 415, "unsupported_media_type").await;
 }
 
-/// SPEC §3: the merged preferences are at most `users.max_preferences_bytes`
+/// docs/reliability.md: the merged preferences are at most `users.max_preferences_bytes`
 /// (compact JSON). A patch whose merge would pass it is 422 naming
 /// `preferences` and is not published; replacing a member counts only the
 /// difference; the gateway's ledger of sizes is seeded from Postgres when

@@ -1,4 +1,4 @@
-//! Rate limits (SPEC §6) and the admin routes that change them (§5.7): exact
+//! Rate limits (docs/rate-limits.md) and the admin routes that change them (§5.7): exact
 //! across gateways, plan-scaled, overridden, propagated within 5 s, audited,
 //! and degraded visibly when Redis is unreachable.
 
@@ -713,7 +713,7 @@ fn features(n: usize) -> Value {
     json!({ "events": events })
 }
 
-/// SPEC §6: usage is limited per event too. A request of N events counts N
+/// docs/rate-limits.md: usage is limited per event too. A request of N events counts N
 /// against `rate_limit.usage_events`; over it, 429 with Retry-After and
 /// nothing published; the RateLimit-* headers show the tighter limit.
 #[tokio::test]
