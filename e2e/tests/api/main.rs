@@ -1,5 +1,6 @@
 //! The gateway's integration tests: one binary, one module per resource.
 
+mod access;
 mod analytics;
 mod auth;
 mod compat;
@@ -15,8 +16,10 @@ mod operator;
 mod ops;
 mod privacy;
 mod rate_limits;
+mod reconcile;
 mod sessions;
 mod signals;
 mod startup;
 mod usage;
+mod usage_events;
 mod users;

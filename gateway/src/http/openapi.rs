@@ -137,13 +137,18 @@ pub fn operations() -> Vec<Op> {
             summary: "Validate or create a VS Code session",
             body: Some(|| {
                 obj(
-                    json!({"session_id": string(128), "extension_version": string(64), "vscode_version": string(64), "platform": string(64), "machine_id": string(128), "sessionToken": string(128), "extensionVersion": string(64)}),
+                    json!({"session_id": string(128), "extension_version": string(64), "vscode_version": string(64),
+                        "platform": string(64), "machine_id": string(128), "sessionToken": string(128),
+                        "extensionVersion": string(64)}),
                     &[],
                 )
             }),
             ok: (200, || {
                 obj(
-                    json!({"session_id": {"type": "string"}, "status": {"type": "string", "enum": ["created", "active"]}, "expires_at": time(), "user": object(), "credits": object(), "rate_limits": object(), "valid": {"type": "boolean"}, "session": object(), "permissions": {"type": "array", "items": {"type": "string"}}}),
+                    json!({"session_id": {"type": "string"}, "status": {"type": "string", "enum": ["created",
+                        "active"]}, "expires_at": time(), "user": object(), "credits": object(),
+                        "rate_limits": object(), "valid": {"type": "boolean"}, "session": object(),
+                        "permissions": {"type": "array", "items": {"type": "string"}}}),
                     &[
                         "session_id",
                         "status",
@@ -182,7 +187,10 @@ pub fn operations() -> Vec<Op> {
             body: None,
             ok: (200, || {
                 obj(
-                    json!({"user_id": {"type": "string"}, "from": time(), "to": time(), "generated_at": time(), "totals": object(), "by_model": {"type": "array", "items": object()}, "by_provider": {"type": "array", "items": object()}, "by_feature": {"type": "array", "items": object()}, "daily": {"type": "array", "items": object()}, "summary": object()}),
+                    json!({"user_id": {"type": "string"}, "from": time(), "to": time(), "generated_at": time(),
+                        "totals": object(), "by_model": {"type": "array", "items": object()},
+                        "by_provider": {"type": "array", "items": object()}, "by_feature": {"type": "array",
+                        "items": object()}, "daily": {"type": "array", "items": object()}, "summary": object()}),
                     &["user_id", "totals"],
                 )
             }),
@@ -200,7 +208,10 @@ pub fn operations() -> Vec<Op> {
             body: None,
             ok: (200, || {
                 obj(
-                    json!({"user_id": {"type": "string"}, "email": {"type": ["string", "null"]}, "name": {"type": ["string", "null"]}, "plan": {"type": "string"}, "status": {"type": "string"}, "created_at": time(), "last_active_at": {"type": ["string", "null"]}, "credits": balance(), "subscription": {"type": ["object", "null"]}, "preferences": object(), "vscode": object()}),
+                    json!({"user_id": {"type": "string"}, "email": {"type": ["string", "null"]},
+                        "name": {"type": ["string", "null"]}, "plan": {"type": "string"}, "status": {"type": "string"},
+                        "created_at": time(), "last_active_at": {"type": ["string", "null"]}, "credits": balance(),
+                        "subscription": {"type": ["object", "null"]}, "preferences": object(), "vscode": object()}),
                     &["user_id", "plan", "status", "credits"],
                 )
             }),
@@ -224,7 +235,10 @@ pub fn operations() -> Vec<Op> {
             summary: "Consume credits (idempotent with Idempotency-Key)",
             body: Some(|| {
                 obj(
-                    json!({"amount": amount(), "session_id": string(128), "model": string(128), "provider": string(64), "prompt_tokens": count(), "completion_tokens": count(), "feature": string(64), "description": text(1024), "metadata": object(), "sessionId": string(128), "modelId": string(128), "tokensUsed": count()}),
+                    json!({"amount": amount(), "session_id": string(128), "model": string(128), "provider": string(64),
+                        "prompt_tokens": count(), "completion_tokens": count(), "feature": string(64),
+                        "description": text(1024), "metadata": object(), "sessionId": string(128),
+                        "modelId": string(128), "tokensUsed": count()}),
                     &["amount"],
                 )
             }),
@@ -244,7 +258,8 @@ pub fn operations() -> Vec<Op> {
             summary: "Hold credits before a model call",
             body: Some(|| {
                 obj(
-                    json!({"amount": amount(), "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 3600}, "session_id": string(128), "model": string(128), "provider": string(64), "metadata": object()}),
+                    json!({"amount": amount(), "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 3600},
+                        "session_id": string(128), "model": string(128), "provider": string(64), "metadata": object()}),
                     &["amount"],
                 )
             }),
@@ -264,7 +279,9 @@ pub fn operations() -> Vec<Op> {
             summary: "Settle a hold with the real amount",
             body: Some(|| {
                 obj(
-                    json!({"amount": {"type": "integer", "minimum": 0, "maximum": 9007199254740991i64}, "model": string(128), "provider": string(64), "prompt_tokens": count(), "completion_tokens": count()}),
+                    json!({"amount": {"type": "integer", "minimum": 0, "maximum": 9007199254740991i64},
+                        "model": string(128), "provider": string(64), "prompt_tokens": count(),
+                        "completion_tokens": count()}),
                     &["amount"],
                 )
             }),
@@ -343,7 +360,9 @@ pub fn operations() -> Vec<Op> {
             summary: "Set a per-user rate-limit override (admin)",
             body: Some(|| {
                 obj(
-                    json!({"class": {"type": "string", "enum": ["session", "usage", "analytics", "profile", "credits", "admin"]}, "limit": {"type": "integer", "minimum": 1}, "window_secs": {"type": "integer", "minimum": 1}}),
+                    json!({"class": {"type": "string", "enum": ["session", "usage", "analytics", "profile", "credits",
+                        "admin"]}, "limit": {"type": "integer", "minimum": 1}, "window_secs": {"type": "integer",
+                        "minimum": 1}}),
                     &["class", "limit", "window_secs"],
                 )
             }),
@@ -384,7 +403,10 @@ pub fn operations() -> Vec<Op> {
             body: None,
             ok: (200, || {
                 obj(
-                    json!({"entries": {"type": "array", "items": obj(json!({"at": time(), "actor": {"type": "string"}, "action": {"type": "string"}, "target": {"type": ["string", "null"]}, "request_id": {"type": ["string", "null"]}, "details": object()}), &["at", "actor", "action"])}}),
+                    json!({"entries": {"type": "array", "items": obj(json!({"at": time(), "actor": {"type": "string"},
+                        "action": {"type": "string"}, "target": {"type": ["string", "null"]},
+                        "request_id": {"type": ["string", "null"]}, "details": object()}), &["at", "actor",
+                        "action"])}}),
                     &["entries"],
                 )
             }),
@@ -452,7 +474,9 @@ pub fn operations() -> Vec<Op> {
             body: None,
             ok: (200, || {
                 obj(
-                    json!({"user_id": {"type": "string"}, "email": {"type": ["string", "null"]}, "firstName": {"type": ["string", "null"]}, "lastName": {"type": ["string", "null"]}, "plan": {"type": "string"}}),
+                    json!({"user_id": {"type": "string"}, "email": {"type": ["string", "null"]},
+                        "firstName": {"type": ["string", "null"]}, "lastName": {"type": ["string", "null"]},
+                        "plan": {"type": "string"}}),
                     &["user_id", "plan"],
                 )
             }),
@@ -522,7 +546,10 @@ pub fn document() -> &'static Value {
 fn build() -> Value {
     let problem = json!({"type": "object", "required": ["type", "title", "status", "detail", "code"], "properties": {
         "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"}, "detail": {"type": "string"},
-        "code": {"type": "string", "enum": ["unauthorized", "forbidden", "account_suspended", "account_deleted", "not_found", "validation_failed", "payload_too_large", "unsupported_media_type", "rate_limited", "insufficient_credits", "idempotency_conflict", "hold_expired", "upgrade_required", "unavailable", "internal"]},
+        "code": {"type": "string", "enum": ["unauthorized", "forbidden", "account_suspended", "account_deleted",
+            "not_found", "validation_failed", "payload_too_large", "unsupported_media_type", "rate_limited",
+            "insufficient_credits", "idempotency_conflict", "hold_expired", "upgrade_required", "unavailable",
+            "internal"]},
         "error": {"type": "string"}, "message": {"type": "string"}, "balance": {"type": "integer"}, "required": {"type": "integer"}
     }});
     let mut paths = Map::new();
