@@ -84,14 +84,6 @@ pub fn hold_open_decide(open: u64, max_open: u64, bal: i64, amount: i64) -> Hold
     }
 }
 
-/// The old home of the credit scripts and slot maths, kept so callers compile
-/// while they move to `common::redis::{scripts, slot}`; remove once none uses them.
-pub use crate::redis::scripts::{
-    hold_json, hold_limit_twin, idem_check_twin, parse_pending, scripts, ExpiredHold, Heartbeat,
-    Reply, ReplyError, Scripts, Tag, UserKeys,
-};
-pub use crate::redis::slot::{crc16, slot_of, slot_tag, SLOTS};
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,10 +12,6 @@
 //! - `shutdown`: the one shutdown token and the signals that cancel it.
 //! - `telemetry`: logs and the Prometheus recorder.
 //! - `valid`: field rules shared by bodies and events.
-//!
-//! Old paths kept while callers move: `keys` (now `redis::keys`), `topology`
-//! (`amqp`), `infra` (`db`, `redis::redis_pool`), and the script items under
-//! `credits` (`redis::scripts`, `redis::slot`).
 
 pub mod amqp;
 pub mod class;
@@ -29,18 +25,3 @@ pub mod telemetry;
 pub mod valid;
 
 pub use settings::Settings;
-
-/// Old path of [`redis::keys`].
-pub use self::redis::keys;
-
-/// Old path of [`amqp`]: the topology and the connection.
-pub mod topology {
-    pub use crate::amqp::connect::connect;
-    pub use crate::amqp::topology::*;
-}
-
-/// Old path of [`db`] and [`redis::redis_pool`].
-pub mod infra {
-    pub use crate::db::{pg_pool, MIGRATOR};
-    pub use crate::redis::redis_pool;
-}

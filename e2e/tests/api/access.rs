@@ -118,7 +118,7 @@ async fn suspending_a_known_user_applies_within_5_s() {
         .await
         .unwrap();
     // What an admin route does after its Postgres write: drop the shared cache.
-    let keys = common::keys::Keys::new(&app.settings.redis.key_prefix);
+    let keys = common::redis::keys::Keys::new(&app.settings.redis.key_prefix);
     let mut conn = app.redis.get().await.unwrap();
     let _: () = redis::cmd("DEL")
         .arg(keys.user_info(&id))

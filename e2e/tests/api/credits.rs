@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use common::keys::Keys;
+use common::redis::keys::Keys;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 

@@ -6,11 +6,9 @@
 
 use std::time::Duration;
 
-use common::credits::{
-    hold_limit_twin, hold_open_decide, idem_check_twin, idem_decide, HoldOpenDecision,
-    IdemDecision, IdemRecord,
-};
-use common::keys::Keys;
+use common::credits::{hold_open_decide, idem_decide, HoldOpenDecision, IdemDecision, IdemRecord};
+use common::redis::keys::Keys;
+use common::redis::scripts::{hold_limit_twin, idem_check_twin};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
