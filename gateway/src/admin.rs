@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::audit::{self, Action};
 use crate::error::{Error, Result};
-use crate::state::UserStore;
+use crate::users::UserStore;
 use crate::users::{self, UserRecord};
 
 /// What an admin action does with a user id that was never seen.

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::{Error, Result};
-use crate::state::UserStore;
+use crate::users::UserStore;
 use crate::users::{self, UserRecord};
 
 /// Who did what to whom, under which request; the details come from the write.

@@ -146,7 +146,7 @@ pub fn decision_from_reply(reply: &[i64], limit: ClassLimit) -> Decision {
 /// `rate_limit.on_redis_error` and marks the decision degraded. Counts every
 /// decision in `rate_limit_decisions_total{class, decision, degraded}`.
 pub async fn check(
-    limiter: &crate::state::Limiter,
+    limiter: &Limiter,
     key: &str,
     user_id: &str,
     class: &str,
@@ -157,7 +157,7 @@ pub async fn check(
 
 /// [`check`] for a request that costs `cost` units (the usage events budget).
 pub async fn check_n(
-    limiter: &crate::state::Limiter,
+    limiter: &Limiter,
     key: &str,
     user_id: &str,
     class: &str,
@@ -342,6 +342,17 @@ async fn fallback(
             }
         }
     }
+}
+
+/// What a rate-limit decision uses: the shared Redis connection (GCRA in one
+/// script), Postgres (the fallback counter) and what to do when Redis fails
+/// (`rate_limit.on_redis_error`). Cheap to clone.
+#[derive(Clone)]
+pub struct Limiter {
+    /// The gateway's one multiplexed Redis connection.
+    pub redis_link: std::sync::Arc<crate::redis_link::RedisLink>,
+    pub pg: sqlx::PgPool,
+    pub policy: common::settings::RedisErrorPolicy,
 }
 
 #[cfg(test)]

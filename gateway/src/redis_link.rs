@@ -236,6 +236,29 @@ impl Breaker {
     }
 }
 
+/// A handle on the shared connection; `&mut *conn` is a `ConnectionLike`.
+pub struct LinkConn(redis::aio::MultiplexedConnection);
+
+impl RedisLink {
+    /// The shared multiplexed connection as a [`LinkConn`] (503 when Redis is down).
+    pub async fn link_conn(&self) -> Result<LinkConn, LinkError> {
+        Ok(LinkConn(self.connection().await?))
+    }
+}
+
+impl std::ops::Deref for LinkConn {
+    type Target = redis::aio::MultiplexedConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for LinkConn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

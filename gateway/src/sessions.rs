@@ -14,7 +14,6 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::state::SessionStore;
 
 /// What Redis keeps per session (JSON under `session:{id}`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,7 +172,7 @@ fn store_script() -> &'static redis::Script {
 /// used session and evicts past `sessions.max_per_user`, in one script.
 async fn store(
     sessions: &SessionStore,
-    conn: &mut crate::state::LinkConn,
+    conn: &mut crate::redis_link::LinkConn,
     rec: &SessionRecord,
     ttl: u64,
 ) -> Result<()> {
@@ -196,6 +195,27 @@ async fn store(
         tracing::debug!(user_id = %rec.user_id, evicted = evicted.len(), "sessions past the per-user bound evicted");
     }
     Ok(())
+}
+
+/// What the session flow uses: the shared Redis connection, the key names and
+/// the two session settings. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionStore {
+    /// The gateway's one multiplexed Redis connection.
+    pub redis_link: std::sync::Arc<crate::redis_link::RedisLink>,
+    pub keys: common::redis::keys::Keys,
+    /// `sessions.ttl_secs`: how long an unused session lives.
+    pub ttl_secs: u64,
+    /// `sessions.max_per_user`: live sessions a user may have; the least
+    /// recently used is evicted past it.
+    pub max_per_user: usize,
+}
+
+impl SessionStore {
+    /// The shared multiplexed Redis connection (503 when Redis is down).
+    pub async fn redis(&self) -> crate::error::Result<crate::redis_link::LinkConn> {
+        Ok(self.redis_link.link_conn().await?)
+    }
 }
 
 #[cfg(test)]

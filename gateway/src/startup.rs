@@ -10,10 +10,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
+use crate::credits::{CreditLimits, CreditStore};
 use crate::publisher::Publisher;
+use crate::rate_limit::Limiter;
 use crate::redis_link::RedisLink;
-use crate::state::{AppState, CreditLimits, CreditStore, Limiter, SessionStore, Shared, UserStore};
+use crate::sessions::SessionStore;
+use crate::state::{AppState, Shared};
 use crate::users::Directory;
+use crate::users::UserStore;
 
 pub struct Application {
     listener: TcpListener,
@@ -107,8 +111,14 @@ impl Application {
             }
             Err(_) => tracing::warn!("credit sentinel check timed out; the watcher retries"),
         }
+        let watch = crate::credits::recovery::WatchConfig {
+            credits: state.credits.clone(),
+            amqp_url: settings.amqp.url.clone(),
+            credits_queue: state.publisher.topology().queue("credits"),
+            grace_ms: settings.credits.recovery_grace_ms,
+        };
         tokio::spawn(crate::credits::recovery::watch(
-            state.clone(),
+            watch,
             shutdown.child_token(),
         ));
         let listener = TcpListener::bind(&settings.gateway.listen).await?;

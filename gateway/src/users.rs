@@ -12,7 +12,6 @@ use uuid::Uuid;
 
 use crate::auth::Claims;
 use crate::error::{Error, Result};
-use crate::state::UserStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -49,9 +48,7 @@ pub struct UserRecord {
     pub overrides: HashMap<String, ClassLimit>,
 }
 
-/// Namespace for deterministic ids (starting grants, idempotent retries).
-pub const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_9a54_3b2e_4d8a_9c1f_5e7a_2b3c_4d5e);
-
+/// This gateway's short-lived copies of user records (≤ `gateway.user_cache_ttl_ms`).
 pub struct Directory {
     ttl: Duration,
     local: Mutex<HashMap<String, (Instant, Arc<UserRecord>)>>,
@@ -265,7 +262,10 @@ pub async fn load_or_provision(
 }
 
 pub fn starting_grant_id(user_id: &str) -> Uuid {
-    Uuid::new_v5(&ID_NAMESPACE, format!("starting:{user_id}").as_bytes())
+    Uuid::new_v5(
+        &crate::credits::ID_NAMESPACE,
+        format!("starting:{user_id}").as_bytes(),
+    )
 }
 
 /// The user as Postgres has it, or `None` for an id never seen (nothing is
@@ -485,6 +485,27 @@ async fn stored_preference_sizes(store: &UserStore, user_id: &str) -> Result<Vec
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// What the user records use: Postgres (the truth), the shared Redis
+/// connection (the `user:` hashes and the preferences size ledger), the key
+/// names, this gateway's directory, the credit store (a provisioned user's credits are loaded at once)
+/// and the two user settings. Cheap to clone.
+#[derive(Clone)]
+pub struct UserStore {
+    pub pg: sqlx::PgPool,
+    /// The gateway's one multiplexed Redis connection.
+    pub redis_link: std::sync::Arc<crate::redis_link::RedisLink>,
+    pub keys: common::redis::keys::Keys,
+    /// This gateway's cached records (`Shared::users`): a change drops
+    /// its user's copy.
+    pub directory: std::sync::Arc<Directory>,
+    pub credits: crate::credits::CreditStore,
+    /// `plans.free.starting_credits`: what a user seen for the first time is
+    /// granted (every new user starts on the free plan).
+    pub starting_credits: i64,
+    /// `users.max_preferences_bytes`: the bound on a user's merged preferences.
+    pub max_preferences_bytes: usize,
 }
 
 #[cfg(test)]

@@ -18,10 +18,10 @@ use super::idempotency::{
     Remembered,
 };
 use super::reserve::{bad_reply, expect_tag, keyed_early, remember, run, with_required};
+use super::store::CreditStore;
 use super::store::{balance, durable_replay};
 use crate::error::{Error, Result};
 use crate::publisher::{PublishError, Publisher};
-use crate::state::CreditStore;
 
 /// Whether a failed publish surely did not reach the broker (so the Redis
 /// change can be undone) or may have (so it stays, and the event settles it

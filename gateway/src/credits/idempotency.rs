@@ -8,9 +8,11 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use super::store::CreditStore;
 use crate::error::{Error, Result};
-use crate::state::CreditStore;
-use crate::users::ID_NAMESPACE;
+
+/// Namespace for deterministic ids (starting grants, admin grants by key, settles).
+pub const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_9a54_3b2e_4d8a_9c1f_5e7a_2b3c_4d5e);
 
 /// The `Idempotency-Key` header's bytes (the handler reads the header):
 /// absent, or 1..=255 visible characters.

@@ -30,9 +30,11 @@ pub use flows::{
 };
 pub use idempotency::{
     body_hash, canonical_json, derived_id, idempotency_key, idempotency_key_value, settle_id,
-    Answer, HoldEnd, Idem, Remembered,
+    Answer, HoldEnd, Idem, Remembered, ID_NAMESPACE,
 };
-pub use store::{balance, balance_from_postgres, load_into_redis, Balance};
+pub use store::{
+    balance, balance_from_postgres, load_into_redis, Balance, CreditLimits, CreditStore,
+};
 
 /// Parses a request body into `T`, which must be a JSON object.
 pub use crate::decode::parse_body;

@@ -47,7 +47,7 @@ use lapin::types::FieldTable;
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::{AppState, CreditStore};
+use super::store::CreditStore;
 
 /// A consumer heartbeat older than this belongs to a dead process (whose
 /// unacked deliveries the broker has returned to the queue).
@@ -136,7 +136,7 @@ pub async fn prepare(store: &CreditStore) -> anyhow::Result<()> {
 /// Writes every slot's sentinel, then the global one (last, so the watcher
 /// sees a finished write).
 async fn write_sentinels(
-    conn: &mut crate::state::LinkConn,
+    conn: &mut crate::redis_link::LinkConn,
     keys: &Keys,
     only_if_absent: bool,
 ) -> anyhow::Result<()> {
@@ -193,11 +193,23 @@ pub fn parse_started(v: &str) -> Option<i64> {
     v.strip_prefix("completing:").unwrap_or(v).parse().ok()
 }
 
+/// What the watcher needs beside the credit store: where the credits queue is
+/// (its depth says whether events from before a loss are still unsettled)
+/// and how long publishes may still be in flight.
+#[derive(Clone)]
+pub struct WatchConfig {
+    pub credits: CreditStore,
+    pub amqp_url: String,
+    pub credits_queue: String,
+    /// `credits.recovery_grace_ms`, added to the confirm timeout.
+    pub grace_ms: u64,
+}
+
 /// Watches the sentinel and drives recoveries to completion, until shutdown.
-pub async fn watch(state: AppState, shutdown: CancellationToken) {
+pub async fn watch(state: WatchConfig, shutdown: CancellationToken) {
     let mut w = Watcher::default();
     loop {
-        let every = if state.recovery.is_active() {
+        let every = if state.credits.recovery.is_active() {
             Duration::from_millis(250)
         } else {
             Duration::from_secs(1)
@@ -222,15 +234,16 @@ struct Watcher {
 }
 
 impl Watcher {
-    async fn step(&mut self, state: &AppState) -> anyhow::Result<()> {
-        let mut conn = state.redis().await?;
+    async fn step(&mut self, state: &WatchConfig) -> anyhow::Result<()> {
+        let store = &state.credits;
+        let mut conn = store.redis().await?;
         let (global, recovering): (bool, Option<String>) = redis::pipe()
-            .exists(state.keys.sentinel())
-            .get(state.keys.recovery())
+            .exists(store.keys.sentinel())
+            .get(store.keys.recovery())
             .query_async(&mut *conn)
             .await?;
         if global && recovering.is_none() {
-            state.recovery.set(false);
+            store.recovery.set(false);
             self.t_a = None;
             self.amqp = None;
             return Ok(());
@@ -238,14 +251,13 @@ impl Watcher {
         let Some(value) = recovering else {
             // No sentinel and no recovery: a start-up that did not finish
             // its check, or a loss. `prepare` tells them apart.
-            return prepare(&state.credits).await;
+            return prepare(store).await;
         };
-        state.recovery.set(true);
+        store.recovery.set(true);
         let started = parse_started(&value)
             .ok_or_else(|| anyhow::anyhow!("unreadable recovery key {value:?}"))?;
         let now = redis_now(&mut conn).await?;
-        let window = (state.settings.amqp.confirm_timeout_ms
-            + state.settings.credits.recovery_grace_ms) as i64;
+        let window = (store.limits.confirm_timeout_ms + state.grace_ms) as i64;
         if now < started + window {
             self.t_a = None;
             return Ok(());
@@ -258,7 +270,7 @@ impl Watcher {
             self.t_a = Some(now);
             return Ok(());
         };
-        let beats: HashMap<String, String> = conn.hgetall(state.keys.credit_consumers()).await?;
+        let beats: HashMap<String, String> = conn.hgetall(store.keys.credit_consumers()).await?;
         match consumers_settled_since(t_a, now, &beats) {
             Verdict::Wait => return Ok(()),
             Verdict::Restart => {
@@ -269,27 +281,27 @@ impl Watcher {
         }
         let claimed: i64 = scripts()
             .recovery_claim
-            .key(state.keys.recovery())
+            .key(store.keys.recovery())
             .arg(started.to_string())
             .invoke_async(&mut *conn)
             .await?;
         if claimed == 1 {
-            write_sentinels(&mut conn, &state.keys, false).await?;
-            let _: () = conn.del(state.keys.recovery()).await?;
+            write_sentinels(&mut conn, &store.keys, false).await?;
+            let _: () = conn.del(store.keys.recovery()).await?;
             metrics::counter!("credit_recoveries_total").increment(1);
             tracing::info!(
                 waited_ms = now - started,
                 "credit recovery complete: balances load from the ledger again"
             );
         }
-        state.recovery.set(false);
+        store.recovery.set(false);
         self.t_a = None;
         self.amqp = None;
         Ok(())
     }
 
     /// Ready messages in the credits queue.
-    async fn queue_ready(&mut self, state: &AppState) -> anyhow::Result<u32> {
+    async fn queue_ready(&mut self, state: &WatchConfig) -> anyhow::Result<u32> {
         if self
             .amqp
             .as_ref()
@@ -297,7 +309,7 @@ impl Watcher {
         {
             let conn = tokio::time::timeout(
                 Duration::from_secs(5),
-                common::amqp::connect(&state.settings.amqp.url),
+                common::amqp::connect(&state.amqp_url),
             )
             .await??;
             let ch = conn.create_channel().await?;
@@ -306,7 +318,7 @@ impl Watcher {
         let (_, ch) = self.amqp.as_ref().expect("connected above");
         let q = ch
             .queue_declare(
-                &state.publisher.topology().queue("credits"),
+                &state.credits_queue,
                 // Passive: only asks; never creates or changes the queue.
                 QueueDeclareOptions {
                     passive: true,
@@ -320,7 +332,7 @@ impl Watcher {
 }
 
 /// Redis's clock in milliseconds (the clock the scripts and heartbeats use).
-async fn redis_now(conn: &mut crate::state::LinkConn) -> anyhow::Result<i64> {
+async fn redis_now(conn: &mut crate::redis_link::LinkConn) -> anyhow::Result<i64> {
     let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut **conn).await?;
     Ok(secs * 1000 + micros / 1000)
 }

@@ -8,9 +8,9 @@ use common::redis::scripts::{scripts, Reply, Tag};
 use super::flows::publish_expired;
 use super::idempotency::{Answer, Idem, Remembered};
 use super::store::load_into_redis;
+use super::store::CreditStore;
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
-use crate::state::CreditStore;
 
 pub(super) fn bad_reply(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Internal(anyhow::Error::new(e))

@@ -12,7 +12,6 @@ use super::idempotency::{ttl_ms, Answer, Idem, Remembered};
 use super::reserve::{bad_reply, recovering, remember};
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
-use crate::state::CreditStore;
 
 /// What a user can spend now, and what is held.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,4 +214,52 @@ pub async fn balance_from_postgres(store: &CreditStore, user_id: &str) -> Result
         held,
         as_of,
     })
+}
+
+/// What the credit flows use, and nothing more (issue 17: a credit store, not
+/// the whole state): Postgres for the ledger, the shared Redis connection for
+/// the scripts, the key names, the recovery flag and the settings the scripts
+/// read. The flows take it beside the publisher. Cheap to clone.
+#[derive(Clone)]
+pub struct CreditStore {
+    pub pg: sqlx::PgPool,
+    /// The gateway's one multiplexed Redis connection.
+    pub redis_link: std::sync::Arc<crate::redis_link::RedisLink>,
+    pub keys: common::redis::keys::Keys,
+    /// Shared with `Shared::recovery`: a script that finds its sentinel gone
+    /// turns every credit write to 503 at once.
+    pub recovery: std::sync::Arc<super::recovery::Recovery>,
+    pub limits: CreditLimits,
+}
+
+/// The settings the credit flows read, copied once at start.
+#[derive(Debug, Clone, Copy)]
+pub struct CreditLimits {
+    /// `credits.idempotency_ttl_secs`: how long a remembered 200 lives.
+    pub idempotency_ttl_secs: u64,
+    /// `credits.insufficient_ttl_secs`: how long a remembered 402 lives.
+    pub insufficient_ttl_secs: u64,
+    /// `credits.max_open_holds`: open holds a user may have at once.
+    pub max_open_holds: usize,
+    /// `amqp.confirm_timeout_ms`: the longest a publish may wait for its
+    /// confirm (an in-progress marker outlives it).
+    pub confirm_timeout_ms: u64,
+}
+
+impl CreditLimits {
+    pub fn new(settings: &common::settings::Settings) -> Self {
+        Self {
+            idempotency_ttl_secs: settings.credits.idempotency_ttl_secs,
+            insufficient_ttl_secs: settings.credits.insufficient_ttl_secs,
+            max_open_holds: settings.credits.max_open_holds,
+            confirm_timeout_ms: settings.amqp.confirm_timeout_ms,
+        }
+    }
+}
+
+impl CreditStore {
+    /// The shared multiplexed Redis connection (503 when Redis is down).
+    pub async fn redis(&self) -> crate::error::Result<crate::redis_link::LinkConn> {
+        Ok(self.redis_link.link_conn().await?)
+    }
 }
