@@ -4,7 +4,8 @@
 //!
 //! - `amqp`: the connection (`connect`) and the topology both sides declare (`topology`).
 //! - `class`: the endpoint classes, the one list of them.
-//! - `credits`: the credit decisions as plain functions, twins of their Lua.
+//! - `consumers`: the one "consumers settled" rule over the credits consumers' heartbeats.
+//! - `credits`: the credit decisions as plain functions, twins of their Lua, and a model of one user's credit state (`model`).
 //! - `db`: the Postgres pool, the embedded migrations, `is_transient`.
 //! - `events`: the event envelope and its versioned, tagged payloads.
 //! - `redis`: the pool, key names (`keys`), cluster slots (`slot`), the credit scripts (`scripts`, `lua/*.lua`).
@@ -15,6 +16,7 @@
 
 pub mod amqp;
 pub mod class;
+pub mod consumers;
 pub mod credits;
 pub mod db;
 pub mod events;

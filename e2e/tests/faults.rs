@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use helpers::*;
 use serde_json::{json, Value};
+use testkit::redis_server::OwnRedis;
 
 /// Runs a shell command; used to stop and start the machine's services.
 fn sh(cmd: &str) {
@@ -303,72 +304,6 @@ async fn postgres_down_known_users_are_served_first_seen_get_503_and_everything_
         "accepted = {accepted}, stored = {}",
         stored_features(&app, &user).await
     );
-}
-
-/// A Redis of this test's own (a child process on a free port, no
-/// persistence, `noeviction` as production's): it can be killed and started
-/// again without touching the machine's shared Redis.
-struct OwnRedis {
-    port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl OwnRedis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = Self { port, child: None };
-        r.start_again();
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn start_again(&mut self) {
-        let dir = std::env::temp_dir();
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--maxmemory-policy", "noeviction"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.answers() {
-            assert!(Instant::now() < deadline, "own redis did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn answers(&self) -> bool {
-        Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "ping"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
-            .unwrap_or(false)
-    }
-
-    /// SIGKILL: a crash, everything in memory is gone.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 async fn consume(app: &TestApp, user: &str, token: &str, amount: i64) -> (u16, Value) {

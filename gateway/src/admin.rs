@@ -10,13 +10,15 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use common::settings::PlanSettings;
+use common::class::Class;
+use common::settings::{ClassLimit, PlanSettings};
+use serde::Serialize;
 use serde_json::json;
 
 use crate::audit::{self, Action};
 use crate::error::{Error, Result};
 use crate::users::UserStore;
-use crate::users::{self, UserRecord};
+use crate::users::{self, Status, UserRecord};
 
 /// What an admin action does with a user id that was never seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +98,81 @@ pub async fn set_plan(
     Ok(PlanChange { previous, record })
 }
 
+/// What every admin change of a user answers (plan, rate-limit set and removed, status;
+/// docs/api.md "Admin"): the user's plan, status and effective limits after the change.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UserAnswer {
+    /// The user changed.
+    pub user_id: String,
+    /// The user's plan (`plans.PLAN` of the configuration).
+    pub plan: String,
+    /// The account's status (the description is [`status_schema`]'s).
+    #[schema(schema_with = status_schema)]
+    pub status: String,
+    /// The effective limit of every endpoint class, by class name.
+    pub rate_limits: BTreeMap<String, EffectiveLimit>,
+}
+
+/// One class's effective limit.
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+pub struct EffectiveLimit {
+    /// Requests allowed per window.
+    pub limit: u64,
+    /// The window, in seconds.
+    pub window_secs: u64,
+    /// Whether it is the user's override or the plan's limit.
+    pub source: LimitSource,
+}
+
+/// Where an effective limit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitSource {
+    /// A per-user override (`PUT /api/admin/users/{id}/rate-limits`).
+    Override,
+    /// The plan's limit (or the default one).
+    Plan,
+}
+
+impl UserAnswer {
+    /// `rec` with `limit(class)`, the limit the guard applies, for every class.
+    pub fn new(rec: &UserRecord, limit: impl Fn(Class) -> ClassLimit) -> Self {
+        let rate_limits = Class::ALL
+            .into_iter()
+            .map(|c| {
+                let l = limit(c);
+                let source = if rec.overrides.contains_key(&c) {
+                    LimitSource::Override
+                } else {
+                    LimitSource::Plan
+                };
+                let effective = EffectiveLimit {
+                    limit: l.limit,
+                    window_secs: l.window_secs,
+                    source,
+                };
+                (c.as_str().to_string(), effective)
+            })
+            .collect();
+        Self {
+            user_id: rec.id.clone(),
+            plan: rec.plan.clone(),
+            status: rec.status.as_str().to_string(),
+            rate_limits,
+        }
+    }
+}
+
+/// `status` of a user: one of [`Status`]'s names.
+fn status_schema() -> utoipa::openapi::Object {
+    let names = [Status::Active, Status::Suspended, Status::Deleted].map(Status::as_str);
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .description(Some("The account's status."))
+        .enum_values(Some(names))
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +196,41 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(plan_name(&settings.plans, "Pro").is_err());
+    }
+
+    #[test]
+    fn the_user_answer_is_the_json_the_admin_routes_always_sent() {
+        let rec = UserRecord {
+            id: "u1".into(),
+            plan: "pro".into(),
+            status: Status::Suspended,
+            overrides: [(
+                Class::Usage,
+                ClassLimit {
+                    limit: 5,
+                    window_secs: 10,
+                },
+            )]
+            .into(),
+        };
+        let limit = |c: Class| {
+            rec.overrides.get(&c).copied().unwrap_or(ClassLimit {
+                limit: 60,
+                window_secs: 60,
+            })
+        };
+        let got = serde_json::to_value(UserAnswer::new(&rec, limit)).unwrap();
+        let mut limits = serde_json::Map::new();
+        for c in Class::ALL {
+            let want = if c == Class::Usage {
+                json!({"limit": 5, "window_secs": 10, "source": "override"})
+            } else {
+                json!({"limit": 60, "window_secs": 60, "source": "plan"})
+            };
+            limits.insert(c.as_str().to_string(), want);
+        }
+        let want =
+            json!({"user_id": "u1", "plan": "pro", "status": "suspended", "rate_limits": limits});
+        assert_eq!(got, want);
     }
 }

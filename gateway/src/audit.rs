@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::future::BoxFuture;
-use serde_json::{json, Value};
+use serde::{Serialize, Serializer};
+use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::{Error, Result};
@@ -112,27 +113,41 @@ where
     Ok((out, Arc::new(after)))
 }
 
+/// `GET /api/admin/audit` (docs/api.md "Admin"): the trail, newest first.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AuditAnswer {
+    /// At most `limit` rows, newest first.
+    pub entries: Vec<AuditEntry>,
+}
+
 /// One row of the trail as the API shows it.
-pub fn entry_json(
-    at: DateTime<Utc>,
-    actor: &str,
-    action: &str,
-    target: Option<&str>,
-    request_id: Option<&str>,
-    details: &Value,
-) -> Value {
-    json!({
-        "at": at.to_rfc3339_opts(SecondsFormat::Micros, true),
-        "actor": actor,
-        "action": action,
-        "target": target,
-        "request_id": request_id,
-        "details": details,
-    })
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AuditEntry {
+    /// When the change committed (RFC 3339, microseconds, UTC).
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub at: DateTime<Utc>,
+    /// Who made it: an admin's user id, `operator[:NAME]` or the user itself.
+    pub actor: String,
+    /// Dotted name, e.g. `user.plan`, `user.rate_limit.set`, `credits.grant`.
+    pub action: String,
+    /// The user (or other object) acted on, or null.
+    #[schema(required = true)]
+    pub target: Option<String>,
+    /// The request's id (`x-request-id`), or null.
+    #[schema(required = true)]
+    pub request_id: Option<String>,
+    /// What changed: the new and previous values, amounts, reasons (one object per action).
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+/// A time as `2024-05-01T08:00:00.000000Z`, the text the trail always had.
+fn rfc3339_micros<S: Serializer>(t: &DateTime<Utc>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Micros, true))
 }
 
 /// The newest `limit` rows, of one target when given.
-pub async fn list(pg: &PgPool, target: Option<&str>, limit: i64) -> Result<Vec<Value>> {
+pub async fn list(pg: &PgPool, target: Option<&str>, limit: i64) -> Result<Vec<AuditEntry>> {
     type Row = (
         DateTime<Utc>,
         String,
@@ -150,17 +165,17 @@ pub async fn list(pg: &PgPool, target: Option<&str>, limit: i64) -> Result<Vec<V
     .fetch_all(pg)
     .await?;
     Ok(rows
-        .iter()
-        .map(|(at, actor, action, target, rid, details)| {
-            entry_json(
-                *at,
+        .into_iter()
+        .map(
+            |(at, actor, action, target, request_id, details)| AuditEntry {
+                at,
                 actor,
                 action,
-                target.as_deref(),
-                rid.as_deref(),
+                target,
+                request_id,
                 details,
-            )
-        })
+            },
+        )
         .collect())
 }
 
@@ -183,6 +198,7 @@ impl RequestId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_request_id_is_the_callers_when_sane_else_fresh() {
@@ -198,18 +214,22 @@ mod tests {
         let at = DateTime::parse_from_rfc3339("2024-05-01T10:00:00+02:00")
             .unwrap()
             .to_utc();
-        let e = entry_json(
+        let entry = AuditEntry {
             at,
-            "admin_1",
-            "user.plan",
-            Some("u1"),
-            Some("r1"),
-            &json!({"plan": "pro"}),
+            actor: "admin_1".into(),
+            action: "user.plan".into(),
+            target: Some("u1".into()),
+            request_id: None,
+            details: json!({"plan": "pro"}),
+        };
+        let e = serde_json::to_value(AuditAnswer {
+            entries: vec![entry],
+        })
+        .unwrap();
+        assert_eq!(
+            e,
+            json!({"entries": [{"at": "2024-05-01T08:00:00.000000Z", "actor": "admin_1", "action": "user.plan",
+                                "target": "u1", "request_id": null, "details": {"plan": "pro"}}]})
         );
-        assert_eq!(e["at"], "2024-05-01T08:00:00.000000Z");
-        for k in ["at", "actor", "action", "target", "request_id", "details"] {
-            assert!(e.get(k).is_some(), "{k}");
-        }
-        assert_eq!(e["details"]["plan"], "pro");
     }
 }

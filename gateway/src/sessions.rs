@@ -9,7 +9,9 @@
 //! with their token keys. One script, one slot: two gateways validating for
 //! the same user at once cannot both stay under the bound by racing.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use common::class::Class;
+use common::settings::ClassLimit;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +54,159 @@ pub fn permissions(plan: &str) -> Vec<&'static str> {
         p.extend(["team_features", "analytics"]);
     }
     p
+}
+
+/// The answer of `POST /api/vscode/session/validate` (docs/api.md "Sessions"), with the
+/// original client's members (`valid`, `session`, `permissions`, the camelCase ones; §5.10).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = SessionValidateAnswer)]
+pub struct ValidateAnswer {
+    /// The session's id (`sess_…` when the gateway made it).
+    pub session_id: String,
+    /// `created` when this request started the session, `active` when it found a live one.
+    pub status: SessionStatus,
+    /// When the session ends unless used again (RFC 3339, milliseconds, UTC).
+    #[schema(format = DateTime)]
+    pub expires_at: String,
+    /// The caller.
+    pub user: SessionUser,
+    /// The caller's spendable credits.
+    pub credits: SessionCredits,
+    /// The caller's rate limit of each endpoint class (docs/rate-limits.md).
+    pub rate_limits: ClassLimits,
+    /// Always true (original client).
+    pub valid: bool,
+    /// The session again, under the original client's names.
+    pub session: SessionRef,
+    /// What the caller's plan allows (original client).
+    pub permissions: Vec<String>,
+}
+
+/// Whether the validate call created the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatus {
+    Created,
+    Active,
+}
+
+/// `user` of the session answer.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SessionUser {
+    /// The caller's user id (the token's subject).
+    pub user_id: String,
+    /// The caller's plan.
+    pub plan: String,
+    /// The user id again (original client).
+    #[serde(rename = "clerkId")]
+    pub clerk_id: String,
+    /// The plan again (original client).
+    #[serde(rename = "planType")]
+    pub plan_type: String,
+    /// The spendable balance (original client).
+    pub credits: i64,
+}
+
+/// `credits` of the session answer.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SessionCredits {
+    /// Spendable balance.
+    pub balance: i64,
+}
+
+/// One class's limit: `limit` requests per `window_secs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct SessionRateLimit {
+    /// Requests allowed per window.
+    pub limit: u64,
+    /// The window, in seconds.
+    pub window_secs: u64,
+}
+
+/// `rate_limits` of the session answer: one member per endpoint class (docs/rate-limits.md).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ClassLimits {
+    /// The `session` class.
+    pub session: SessionRateLimit,
+    /// The `usage` class (per request; events have their own budget).
+    pub usage: SessionRateLimit,
+    /// The `analytics` class.
+    pub analytics: SessionRateLimit,
+    /// The `profile` class.
+    pub profile: SessionRateLimit,
+    /// The `credits` class.
+    pub credits: SessionRateLimit,
+    /// The `admin` class.
+    pub admin: SessionRateLimit,
+}
+
+impl ClassLimits {
+    /// Each class's limit as `limit_of` tells it.
+    pub fn from_fn(mut limit_of: impl FnMut(Class) -> ClassLimit) -> Self {
+        let mut of = |c: Class| {
+            let l = limit_of(c);
+            SessionRateLimit {
+                limit: l.limit,
+                window_secs: l.window_secs,
+            }
+        };
+        Self {
+            session: of(Class::Session),
+            usage: of(Class::Usage),
+            analytics: of(Class::Analytics),
+            profile: of(Class::Profile),
+            credits: of(Class::Credits),
+            admin: of(Class::Admin),
+        }
+    }
+}
+
+/// `session` of the session answer (original client).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SessionRef {
+    /// The session's id.
+    pub id: String,
+    /// When the session ends unless used again (RFC 3339, milliseconds, UTC).
+    #[serde(rename = "expiresAt")]
+    #[schema(format = DateTime)]
+    pub expires_at: String,
+}
+
+impl ValidateAnswer {
+    /// The answer for `rec` (`created` as [`validate`] returned it).
+    pub fn new(
+        rec: &SessionRecord,
+        created: bool,
+        plan: &str,
+        balance: i64,
+        rate_limits: ClassLimits,
+    ) -> Self {
+        let expires = rec.expires_at.to_rfc3339_opts(SecondsFormat::Millis, true);
+        Self {
+            session_id: rec.id.clone(),
+            status: if created {
+                SessionStatus::Created
+            } else {
+                SessionStatus::Active
+            },
+            expires_at: expires.clone(),
+            user: SessionUser {
+                user_id: rec.user_id.clone(),
+                plan: plan.to_string(),
+                clerk_id: rec.user_id.clone(),
+                plan_type: plan.to_string(),
+                credits: balance,
+            },
+            credits: SessionCredits { balance },
+            rate_limits,
+            valid: true,
+            session: SessionRef {
+                id: rec.id.clone(),
+                expires_at: expires,
+            },
+            permissions: permissions(plan).into_iter().map(String::from).collect(),
+        }
+    }
 }
 
 pub fn new_session_id() -> String {
@@ -228,6 +383,58 @@ mod tests {
         assert!(permissions("pro").contains(&"advanced_models"));
         assert!(!permissions("pro").contains(&"team_features"));
         assert!(permissions("enterprise").contains(&"analytics"));
+    }
+
+    #[test]
+    fn the_answer_is_the_json_of_before() {
+        let at = DateTime::parse_from_rfc3339("2024-03-10T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let rec = SessionRecord {
+            id: "sess_1".into(),
+            user_id: "u1".into(),
+            created_at: at,
+            last_seen_at: at,
+            expires_at: at + Duration::seconds(90),
+            extension_version: "1.2.3".into(),
+            session_token: None,
+        };
+        let limits = ClassLimits::from_fn(|c| ClassLimit {
+            limit: c.as_str().len() as u64,
+            window_secs: 60,
+        });
+        let got = serde_json::to_value(ValidateAnswer::new(&rec, true, "pro", 7, limits)).unwrap();
+        let mut rate_limits = serde_json::Map::new();
+        for c in Class::ALL {
+            let l = serde_json::json!({"limit": c.as_str().len(), "window_secs": 60});
+            rate_limits.insert(c.as_str().into(), l);
+        }
+        let expires = "2024-03-10T12:01:30.000Z";
+        assert_eq!(
+            got,
+            serde_json::json!({
+                "session_id": "sess_1",
+                "status": "created",
+                "expires_at": expires,
+                "user": {"user_id": "u1", "plan": "pro", "clerkId": "u1", "planType": "pro", "credits": 7},
+                "credits": {"balance": 7},
+                "rate_limits": rate_limits,
+                "valid": true,
+                "session": {"id": "sess_1", "expiresAt": expires},
+                "permissions": permissions("pro"),
+            })
+        );
+        let rec = ValidateAnswer::new(
+            &rec,
+            false,
+            "free",
+            0,
+            ClassLimits::from_fn(|_| ClassLimit {
+                limit: 1,
+                window_secs: 1,
+            }),
+        );
+        assert_eq!(serde_json::to_value(rec).unwrap()["status"], "active");
     }
 
     #[test]

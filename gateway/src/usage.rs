@@ -22,6 +22,37 @@ pub enum Shape {
     Legacy,
 }
 
+/// The 202 answer of `POST /api/vscode/usage/track` (docs/api.md "Usage").
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct TrackAnswer {
+    /// Events accepted: all of the request's (one bad event refuses them all).
+    pub accepted: i64,
+    /// The events' ids in the request's order (made, UUIDv7, where absent).
+    pub event_ids: Vec<Uuid>,
+    /// Always true; only in answers to the original client's shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = bool)]
+    pub success: Option<bool>,
+    /// The caller's balance (usage never moves credits), null when unreadable; only in
+    /// answers to the original client's shape.
+    #[serde(rename = "remainingCredits", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<i64>)]
+    pub remaining_credits: Option<Option<i64>>,
+}
+
+impl TrackAnswer {
+    /// The answer for `events`, accepted; the original client's members with `legacy`:
+    /// `Some(balance)` (the balance itself `None` when it could not be read).
+    pub fn new(events: &[UsageEvent], legacy: Option<Option<i64>>) -> Self {
+        Self {
+            accepted: events.len() as i64,
+            event_ids: events.iter().map(|e| e.id).collect(),
+            success: legacy.map(|_| true),
+            remaining_credits: legacy,
+        }
+    }
+}
+
 /// Turns a body into validated events stamped with `now` as `received_at`.
 pub fn parse_track(
     body: &Value,
@@ -319,6 +350,24 @@ mod tests {
 
     fn model() -> Value {
         json!({"kind": "model", "provider": "openai", "model": "gpt-4o", "prompt_tokens": 10, "completion_tokens": 5})
+    }
+
+    #[test]
+    fn the_track_answer_is_the_json_of_before() {
+        let (_, events) = parse_track(&json!({"events": [model(), model()]}), "u", now()).unwrap();
+        let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
+        let v = serde_json::to_value(TrackAnswer::new(&events, None)).unwrap();
+        assert_eq!(v, json!({"accepted": 2, "event_ids": ids}));
+        let v = serde_json::to_value(TrackAnswer::new(&events[..1], Some(Some(5)))).unwrap();
+        assert_eq!(
+            v,
+            json!({"accepted": 1, "event_ids": [ids[0]], "success": true, "remainingCredits": 5})
+        );
+        let v = serde_json::to_value(TrackAnswer::new(&events[..1], Some(None))).unwrap();
+        assert_eq!(
+            v,
+            json!({"accepted": 1, "event_ids": [ids[0]], "success": true, "remainingCredits": null})
+        );
     }
 
     #[test]

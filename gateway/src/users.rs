@@ -6,8 +6,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
+use common::class::Class;
 use common::settings::ClassLimit;
 use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::auth::Claims;
@@ -45,7 +48,7 @@ pub struct UserRecord {
     pub plan: String,
     pub status: Status,
     /// Per-class overrides from `api_rate_limits`; they replace the plan's limit.
-    pub overrides: HashMap<String, ClassLimit>,
+    pub overrides: HashMap<Class, ClassLimit>,
 }
 
 /// This gateway's short-lived copies of user records (≤ `gateway.user_cache_ttl_ms`).
@@ -136,10 +139,11 @@ pub fn record_from_hash(user_id: &str, map: &HashMap<String, String>) -> Option<
     let overrides = map
         .iter()
         .filter_map(|(k, v)| {
-            let class = k.strip_prefix("rl:")?;
+            // A field of a class no longer known is ignored.
+            let class = Class::parse(k.strip_prefix("rl:")?)?;
             let (l, w) = v.split_once('/')?;
             Some((
-                class.to_string(),
+                class,
                 ClassLimit {
                     limit: l.parse().ok()?,
                     window_secs: w.parse().ok()?,
@@ -159,6 +163,9 @@ pub fn record_from_hash(user_id: &str, map: &HashMap<String, String>) -> Option<
 /// exactly the current `rl:CLASS` overrides (stale ones are removed; fields
 /// that others keep in the hash stay). Admin changes call this while they
 /// hold the user's row lock, so two changes reach Redis in commit order.
+/// It also drops the cached profile and bumps the user's cache generation
+/// (as a worker commit does, 1 day TTL), so no profile read before the
+/// change is served after it (see [`profile`]).
 pub async fn write_redis(store: &UserStore, rec: &UserRecord) -> anyhow::Result<()> {
     static WRITE: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
     let script = WRITE.get_or_init(|| {
@@ -166,7 +173,9 @@ pub async fn write_redis(store: &UserStore, rec: &UserRecord) -> anyhow::Result<
             "for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do \
                if string.sub(k, 1, 3) == 'rl:' then redis.call('HDEL', KEYS[1], k) end \
              end \
-             redis.call('HSET', KEYS[1], unpack(ARGV)) return 1",
+             redis.call('HSET', KEYS[1], unpack(ARGV)) \
+             redis.call('DEL', KEYS[2]) redis.call('INCR', KEYS[3]) redis.call('EXPIRE', KEYS[3], 86400) \
+             return 1",
         )
     });
     set_fields(store, script, rec).await
@@ -205,12 +214,17 @@ async fn set_fields(
     script: &redis::Script,
     rec: &UserRecord,
 ) -> anyhow::Result<()> {
-    let key = store.keys.user_info(&rec.id);
+    // KEYS[2] and KEYS[3] (same hash tag) are used by `write_redis` only.
+    let keys = [
+        store.keys.user_info(&rec.id),
+        store.keys.profile(&rec.id),
+        store.keys.analytics_gen(&rec.id),
+    ];
     let fields = hash_fields(rec);
     store
         .redis_link
         .run(|mut c| async move {
-            let mut inv = script.key(&key);
+            let mut inv = script.key(&keys[..]);
             for (k, v) in &fields {
                 inv.arg(k).arg(v);
             }
@@ -301,14 +315,14 @@ pub async fn load_record(
         status: Status::parse(&status).unwrap_or(Status::Active),
         overrides: overrides
             .into_iter()
-            .map(|(c, l, w)| {
-                (
-                    c,
+            .filter_map(|(c, l, w)| {
+                Some((
+                    Class::parse(&c)?,
                     ClassLimit {
                         limit: l.max(1) as u64,
                         window_secs: w.max(1) as u64,
                     },
-                )
+                ))
             })
             .collect(),
     }))
@@ -485,6 +499,222 @@ async fn stored_preference_sizes(store: &UserStore, user_id: &str) -> Result<Vec
                 .collect()
         })
         .unwrap_or_default())
+}
+
+// ---------------------------------------------------------------------------
+// Profile (docs/api.md "Profile") and its cache (docs/architecture.md)
+// ---------------------------------------------------------------------------
+
+/// How long a cached profile is kept. A worker commit that touches the user
+/// and every admin change drop it sooner (a generation bump, see
+/// [`profile`]); the TTL bounds only what nothing invalidates: a session
+/// that expires by time (`vscode.active_sessions`) and rows written to
+/// Postgres behind the services' backs.
+pub const PROFILE_CACHE_TTL_SECS: u64 = 60;
+
+/// `GET /api/users/{id}/profile`: everything docs/api.md "Profile" shows about a user.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Profile {
+    /// The user's id (the token's `sub`).
+    pub user_id: String,
+    /// Email from the token at provisioning; null when unknown or erased.
+    pub email: Option<String>,
+    /// Display name; null when unknown or erased.
+    pub name: Option<String>,
+    /// Plan name (`plans.PLAN` in the settings).
+    pub plan: String,
+    /// `active`, `suspended` or `deleted`.
+    pub status: String,
+    /// When the user was first seen.
+    pub created_at: DateTime<Utc>,
+    /// Newest activity the workers have stored; null before any.
+    pub last_active_at: Option<DateTime<Utc>>,
+    /// The balance, read live (never from the profile cache).
+    #[sqlx(skip)]
+    pub credits: ProfileCredits,
+    /// The newest subscription row; null for users without one.
+    #[sqlx(skip)]
+    pub subscription: Option<ProfileSubscription>,
+    /// The user's preferences: a free-form JSON object (`{}` when none).
+    #[schema(value_type = Object)]
+    pub preferences: serde_json::Value,
+    /// The user's VS Code sessions.
+    #[sqlx(flatten)]
+    pub vscode: ProfileVscode,
+}
+
+/// The balance part of a profile.
+#[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProfileCredits {
+    /// Spendable credits (settled balance minus open holds).
+    pub balance: i64,
+    /// Credits reserved by open holds.
+    pub held: i64,
+    /// Time of the newest settled event behind the figure; null before any.
+    pub as_of: Option<DateTime<Utc>>,
+}
+
+/// A `subscriptions` row as the profile shows it.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct ProfileSubscription {
+    /// The subscription's id.
+    pub id: Uuid,
+    /// Plan of the subscription.
+    pub plan: String,
+    /// Its status (e.g. `active`, `canceled`).
+    pub status: String,
+    /// Start of the current billing period; null when not known.
+    pub current_period_start: Option<DateTime<Utc>>,
+    /// End of the current billing period; null when not known.
+    pub current_period_end: Option<DateTime<Utc>>,
+    /// When the row was created.
+    pub created_at: DateTime<Utc>,
+    /// When the row last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The VS Code part of a profile.
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct ProfileVscode {
+    /// Sessions not yet expired.
+    pub active_sessions: i64,
+    /// Extension version of the most recently seen session; null without sessions.
+    pub last_extension_version: Option<String>,
+    /// When a session was last seen; null without sessions.
+    pub last_seen_at: Option<DateTime<Utc>>,
+}
+
+/// What Redis keeps under `Keys::profile`: the profile (its credits are
+/// never served from here) and the user's cache generation
+/// (`Keys::analytics_gen`) read before Postgres was.
+#[derive(Deserialize)]
+struct CachedProfile {
+    gen: Option<String>,
+    profile: Profile,
+}
+
+#[derive(Serialize)]
+struct CachedProfileRef<'a> {
+    gen: &'a Option<String>,
+    profile: &'a Profile,
+}
+
+/// The profile of `user_id`, or None when the id is unknown.
+///
+/// Cached (docs/architecture.md, "Profile cache"): one `MGET` reads the
+/// cached profile and the user's generation; a profile cached under another
+/// generation is not served. A miss reads Postgres and caches the answer for
+/// [`PROFILE_CACHE_TTL_SECS`] under the generation read before. The
+/// generation moves on every change of what a profile shows: the workers bump
+/// it after each commit touching the user (preferences, sessions, activity,
+/// ledger), and [`write_redis`] bumps it for every admin change and erasure,
+/// under the user's row lock, before their commit; the Postgres read takes
+/// `for key share` on the user row, so it waits for such a commit and never
+/// reads what came before it under the new generation. The credits are never
+/// cached: read live from the credit store on every call. Redis down: read
+/// from Postgres, not cached.
+pub async fn profile(
+    store: &UserStore,
+    publisher: &crate::publisher::Publisher,
+    user_id: &str,
+) -> Result<Option<Profile>> {
+    let key = store.keys.profile(user_id);
+    let (k, gen_key) = (key.clone(), store.keys.analytics_gen(user_id));
+    let cached = store
+        .redis_link
+        .run(|mut c| async move {
+            redis::cmd("MGET")
+                .arg(k)
+                .arg(gen_key)
+                .query_async::<(Option<String>, Option<String>)>(&mut c)
+                .await
+        })
+        .await;
+    let (mut found, gen) = match cached {
+        Ok((raw, gen)) => {
+            let view = raw.and_then(|r| serde_json::from_str::<CachedProfile>(&r).ok());
+            (view.filter(|v| v.gen == gen).map(|v| v.profile), Some(gen))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "profile cache unavailable; reading Postgres");
+            (None, None)
+        }
+    };
+    let hit = found.is_some();
+    let result = if hit { "hit" } else { "miss" };
+    metrics::counter!("profile_cache_total", "result" => result).increment(1);
+    if !hit {
+        found = load_profile(&store.pg, user_id).await?;
+    }
+    let Some(mut profile) = found else {
+        return Ok(None);
+    };
+    let b = crate::credits::balance(&store.credits, publisher, user_id).await?;
+    profile.credits = ProfileCredits {
+        balance: b.balance,
+        held: b.held,
+        as_of: b.as_of,
+    };
+    if let (false, Some(gen)) = (hit, gen) {
+        // Best effort: a profile not cached is read from Postgres next time.
+        let view = serde_json::to_string(&CachedProfileRef {
+            gen: &gen,
+            profile: &profile,
+        })
+        .map_err(|e| Error::Internal(e.into()))?;
+        let stored = store
+            .redis_link
+            .run(|mut c| async move {
+                c.set_ex::<_, _, ()>(key, view, PROFILE_CACHE_TTL_SECS)
+                    .await
+            })
+            .await;
+        if let Err(e) = stored {
+            tracing::debug!(error = %e, user_id, "profile not cached");
+        }
+    }
+    Ok(Some(profile))
+}
+
+/// The profile as Postgres has it (its credits zero: [`profile`] fills them
+/// live), or None for an unknown id. `for key share` waits for an admin
+/// change or erasure holding the row lock to commit (see [`profile`]); it
+/// does not wait for the workers' updates.
+async fn load_profile(pg: &sqlx::PgPool, user_id: &str) -> Result<Option<Profile>> {
+    let found: Option<Profile> = sqlx::query_as(
+        "select u.id as user_id, u.email, u.name, u.plan, u.status, u.created_at, u.last_active_at, u.preferences, \
+                (select count(*) from vscode_sessions s \
+                  where s.user_id = u.id and s.expires_at > now()) as active_sessions, \
+                (select s.extension_version from vscode_sessions s \
+                  where s.user_id = u.id order by s.last_seen_at desc limit 1) as last_extension_version, \
+                (select max(s.last_seen_at) from vscode_sessions s where s.user_id = u.id) as last_seen_at \
+         from users u where u.id = $1 for key share of u",
+    )
+    .bind(user_id)
+    .fetch_optional(pg)
+    .await?;
+    let Some(mut profile) = found else {
+        return Ok(None);
+    };
+    profile.subscription = sqlx::query_as(
+        "select id, plan, status, current_period_start, current_period_end, created_at, updated_at \
+         from subscriptions where user_id = $1 order by created_at desc limit 1",
+    )
+    .bind(user_id)
+    .fetch_optional(pg)
+    .await?;
+    Ok(Some(profile))
+}
+
+/// `PATCH /api/users/{id}/preferences`: the patch is queued (202).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PreferencesAnswer {
+    /// Always true: the broker confirmed the change.
+    pub accepted: bool,
+    /// Whose preferences change.
+    pub user_id: String,
+    /// The event carrying the patch; a worker merges it into the stored preferences.
+    pub event_id: Uuid,
 }
 
 /// What the user records use: Postgres (the truth), the shared Redis

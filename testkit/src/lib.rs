@@ -1,8 +1,9 @@
 //! Test support shared by every crate's tests, against the machine's real
 //! Postgres, Redis and RabbitMQ: a fresh database per test (with or without
 //! the migrations), an own Redis key prefix and AMQP namespace, everything
-//! removed on drop, even while the test unwinds from a failed assertion; and
-//! the HS256 tokens the gateway accepts in tests.
+//! removed on drop, even while the test unwinds from a failed assertion; the
+//! HS256 tokens the gateway accepts in tests; and a `redis-server` of a test's
+//! own to kill and restart ([`redis_server::OwnRedis`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,6 +12,8 @@ use std::path::Path;
 use common::settings::Settings;
 use serde_json::Value;
 use sqlx::{Connection, PgPool};
+
+pub mod redis_server;
 
 /// The HS256 secret test gateways verify tokens with.
 pub const SECRET: &str = "test-secret-of-adequate-length-0123456789";

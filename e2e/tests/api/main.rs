@@ -15,6 +15,7 @@ mod openapi;
 mod operator;
 mod ops;
 mod privacy;
+mod profile_cache;
 mod rate_limits;
 mod reconcile;
 mod sessions;

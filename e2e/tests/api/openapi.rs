@@ -80,3 +80,90 @@ async fn openapi_lists_every_spec_route_and_every_listed_route_is_served() {
         }
     }
 }
+
+/// Each operation's tag (`x-rate-limit-class`) is the class the router
+/// guards it with: every class gets its own window, and every documented
+/// `/api/` route answers with the `RateLimit-Policy` of its tag's window.
+#[tokio::test]
+async fn every_operation_is_rate_limited_by_the_class_its_document_names() {
+    use common::class::Class;
+    let window = |c: Class| 1000 + Class::ALL.iter().position(|x| *x == c).unwrap() as u64;
+    let app = spawn_app_with(|v| {
+        for c in Class::ALL {
+            let name = c.as_str().to_uppercase();
+            v.insert(
+                format!("APP__RATE_LIMIT__CLASSES__{name}__LIMIT"),
+                "100000".into(),
+            );
+            v.insert(
+                format!("APP__RATE_LIMIT__CLASSES__{name}__WINDOW_SECS"),
+                window(c).to_string(),
+            );
+        }
+        // The per-event bound of usage/track: never the tighter one here.
+        v.insert(
+            "APP__RATE_LIMIT__USAGE_EVENTS__LIMIT".into(),
+            "100000000".into(),
+        );
+        v.insert(
+            "APP__RATE_LIMIT__USAGE_EVENTS__WINDOW_SECS".into(),
+            window(Class::Usage).to_string(),
+        );
+    })
+    .await;
+    let doc: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (user, token) = new_user();
+    let admin = admin_token();
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/api/") {
+            continue;
+        }
+        for (method, op) in ops.as_object().unwrap() {
+            let tag = op["x-rate-limit-class"].as_str().unwrap_or_default();
+            let class =
+                Class::parse(tag).unwrap_or_else(|| panic!("{method} {path}: class {tag:?}"));
+            let url = app.url(
+                &path
+                    .replace("{id}", &user)
+                    .replace("{hold_id}", "00000000-0000-0000-0000-000000000000"),
+            );
+            let bearer = if class == Class::Admin {
+                &admin
+            } else {
+                &token
+            };
+            let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            // A body that parses but names nothing: any answer carries the headers.
+            let r = app
+                .client
+                .request(m, url)
+                .bearer_auth(bearer)
+                .json(&serde_json::json!({}))
+                .send()
+                .await
+                .unwrap();
+            let policy = r
+                .headers()
+                .get("ratelimit-policy")
+                .unwrap_or_else(|| panic!("{method} {path}: no RateLimit-Policy ({})", r.status()))
+                .to_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                policy.ends_with(&format!(";w={}", window(class))),
+                "{method} {path}: documented as {tag}, limited as {policy}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked} operations checked");
+}

@@ -15,7 +15,8 @@
 //! # Layout
 //! - this file: the limits and [`DayWindow`];
 //! - [`query`]: the query strings of both routes, parsed with named 422s;
-//! - [`shape`]: rollup rows into the answers;
+//! - [`shape`]: rollup rows into the answers (their types, which the OpenAPI
+//!   document derives its schemas from, docs/api.md);
 //! - [`store`]: the SQL and the cached view.
 //!
 //! Cache: the analytics answer for N days lives under `Keys::analytics(user,
@@ -33,7 +34,8 @@ use chrono::{DateTime, Duration, NaiveDate, NaiveTime, SecondsFormat, Utc};
 
 pub use query::{AnalyticsQuery, GroupBy, StatsQuery, StatsRequest};
 pub use shape::{
-    shape_analytics, shape_stats, AnalyticsInput, RollupRow, StatsFigures, StatsUsageRow,
+    shape_analytics, shape_stats, AnalyticsAnswer, AnalyticsInput, RollupRow, StatsAnswer,
+    StatsFigures, StatsRow, StatsUsageRow,
 };
 pub use store::{analytics, load_analytics, stats};
 

@@ -2,18 +2,44 @@
 //! parsed into windows and groupings; a bad value is a 422 naming its parameter.
 
 use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::{Object, ObjectBuilder, Type};
 
 use super::{DayWindow, DEFAULT_DAYS, MAX_DAYS, MAX_STATS_SPAN_DAYS};
 use crate::error::{Error, Result};
 
 /// Raw query of `GET /api/vscode/analytics`: strings, so a bad value is a 422
-/// that names its parameter rather than a generic deserialization error.
-#[derive(Debug, Default, Deserialize)]
+/// that names its parameter rather than a generic deserialization error. The
+/// document states the values [`AnalyticsQuery::days`] accepts.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AnalyticsQuery {
+    /// Days of the window, today included; wins over `timeframe`.
+    #[param(schema_with = days_schema)]
     pub days: Option<String>,
     /// The original client's `1d|7d|30d` (docs/compatibility.md).
+    #[param(schema_with = timeframe_schema)]
     pub timeframe: Option<String>,
+}
+
+/// `timeframe` values and their days.
+pub const TIMEFRAMES: [(&str, u32); 3] = [("1d", 1), ("7d", 7), ("30d", 30)];
+
+fn days_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(1))
+        .maximum(Some(MAX_DAYS))
+        .default(Some(DEFAULT_DAYS.into()))
+        .build()
+}
+
+fn timeframe_schema() -> Object {
+    let names = TIMEFRAMES.map(|(name, _)| name);
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(names))
+        .build()
 }
 
 impl AnalyticsQuery {
@@ -30,16 +56,18 @@ impl AnalyticsQuery {
         }
         match self.timeframe.as_deref() {
             None => Ok(DEFAULT_DAYS),
-            Some("1d") => Ok(1),
-            Some("7d") => Ok(7),
-            Some("30d") => Ok(30),
-            Some(_) => Err(Error::validation("timeframe", "must be one of 1d, 7d, 30d")),
+            Some(t) => TIMEFRAMES
+                .iter()
+                .find(|(name, _)| *name == t)
+                .map(|(_, days)| *days)
+                .ok_or_else(|| Error::validation("timeframe", "must be one of 1d, 7d, 30d")),
         }
     }
 }
 
 /// `group_by` of the stats route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum GroupBy {
     Day,
     Model,
@@ -49,15 +77,16 @@ pub enum GroupBy {
 }
 
 impl GroupBy {
+    pub const ALL: [GroupBy; 5] = [
+        Self::Day,
+        Self::Model,
+        Self::Provider,
+        Self::Feature,
+        Self::Session,
+    ];
+
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "day" => Self::Day,
-            "model" => Self::Model,
-            "provider" => Self::Provider,
-            "feature" => Self::Feature,
-            "session" => Self::Session,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|g| g.as_str() == s)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -82,12 +111,35 @@ impl GroupBy {
     }
 }
 
-/// Raw query of `GET /api/users/:id/usage/stats`.
-#[derive(Debug, Default, Deserialize)]
+/// Raw query of `GET /api/users/:id/usage/stats` (strings, parsed by [`StatsQuery::parse`]).
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StatsQuery {
+    /// An RFC 3339 time or a `YYYY-MM-DD` date (that day's start); default: 30 days before `to`.
+    #[param(schema_with = instant_schema)]
     pub from: Option<String>,
+    /// An RFC 3339 time or a `YYYY-MM-DD` date (that whole day included); default: now.
+    #[param(schema_with = instant_schema)]
     pub to: Option<String>,
+    /// What the rows are keyed by; default `day`.
+    #[param(schema_with = group_by_schema)]
     pub group_by: Option<String>,
+}
+
+/// `from`/`to`: a time or a date, so no `format` (either would refuse the other).
+fn instant_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .build()
+}
+
+fn group_by_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(GroupBy::ALL.map(GroupBy::as_str)))
+        .default(Some(GroupBy::Day.as_str().into()))
+        .build()
 }
 
 /// A parsed stats request.

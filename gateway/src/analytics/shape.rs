@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, NaiveDate, Utc};
-use serde::Serialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::{ts, ts_ms, DayWindow, StatsRequest};
+use super::{ts, ts_ms, DayWindow, GroupBy, StatsRequest};
 
 /// One rollup aggregate of one of two grouping sets over the window: per
 /// (day, kind) when `day` is set (provider, model and feature are then
@@ -52,6 +52,129 @@ pub(super) struct DaySums {
     feature_events: i64,
 }
 
+/// The answer of `GET /api/vscode/analytics` (docs/api.md "Analytics"). Kept as JSON in
+/// the Redis cache (`analytics::store`): a member renamed or retyped here must still read
+/// the views cached before the change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AnalyticsAnswer {
+    /// The caller.
+    pub user_id: String,
+    /// Start of the window's first UTC day (RFC 3339, seconds).
+    #[schema(format = DateTime)]
+    pub from: String,
+    /// Start of the day after the window's last (exclusive; RFC 3339, seconds).
+    #[schema(format = DateTime)]
+    pub to: String,
+    /// When the figures were computed (RFC 3339, milliseconds).
+    #[schema(format = DateTime)]
+    pub generated_at: String,
+    /// The newest settled event behind the figures (RFC 3339, milliseconds); null when none.
+    #[schema(format = DateTime, required = true)]
+    pub as_of: Option<String>,
+    /// Sums over the window.
+    pub totals: AnalyticsTotals,
+    /// Model requests per provider and model, most requests first.
+    pub by_model: Vec<ModelFigures>,
+    /// Model requests per provider, most requests first.
+    pub by_provider: Vec<ProviderFigures>,
+    /// Feature events per feature, most events first.
+    pub by_feature: Vec<FeatureFigures>,
+    /// One entry per day of the window, oldest first, days without activity included.
+    pub daily: Vec<DayFigures>,
+    /// The totals under the original client's names (§5.10).
+    pub summary: AnalyticsSummary,
+}
+
+/// `totals` of the analytics answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AnalyticsTotals {
+    /// Model requests.
+    pub requests: i64,
+    /// Prompt tokens of the model requests.
+    pub prompt_tokens: i64,
+    /// Completion tokens of the model requests.
+    pub completion_tokens: i64,
+    /// Prompt and completion tokens.
+    pub total_tokens: i64,
+    /// Credits consumed (from the ledger).
+    pub credits_consumed: i64,
+    /// Feature events.
+    pub feature_events: i64,
+    /// Distinct sessions with activity.
+    pub sessions: i64,
+}
+
+/// One entry of `by_model`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ModelFigures {
+    /// The provider, as the events name it.
+    pub provider: String,
+    /// The model, as the events name it.
+    pub model: String,
+    /// Requests to this model.
+    pub requests: i64,
+    /// Their prompt tokens.
+    pub prompt_tokens: i64,
+    /// Their completion tokens.
+    pub completion_tokens: i64,
+}
+
+/// One entry of `by_provider`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ProviderFigures {
+    /// The provider, as the events name it.
+    pub provider: String,
+    /// Requests to its models.
+    pub requests: i64,
+    /// Their prompt and completion tokens.
+    pub total_tokens: i64,
+}
+
+/// One entry of `by_feature`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FeatureFigures {
+    /// The feature, as the events name it.
+    pub feature: String,
+    /// Its events.
+    pub events: i64,
+}
+
+/// One entry of `daily`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DayFigures {
+    /// The UTC day (`YYYY-MM-DD`).
+    #[schema(format = Date)]
+    pub date: String,
+    /// Model requests that day.
+    pub requests: i64,
+    /// Their prompt and completion tokens.
+    pub total_tokens: i64,
+    /// Credits consumed that day.
+    pub credits_consumed: i64,
+    /// Feature events that day.
+    pub feature_events: i64,
+}
+
+/// `summary` of the analytics answer (original client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AnalyticsSummary {
+    /// Model requests.
+    #[serde(rename = "totalRequests")]
+    pub total_requests: i64,
+    /// Prompt and completion tokens.
+    #[serde(rename = "totalTokens")]
+    pub total_tokens: i64,
+    /// Credits consumed.
+    #[serde(rename = "totalCreditsUsed")]
+    pub total_credits_used: i64,
+    /// Distinct model names.
+    #[serde(rename = "uniqueModels")]
+    pub unique_models: i64,
+    /// Distinct features.
+    #[serde(rename = "uniqueFeatures")]
+    pub unique_features: i64,
+}
+
 /// The docs/api.md "Analytics" body plus `summary` (§5.10) and `as_of` (§8).
 ///
 /// Lists are ordered for stable answers: `by_model`/`by_provider` by requests
@@ -62,7 +185,7 @@ pub fn shape_analytics(
     window: DayWindow,
     input: &AnalyticsInput,
     generated_at: DateTime<Utc>,
-) -> Value {
+) -> AnalyticsAnswer {
     let mut by_model: BTreeMap<(&str, &str), ModelSums> = BTreeMap::new();
     let mut by_feature: BTreeMap<&str, i64> = BTreeMap::new();
     let mut daily: BTreeMap<NaiveDate, DaySums> =
@@ -137,42 +260,64 @@ pub fn shape_analytics(
     features.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     let unique_features = features.len();
 
-    json!({
-        "user_id": user_id,
-        "from": ts(window.from()),
-        "to": ts(window.to()),
-        "generated_at": ts_ms(generated_at),
-        "as_of": input.as_of.map(ts_ms),
-        "totals": {
-            "requests": requests,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": total_tokens,
-            "credits_consumed": credits_consumed,
-            "feature_events": feature_events,
-            "sessions": input.sessions,
+    AnalyticsAnswer {
+        user_id: user_id.to_string(),
+        from: ts(window.from()),
+        to: ts(window.to()),
+        generated_at: ts_ms(generated_at),
+        as_of: input.as_of.map(ts_ms),
+        totals: AnalyticsTotals {
+            requests,
+            prompt_tokens,
+            completion_tokens,
+            total_tokens,
+            credits_consumed,
+            feature_events,
+            sessions: input.sessions,
         },
-        "by_model": models.iter().map(|((p, m), s)| json!({
-            "provider": p, "model": m, "requests": s.requests,
-            "prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-        })).collect::<Vec<_>>(),
-        "by_provider": providers.iter().map(|(p, (n, t))| json!({
-            "provider": p, "requests": n, "total_tokens": t,
-        })).collect::<Vec<_>>(),
-        "by_feature": features.iter().map(|(f, n)| json!({"feature": f, "events": n})).collect::<Vec<_>>(),
-        "daily": daily.iter().map(|(d, s)| json!({
-            "date": d.format("%Y-%m-%d").to_string(), "requests": s.requests,
-            "total_tokens": s.total_tokens, "credits_consumed": s.credits_consumed,
-            "feature_events": s.feature_events,
-        })).collect::<Vec<_>>(),
-        "summary": {
-            "totalRequests": requests,
-            "totalTokens": total_tokens,
-            "totalCreditsUsed": credits_consumed,
-            "uniqueModels": unique_models,
-            "uniqueFeatures": unique_features,
+        by_model: models
+            .iter()
+            .map(|((p, m), s)| ModelFigures {
+                provider: p.to_string(),
+                model: m.to_string(),
+                requests: s.requests,
+                prompt_tokens: s.prompt_tokens,
+                completion_tokens: s.completion_tokens,
+            })
+            .collect(),
+        by_provider: providers
+            .iter()
+            .map(|(p, (n, t))| ProviderFigures {
+                provider: p.to_string(),
+                requests: *n,
+                total_tokens: *t,
+            })
+            .collect(),
+        by_feature: features
+            .iter()
+            .map(|(f, n)| FeatureFigures {
+                feature: f.to_string(),
+                events: *n,
+            })
+            .collect(),
+        daily: daily
+            .iter()
+            .map(|(d, s)| DayFigures {
+                date: d.format("%Y-%m-%d").to_string(),
+                requests: s.requests,
+                total_tokens: s.total_tokens,
+                credits_consumed: s.credits_consumed,
+                feature_events: s.feature_events,
+            })
+            .collect(),
+        summary: AnalyticsSummary {
+            total_requests: requests,
+            total_tokens,
+            total_credits_used: credits_consumed,
+            unique_models: unique_models as i64,
+            unique_features: unique_features as i64,
         },
-    })
+    }
 }
 
 /// Usage figures of one stats key (from the rollup).
@@ -185,13 +330,70 @@ pub struct StatsUsageRow {
     pub feature_events: i64,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+/// The figures of one stats row, and their sums (`totals`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct StatsFigures {
+    /// Model requests.
     pub requests: i64,
+    /// Prompt tokens of the model requests.
     pub prompt_tokens: i64,
+    /// Completion tokens of the model requests.
     pub completion_tokens: i64,
+    /// Credits consumed (from the ledger).
     pub credits_consumed: i64,
+    /// Feature events.
     pub feature_events: i64,
+}
+
+/// The answer of `GET /api/users/{id}/usage/stats` (docs/api.md "Usage statistics").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct StatsAnswer {
+    /// The user the figures are of.
+    pub user_id: String,
+    /// Start of the window's first UTC day (RFC 3339, seconds).
+    #[schema(format = DateTime)]
+    pub from: String,
+    /// Start of the day after the window's last (exclusive; RFC 3339, seconds).
+    #[schema(format = DateTime)]
+    pub to: String,
+    /// What the rows are keyed by.
+    pub group_by: GroupBy,
+    /// One row per key with activity, ordered by key, the null key last.
+    pub rows: Vec<StatsRow>,
+    /// The sums of the rows.
+    pub totals: StatsFigures,
+}
+
+/// One row of the stats answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct StatsRow {
+    /// The day (`YYYY-MM-DD`), model, provider, feature or session id; null for what has
+    /// none (feature events when grouping by model, events without a session, ...).
+    #[schema(required = true)]
+    pub key: Option<String>,
+    /// Model requests.
+    pub requests: i64,
+    /// Prompt tokens of the model requests.
+    pub prompt_tokens: i64,
+    /// Completion tokens of the model requests.
+    pub completion_tokens: i64,
+    /// Credits consumed (from the ledger).
+    pub credits_consumed: i64,
+    /// Feature events.
+    pub feature_events: i64,
+}
+
+impl StatsRow {
+    fn new(key: Option<&str>, f: &StatsFigures) -> Self {
+        Self {
+            key: key.map(str::to_string),
+            requests: f.requests,
+            prompt_tokens: f.prompt_tokens,
+            completion_tokens: f.completion_tokens,
+            credits_consumed: f.credits_consumed,
+            feature_events: f.feature_events,
+        }
+    }
 }
 
 impl StatsFigures {
@@ -214,7 +416,7 @@ pub fn shape_stats(
     req: StatsRequest,
     usage: &[StatsUsageRow],
     credits: &[(Option<String>, i64)],
-) -> Value {
+) -> StatsAnswer {
     let mut rows: HashMap<Option<&str>, StatsFigures> = HashMap::new();
     for u in usage {
         rows.entry(u.key.as_deref())
@@ -245,25 +447,25 @@ pub fn shape_stats(
     for (_, f) in &rows {
         totals.add(f);
     }
-    json!({
-        "user_id": user_id,
-        "from": ts(req.window.from()),
-        "to": ts(req.window.to()),
-        "group_by": req.group_by.as_str(),
-        "rows": rows.iter().map(|(k, f)| {
-            let mut v = serde_json::to_value(f).unwrap_or_default();
-            v["key"] = json!(k);
-            v
-        }).collect::<Vec<_>>(),
-        "totals": totals,
-    })
+    StatsAnswer {
+        user_id: user_id.to_string(),
+        from: ts(req.window.from()),
+        to: ts(req.window.to()),
+        group_by: req.group_by,
+        rows: rows.iter().map(|(k, f)| StatsRow::new(*k, f)).collect(),
+        totals,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;
-    use super::super::GroupBy;
     use super::*;
+    use serde_json::{json, Value};
+
+    fn value<T: Serialize>(t: T) -> Value {
+        serde_json::to_value(t).unwrap()
+    }
 
     #[allow(clippy::too_many_arguments)]
     fn row(
@@ -341,7 +543,7 @@ mod tests {
             sessions: 2,
             as_of: Some(at("2024-03-10T12:00:00Z")),
         };
-        let v = shape_analytics("u1", w, &input, at("2024-03-10T13:00:00Z"));
+        let v = value(shape_analytics("u1", w, &input, at("2024-03-10T13:00:00Z")));
         assert_eq!(v["from"], "2024-03-08T00:00:00Z");
         assert_eq!(v["to"], "2024-03-11T00:00:00Z");
         assert_eq!(v["as_of"], "2024-03-10T12:00:00.000Z");
@@ -385,16 +587,32 @@ mod tests {
     #[test]
     fn an_empty_window_has_zero_days_and_no_as_of() {
         let w = DayWindow::last_days(7, at("2024-03-10T00:00:00Z"));
-        let v = shape_analytics(
+        let v = value(shape_analytics(
             "u",
             w,
             &AnalyticsInput::default(),
             at("2024-03-10T00:00:00Z"),
-        );
+        ));
         assert_eq!(v["daily"].as_array().unwrap().len(), 7);
         assert_eq!(v["totals"]["requests"], 0);
         assert!(v["as_of"].is_null());
         assert_eq!(v["by_model"], json!([]));
+        let members: Vec<&String> = v.as_object().unwrap().keys().collect();
+        let want = [
+            "as_of",
+            "by_feature",
+            "by_model",
+            "by_provider",
+            "daily",
+            "from",
+            "generated_at",
+            "summary",
+            "to",
+            "totals",
+            "user_id",
+        ];
+        assert_eq!(members, want);
+        assert_eq!(v["daily"][0].as_object().unwrap().len(), 5);
     }
 
     #[test]
@@ -427,7 +645,7 @@ mod tests {
             (Some("gpt-4o".into()), 5),
             (None, 1),
         ];
-        let v = shape_stats("u", req, &usage, &credits);
+        let v = value(shape_stats("u", req, &usage, &credits));
         assert_eq!(v["group_by"], "model");
         assert_eq!(v["from"], "2024-03-01T00:00:00Z");
         assert_eq!(v["to"], "2024-03-03T00:00:00Z");

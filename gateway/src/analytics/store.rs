@@ -4,10 +4,12 @@
 use chrono::{DateTime, NaiveDate, Utc};
 use common::redis::keys::Keys;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sqlx::PgPool;
 
-use super::shape::{shape_analytics, shape_stats, AnalyticsInput, RollupRow, StatsUsageRow};
+use super::shape::{
+    shape_analytics, shape_stats, AnalyticsAnswer, AnalyticsInput, RollupRow, StatsAnswer,
+    StatsUsageRow,
+};
 use super::{ts, DayWindow, StatsRequest, CACHE_TTL_SECS};
 use crate::error::{Error, Result};
 use crate::redis_link::RedisLink;
@@ -91,7 +93,7 @@ pub async fn load_analytics(
 
 /// The stats answer, straight from Postgres (not cached: arbitrary windows).
 #[tracing::instrument(skip_all, fields(user_id, group_by = req.group_by.as_str()))]
-pub async fn stats(pg: &sqlx::PgPool, user_id: &str, req: StatsRequest) -> Result<Value> {
+pub async fn stats(pg: &sqlx::PgPool, user_id: &str, req: StatsRequest) -> Result<StatsAnswer> {
     let usage: Vec<StatsUsageRow> = sqlx::query_as(&format!(
         "select {key} as key, \
                 least(coalesce(sum(requests) filter (where kind = 'model'), 0), 9223372036854775807)::int8 as requests, \
@@ -119,18 +121,20 @@ pub async fn stats(pg: &sqlx::PgPool, user_id: &str, req: StatsRequest) -> Resul
     Ok(shape_stats(user_id, req, &usage, &credits))
 }
 
-/// What Redis keeps under `Keys::analytics`.
+/// What Redis keeps under `Keys::analytics`: the answer as its JSON, so a view
+/// cached before a release reads back as long as the answer's members keep
+/// their names and types (a view that does not read is recomputed).
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct CachedView {
     /// The analytics generation read before the view was computed.
     gen: Option<String>,
-    body: Value,
+    body: AnalyticsAnswer,
 }
 
 /// Whether a cached view may be served: computed under the current
 /// generation and for the current window (a view from yesterday is stale).
 pub(super) fn usable(view: &CachedView, gen: &Option<String>, window: DayWindow) -> bool {
-    view.gen == *gen && view.body["to"].as_str() == Some(ts(window.to()).as_str())
+    view.gen == *gen && view.body.to == ts(window.to())
 }
 
 /// The analytics answer for the last `days` days: from the cache, or computed
@@ -141,7 +145,7 @@ pub async fn analytics(
     keys: &Keys,
     user_id: &str,
     days: u32,
-) -> Result<Value> {
+) -> Result<AnalyticsAnswer> {
     let now = Utc::now();
     let window = DayWindow::last_days(days, now);
     let key = keys.analytics(user_id, days);
@@ -199,6 +203,31 @@ pub async fn analytics(
 mod tests {
     use super::super::testing::*;
     use super::*;
+
+    /// A view as the gateway cached it before the answer was a type (`json!`, members
+    /// sorted by name) reads back, and writes back as the same JSON.
+    #[test]
+    fn a_view_cached_before_the_answer_was_typed_reads_back() {
+        let old = r#"{"body":{"as_of":null,"by_feature":[{"events":1,"feature":"chat"}],"by_model":[{"completion_tokens":3,
+            "model":"gpt-4o","prompt_tokens":20,"provider":"openai","requests":2}],"by_provider":[{"provider":"openai",
+            "requests":2,"total_tokens":23}],"daily":[{"credits_consumed":4,"date":"2024-03-10","feature_events":1,
+            "requests":2,"total_tokens":23}],"from":"2024-03-10T00:00:00Z","generated_at":"2024-03-10T10:00:00.000Z",
+            "summary":{"totalCreditsUsed":4,"totalRequests":2,"totalTokens":23,"uniqueFeatures":1,"uniqueModels":1},
+            "to":"2024-03-11T00:00:00Z","totals":{"completion_tokens":3,"credits_consumed":4,"feature_events":1,
+            "prompt_tokens":20,"requests":2,"sessions":1,"total_tokens":23},"user_id":"u"},"gen":"3"}"#;
+        let view: CachedView = serde_json::from_str(old).expect("an old view reads back");
+        let w = DayWindow::last_days(1, at("2024-03-10T10:00:00Z"));
+        assert!(usable(&view, &Some("3".into()), w));
+        let again: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&view).unwrap()).unwrap();
+        assert_eq!(
+            again,
+            serde_json::from_str::<serde_json::Value>(old).unwrap()
+        );
+        let with_as_of = old.replace(r#""as_of":null"#, r#""as_of":"2024-03-10T09:00:00.000Z""#);
+        let view: CachedView = serde_json::from_str(&with_as_of).unwrap();
+        assert_eq!(view.body.as_of.as_deref(), Some("2024-03-10T09:00:00.000Z"));
+    }
 
     #[test]
     fn a_cached_view_is_served_only_under_its_generation_and_window() {

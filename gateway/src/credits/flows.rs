@@ -13,13 +13,14 @@ use common::settings::MAX_CREDITS;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::answer::{to_json, ConsumeAnswer, GrantAnswer, HoldAnswer, SettleAnswer};
 use super::idempotency::{
     derived_id, idem_args, refused_ttl_ms, running_ms, settle_id, ttl_ms, Answer, HoldEnd, Idem,
     Remembered,
 };
-use super::reserve::{bad_reply, expect_tag, keyed_early, remember, run, with_required};
+use super::reserve::{bad_reply, expect_tag, remember, reserve_keyed, run, Keyed, Reuse};
+use super::store::balance;
 use super::store::CreditStore;
-use super::store::{balance, durable_replay};
 use crate::error::{Error, Result};
 use crate::publisher::{PublishError, Publisher};
 
@@ -96,47 +97,35 @@ pub async fn consume(
     let keys = UserKeys::new(&store.keys, user_id);
     let (record, hash) = idem_args(store, user_id, idem.as_ref());
     let (ttl, running, refused) = (ttl_ms(store), running_ms(store), refused_ttl_ms(store));
-    // "0" fresh; "1" reuse a stale record's id while it is pending; "2"
-    // reserve it again (Postgres said it was never settled).
-    let mut reuse = "0";
-    let reply = loop {
-        let reply = run(store, publisher, user_id, || {
-            let mut inv = keys.invoke(&scripts().consume, ttl);
-            inv.key(&record)
-                .arg(&hash)
-                .arg(fresh.to_string())
-                .arg(amount)
-                .arg(running)
-                .arg(ttl)
-                .arg(refused)
-                .arg(reuse);
-            inv
-        })
-        .await?;
-        match (reply.kind(), &idem, reuse) {
-            (Tag::Stale, Some(i), "0") => {
-                let recorded = reply.str(0).map_err(bad_reply)?;
-                if let Some(answer) = durable_replay(store, user_id, i, recorded).await? {
-                    return Ok(answer);
-                }
-                reuse = "1";
-            }
-            // Not pending any more: settled after our first look (the worker
-            // drops a pending entry only after its commit, which holds the
-            // durable record) or given back because its event is gone.
-            (Tag::Unpending, Some(i), "1") => {
-                let recorded = reply.str(0).map_err(bad_reply)?;
-                if let Some(answer) = durable_replay(store, user_id, i, recorded).await? {
-                    return Ok(answer);
-                }
-                reuse = "2";
-            }
-            _ => break reply,
-        }
+    // A consume whose recorded id is not pending any more (the worker drops a
+    // pending entry only after its commit, which holds the durable record)
+    // may reserve under that id again.
+    let invocation = |reuse: Reuse| {
+        let mut inv = keys.invoke(&scripts().consume, ttl);
+        inv.key(&record)
+            .arg(&hash)
+            .arg(fresh.to_string())
+            .arg(amount)
+            .arg(running)
+            .arg(ttl)
+            .arg(refused)
+            .arg(reuse.arg());
+        inv
     };
-    if let Some(answer) = keyed_early(&reply).map_err(|e| with_required(e, amount))? {
-        return Ok(answer);
-    }
+    let reply = match reserve_keyed(
+        store,
+        publisher,
+        user_id,
+        idem.as_ref(),
+        amount,
+        true,
+        invocation,
+    )
+    .await?
+    {
+        Keyed::Answered(answer) => return Ok(answer),
+        Keyed::Reply(reply) => reply,
+    };
     expect_tag(&reply, Tag::Ok)?;
     let balance = reply.int(0).map_err(bad_reply)?;
     let created = reply.flag(2).map_err(bad_reply)?;
@@ -146,14 +135,7 @@ pub async fn consume(
         .parse()
         .map_err(bad_reply)?;
     let reused = reply.flag(4).map_err(bad_reply)?;
-    let body = json!({
-        "transaction_id": tx.to_string(),
-        "user_id": user_id,
-        "amount": amount,
-        "balance": balance,
-        "success": true,
-        "remaining_credits": balance,
-    });
+    let body = to_json(&ConsumeAnswer::new(tx, user_id, amount, balance));
     let event = BatchedConsume {
         id: Uuid::new_v4(),
         occurred_at: Utc::now(),
@@ -231,37 +213,35 @@ pub async fn open_hold(
     let (record, hash) = idem_args(store, user_id, idem.as_ref());
     let (ttl, running, refused) = (ttl_ms(store), running_ms(store), refused_ttl_ms(store));
     let max_open = store.limits.max_open_holds;
-    let mut reuse = false;
-    let reply = loop {
-        let reply = run(store, publisher, user_id, || {
-            let mut inv = keys.invoke(&scripts().hold_open, ttl);
-            inv.key(&record)
-                .arg(&hash)
-                .arg(fresh.to_string())
-                .arg(amount)
-                .arg(ttl_secs * 1000)
-                .arg(running)
-                .arg(ttl)
-                .arg(refused)
-                .arg(if reuse { "1" } else { "0" })
-                .arg(max_open);
-            inv
-        })
-        .await?;
-        match (reply.kind(), &idem) {
-            (Tag::Stale, Some(i)) if !reuse => {
-                let recorded = reply.str(0).map_err(bad_reply)?;
-                if let Some(answer) = durable_replay(store, user_id, i, recorded).await? {
-                    return Ok(answer);
-                }
-                reuse = true;
-            }
-            _ => break reply,
-        }
+    // A hold's recorded id is reused once; `hold_open` has no `UNPENDING`.
+    let invocation = |reuse: Reuse| {
+        let mut inv = keys.invoke(&scripts().hold_open, ttl);
+        inv.key(&record)
+            .arg(&hash)
+            .arg(fresh.to_string())
+            .arg(amount)
+            .arg(ttl_secs * 1000)
+            .arg(running)
+            .arg(ttl)
+            .arg(refused)
+            .arg(reuse.arg())
+            .arg(max_open);
+        inv
     };
-    if let Some(answer) = keyed_early(&reply).map_err(|e| with_required(e, amount))? {
-        return Ok(answer);
-    }
+    let reply = match reserve_keyed(
+        store,
+        publisher,
+        user_id,
+        idem.as_ref(),
+        amount,
+        false,
+        invocation,
+    )
+    .await?
+    {
+        Keyed::Answered(answer) => return Ok(answer),
+        Keyed::Reply(reply) => reply,
+    };
     match reply.kind() {
         // A retry under a recorded hold id whose hold has ended meanwhile
         // (and whose open has not landed in Postgres yet).
@@ -288,12 +268,12 @@ pub async fn open_hold(
         .parse()
         .map_err(bad_reply)?;
     let reused = reply.flag(5).map_err(bad_reply)?;
-    let body = json!({
-        "hold_id": hold_id.to_string(),
-        "amount": amount,
-        "balance": balance,
-        "held": held,
-        "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    let body = to_json(&HoldAnswer {
+        hold_id: hold_id.to_string(),
+        amount,
+        balance,
+        held,
+        expires_at,
     });
     let event = Event::HoldOpened(HoldOpened {
         hold_id,
@@ -405,11 +385,11 @@ pub async fn settle_hold(
         return Err(publish_failed(e));
     }
     metrics::counter!("credit_decisions_total", "op" => "settle", "outcome" => "ok").increment(1);
-    Ok(Answer::Fresh(json!({
-        "transaction_id": tx.to_string(),
-        "amount": amount,
-        "released": hold_amount - amount,
-        "balance": balance,
+    Ok(Answer::Fresh(to_json(&SettleAnswer {
+        transaction_id: tx.to_string(),
+        amount,
+        released: hold_amount - amount,
+        balance,
     })))
 }
 
@@ -566,7 +546,10 @@ pub async fn grant(store: &CreditStore, publisher: &Publisher, g: GrantRequest) 
         None => balance(store, publisher, &g.user_id).await?.balance,
     };
     metrics::counter!("credit_grants_total", "replayed" => (!applied).to_string()).increment(1);
-    let body = json!({"transaction_id": id.to_string(), "balance": balance});
+    let body = to_json(&GrantAnswer {
+        transaction_id: id.to_string(),
+        balance,
+    });
     Ok(if applied {
         Answer::Fresh(body)
     } else {

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`amount`]: the bodies, `Credits<MIN>` and each field's rule.
+//! - [`answer`]: the 200 answers, as types (the OpenAPI document derives their schemas).
 //! - [`idempotency`]: the key, the body hash, derived ids, remembered answers.
 //! - [`reserve`]: running a credit script in Redis and reading its replies.
 //! - [`store`]: Postgres reads and loading a user into Redis.
@@ -15,6 +16,7 @@
 //! `crate::credits::X` paths stay as they were.
 
 pub mod amount;
+pub mod answer;
 pub mod flows;
 pub mod idempotency;
 pub mod recovery;
@@ -25,6 +27,7 @@ pub use amount::{
     Amount, ConsumeBody, Count, Credits, Description, FeatureName, GrantBody, HoldBody, ModelName,
     ProviderName, Reason, SessionRef, SettleBody,
 };
+pub use answer::{ConsumeAnswer, GrantAnswer, HoldAnswer, SettleAnswer};
 pub use flows::{
     consume, grant, open_hold, publish_surely_failed, release_hold, settle_hold, GrantRequest,
 };

@@ -39,8 +39,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use common::consumers::{consumers_settled, EarlyBusy, Settled};
 use common::redis::keys::Keys;
-use common::redis::scripts::{scripts, Heartbeat};
+use common::redis::scripts::scripts;
 use common::redis::slot::SLOTS;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -49,11 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::store::CreditStore;
 
-/// A consumer heartbeat older than this belongs to a dead process (whose
-/// unacked deliveries the broker has returned to the queue).
-pub const DEAD_AFTER_MS: i64 = 5_000;
-/// Upper bound on a delivery's way from the broker to its consumer.
-pub const IN_TRANSIT_MS: i64 = 1_000;
+pub use common::consumers::{DEAD_AFTER_MS, IN_TRANSIT_MS};
 
 /// This gateway's view: whether credit writes must answer 503.
 #[derive(Debug, Default)]
@@ -171,21 +168,16 @@ pub enum Verdict {
     Restart,
 }
 
-/// Step 3 of the module docs, as a plain function over the heartbeats.
+/// Step 3 of the module docs: the one rule of
+/// [`common::consumers::consumers_settled`] with `t_a` as its time. A busy beat,
+/// even one from before `t_a + IN_TRANSIT_MS`, starts the observation over
+/// ([`EarlyBusy::No`]; the reconciler instead waits for a newer beat).
 pub fn consumers_settled_since(t_a: i64, now: i64, beats: &HashMap<String, String>) -> Verdict {
-    let mut verdict = Verdict::Settled;
-    for hb in beats.values().filter_map(|v| Heartbeat::parse(v)) {
-        if hb.beat_ms < now - DEAD_AFTER_MS {
-            continue;
-        }
-        if hb.unacked > 0 || hb.idle_since_ms > t_a {
-            return Verdict::Restart;
-        }
-        if hb.beat_ms < t_a + IN_TRANSIT_MS {
-            verdict = Verdict::Wait;
-        }
+    match consumers_settled(t_a, now, beats, EarlyBusy::No) {
+        Settled::Yes => Verdict::Settled,
+        Settled::Wait => Verdict::Wait,
+        Settled::No => Verdict::Restart,
     }
-    verdict
 }
 
 /// The recovery's start from the recovery key's value.

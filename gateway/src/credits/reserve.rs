@@ -7,8 +7,8 @@ use common::redis::scripts::{scripts, Reply, Tag};
 
 use super::flows::publish_expired;
 use super::idempotency::{Answer, Idem, Remembered};
-use super::store::load_into_redis;
 use super::store::CreditStore;
+use super::store::{durable_replay, load_into_redis};
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
 
@@ -52,6 +52,81 @@ pub(super) async fn run(
     Err(Error::Internal(anyhow::anyhow!(
         "credits of {user_id} could not be loaded into Redis"
     )))
+}
+
+/// What a keyed reservation script (`consume`, `hold_open`) is told to do with
+/// the id recorded under the request's key: its `reuse` argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reuse {
+    /// "0": reserve under the fresh id.
+    Fresh,
+    /// "1": reuse a stale record's id while it is still pending.
+    Recorded,
+    /// "2": reserve under the recorded id again (Postgres said it was never settled).
+    Again,
+}
+
+impl Reuse {
+    pub(super) fn arg(self) -> &'static str {
+        match self {
+            Self::Fresh => "0",
+            Self::Recorded => "1",
+            Self::Again => "2",
+        }
+    }
+}
+
+/// How a keyed reservation ended before its publish.
+pub(super) enum Keyed {
+    /// The script reserved (or refused with a reply of its own, e.g. `TOO_MANY`).
+    Reply(Reply),
+    /// The request is answered already: a remembered or durable answer.
+    Answered(Answer),
+}
+
+/// Runs a keyed reservation script until it reserves or the key answers
+/// (docs/credits.md, "Idempotency"). `STALE` (a record whose request started
+/// past the in-progress window and never finished) replays the durable record
+/// when Postgres has it, else runs again reusing the recorded id; with
+/// `again`, `UNPENDING` (that id is not pending any more: settled after the
+/// first look, or given back because its event is gone) does the same and
+/// then reserves under the id again. `CONFLICT`, `BUSY`, `REPLAY` and
+/// `INSUFFICIENT` (of `amount`) become their answers, see [`keyed_early`].
+pub(super) async fn reserve_keyed(
+    store: &CreditStore,
+    publisher: &Publisher,
+    user_id: &str,
+    idem: Option<&Idem>,
+    amount: i64,
+    again: bool,
+    invocation: impl Fn(Reuse) -> redis::ScriptInvocation<'static>,
+) -> Result<Keyed> {
+    let mut reuse = Reuse::Fresh;
+    let reply = loop {
+        let reply = run(store, publisher, user_id, || invocation(reuse)).await?;
+        let Some((i, next)) = idem.zip(retry_with(&reply.kind(), reuse, again)) else {
+            break reply;
+        };
+        let recorded = reply.str(0).map_err(bad_reply)?;
+        if let Some(answer) = durable_replay(store, user_id, i, recorded).await? {
+            return Ok(Keyed::Answered(answer));
+        }
+        reuse = next;
+    };
+    match keyed_early(&reply).map_err(|e| with_required(e, amount))? {
+        Some(answer) => Ok(Keyed::Answered(answer)),
+        None => Ok(Keyed::Reply(reply)),
+    }
+}
+
+/// The `reuse` of the next run of a keyed reservation after `tag`, or none
+/// when `tag` is the reply to act on (see [`reserve_keyed`]).
+fn retry_with(tag: &Tag, reuse: Reuse, again: bool) -> Option<Reuse> {
+    match (tag, reuse) {
+        (Tag::Stale, Reuse::Fresh) => Some(Reuse::Recorded),
+        (Tag::Unpending, Reuse::Recorded) if again => Some(Reuse::Again),
+        _ => None,
+    }
 }
 
 /// Stores a final 200 answer under the request's key. Best effort: when it
@@ -135,6 +210,22 @@ pub(super) fn expect_tag(reply: &Reply, tag: Tag) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_record_is_reused_once_and_an_unpending_one_reserved_again_where_allowed() {
+        use Reuse::*;
+        assert_eq!(retry_with(&Tag::Stale, Fresh, false), Some(Recorded));
+        assert_eq!(retry_with(&Tag::Stale, Fresh, true), Some(Recorded));
+        assert_eq!(retry_with(&Tag::Stale, Recorded, true), None);
+        assert_eq!(retry_with(&Tag::Unpending, Recorded, true), Some(Again));
+        assert_eq!(retry_with(&Tag::Unpending, Recorded, false), None);
+        assert_eq!(retry_with(&Tag::Unpending, Fresh, true), None);
+        assert_eq!(retry_with(&Tag::Unpending, Again, true), None);
+        for tag in [Tag::Ok, Tag::Busy, Tag::Conflict, Tag::Replay] {
+            assert_eq!(retry_with(&tag, Fresh, true), None);
+        }
+        assert_eq!([Fresh, Recorded, Again].map(Reuse::arg), ["0", "1", "2"]);
+    }
 
     #[test]
     fn early_replies_become_answers() {

@@ -8,8 +8,8 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 
 use super::deadline::Deadline;
 use super::error::{ApiError, Result};
@@ -17,8 +17,8 @@ use super::extract::{ApiJson, ApiQuery};
 use super::guard::{effective_limit, CurrentUser};
 use super::target::Target;
 use super::{guarded, Class};
-use crate::admin::{self, By, Unknown};
-use crate::audit::{self, Action, RequestId};
+use crate::admin::{self, By, Unknown, UserAnswer};
+use crate::audit::{self, Action, AuditAnswer, RequestId};
 use crate::error::Error;
 use crate::state::AppState;
 use crate::users::{Status, UserRecord};
@@ -61,28 +61,13 @@ impl<S: Send + Sync> FromRequestParts<S> for AdminUser {
 }
 
 /// What every change answers: the user's plan, status and effective limits.
-fn view(state: &AppState, rec: &UserRecord) -> Value {
-    let limits: Map<String, Value> = Class::ALL
-        .into_iter()
-        .map(|c| {
-            let l = effective_limit(state, rec, c);
-            let source = if rec.overrides.contains_key(c.as_str()) {
-                "override"
-            } else {
-                "plan"
-            };
-            (
-                c.as_str().to_string(),
-                json!({"limit": l.limit, "window_secs": l.window_secs, "source": source}),
-            )
-        })
-        .collect();
-    json!({
-        "user_id": rec.id,
-        "plan": rec.plan,
-        "status": rec.status.as_str(),
-        "rate_limits": limits,
-    })
+fn view(state: &AppState, rec: &UserRecord) -> Json<Value> {
+    answer(&UserAnswer::new(rec, |c| effective_limit(state, rec, c)))
+}
+
+/// An answer as JSON text: through `Value`, so its members keep the order they always had.
+fn answer(a: &impl Serialize) -> Json<Value> {
+    Json(serde_json::to_value(a).expect("an admin answer serializes"))
 }
 
 /// The target is provisioned first when never seen (docs/api.md "Conventions").
@@ -93,10 +78,19 @@ async fn provision(state: &AppState, id: &str) -> Result<()> {
 
 #[derive(Deserialize, utoipa::ToSchema)]
 pub(crate) struct PlanBody {
+    /// One of the configured plans (`plans.NAME`: by default free, pro, team, enterprise).
+    #[schema(min_length = 1, max_length = 64)]
     plan: String,
 }
 
-async fn set_plan(
+/// Change a user's plan (admin)
+#[utoipa::path(put, path = "/api/admin/users/{id}/plan", tag = "admin",
+    request_body = PlanBody,
+    responses(
+        (status = 200, description = "The user after the change", body = UserAnswer),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn set_plan(
     State(state): State<AppState>,
     AdminUser(caller): AdminUser,
     Target(id): Target,
@@ -112,7 +106,7 @@ async fn set_plan(
         request_id: &rid,
     };
     let change = admin::set_plan(&state.user_store, by, &id, &plan).await?;
-    Ok(Json(view(&state, &change.record)))
+    Ok(view(&state, &change.record))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -134,7 +128,14 @@ fn parse_class(field: &str, class: &str) -> Result<Class> {
     })
 }
 
-async fn set_rate_limit(
+/// Set a per-user rate-limit override (admin)
+#[utoipa::path(put, path = "/api/admin/users/{id}/rate-limits", tag = "admin",
+    request_body = RateLimitBody,
+    responses(
+        (status = 200, description = "The user after the change", body = UserAnswer),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn set_rate_limit(
     State(state): State<AppState>,
     AdminUser(caller): AdminUser,
     Target(id): Target,
@@ -178,7 +179,7 @@ async fn set_rate_limit(
             .bind(window)
             .execute(&mut *conn)
             .await?;
-            let previous = before.overrides.get(class.as_str());
+            let previous = before.overrides.get(&class);
             let details = json!({
                 "class": class.as_str(),
                 "limit": limit,
@@ -189,15 +190,41 @@ async fn set_rate_limit(
         })
     })
     .await?;
-    Ok(Json(view(&state, &rec)))
+    Ok(view(&state, &rec))
 }
 
+/// The query of `DELETE /api/admin/users/{id}/rate-limits`. `class` is read
+/// as an optional string so that a missing or unknown one is a 422 naming it.
 #[derive(Deserialize)]
-struct ClassQuery {
+pub(crate) struct ClassQuery {
     class: Option<String>,
 }
 
-async fn delete_rate_limit(
+/// By hand: the derive cannot state both `schema_with` and `required`.
+impl utoipa::IntoParams for ClassQuery {
+    fn into_params(
+        _: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        vec![ParameterBuilder::new()
+            .name("class")
+            .parameter_in(ParameterIn::Query)
+            .required(utoipa::openapi::Required::True)
+            .description(Some("The class whose override to remove"))
+            .schema(Some(super::openapi::class_schema()))
+            .build()]
+    }
+}
+
+/// Remove a per-user rate-limit override (admin)
+#[utoipa::path(delete, path = "/api/admin/users/{id}/rate-limits", tag = "admin",
+    params(ClassQuery),
+    responses(
+        (status = 200, description = "The user after the change", body = UserAnswer),
+        (status = 404, description = "No such user, or no override of this class"),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn delete_rate_limit(
     State(state): State<AppState>,
     AdminUser(caller): AdminUser,
     Target(id): Target,
@@ -220,7 +247,7 @@ async fn delete_rate_limit(
     let ((), rec) = audit::change_user(&state.user_store, action, &id, |conn, before| {
         Box::pin(async move {
             // Nothing to remove: 404 rolls back, so no audit row either.
-            let Some(previous) = before.overrides.get(class.as_str()) else {
+            let Some(previous) = before.overrides.get(&class) else {
                 return Err(Error::NotFound(format!(
                     "no {} override for this user",
                     class.as_str()
@@ -239,7 +266,7 @@ async fn delete_rate_limit(
         })
     })
     .await?;
-    Ok(Json(view(&state, &rec)))
+    Ok(view(&state, &rec))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -248,7 +275,14 @@ pub(crate) struct StatusBody {
     status: String,
 }
 
-async fn set_status(
+/// Suspend or reactivate a user (admin)
+#[utoipa::path(put, path = "/api/admin/users/{id}/status", tag = "admin",
+    request_body = StatusBody,
+    responses(
+        (status = 200, description = "The user after the change", body = UserAnswer),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn set_status(
     State(state): State<AppState>,
     AdminUser(caller): AdminUser,
     Target(id): Target,
@@ -289,12 +323,19 @@ async fn set_status(
         })
     })
     .await?;
-    Ok(Json(view(&state, &rec)))
+    Ok(view(&state, &rec))
 }
 
-#[derive(Deserialize)]
-struct AuditQuery {
+/// The query of `GET /api/admin/audit`. `limit` is read as a string so that a
+/// bad one is a 422 naming it ([`audit_limit`]).
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct AuditQuery {
+    /// Only entries about this user (empty: every entry).
+    #[param(max_length = 64, pattern = "^[A-Za-z0-9_-]*$")]
     user_id: Option<String>,
+    /// How many entries, newest first.
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 1000, default = 50)]
     limit: Option<String>,
 }
 
@@ -310,7 +351,14 @@ fn audit_limit(raw: Option<&str>) -> Result<i64> {
     }
 }
 
-async fn list_audit(
+/// The audit trail, newest first (admin)
+#[utoipa::path(get, path = "/api/admin/audit", tag = "admin",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "The newest entries", body = AuditAnswer),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn list_audit(
     State(state): State<AppState>,
     _admin: AdminUser,
     ApiQuery(q): ApiQuery<AuditQuery>,
@@ -326,8 +374,13 @@ async fn list_audit(
         }
     }
     let entries = audit::list(&state.pg, target.as_deref(), limit).await?;
-    Ok(Json(json!({"entries": entries})))
+    Ok(answer(&AuditAnswer { entries }))
 }
+
+/// The admin operations of the OpenAPI document (the grant is in `http::credits`).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(set_plan, set_rate_limit, delete_rate_limit, set_status, list_audit))]
+pub(crate) struct Doc;
 
 #[cfg(test)]
 mod tests {
@@ -340,8 +393,124 @@ mod tests {
         assert_eq!(audit_limit(Some("1000")).unwrap(), 1000);
         for bad in ["0", "1001", "-1", "ten", ""] {
             match audit_limit(Some(bad)) {
-                Err(ApiError::Validation { field, .. }) => assert_eq!(field, "limit"),
+                Err(ApiError::Domain(crate::error::Error::Validation { field, .. })) => {
+                    assert_eq!(field, "limit")
+                }
                 other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    /// The member names of the schema `$ref` points to.
+    fn properties(doc: &Value, schema: &Value) -> Vec<String> {
+        let name = schema["$ref"]
+            .as_str()
+            .expect("a $ref")
+            .rsplit('/')
+            .next()
+            .unwrap();
+        let mut names: Vec<String> = doc["components"]["schemas"][name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name} has properties"))
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_doc_lists_every_admin_operation_with_its_answer() {
+        use utoipa::OpenApi;
+        let doc = serde_json::to_value(Doc::openapi()).unwrap();
+        let user: &[&str] = &["plan", "rate_limits", "status", "user_id"];
+        let ops: [(&str, &str, &str, &[&str]); 5] = [
+            (
+                "put",
+                "/api/admin/users/{id}/plan",
+                "Change a user's plan (admin)",
+                user,
+            ),
+            (
+                "put",
+                "/api/admin/users/{id}/rate-limits",
+                "Set a per-user rate-limit override (admin)",
+                user,
+            ),
+            (
+                "delete",
+                "/api/admin/users/{id}/rate-limits",
+                "Remove a per-user rate-limit override (admin)",
+                user,
+            ),
+            (
+                "put",
+                "/api/admin/users/{id}/status",
+                "Suspend or reactivate a user (admin)",
+                user,
+            ),
+            (
+                "get",
+                "/api/admin/audit",
+                "The audit trail, newest first (admin)",
+                &["entries"],
+            ),
+        ];
+        assert_eq!(doc["paths"].as_object().unwrap().len(), 4);
+        for (method, path, summary, members) in ops {
+            let op = &doc["paths"][path][method];
+            assert_eq!(op["tags"], json!(["admin"]), "{method} {path}");
+            assert_eq!(op["summary"], summary, "{method} {path}");
+            let schema = &op["responses"]["200"]["content"]["application/json"]["schema"];
+            assert_eq!(properties(&doc, schema), *members, "{method} {path}");
+        }
+        let schemas = &doc["components"]["schemas"];
+        let entry = json!({"$ref": "#/components/schemas/AuditEntry"});
+        let fields = ["action", "actor", "at", "details", "request_id", "target"];
+        assert_eq!(properties(&doc, &entry), fields);
+        // Every member is always there, `target` and `request_id` maybe null.
+        assert_eq!(
+            schemas["AuditEntry"]["required"].as_array().unwrap().len(),
+            6
+        );
+        assert_eq!(
+            properties(
+                &doc,
+                &json!({"$ref": "#/components/schemas/EffectiveLimit"})
+            ),
+            ["limit", "source", "window_secs"]
+        );
+        assert_eq!(schemas["LimitSource"]["enum"], json!(["override", "plan"]));
+
+        let audit = &doc["paths"]["/api/admin/audit"]["get"]["parameters"];
+        assert_eq!(audit[0]["name"], "user_id");
+        assert_eq!(audit[1]["name"], "limit");
+        assert_eq!(audit[1]["in"], "query");
+        assert_eq!(audit[1]["required"], false);
+        let limit = &audit[1]["schema"];
+        assert_eq!(
+            (&limit["type"], &limit["default"]),
+            (&json!("integer"), &json!(50))
+        );
+        assert_eq!(
+            (&limit["minimum"], &limit["maximum"]),
+            (&json!(1), &json!(MAX_AUDIT_LIMIT))
+        );
+        let delete = &doc["paths"]["/api/admin/users/{id}/rate-limits"]["delete"]["parameters"];
+        let names: Vec<&str> = Class::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(delete.as_array().unwrap().len(), 1);
+        assert_eq!(
+            (&delete[0]["name"], &delete[0]["in"]),
+            (&json!("class"), &json!("query"))
+        );
+        assert_eq!(delete[0]["required"], true);
+        assert_eq!(delete[0]["schema"]["enum"], json!(names));
+        for (method, path, ..) in ops {
+            if method != "get" && method != "delete" {
+                assert!(
+                    doc["paths"][path][method].get("parameters").is_none(),
+                    "{path}"
+                );
             }
         }
     }

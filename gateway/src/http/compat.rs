@@ -5,7 +5,8 @@
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::error::Result;
 use super::guard::CurrentUser;
@@ -20,20 +21,42 @@ pub fn router(state: &AppState) -> Router<AppState> {
     guarded(state, Class::Profile, routes)
 }
 
-/// `GET /api/vscode/user/balance` → `{balance, held, as_of, plan}`.
-async fn balance(State(state): State<AppState>, user: CurrentUser) -> Result<Json<Value>> {
+/// The caller's balance (original client)
+///
+/// `{balance, held, as_of, plan}`, the balance read as the credit routes read it.
+#[utoipa::path(get, path = "/api/vscode/user/balance", tag = "profile",
+    responses(
+        (status = 200, description = "The balance", body = BalanceAnswer),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn balance(
+    State(state): State<AppState>,
+    user: CurrentUser,
+) -> Result<Json<BalanceAnswer>> {
     let b = crate::credits::balance(&state.credits, &state.publisher, user.id()).await?;
-    Ok(Json(json!({
-        "balance": b.balance,
-        "held": b.held,
-        "as_of": b.as_of.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-        "plan": user.record.plan,
-    })))
+    Ok(Json(BalanceAnswer {
+        balance: b.balance,
+        held: b.held,
+        as_of: b
+            .as_of
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        plan: user.record.plan.clone(),
+    }))
 }
 
-/// `GET /api/vscode/user/subscription` → `{plan, status, subscription}`: the
-/// newest `subscriptions` row, or null for users on a plan without one.
-async fn subscription(State(state): State<AppState>, user: CurrentUser) -> Result<Json<Value>> {
+/// The caller's plan and subscription (original client)
+///
+/// `{plan, status, subscription}`: the newest `subscriptions` row, or null
+/// for users on a plan without one.
+#[utoipa::path(get, path = "/api/vscode/user/subscription", tag = "profile",
+    responses(
+        (status = 200, description = "The plan and subscription", body = SubscriptionAnswer),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn subscription(
+    State(state): State<AppState>,
+    user: CurrentUser,
+) -> Result<Json<SubscriptionAnswer>> {
     let row: Option<Value> = sqlx::query_scalar(
         "select jsonb_build_object('id', id::text, 'plan', plan, 'status', status, \
            'current_period_start', current_period_start, 'current_period_end', current_period_end, \
@@ -43,11 +66,15 @@ async fn subscription(State(state): State<AppState>, user: CurrentUser) -> Resul
     .bind(user.id())
     .fetch_optional(&state.pg)
     .await?;
-    Ok(Json(json!({
-        "plan": user.record.plan,
-        "status": user.record.status.as_str(),
-        "subscription": row,
-    })))
+    let subscription = row
+        .map(serde_json::from_value::<CompatSubscription>)
+        .transpose()
+        .map_err(|e| crate::error::Error::Internal(e.into()))?;
+    Ok(Json(SubscriptionAnswer {
+        plan: user.record.plan.clone(),
+        status: user.record.status.as_str().to_string(),
+        subscription,
+    }))
 }
 
 /// Splits a display name the way the original client shows it: the first
@@ -68,10 +95,20 @@ pub fn split_name(name: Option<&str>) -> (Option<String>, Option<String>) {
     }
 }
 
-/// `GET /api/auth/user-info`: `{"user_id", "email", "firstName", "lastName", "plan"}`.
-/// The token's claims answer when they carry email and name; otherwise the
-/// stored profile fills the gaps (this is not a hot route).
-async fn user_info(State(state): State<AppState>, user: CurrentUser) -> Result<Json<Value>> {
+/// The caller's identity (original client)
+///
+/// `{"user_id", "email", "firstName", "lastName", "plan"}`. The token's
+/// claims answer when they carry email and name; otherwise the stored
+/// profile fills the gaps (this is not a hot route).
+#[utoipa::path(get, path = "/api/auth/user-info", tag = "profile",
+    responses(
+        (status = 200, description = "The caller's identity", body = UserInfoAnswer),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn user_info(
+    State(state): State<AppState>,
+    user: CurrentUser,
+) -> Result<Json<UserInfoAnswer>> {
     let (mut email, mut name) = (user.claims.email.clone(), user.claims.name.clone());
     if email.is_none() || name.is_none() {
         let row: Option<(Option<String>, Option<String>)> =
@@ -84,15 +121,86 @@ async fn user_info(State(state): State<AppState>, user: CurrentUser) -> Result<J
             name = name.or(n);
         }
     }
-    let (first, last) = split_name(name.as_deref());
-    Ok(Json(json!({
-        "user_id": user.id(),
-        "email": email,
-        "firstName": first,
-        "lastName": last,
-        "plan": user.record.plan,
-    })))
+    let (first_name, last_name) = split_name(name.as_deref());
+    Ok(Json(UserInfoAnswer {
+        user_id: user.id().to_string(),
+        email,
+        first_name,
+        last_name,
+        plan: user.record.plan.clone(),
+    }))
 }
+
+// The answers live here, beside the one code that builds them (the domain's
+// `crate::users` has no room left under the 800-line bound).
+
+/// `GET /api/vscode/user/balance` (original client).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BalanceAnswer {
+    /// Spendable credits (settled balance minus open holds).
+    pub balance: i64,
+    /// Credits reserved by open holds.
+    pub held: i64,
+    /// Time of the newest settled event behind the figure (milliseconds); null before any.
+    #[schema(format = DateTime)]
+    pub as_of: Option<String>,
+    /// The caller's plan.
+    pub plan: String,
+}
+
+/// `GET /api/vscode/user/subscription` (original client).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SubscriptionAnswer {
+    /// The caller's plan.
+    pub plan: String,
+    /// The caller's account status.
+    pub status: String,
+    /// The newest subscription row; null for users on a plan without one.
+    pub subscription: Option<CompatSubscription>,
+}
+
+/// A `subscriptions` row as the original client reads it (times as Postgres's
+/// JSON writes them).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CompatSubscription {
+    /// The subscription's id.
+    pub id: String,
+    /// Plan of the subscription.
+    pub plan: String,
+    /// Its status (e.g. `active`, `canceled`).
+    pub status: String,
+    /// Start of the current billing period; null when not known.
+    #[schema(format = DateTime)]
+    pub current_period_start: Option<String>,
+    /// End of the current billing period; null when not known.
+    #[schema(format = DateTime)]
+    pub current_period_end: Option<String>,
+    /// When the row was created.
+    #[schema(format = DateTime)]
+    pub created_at: String,
+}
+
+/// `GET /api/auth/user-info` (original client): names split as it shows them.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UserInfoAnswer {
+    /// The caller's id.
+    pub user_id: String,
+    /// From the token, else as stored; null when neither has one.
+    pub email: Option<String>,
+    /// First word of the display name; null without a name.
+    #[serde(rename = "firstName")]
+    pub first_name: Option<String>,
+    /// The rest of the display name; null when it is one word.
+    #[serde(rename = "lastName")]
+    pub last_name: Option<String>,
+    /// The caller's plan.
+    pub plan: String,
+}
+
+/// The operations of this module (docs/compatibility.md).
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(balance, subscription, user_info))]
+pub(crate) struct Doc;
 
 #[cfg(test)]
 mod tests {
@@ -112,5 +220,72 @@ mod tests {
         assert_eq!(s("Plato"), (Some("Plato".into()), None));
         assert_eq!(s("   "), (None, None));
         assert_eq!(split_name(None), (None, None));
+    }
+
+    fn names(v: &Value) -> Vec<String> {
+        let mut n: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn the_doc_lists_the_original_clients_routes_with_tag_summary_and_answers() {
+        use utoipa::OpenApi;
+        let doc = serde_json::to_value(Doc::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        for (path, summary, answer, members) in [
+            (
+                "/api/vscode/user/balance",
+                "The caller's balance (original client)",
+                "BalanceAnswer",
+                &["as_of", "balance", "held", "plan"][..],
+            ),
+            (
+                "/api/vscode/user/subscription",
+                "The caller's plan and subscription (original client)",
+                "SubscriptionAnswer",
+                &["plan", "status", "subscription"][..],
+            ),
+            (
+                "/api/auth/user-info",
+                "The caller's identity (original client)",
+                "UserInfoAnswer",
+                &["email", "firstName", "lastName", "plan", "user_id"][..],
+            ),
+        ] {
+            let op = &doc["paths"][path]["get"];
+            assert_eq!(op["tags"], serde_json::json!(["profile"]), "{path}");
+            assert_eq!(op["summary"], summary, "{path}");
+            assert!(op["responses"]["503"].is_object(), "{path}");
+            let ok = &op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"];
+            assert_eq!(ok, &format!("#/components/schemas/{answer}"), "{path}");
+            assert_eq!(names(&schemas[answer]["properties"]), members, "{path}");
+        }
+        assert_eq!(
+            names(&schemas["CompatSubscription"]["properties"]),
+            [
+                "created_at",
+                "current_period_end",
+                "current_period_start",
+                "id",
+                "plan",
+                "status"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_answers_keep_the_original_clients_member_names() {
+        let info = UserInfoAnswer {
+            user_id: "u".into(),
+            email: None,
+            first_name: Some("Ada".into()),
+            last_name: None,
+            plan: "free".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(info).unwrap(),
+            serde_json::json!({"user_id": "u", "email": null, "firstName": "Ada", "lastName": null, "plan": "free"})
+        );
     }
 }

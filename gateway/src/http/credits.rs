@@ -19,7 +19,8 @@ use super::{guarded, Class};
 use crate::admin::{self, Unknown};
 use crate::audit::RequestId;
 use crate::credits::{
-    self, Answer, ConsumeBody, GrantBody, GrantRequest, HoldBody, Idem, Remembered, SettleBody,
+    self, Answer, ConsumeAnswer, ConsumeBody, GrantAnswer, GrantBody, GrantRequest, HoldAnswer,
+    HoldBody, Idem, Remembered, SettleAnswer, SettleBody,
 };
 use crate::state::AppState;
 
@@ -42,8 +43,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
 }
 
 fn hold_id(raw: &str) -> Result<Uuid> {
-    raw.parse()
-        .map_err(|_| ApiError::NotFound("no such hold".into()))
+    raw.parse().map_err(|_| ApiError::not_found("no such hold"))
 }
 
 /// A fresh answer is 200; a remembered one says so in `Idempotent-Replayed`.
@@ -54,7 +54,8 @@ fn respond(answer: Answer) -> Response {
             ((StatusCode::OK, Json(body)).into_response(), true)
         }
         Answer::Replayed(Remembered::Insufficient { balance, required }) => (
-            ApiError::InsufficientCredits { balance, required }.into_response(),
+            ApiError::from(crate::error::Error::InsufficientCredits { balance, required })
+                .into_response(),
             true,
         ),
     };
@@ -65,7 +66,17 @@ fn respond(answer: Answer) -> Response {
     resp
 }
 
-async fn consume(
+/// Consume credits (idempotent with Idempotency-Key)
+#[utoipa::path(post, path = "/api/users/{id}/credits/consume", tag = "credits",
+    request_body = ConsumeBody,
+    params(IdempotencyHeader),
+    responses(
+        (status = 200, description = "Consumed (`Idempotent-Replayed: true` on a replay)", body = ConsumeAnswer),
+        (status = 402, description = "Insufficient credits"),
+        (status = 409, description = "Idempotency conflict"),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn consume(
     State(state): State<AppState>,
     user: CurrentUser,
     Target(id): Target,
@@ -83,7 +94,17 @@ async fn consume(
     ))
 }
 
-async fn open_hold(
+/// Hold credits before a model call
+#[utoipa::path(post, path = "/api/users/{id}/credits/holds", tag = "credits",
+    request_body = HoldBody,
+    params(IdempotencyHeader),
+    responses(
+        (status = 200, description = "Held (`Idempotent-Replayed: true` on a replay)", body = HoldAnswer),
+        (status = 402, description = "Insufficient credits"),
+        (status = 409, description = "Idempotency conflict, or the hold of a retry has ended"),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn open_hold(
     State(state): State<AppState>,
     user: CurrentUser,
     Target(id): Target,
@@ -112,7 +133,16 @@ async fn open_hold(
     ))
 }
 
-async fn settle_hold(
+/// Settle a hold with the real amount
+#[utoipa::path(post, path = "/api/users/{id}/credits/holds/{hold_id}/settle", tag = "credits",
+    request_body = SettleBody,
+    responses(
+        (status = 200, description = "Settled (`Idempotent-Replayed: true` when settled before)", body = SettleAnswer),
+        (status = 404, description = "No such hold"),
+        (status = 409, description = "The hold expired or was released"),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn settle_hold(
     State(state): State<AppState>,
     user: CurrentUser,
     Target(id): Target,
@@ -129,7 +159,15 @@ async fn settle_hold(
     ))
 }
 
-async fn release_hold(
+/// Release a hold whole
+#[utoipa::path(delete, path = "/api/users/{id}/credits/holds/{hold_id}", tag = "credits",
+    responses(
+        (status = 204, description = "Released (or ended before)"),
+        (status = 404, description = "No such hold"),
+        (status = 409, description = "The hold was settled"),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn release_hold(
     State(state): State<AppState>,
     user: CurrentUser,
     Target(id): Target,
@@ -143,7 +181,16 @@ async fn release_hold(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn grant(
+/// Grant credits (admin)
+#[utoipa::path(post, path = "/api/admin/users/{id}/credits/grant", tag = "admin",
+    request_body = GrantBody,
+    params(IdempotencyHeader),
+    responses(
+        (status = 200, description = "Granted (`Idempotent-Replayed: true` on a replay)", body = GrantAnswer),
+        (status = 409, description = "Idempotency conflict"),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn grant(
     State(state): State<AppState>,
     AdminUser(user): AdminUser,
     Target(id): Target,
@@ -175,4 +222,125 @@ async fn grant(
 /// The raw `Idempotency-Key` header, for [`credits::idempotency_key`] to judge.
 fn idempotency_header(headers: &HeaderMap) -> Option<&[u8]> {
     headers.get("idempotency-key").map(HeaderValue::as_bytes)
+}
+
+/// The `Idempotency-Key` header of the credit POSTs and the grant (docs/api.md "Credits"),
+/// for the document only: the handlers read its raw bytes ([`idempotency_header`]), so that a
+/// key that is not visible ASCII is a 422 naming it.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub(crate) struct IdempotencyHeader {
+    /// The same key and body again answer the first answer (1..=255 visible ASCII characters).
+    #[param(rename = "Idempotency-Key", max_length = 255, nullable = false)]
+    idempotency_key: Option<String>,
+}
+
+/// The credit operations of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(consume, open_hold, settle_hold, release_hold, grant))]
+pub(crate) struct Doc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use utoipa::OpenApi;
+
+    /// The member names of the schema `$ref` points to.
+    fn properties(doc: &Value, schema: &Value) -> Vec<String> {
+        let name = schema["$ref"]
+            .as_str()
+            .expect("a $ref")
+            .rsplit('/')
+            .next()
+            .unwrap();
+        let mut names: Vec<String> = doc["components"]["schemas"][name]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name} has properties"))
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_doc_lists_every_credit_operation_with_its_answer() {
+        let doc = serde_json::to_value(Doc::openapi()).unwrap();
+        let ops: [(&str, &str, &str, &str, &[&str]); 5] = [
+            (
+                "post",
+                "/api/users/{id}/credits/consume",
+                "credits",
+                "Consume credits (idempotent with Idempotency-Key)",
+                &[
+                    "amount",
+                    "balance",
+                    "remaining_credits",
+                    "success",
+                    "transaction_id",
+                    "user_id",
+                ],
+            ),
+            (
+                "post",
+                "/api/users/{id}/credits/holds",
+                "credits",
+                "Hold credits before a model call",
+                &["amount", "balance", "expires_at", "held", "hold_id"],
+            ),
+            (
+                "post",
+                "/api/users/{id}/credits/holds/{hold_id}/settle",
+                "credits",
+                "Settle a hold with the real amount",
+                &["amount", "balance", "released", "transaction_id"],
+            ),
+            (
+                "delete",
+                "/api/users/{id}/credits/holds/{hold_id}",
+                "credits",
+                "Release a hold whole",
+                &[],
+            ),
+            (
+                "post",
+                "/api/admin/users/{id}/credits/grant",
+                "admin",
+                "Grant credits (admin)",
+                &["balance", "transaction_id"],
+            ),
+        ];
+        assert_eq!(doc["paths"].as_object().unwrap().len(), 5);
+        for (method, path, tag, summary, members) in ops {
+            let op = &doc["paths"][path][method];
+            assert_eq!(op["tags"], json!([tag]), "{method} {path}");
+            assert_eq!(op["summary"], summary, "{method} {path}");
+            if members.is_empty() {
+                assert!(op["responses"]["204"].is_object(), "{path}");
+                assert!(op["responses"]["204"].get("content").is_none(), "{path}");
+                continue;
+            }
+            let schema = &op["responses"]["200"]["content"]["application/json"]["schema"];
+            assert_eq!(properties(&doc, schema), *members, "{method} {path}");
+            // Every member is always present.
+            let name = schema["$ref"].as_str().unwrap().rsplit('/').next().unwrap();
+            let required = doc["components"]["schemas"][name]["required"]
+                .as_array()
+                .unwrap();
+            assert_eq!(required.len(), members.len(), "{name}");
+            // Only the POSTs that take a key declare it; path parameters are left to `http::openapi`.
+            let header = json!([{"name": "Idempotency-Key", "in": "header", "required": false,
+                "description": "The same key and body again answer the first answer (1..=255 visible ASCII characters).",
+                "schema": {"type": "string", "maxLength": 255}}]);
+            if path.ends_with("/settle") {
+                assert!(op.get("parameters").is_none(), "{path}");
+            } else {
+                assert_eq!(op["parameters"], header, "{path}");
+            }
+        }
+        let hold = &doc["components"]["schemas"]["HoldAnswer"]["properties"]["expires_at"];
+        assert_eq!(hold["format"], "date-time");
+    }
 }

@@ -1,58 +1,34 @@
 //! The HTTP face of errors, mapped once to `application/problem+json`
-//! (docs/api.md). Domain errors ([`crate::error::Error`]) arrive through
-//! `From<Error>`; the cases only HTTP can meet (no token, bytes that are not
+//! (docs/api.md). Domain errors ([`crate::error::Error`]) arrive whole
+//! (`ApiError::Domain`), each case mapped once below; the cases only HTTP can meet (no token, bytes that are not
 //! JSON, a body over the limit, a missed deadline) are made here. 5xx causes
 //! are logged here, once; the client sees only what it may.
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use crate::error::Error;
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 
+/// An error as HTTP answers it: what the domain decided ([`Error`], each
+/// case once), or one of the cases only the HTTP layer meets.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// What the domain decided; its cases are mapped below, once.
+    #[error(transparent)]
+    Domain(#[from] Error),
+    /// 401: no usable credentials.
     #[error("{0}")]
     Unauthorized(String),
-    #[error("{0}")]
-    Forbidden(String),
-    #[error("this account is suspended")]
-    AccountSuspended,
-    #[error("this account has been deleted")]
-    AccountDeleted,
-    #[error("{0}")]
-    NotFound(String),
     /// 400: the body is not JSON at all.
     #[error("{0}")]
     MalformedJson(String),
-    /// 422: JSON of the wrong shape or values, or a bad query parameter.
-    /// `field` is the path of the offending member (`events[3].model`).
-    #[error("{field}: {message}")]
-    Validation { field: String, message: String },
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("the body must be application/json")]
     UnsupportedMediaType,
-    #[error("rate limit exceeded; retry after {retry_after} s")]
-    RateLimited { retry_after: u64 },
-    #[error("the balance cannot cover this amount")]
-    InsufficientCredits { balance: i64, required: i64 },
-    #[error("{0}")]
-    IdempotencyConflict(String),
-    #[error("this hold has expired or was released")]
-    HoldExpired,
-    #[error("extension version {have} is below the minimum {need}")]
-    UpgradeRequired { have: String, need: String },
-    /// 503: a dependency is down; the client should retry later.
-    #[error("{what} is unavailable")]
-    Unavailable {
-        what: &'static str,
-        retry_after: u64,
-        #[source]
-        cause: Option<anyhow::Error>,
-    },
     /// 503: the request did not reach its commit point within
     /// `gateway.request_timeout_ms` (see `http::deadline`). docs/api.md has no
     /// 504 and no `timeout` code: a deadline passes because something behind
@@ -60,127 +36,234 @@ pub enum ApiError {
     /// the request was written, so a retry is safe.
     #[error("the request did not complete within {after_ms} ms; nothing was changed")]
     DeadlineExceeded { after_ms: u64 },
-    /// 500: a bug. Never expected.
-    #[error("internal error")]
-    Internal(#[from] anyhow::Error),
 }
 
 impl ApiError {
+    /// 422 naming `field` (a body member's path, a query parameter or a header).
     pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Validation {
-            field: field.into(),
-            message: message.into(),
-        }
+        Error::validation(field, message).into()
     }
 
     pub fn unavailable(what: &'static str, cause: impl Into<anyhow::Error>) -> Self {
-        Self::Unavailable {
-            what,
-            retry_after: 5,
-            cause: Some(cause.into()),
+        Error::unavailable(what, cause).into()
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Error::NotFound(message.into()).into()
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Error::Forbidden(message.into()).into()
+    }
+
+    pub fn rate_limited(retry_after: u64) -> Self {
+        Error::RateLimited { retry_after }.into()
+    }
+
+    /// The domain's case, when this is one.
+    pub fn domain(&self) -> Option<&Error> {
+        match self {
+            Self::Domain(e) => Some(e),
+            _ => None,
         }
     }
 
     pub fn status(&self) -> StatusCode {
-        match self {
-            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::Forbidden(_) | Self::AccountSuspended | Self::AccountDeleted => {
+        let e = match self {
+            Self::Domain(e) => e,
+            Self::Unauthorized(_) => return StatusCode::UNAUTHORIZED,
+            Self::MalformedJson(_) => return StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge(_) => return StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => return StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::DeadlineExceeded { .. } => return StatusCode::SERVICE_UNAVAILABLE,
+        };
+        match e {
+            Error::Forbidden(_) | Error::AccountSuspended | Error::AccountDeleted => {
                 StatusCode::FORBIDDEN
             }
-            Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::MalformedJson(_) => StatusCode::BAD_REQUEST,
-            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
-            Self::IdempotencyConflict(_) | Self::HoldExpired => StatusCode::CONFLICT,
-            Self::UpgradeRequired { .. } => StatusCode::UPGRADE_REQUIRED,
-            Self::Unavailable { .. } | Self::DeadlineExceeded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+            Error::IdempotencyConflict(_) | Error::HoldExpired => StatusCode::CONFLICT,
+            Error::UpgradeRequired { .. } => StatusCode::UPGRADE_REQUIRED,
+            Error::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::Unauthorized(_) => "unauthorized",
-            Self::Forbidden(_) => "forbidden",
-            Self::AccountSuspended => "account_suspended",
-            Self::AccountDeleted => "account_deleted",
-            Self::NotFound(_) => "not_found",
-            Self::MalformedJson(_) | Self::Validation { .. } => "validation_failed",
-            Self::PayloadTooLarge(_) => "payload_too_large",
-            Self::UnsupportedMediaType => "unsupported_media_type",
-            Self::RateLimited { .. } => "rate_limited",
-            Self::InsufficientCredits { .. } => "insufficient_credits",
-            Self::IdempotencyConflict(_) => "idempotency_conflict",
-            Self::HoldExpired => "hold_expired",
-            Self::UpgradeRequired { .. } => "upgrade_required",
-            Self::Unavailable { .. } | Self::DeadlineExceeded { .. } => "unavailable",
-            Self::Internal(_) => "internal",
+        self.kind().as_str()
+    }
+
+    /// The error code of docs/api.md this case answers with.
+    pub fn kind(&self) -> Code {
+        let e = match self {
+            Self::Domain(e) => e,
+            Self::Unauthorized(_) => return Code::Unauthorized,
+            Self::MalformedJson(_) => return Code::ValidationFailed,
+            Self::PayloadTooLarge(_) => return Code::PayloadTooLarge,
+            Self::UnsupportedMediaType => return Code::UnsupportedMediaType,
+            Self::DeadlineExceeded { .. } => return Code::Unavailable,
+        };
+        match e {
+            Error::Forbidden(_) => Code::Forbidden,
+            Error::AccountSuspended => Code::AccountSuspended,
+            Error::AccountDeleted => Code::AccountDeleted,
+            Error::NotFound(_) => Code::NotFound,
+            Error::Validation { .. } => Code::ValidationFailed,
+            Error::RateLimited { .. } => Code::RateLimited,
+            Error::InsufficientCredits { .. } => Code::InsufficientCredits,
+            Error::IdempotencyConflict(_) => Code::IdempotencyConflict,
+            Error::HoldExpired => Code::HoldExpired,
+            Error::UpgradeRequired { .. } => Code::UpgradeRequired,
+            Error::Unavailable { .. } => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
         }
     }
 
     fn title(&self) -> &'static str {
-        match self {
-            Self::Unauthorized(_) => "Unauthorized",
-            Self::Forbidden(_) => "Forbidden",
-            Self::AccountSuspended => "Account suspended",
-            Self::AccountDeleted => "Account deleted",
-            Self::NotFound(_) => "Not found",
-            Self::MalformedJson(_) => "Malformed JSON",
-            Self::Validation { .. } => "Validation failed",
-            Self::PayloadTooLarge(_) => "Payload too large",
-            Self::UnsupportedMediaType => "Unsupported media type",
-            Self::RateLimited { .. } => "Too many requests",
-            Self::InsufficientCredits { .. } => "Insufficient credits",
-            Self::IdempotencyConflict(_) => "Idempotency conflict",
-            Self::HoldExpired => "Hold expired",
-            Self::UpgradeRequired { .. } => "Upgrade required",
-            Self::Unavailable { .. } | Self::DeadlineExceeded { .. } => "Service unavailable",
-            Self::Internal(_) => "Internal server error",
+        let e = match self {
+            Self::Domain(e) => e,
+            Self::Unauthorized(_) => return "Unauthorized",
+            Self::MalformedJson(_) => return "Malformed JSON",
+            Self::PayloadTooLarge(_) => return "Payload too large",
+            Self::UnsupportedMediaType => return "Unsupported media type",
+            Self::DeadlineExceeded { .. } => return "Service unavailable",
+        };
+        match e {
+            Error::Forbidden(_) => "Forbidden",
+            Error::AccountSuspended => "Account suspended",
+            Error::AccountDeleted => "Account deleted",
+            Error::NotFound(_) => "Not found",
+            Error::Validation { .. } => "Validation failed",
+            Error::RateLimited { .. } => "Too many requests",
+            Error::InsufficientCredits { .. } => "Insufficient credits",
+            Error::IdempotencyConflict(_) => "Idempotency conflict",
+            Error::HoldExpired => "Hold expired",
+            Error::UpgradeRequired { .. } => "Upgrade required",
+            Error::Unavailable { .. } => "Service unavailable",
+            Error::Internal(_) => "Internal server error",
         }
     }
 
     /// The problem document, with the original backend's `error`/`message` twins.
-    pub fn body(&self) -> Value {
+    pub fn problem(&self) -> Problem {
         let detail = self.to_string();
-        let mut body = Map::new();
-        body.insert(
-            "type".into(),
-            json!(format!("https://errors.vsc-backend.dev/{}", self.code())),
-        );
-        body.insert("title".into(), json!(self.title()));
-        body.insert("status".into(), json!(self.status().as_u16()));
-        body.insert("detail".into(), json!(detail));
-        body.insert("code".into(), json!(self.code()));
-        body.insert("error".into(), json!(self.title()));
-        body.insert("message".into(), json!(detail));
-        match self {
-            Self::InsufficientCredits { balance, required } => {
-                body.insert("balance".into(), json!(balance));
-                body.insert("required".into(), json!(required));
+        let code = self.kind();
+        let mut p = Problem {
+            r#type: format!("https://errors.vsc-backend.dev/{}", code.as_str()),
+            title: self.title(),
+            status: self.status().as_u16(),
+            detail: detail.clone(),
+            code,
+            error: self.title(),
+            message: detail,
+            balance: None,
+            required: None,
+            field: None,
+            min_extension_version: None,
+        };
+        match self.domain() {
+            Some(Error::InsufficientCredits { balance, required }) => {
+                p.balance = Some(*balance);
+                p.required = Some(*required);
             }
-            Self::Validation { field, .. } => {
-                body.insert("field".into(), json!(field));
-            }
-            Self::UpgradeRequired { need, .. } => {
-                body.insert("min_extension_version".into(), json!(need));
+            Some(Error::Validation { field, .. }) => p.field = Some(field.clone()),
+            Some(Error::UpgradeRequired { need, .. }) => {
+                p.min_extension_version = Some(need.clone())
             }
             _ => {}
         }
-        Value::Object(body)
+        p
     }
+
+    /// [`Self::problem`] as JSON.
+    pub fn body(&self) -> Value {
+        serde_json::to_value(self.problem()).unwrap_or_default()
+    }
+}
+
+/// The error codes of docs/api.md: `code` of every problem document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    Unauthorized,
+    Forbidden,
+    AccountSuspended,
+    AccountDeleted,
+    NotFound,
+    ValidationFailed,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    RateLimited,
+    InsufficientCredits,
+    IdempotencyConflict,
+    HoldExpired,
+    UpgradeRequired,
+    Unavailable,
+    Internal,
+}
+
+impl Code {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::AccountSuspended => "account_suspended",
+            Self::AccountDeleted => "account_deleted",
+            Self::NotFound => "not_found",
+            Self::ValidationFailed => "validation_failed",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RateLimited => "rate_limited",
+            Self::InsufficientCredits => "insufficient_credits",
+            Self::IdempotencyConflict => "idempotency_conflict",
+            Self::HoldExpired => "hold_expired",
+            Self::UpgradeRequired => "upgrade_required",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// The `application/problem+json` body of every error (RFC 9457), with the
+/// original backend's `error` and `message` beside `title` and `detail`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// `https://errors.vsc-backend.dev/<code>`.
+    #[serde(rename = "type")]
+    pub r#type: String,
+    pub title: &'static str,
+    /// The HTTP status, repeated.
+    pub status: u16,
+    /// What went wrong; a validation error starts with the field's path.
+    pub detail: String,
+    pub code: Code,
+    /// The original backend's name for `title`.
+    pub error: &'static str,
+    /// The original backend's name for `detail`.
+    pub message: String,
+    /// 402: the balance now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<i64>,
+    /// 402: the amount asked for (0 when not known yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub required: Option<i64>,
+    /// 422: the path of the offending member (`events[3].model`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// 426: the lowest extension version accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_extension_version: Option<String>,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        match &self {
-            Self::Internal(cause) => tracing::error!(error = ?cause, "internal error"),
-            Self::Unavailable { what, cause, .. } => {
+        match self.domain() {
+            Some(Error::Internal(cause)) => tracing::error!(error = ?cause, "internal error"),
+            Some(Error::Unavailable { what, cause, .. }) => {
                 tracing::warn!(dependency = what, error = ?cause, "dependency unavailable")
             }
             _ => {}
@@ -191,7 +274,9 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/problem+json"),
         );
         match &self {
-            Self::RateLimited { retry_after } | Self::Unavailable { retry_after, .. } => {
+            Self::Domain(
+                Error::RateLimited { retry_after } | Error::Unavailable { retry_after, .. },
+            ) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             Self::DeadlineExceeded { .. } => {
@@ -214,34 +299,9 @@ const DEADLINE_RETRY_AFTER: u64 = 5;
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorCode(pub &'static str);
 
-/// The one place a domain error gets its HTTP face: each case keeps its
-/// message and maps to the `ApiError` case of the same name.
-impl From<Error> for ApiError {
-    fn from(e: Error) -> Self {
-        match e {
-            Error::Validation { field, message } => Self::Validation { field, message },
-            Error::NotFound(m) => Self::NotFound(m),
-            Error::Forbidden(m) => Self::Forbidden(m),
-            Error::AccountSuspended => Self::AccountSuspended,
-            Error::AccountDeleted => Self::AccountDeleted,
-            Error::InsufficientCredits { balance, required } => {
-                Self::InsufficientCredits { balance, required }
-            }
-            Error::IdempotencyConflict(m) => Self::IdempotencyConflict(m),
-            Error::HoldExpired => Self::HoldExpired,
-            Error::UpgradeRequired { have, need } => Self::UpgradeRequired { have, need },
-            Error::Unavailable {
-                what,
-                retry_after,
-                cause,
-            } => Self::Unavailable {
-                what,
-                retry_after,
-                cause,
-            },
-            Error::RateLimited { retry_after } => Self::RateLimited { retry_after },
-            Error::Internal(cause) => Self::Internal(cause),
-        }
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        Error::Internal(e).into()
     }
 }
 
@@ -275,10 +335,10 @@ mod tests {
 
     #[test]
     fn every_problem_has_the_spec_members_and_the_original_twins() {
-        let e = ApiError::InsufficientCredits {
+        let e = ApiError::from(Error::InsufficientCredits {
             balance: 3,
             required: 5,
-        };
+        });
         let b = e.body();
         for k in [
             "type", "title", "status", "detail", "code", "error", "message",
@@ -294,7 +354,7 @@ mod tests {
 
     #[test]
     fn internal_errors_never_show_their_cause() {
-        let e = ApiError::Internal(anyhow::anyhow!("syntax error at or near SELECT"));
+        let e = ApiError::from(anyhow::anyhow!("syntax error at or near SELECT"));
         assert_eq!(e.body()["detail"], "internal error");
         let u = ApiError::unavailable("postgres", anyhow::anyhow!("connection refused 10.0.0.1"));
         assert_eq!(u.body()["detail"], "postgres is unavailable");

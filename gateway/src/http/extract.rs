@@ -173,11 +173,14 @@ mod tests {
             Err(ApiError::MalformedJson(_))
         ));
         match parse_json::<Body>(br#"{"amount": 1, "inner": [{"n": 1}, {"n": -1}]}"#) {
-            Err(ApiError::Validation { field, .. }) => assert_eq!(field, "inner[1].n"),
+            Err(ApiError::Domain(crate::error::Error::Validation { field, .. })) => {
+                assert_eq!(field, "inner[1].n")
+            }
             other => panic!("{other:?}"),
         }
         match parse_json::<Body>(br#"{"amount": 1e400}"#) {
-            Err(ApiError::MalformedJson(_)) | Err(ApiError::Validation { .. }) => {}
+            Err(ApiError::MalformedJson(_))
+            | Err(ApiError::Domain(crate::error::Error::Validation { .. })) => {}
             other => panic!("{other:?}"),
         }
     }

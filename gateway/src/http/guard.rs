@@ -40,7 +40,7 @@ impl CurrentUser {
         if self.is_admin() {
             Ok(())
         } else {
-            Err(ApiError::Forbidden("admin role required".into()))
+            Err(ApiError::forbidden("admin role required"))
         }
     }
 }
@@ -60,7 +60,7 @@ impl<S: Send + Sync> FromRequestParts<S> for CurrentUser {
 /// The effective limit: the per-user override, else class × plan multiplier.
 pub fn effective_limit(state: &AppState, rec: &UserRecord, class: Class) -> ClassLimit {
     rec.overrides
-        .get(class.as_str())
+        .get(&class)
         .copied()
         .or_else(|| state.settings.class_limit(class.as_str(), &rec.plan))
         .unwrap_or(ClassLimit {
@@ -97,11 +97,11 @@ pub async fn guard(
     let claims = match state.auth.verify_header(header).await {
         Ok(c) => c,
         Err(AuthError::KeysUnavailable) => {
-            return ApiError::Unavailable {
+            return ApiError::from(crate::error::Error::Unavailable {
                 what: "jwks",
                 retry_after: 5,
                 cause: None,
-            }
+            })
             .into_response()
         }
         Err(e) => {
@@ -126,15 +126,13 @@ pub async fn guard(
     let refused = match record.status {
         Status::Active => None,
         Status::Suspended if allowed_while_suspended(req.method(), req.uri().path()) => None,
-        Status::Suspended => Some(ApiError::AccountSuspended),
+        Status::Suspended => Some(crate::error::Error::AccountSuspended.into()),
         // A retried erasure completes (see `privacy::erase`).
         Status::Deleted if erasing_again(req.method(), req.uri().path(), &claims.sub) => None,
-        Status::Deleted => Some(ApiError::AccountDeleted),
+        Status::Deleted => Some(crate::error::Error::AccountDeleted.into()),
     };
     let refused = refused.or_else(|| {
-        (!decision.allowed).then(|| ApiError::RateLimited {
-            retry_after: decision.retry_after_secs.max(1),
-        })
+        (!decision.allowed).then(|| ApiError::rate_limited(decision.retry_after_secs.max(1)))
     });
     if let Some(e) = refused {
         let mut resp = e.into_response();
@@ -165,10 +163,7 @@ async fn auth_failure(state: &AppState, addr: &str, e: AuthError) -> Response {
     let d = rate_limit::check(&state.limiter, &key, addr, "auth_failures", limit).await;
     let counts = matches!(d.degraded, None | Some("postgres"));
     let mut resp = if !d.allowed && counts {
-        ApiError::RateLimited {
-            retry_after: d.retry_after_secs.max(1),
-        }
-        .into_response()
+        ApiError::rate_limited(d.retry_after_secs.max(1)).into_response()
     } else {
         ApiError::Unauthorized(e.to_string()).into_response()
     };

@@ -20,6 +20,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
+use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::PgConnection;
 use tokio::sync::mpsc;
@@ -100,7 +101,9 @@ const SECTIONS: [(&str, &str); 13] = [
 /// Rows are sent in chunks of about this many bytes.
 const CHUNK_BYTES: usize = 64 * 1024;
 
-/// `GET /api/users/:id/export`: one JSON document, streamed, so a user with
+/// Everything stored about a user
+///
+/// One JSON document (`ExportAnswer`), streamed, so a user with
 /// millions of usage rows is exported whole without holding it in memory.
 /// It is read in one repeatable-read snapshot. A failure after the first byte
 /// cannot become a problem document: the connection is cut, and the
@@ -115,7 +118,12 @@ const CHUNK_BYTES: usize = 64 * 1024;
 /// when that connection closes, however the export ends (done, client gone,
 /// error, panic), so it cannot outlive its export the way a Redis lock with
 /// a guessed TTL could, and it needs no TTL long enough for a slow reader.
-async fn export(
+#[utoipa::path(get, path = "/api/users/{id}/export", tag = "profile",
+    responses(
+        (status = 200, description = "The export (`Content-Disposition: attachment`)", body = ExportAnswer),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn export(
     State(state): State<AppState>,
     caller: CurrentUser,
     headers: HeaderMap,
@@ -131,9 +139,7 @@ async fn export(
         .fetch_one(&mut conn)
         .await?;
     if !locked {
-        return Err(ApiError::RateLimited {
-            retry_after: timeout_ms.div_ceil(1000).max(1),
-        });
+        return Err(ApiError::rate_limited(timeout_ms.div_ceil(1000).max(1)));
     }
     let mut tx = sqlx::Connection::begin(&mut conn).await?;
     sqlx::query(&statement_timeout(timeout_ms))
@@ -145,7 +151,7 @@ async fn export(
             .fetch_optional(&mut *tx)
             .await?;
     let Some(user) = user else {
-        return Err(ApiError::NotFound("no such user".into()));
+        return Err(ApiError::not_found("no such user"));
     };
     // The audit row is this read's one write; cut before it, the
     // transaction rolls back and nothing was recorded.
@@ -269,7 +275,9 @@ struct Scrubbed {
     idempotency_records: u64,
 }
 
-/// `DELETE /api/users/:id`: 202 once Postgres holds no personal data of the
+/// Erase a user's personal data
+///
+/// 202 once Postgres holds no personal data of the
 /// user, Redis marks the account deleted (so every gateway refuses it once
 /// its local cache expires) and the user's Redis keys are swept; they are
 /// swept once more after the other gateways' user caches have expired.
@@ -283,7 +291,12 @@ struct Scrubbed {
 /// deleted may DELETE again (the guard lets exactly this route through), and
 /// every step is idempotent (nulls stay null, `deleted_at` keeps the first
 /// time).
-async fn erase(
+#[utoipa::path(delete, path = "/api/users/{id}", tag = "profile",
+    responses(
+        (status = 202, description = "Erased", body = ErasureAnswer),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn erase(
     State(state): State<AppState>,
     caller: CurrentUser,
     headers: HeaderMap,
@@ -312,12 +325,12 @@ async fn erase(
         .await
         .map_err(|e| ApiError::unavailable("redis", e))?;
     state.users.forget(&id);
-    let body = json!({
-        "user_id": id,
-        "status": "deleted",
-        "deleted_at": deleted_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        "request_id": rid,
-    });
+    let body = ErasureAnswer {
+        user_id: id,
+        status: Status::Deleted.as_str().to_string(),
+        deleted_at: deleted_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        request_id: rid,
+    };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
@@ -337,7 +350,7 @@ async fn erase_in_postgres(
             .fetch_optional(&mut *tx)
             .await?;
     if found.is_none() {
-        return Err(ApiError::NotFound("no such user".into()));
+        return Err(ApiError::not_found("no such user"));
     }
     let deleted_at: DateTime<Utc> = sqlx::query_scalar(
         "update users set email = null, name = null, preferences = '{}'::jsonb, status = 'deleted', \
@@ -398,7 +411,7 @@ async fn erase_in_postgres(
     // in commit order. A failure here drops `tx`: nothing was erased.
     let mut rec = crate::users::load_record(&mut tx, id)
         .await?
-        .ok_or_else(|| ApiError::NotFound("no such user".into()))?;
+        .ok_or_else(|| ApiError::not_found("no such user"))?;
     rec.status = Status::Deleted;
     crate::users::write_redis(&state.user_store, &rec)
         .await
@@ -467,6 +480,89 @@ async fn sweep_redis(state: &AppState, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------
+// Answers (here, beside the one code that builds them: privacy has no domain
+// module, and `crate::users` has no room left under the 800-line bound)
+// ---------------------------------------------------------------------------
+
+/// `DELETE /api/users/{id}`: the personal data is erased (202).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErasureAnswer {
+    /// The erased user's id, kept as a pseudonym.
+    pub user_id: String,
+    /// Always `deleted`.
+    pub status: String,
+    /// When the account was first erased.
+    #[schema(format = DateTime)]
+    pub deleted_at: String,
+    /// The request's `x-request-id` (or a new one), also in the audit row.
+    pub request_id: String,
+}
+
+/// `GET /api/users/{id}/export`: one JSON document, streamed; a row of a
+/// section is the table's row as Postgres's `to_jsonb` shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ExportAnswer {
+    /// The exported user's id.
+    pub user_id: String,
+    /// When the export started.
+    #[schema(format = DateTime)]
+    pub exported_at: String,
+    /// The `users` row.
+    #[schema(value_type = Object)]
+    pub user: serde_json::Value,
+    /// `subscriptions` rows, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub subscriptions: Vec<serde_json::Value>,
+    /// `credit_transactions` rows (the ledger), oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub credit_transactions: Vec<serde_json::Value>,
+    /// `credit_holds` rows, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub credit_holds: Vec<serde_json::Value>,
+    /// `idempotency_records` rows without their stored answers.
+    #[schema(value_type = Vec<Object>)]
+    pub idempotency_records: Vec<serde_json::Value>,
+    /// `vscode_sessions` rows, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub vscode_sessions: Vec<serde_json::Value>,
+    /// `api_rate_limits` rows (rate-limit overrides).
+    #[schema(value_type = Vec<Object>)]
+    pub api_rate_limits: Vec<serde_json::Value>,
+    /// `rate_limit_windows` rows.
+    #[schema(value_type = Vec<Object>)]
+    pub rate_limit_windows: Vec<serde_json::Value>,
+    /// `audit_log` rows about the user, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub audit_log: Vec<serde_json::Value>,
+    /// `usage_daily` rows (the usage rollup).
+    #[schema(value_type = Vec<Object>)]
+    pub usage_daily: Vec<serde_json::Value>,
+    /// `credit_daily` rows (the credits rollup).
+    #[schema(value_type = Vec<Object>)]
+    pub credit_daily: Vec<serde_json::Value>,
+    /// `model_usage` rows, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub model_usage: Vec<serde_json::Value>,
+    /// `feature_usage` rows, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub feature_usage: Vec<serde_json::Value>,
+    /// The settled balance; null if the user row is gone.
+    pub credit_balance: Option<ExportBalance>,
+}
+
+/// The `credit_balance` section of an export.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ExportBalance {
+    /// `users.credits_balance`: the ledger's sum.
+    pub credits_balance: i64,
+}
+
+/// The operations of this module (docs/api.md "Privacy").
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(export, erase))]
+pub(crate) struct Doc;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -512,5 +608,60 @@ mod tests {
         h.insert("x-request-id", HeaderValue::from_static("has space"));
         assert_ne!(request_id(&h), "has space");
         assert_eq!(request_id(&HeaderMap::new()).len(), 36);
+    }
+
+    fn names(v: &Value) -> Vec<String> {
+        let mut n: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn the_doc_lists_export_and_erasure_with_tag_summary_and_answers() {
+        use utoipa::OpenApi;
+        let doc = serde_json::to_value(Doc::openapi()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        for (path, method, status, summary, answer) in [
+            (
+                "/api/users/{id}/export",
+                "get",
+                "200",
+                "Everything stored about a user",
+                "ExportAnswer",
+            ),
+            (
+                "/api/users/{id}",
+                "delete",
+                "202",
+                "Erase a user's personal data",
+                "ErasureAnswer",
+            ),
+        ] {
+            let op = &doc["paths"][path][method];
+            assert_eq!(op["tags"], json!(["profile"]), "{path}");
+            assert_eq!(op["summary"], summary, "{path}");
+            assert!(op["responses"]["503"].is_object(), "{path}");
+            let ok = &op["responses"][status]["content"]["application/json"]["schema"]["$ref"];
+            assert_eq!(ok, &format!("#/components/schemas/{answer}"), "{path}");
+        }
+        assert_eq!(
+            names(&schemas["ErasureAnswer"]["properties"]),
+            ["deleted_at", "request_id", "status", "user_id"]
+        );
+        // The export's members are the streamed document's, in full.
+        let mut want: Vec<String> = ["user_id", "exported_at", "user"]
+            .into_iter()
+            .chain(SECTIONS.iter().map(|(name, _)| *name))
+            .map(String::from)
+            .collect();
+        want.sort();
+        let export = &schemas["ExportAnswer"];
+        assert_eq!(names(&export["properties"]), want);
+        assert_eq!(export["properties"]["model_usage"]["type"], "array");
+        assert_eq!(
+            export["required"].as_array().unwrap().len(),
+            want.len() - 1,
+            "all but credit_balance"
+        );
     }
 }

@@ -3,17 +3,16 @@
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use chrono::{SecondsFormat, Utc};
+use chrono::Utc;
 use common::events::{Envelope, Event, SessionUpsert};
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
 
 use super::deadline::Deadline;
 use super::error::{ApiError, Result};
 use super::extract::ApiJson;
 use super::guard::{effective_limit, CurrentUser};
 use super::{guarded, Class};
-use crate::sessions::{below_minimum, permissions, validate, ValidateRequest};
+use crate::sessions::{below_minimum, validate, ClassLimits, ValidateAnswer, ValidateRequest};
 use crate::state::AppState;
 use crate::usage::{valid_session_id, valid_session_token};
 
@@ -32,6 +31,8 @@ pub(crate) struct Body {
     session_id: Option<String>,
     #[serde(alias = "extensionVersion")]
     /// A semantic version; required (422 when absent), 426 below the configured minimum.
+    /// No length bound: `semver` decides (the pattern is semver.org's grammar).
+    #[schema(schema_with = semver_schema)]
     extension_version: Option<String>,
     #[schema(value_type = Option<common::valid::Label<64>>)]
     vscode_version: Option<String>,
@@ -44,6 +45,26 @@ pub(crate) struct Body {
     session_token: Option<String>,
 }
 
+/// semver.org's grammar of a version (what `semver::Version::parse` reads).
+const SEMVER_PATTERN: &str = concat!(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)",
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?",
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$",
+);
+
+/// `extension_version`: a string of format `semver`, no length bound (`semver` decides).
+fn semver_schema() -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{SchemaFormat, Type};
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(Type::String)
+        .format(Some(SchemaFormat::Custom("semver".into())))
+        .pattern(Some(SEMVER_PATTERN))
+        .description(Some(
+            "A semantic version; required (422 when absent), 426 below the configured minimum.",
+        ))
+        .build()
+}
+
 fn short(field: &str, v: Option<String>, max: usize) -> Result<Option<String>> {
     match v {
         Some(s) => common::valid::check_text(&s, common::valid::TextRule::Label, max)
@@ -53,12 +74,20 @@ fn short(field: &str, v: Option<String>, max: usize) -> Result<Option<String>> {
     }
 }
 
-async fn validate_session(
+/// Validate or create a VS Code session
+#[utoipa::path(post, path = "/api/vscode/session/validate", tag = "session",
+    request_body = Body,
+    responses(
+        (status = 200, description = "The session, found or created", body = ValidateAnswer),
+        (status = 426, description = "Extension upgrade required"),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn validate_session(
     State(state): State<AppState>,
     user: CurrentUser,
     deadline: Deadline,
     ApiJson(body): ApiJson<Body>,
-) -> Result<Json<Value>> {
+) -> Result<Json<ValidateAnswer>> {
     let raw_version = body
         .extension_version
         .ok_or_else(|| ApiError::validation("extension_version", "is required"))?;
@@ -68,10 +97,10 @@ async fn validate_session(
         &version,
         state.settings.sessions.min_extension_version.as_deref(),
     ) {
-        return Err(ApiError::UpgradeRequired {
+        return Err(ApiError::from(crate::error::Error::UpgradeRequired {
             have: version.to_string(),
             need,
-        });
+        }));
     }
     if let Some(id) = &body.session_id {
         if !valid_session_id(id) {
@@ -121,31 +150,69 @@ async fn validate_session(
         .await
         .map_err(|e| ApiError::unavailable("rabbitmq", e))?;
     let balance = crate::credits::balance(&state.credits, &state.publisher, user.id()).await?;
-    let mut limits = Map::new();
-    for c in Class::ALL {
-        let l = effective_limit(&state, &user.record, c);
-        limits.insert(
-            c.as_str().into(),
-            json!({"limit": l.limit, "window_secs": l.window_secs}),
+    let limits = ClassLimits::from_fn(|c| effective_limit(&state, &user.record, c));
+    Ok(Json(ValidateAnswer::new(
+        &rec,
+        created,
+        &user.record.plan,
+        balance.balance,
+        limits,
+    )))
+}
+
+/// The operations of this module (docs/api.md "Sessions").
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(validate_session))]
+pub(crate) struct Doc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+    use utoipa::OpenApi;
+
+    #[test]
+    fn the_doc_lists_validate_with_its_answer() {
+        let doc = serde_json::to_value(Doc::openapi()).unwrap();
+        let op = &doc["paths"]["/api/vscode/session/validate"]["post"];
+        assert_eq!(op["tags"], json!(["session"]));
+        assert_eq!(op["summary"], "Validate or create a VS Code session");
+        let statuses: Vec<&String> = op["responses"].as_object().unwrap().keys().collect();
+        assert_eq!(statuses, ["200", "426", "503"]);
+        let schemas = &doc["components"]["schemas"];
+        let answer = &schemas["SessionValidateAnswer"];
+        let props: Vec<&String> = answer["properties"].as_object().unwrap().keys().collect();
+        let want = [
+            "credits",
+            "expires_at",
+            "permissions",
+            "rate_limits",
+            "session",
+            "session_id",
+            "status",
+            "user",
+            "valid",
+        ];
+        assert_eq!(props, want);
+        assert_eq!(answer["required"].as_array().unwrap().len(), want.len());
+        assert_eq!(
+            schemas["SessionStatus"]["enum"],
+            json!(["created", "active"])
+        );
+        let limits: Vec<&str> = schemas["ClassLimits"]["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(limits, common::class::NAMES);
+        let user = &schemas["SessionUser"]["properties"];
+        for m in ["user_id", "plan", "clerkId", "planType", "credits"] {
+            assert!(user.get(m).is_some(), "user.{m}");
+        }
+        assert_eq!(
+            schemas["SessionRef"]["properties"]["expiresAt"]["format"],
+            "date-time"
         );
     }
-    let plan = user.record.plan.clone();
-    let expires = rec.expires_at.to_rfc3339_opts(SecondsFormat::Millis, true);
-    Ok(Json(json!({
-        "session_id": rec.id,
-        "status": if created { "created" } else { "active" },
-        "expires_at": expires,
-        "user": {
-            "user_id": user.id(),
-            "plan": plan,
-            "clerkId": user.id(),
-            "planType": plan,
-            "credits": balance.balance,
-        },
-        "credits": {"balance": balance.balance},
-        "rate_limits": limits,
-        "valid": true,
-        "session": {"id": rec.id, "expiresAt": expires},
-        "permissions": permissions(&plan),
-    })))
 }

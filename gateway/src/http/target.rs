@@ -38,14 +38,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Target {
 /// The rule itself: shape, then ownership.
 pub fn decide(caller: &str, is_admin: bool, id: Option<&str>) -> Result<String, ApiError> {
     let Some(id) = id.filter(|id| crate::auth::valid_user_id(id)) else {
-        return Err(ApiError::NotFound("no such user".into()));
+        return Err(ApiError::not_found("no such user"));
     };
     if is_admin || id == caller {
         Ok(id.to_string())
     } else {
-        Err(ApiError::Forbidden(
-            "you may only access your own account".into(),
-        ))
+        Err(ApiError::forbidden("you may only access your own account"))
     }
 }
 

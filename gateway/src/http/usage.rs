@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::deadline::Deadline;
 use super::error::{ApiError, Result};
@@ -16,7 +16,7 @@ use super::guard::CurrentUser;
 use super::{guarded, Class};
 use crate::rate_limit;
 use crate::state::AppState;
-use crate::usage::{parse_track, Shape};
+use crate::usage::{parse_track, Shape, TrackAnswer};
 
 pub fn router(state: &AppState) -> Router<AppState> {
     guarded(
@@ -26,14 +26,21 @@ pub fn router(state: &AppState) -> Router<AppState> {
     )
 }
 
-async fn track(
+/// Track one usage event or a batch (1..=500)
+#[utoipa::path(post, path = "/api/vscode/usage/track", tag = "usage",
+    request_body = super::openapi::track::TrackBody,
+    responses(
+        (status = 202, description = "Accepted: the broker confirmed every event", body = TrackAnswer),
+        (status = 413, description = "Payload too large"),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn track(
     State(state): State<AppState>,
     user: CurrentUser,
     deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
     let (shape, events) = parse_track(&body, user.id(), chrono::Utc::now())?;
-    let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
     let n = events.len();
     // The per-event budget (docs/rate-limits.md), known only now that the body is parsed:
     // a valid request of n events costs n, before anything is published. The
@@ -50,10 +57,7 @@ async fn track(
     )
     .await;
     if !budget.allowed {
-        let mut resp = ApiError::RateLimited {
-            retry_after: budget.retry_after_secs.max(1),
-        }
-        .into_response();
+        let mut resp = ApiError::rate_limited(budget.retry_after_secs.max(1)).into_response();
         resp.extensions_mut().insert(budget);
         return Ok(resp);
     }
@@ -61,21 +65,60 @@ async fn track(
     // by amqp.confirm_timeout_ms), never for the request deadline: a 503 for
     // confirmed events would make the client resend them.
     deadline.commit()?;
+    // The answer is made before the events move to the publisher.
+    let mut answer = TrackAnswer::new(&events, None);
     state
         .publisher
         .publish_usage(events)
         .await
         .map_err(|e| ApiError::unavailable("rabbitmq", e))?;
-    let mut answer = json!({"accepted": n, "event_ids": ids});
     if shape == Shape::Legacy {
         // The original client reads these; usage never moves credits.
         let balance = crate::credits::balance(&state.credits, &state.publisher, user.id())
             .await
             .ok();
-        answer["success"] = json!(true);
-        answer["remainingCredits"] = json!(balance.map(|b| b.balance));
+        answer.success = Some(true);
+        answer.remaining_credits = Some(balance.map(|b| b.balance));
     }
     let mut resp = (StatusCode::ACCEPTED, Json(answer)).into_response();
     resp.extensions_mut().insert(budget);
     Ok(resp)
+}
+
+/// The operations of this module (docs/api.md "Usage").
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(track))]
+pub(crate) struct Doc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use utoipa::OpenApi;
+
+    #[test]
+    fn the_doc_lists_track_with_its_answer() {
+        let doc = serde_json::to_value(Doc::openapi()).unwrap();
+        let op = &doc["paths"]["/api/vscode/usage/track"]["post"];
+        assert_eq!(op["tags"], json!(["usage"]));
+        assert_eq!(op["summary"], "Track one usage event or a batch (1..=500)");
+        let statuses: Vec<&String> = op["responses"].as_object().unwrap().keys().collect();
+        assert_eq!(statuses, ["202", "413", "503"]);
+        let body = &op["requestBody"]["content"]["application/json"]["schema"]["$ref"];
+        assert_eq!(body, "#/components/schemas/TrackBody");
+        let answer = &doc["components"]["schemas"]["TrackAnswer"];
+        let props: Vec<&String> = answer["properties"].as_object().unwrap().keys().collect();
+        assert_eq!(
+            props,
+            ["accepted", "event_ids", "remainingCredits", "success"]
+        );
+        assert_eq!(answer["required"], json!(["accepted", "event_ids"]));
+        assert_eq!(answer["properties"]["event_ids"]["items"]["format"], "uuid");
+        let credits = &answer["properties"]["remainingCredits"]["type"];
+        assert_eq!(credits, &json!(["integer", "null"]));
+        assert_eq!(
+            answer["properties"]["success"]["type"], "boolean",
+            "never null"
+        );
+    }
 }

@@ -1,17 +1,16 @@
-//! Profiles and preferences (docs/api.md "Profile"). A profile is read from Postgres (the
-//! rare, read-your-own-writes path) plus the balance from Redis; a preferences
-//! change travels as an event and lands through the users worker.
-
+//! Profiles and preferences (docs/api.md "Profile"). A profile is served from
+//! the profile cache in Redis, or read from Postgres on a miss, with the
+//! balance always read live (`crate::users::profile`); a preferences change
+//! travels as an event and lands through the users worker, whose commit
+//! invalidates the cached profile.
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch};
 use axum::{Json, Router};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use common::events::{Envelope, Event, UserPreferences};
-use serde::Serialize;
-use serde_json::{json, Value};
-use uuid::Uuid;
+use serde_json::Value;
 
 use super::deadline::Deadline;
 use super::error::{ApiError, Result};
@@ -20,7 +19,7 @@ use super::guard::CurrentUser;
 use super::target::{provision_other, Target};
 use super::{guarded, Class};
 use crate::state::AppState;
-use crate::users::PreferencesFit;
+use crate::users::{PreferencesAnswer, PreferencesFit, Profile};
 
 /// Largest preferences patch, measured as compact JSON (whitespace is free).
 pub const MAX_PREFERENCES_BYTES: usize = 8 * 1024;
@@ -32,21 +31,40 @@ pub fn router(state: &AppState) -> Router<AppState> {
     guarded(state, Class::Profile, routes)
 }
 
-/// `GET /api/users/:id/profile`.
-async fn profile(
+/// A user's profile
+///
+/// Served from a cache that every change of the user invalidates; the
+/// credits are always read live (docs/architecture.md, "Profile cache").
+#[utoipa::path(get, path = "/api/users/{id}/profile", tag = "profile",
+    responses(
+        (status = 200, description = "The profile", body = Profile),
+        (status = 404, description = "No such user"),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn profile(
     State(state): State<AppState>,
     caller: CurrentUser,
     Target(id): Target,
 ) -> Result<Json<Profile>> {
     provision_other(&state, &caller, &id).await?;
-    let profile = load_profile(&state, &id)
+    let profile = crate::users::profile(&state.user_store, &state.publisher, &id)
         .await?
-        .ok_or_else(|| ApiError::NotFound("no such user".into()))?;
+        .ok_or_else(|| ApiError::not_found("no such user"))?;
     Ok(Json(profile))
 }
 
-/// `PATCH /api/users/:id/preferences`: 202 once the broker confirmed the change.
-async fn update_preferences(
+/// Merge preferences (object ≤ 8 KiB)
+///
+/// 202 once the broker confirmed the change; a worker merges it.
+#[utoipa::path(patch, path = "/api/users/{id}/preferences", tag = "profile",
+    request_body(content = Object, description = "A JSON object of at most 8 KiB (compact JSON), merged shallowly \
+        into the stored preferences; the merged object stays within `users.max_preferences_bytes` (8 KiB by default)"),
+    responses(
+        (status = 202, description = "Queued", body = PreferencesAnswer),
+        (status = 413, description = "The patch is over 8 KiB"),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn update_preferences(
     State(state): State<AppState>,
     caller: CurrentUser,
     Target(id): Target,
@@ -88,7 +106,11 @@ async fn update_preferences(
         crate::users::forget_preferences_size(&state.user_store, &id).await;
         return Err(ApiError::unavailable("rabbitmq", e));
     }
-    let body = json!({"accepted": true, "user_id": id, "event_id": envelope.id});
+    let body = PreferencesAnswer {
+        accepted: true,
+        user_id: id,
+        event_id: envelope.id,
+    };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
@@ -112,112 +134,15 @@ pub fn check_preferences(patch: &Value) -> Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Serialize)]
-pub struct Profile {
-    pub user_id: String,
-    pub email: Option<String>,
-    pub name: Option<String>,
-    pub plan: String,
-    pub status: String,
-    pub created_at: DateTime<Utc>,
-    pub last_active_at: Option<DateTime<Utc>>,
-    pub credits: Credits,
-    pub subscription: Option<Subscription>,
-    pub preferences: Value,
-    pub vscode: Vscode,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Credits {
-    pub balance: i64,
-    pub held: i64,
-    pub as_of: Option<DateTime<Utc>>,
-}
-
-#[derive(Debug, Serialize, sqlx::FromRow)]
-pub struct Subscription {
-    pub id: Uuid,
-    pub plan: String,
-    pub status: String,
-    pub current_period_start: Option<DateTime<Utc>>,
-    pub current_period_end: Option<DateTime<Utc>>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Vscode {
-    pub active_sessions: i64,
-    pub last_extension_version: Option<String>,
-    pub last_seen_at: Option<DateTime<Utc>>,
-}
-
-#[derive(sqlx::FromRow)]
-struct ProfileRow {
-    id: String,
-    email: Option<String>,
-    name: Option<String>,
-    plan: String,
-    status: String,
-    created_at: DateTime<Utc>,
-    last_active_at: Option<DateTime<Utc>>,
-    preferences: Value,
-    active_sessions: i64,
-    last_extension_version: Option<String>,
-    last_seen_at: Option<DateTime<Utc>>,
-}
-
-/// Everything §5.4 shows about one user, or None when the id is unknown.
-pub async fn load_profile(state: &AppState, user_id: &str) -> Result<Option<Profile>> {
-    let row: Option<ProfileRow> = sqlx::query_as(
-        "select u.id, u.email, u.name, u.plan, u.status, u.created_at, u.last_active_at, u.preferences, \
-                (select count(*) from vscode_sessions s \
-                  where s.user_id = u.id and s.expires_at > now()) as active_sessions, \
-                (select s.extension_version from vscode_sessions s \
-                  where s.user_id = u.id order by s.last_seen_at desc limit 1) as last_extension_version, \
-                (select max(s.last_seen_at) from vscode_sessions s where s.user_id = u.id) as last_seen_at \
-         from users u where u.id = $1",
-    )
-    .bind(user_id)
-    .fetch_optional(&state.pg)
-    .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let subscription: Option<Subscription> = sqlx::query_as(
-        "select id, plan, status, current_period_start, current_period_end, created_at, updated_at \
-         from subscriptions where user_id = $1 order by created_at desc limit 1",
-    )
-    .bind(user_id)
-    .fetch_optional(&state.pg)
-    .await?;
-    let balance = crate::credits::balance(&state.credits, &state.publisher, user_id).await?;
-    Ok(Some(Profile {
-        user_id: row.id,
-        email: row.email,
-        name: row.name,
-        plan: row.plan,
-        status: row.status,
-        created_at: row.created_at,
-        last_active_at: row.last_active_at,
-        credits: Credits {
-            balance: balance.balance,
-            held: balance.held,
-            as_of: balance.as_of,
-        },
-        subscription,
-        preferences: row.preferences,
-        vscode: Vscode {
-            active_sessions: row.active_sessions,
-            last_extension_version: row.last_extension_version,
-            last_seen_at: row.last_seen_at,
-        },
-    }))
-}
+/// The operations of this module (docs/api.md "Profile").
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(profile, update_preferences))]
+pub(crate) struct Doc;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn preferences_must_be_an_object_of_at_most_8_kib() {
@@ -225,7 +150,7 @@ mod tests {
         for bad in [json!([1]), json!("x"), json!(null), json!(3)] {
             assert!(matches!(
                 check_preferences(&bad),
-                Err(ApiError::Validation { .. })
+                Err(ApiError::Domain(crate::error::Error::Validation { .. }))
             ));
         }
         let big = json!({"k": "x".repeat(MAX_PREFERENCES_BYTES)});
@@ -239,5 +164,140 @@ mod tests {
             MAX_PREFERENCES_BYTES
         );
         assert!(check_preferences(&edge).is_ok());
+    }
+
+    /// The answer's schema as the document has it (components resolved).
+    fn answer(doc: &Value, path: &str, method: &str, status: &str) -> Value {
+        let op = &doc["paths"][path][method];
+        let r = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {path} {status}: {op}"));
+        doc["components"]["schemas"][r.trim_start_matches("#/components/schemas/")].clone()
+    }
+
+    fn names(v: &Value) -> Vec<String> {
+        let mut n: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn the_doc_lists_profile_and_preferences_with_tag_summary_and_answers() {
+        use utoipa::OpenApi;
+        let doc = serde_json::to_value(Doc::openapi()).unwrap();
+        for (path, method, summary, errors) in [
+            (
+                "/api/users/{id}/profile",
+                "get",
+                "A user's profile",
+                ["404", "503"],
+            ),
+            (
+                "/api/users/{id}/preferences",
+                "patch",
+                "Merge preferences (object ≤ 8 KiB)",
+                ["413", "503"],
+            ),
+        ] {
+            let op = &doc["paths"][path][method];
+            assert_eq!(op["tags"], json!(["profile"]), "{path}");
+            assert_eq!(op["summary"], summary, "{path}");
+            for e in errors {
+                assert!(op["responses"][e].is_object(), "{path} {e}");
+            }
+        }
+        let patch = &doc["paths"]["/api/users/{id}/preferences"]["patch"]["requestBody"];
+        assert_eq!(
+            patch["content"]["application/json"]["schema"]["type"],
+            "object"
+        );
+        let profile = answer(&doc, "/api/users/{id}/profile", "get", "200");
+        let members = [
+            "created_at",
+            "credits",
+            "email",
+            "last_active_at",
+            "name",
+            "plan",
+            "preferences",
+            "status",
+            "subscription",
+            "user_id",
+            "vscode",
+        ];
+        assert_eq!(names(&profile["properties"]), members);
+        // Required: the members never null (the others are always present too).
+        let mut required: Vec<&str> = profile["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        required.sort();
+        assert_eq!(
+            required,
+            [
+                "created_at",
+                "credits",
+                "plan",
+                "preferences",
+                "status",
+                "user_id",
+                "vscode"
+            ]
+        );
+        assert_eq!(
+            profile["properties"]["email"]["type"],
+            json!(["string", "null"])
+        );
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            names(&schemas["ProfileCredits"]["properties"]),
+            ["as_of", "balance", "held"]
+        );
+        assert_eq!(
+            names(&schemas["ProfileVscode"]["properties"]),
+            ["active_sessions", "last_extension_version", "last_seen_at"]
+        );
+        assert_eq!(
+            names(&schemas["ProfileSubscription"]["properties"]).len(),
+            7
+        );
+        let accepted = answer(&doc, "/api/users/{id}/preferences", "patch", "202");
+        assert_eq!(
+            names(&accepted["properties"]),
+            ["accepted", "event_id", "user_id"]
+        );
+    }
+
+    #[test]
+    fn a_profile_serializes_to_the_members_it_always_had() {
+        let t = chrono::DateTime::parse_from_rfc3339("2024-03-10T10:00:00.123456Z")
+            .unwrap()
+            .to_utc();
+        let p = Profile {
+            user_id: "u".into(),
+            email: None,
+            name: Some("Ada".into()),
+            plan: "free".into(),
+            status: "active".into(),
+            created_at: t,
+            last_active_at: None,
+            credits: crate::users::ProfileCredits::default(),
+            subscription: None,
+            preferences: json!({}),
+            vscode: crate::users::ProfileVscode {
+                active_sessions: 0,
+                last_extension_version: None,
+                last_seen_at: None,
+            },
+        };
+        assert_eq!(
+            serde_json::to_value(&p).unwrap(),
+            json!({"user_id": "u", "email": null, "name": "Ada", "plan": "free", "status": "active",
+                "created_at": "2024-03-10T10:00:00.123456Z", "last_active_at": null,
+                "credits": {"balance": 0, "held": 0, "as_of": null}, "subscription": null, "preferences": {},
+                "vscode": {"active_sessions": 0, "last_extension_version": null, "last_seen_at": null}})
+        );
     }
 }

@@ -52,6 +52,8 @@ pub async fn store(
                 .execute(&mut **tx)
                 .await?;
                 effects.stored += 1;
+                // `last_active_at` is part of the cached profile.
+                effects.profile_users.insert(a.user_id.clone());
             }
             _ => {}
         }
@@ -59,13 +61,15 @@ pub async fn store(
     Ok(())
 }
 
-/// Makes each user's cached analytics unservable and drops their cached
-/// profile: bumps the analytics generation (a cached view records the
-/// generation it was computed under, and the gateway serves only a view of the
-/// current one), so a gateway that read Postgres before this commit but stores
-/// its view after it stores it under the old generation, and readers ignore
-/// it. The old views are not deleted: they are never served again and expire
-/// with their TTL (5 min). Plain commands, every user's pipelined in one
+/// Makes each user's cached analytics and profile unservable: bumps the
+/// user's cache generation (`Keys::analytics_gen`; a cached analytics view or
+/// profile records the generation it was computed under, and the gateway
+/// serves only one of the current generation), so a gateway that read
+/// Postgres before this commit but stores its copy after it stores it under
+/// the old generation, and readers ignore it. The profile is also deleted
+/// (it is one key per user); the old analytics views are not: they are never
+/// served again and expire with their TTL (5 min). See docs/architecture.md,
+/// "Profile cache". Plain commands, every user's pipelined in one
 /// round trip: a script per user cost Redis ≈ 22 µs each, these ≈ 5 µs.
 pub async fn drop_cached_views(
     ctx: &Ctx,

@@ -13,7 +13,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::redis::scripts::{parse_pending, scripts, Heartbeat, Tag, UserKeys};
+use common::consumers::{consumers_settled, EarlyBusy, Settled};
+use common::redis::scripts::{parse_pending, scripts, Tag, UserKeys};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use uuid::Uuid;
@@ -161,12 +162,7 @@ pub async fn credits_queue_ready(ctx: &Ctx) -> anyhow::Result<u32> {
     Ok(q?.message_count())
 }
 
-/// A credits consumer's heartbeat older than this belongs to a dead process,
-/// whose unacked deliveries the broker has returned to the queue (the bound
-/// of the gateway's recovery after a Redis loss, docs/credits.md).
-pub const DEAD_AFTER_MS: i64 = 5_000;
-/// Upper bound on a delivery's way from the broker to its consumer.
-pub const IN_TRANSIT_MS: i64 = 1_000;
+pub use common::consumers::{DEAD_AFTER_MS, IN_TRANSIT_MS};
 /// How long one release waits for the consumers' heartbeats to pass
 /// `t_q + IN_TRANSIT_MS` before it leaves the reservations to the next pass.
 const RELEASE_WAIT: Duration = Duration::from_secs(3);
@@ -185,34 +181,20 @@ pub enum Release {
 }
 
 /// The decision of docs/credits.md ("never while its event is still held unacked
-/// by a worker"), as a plain function over the consumers' heartbeats
-/// ("unacked:idle_since_ms:beat_ms", Redis's clock). With no ready message at
-/// `t_q`, every event that left the queue before is in some consumer's hands
-/// by `t_q + IN_TRANSIT_MS`. So the release waits until every live consumer
-/// (a beat newer than [`DEAD_AFTER_MS`]) has beaten past that time and
-/// reports no unacked delivery and nothing taken or settled since `t_q`.
-/// During a Postgres outage a worker keeps its batch unacked, so the queue
-/// shows nothing ready while the events are alive: its beat says so. A dead
-/// consumer's beat is ignored (the broker returned its deliveries to the
-/// queue), and so is an unreadable one (no consumer writes one). The same
-/// rule as the gateway's recovery (`consumers_settled_since`).
+/// by a worker"): the one rule of [`common::consumers::consumers_settled`] with `t_q`
+/// as its time. During a Postgres outage a worker keeps its batch unacked, so the
+/// queue shows nothing ready while the events are alive: its beat says so.
 ///
-/// A beat from before `t_q + IN_TRANSIT_MS` decides nothing, whatever it says
-/// (a consumer beats every 250 ms, so its last beat may predate an ack it has
-/// since sent): the release waits for a newer one.
+/// A busy beat from before `t_q + IN_TRANSIT_MS` decides nothing (a consumer beats
+/// every 250 ms, so its last beat may predate an ack it has since sent): the release
+/// waits for a newer one ([`EarlyBusy::Wait`]; the gateway's recovery instead starts
+/// over, `consumers_settled_since`).
 pub fn release_verdict(t_q: i64, now: i64, beats: &HashMap<String, String>) -> Release {
-    let mut verdict = Release::Allowed;
-    for hb in beats.values().filter_map(|v| Heartbeat::parse(v)) {
-        if hb.beat_ms < now - DEAD_AFTER_MS {
-            continue;
-        }
-        if hb.beat_ms < t_q + IN_TRANSIT_MS {
-            verdict = Release::Wait;
-        } else if hb.unacked > 0 || hb.idle_since_ms > t_q {
-            return Release::Held;
-        }
+    match consumers_settled(t_q, now, beats, EarlyBusy::Wait) {
+        Settled::Yes => Release::Allowed,
+        Settled::Wait => Release::Wait,
+        Settled::No => Release::Held,
     }
-    verdict
 }
 
 /// Redis's clock (ms) and the credits consumers' heartbeats.

@@ -2,6 +2,10 @@
 //! token: a token with a `kid` is checked only against that JWKS key with the
 //! algorithm the key implies; a token without one only against `JWT_SECRET`
 //! with HS256. Dev tokens (`dev:USER[:admin]`) only when enabled.
+//!
+//! The checks themselves ([`Verifier`]) are pure given a [`KeySet`]: the
+//! [`Authenticator`] only adds the JWKS fetch and its cache around them, so the
+//! JWT attack matrix runs as unit tests (`tests.rs`) without any service.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,78 +61,118 @@ struct RawJwkSet {
     keys: Vec<serde_json::Value>,
 }
 
-struct JwksCache {
-    keys: HashMap<String, (DecodingKey, Algorithm)>,
-    /// When the last re-fetch for an unknown `kid` ran (the first fetch does not count).
-    last_refetch: Option<Instant>,
-    fetched_once: bool,
-    /// When a fetch last failed: until one succeeds, an unreachable JWKS is
-    /// asked at most once per [`FAILED_FETCH_BACKOFF`], not once per request.
-    last_failure: Option<Instant>,
+/// A key a token can be checked against, with the one algorithm it implies.
+pub type Key = (DecodingKey, Algorithm);
+
+/// The usable keys of a JWKS by `kid`: signature keys of a known asymmetric
+/// type, each with the algorithm [`algorithm_of`] gives it.
+#[derive(Clone, Default)]
+pub struct KeySet {
+    keys: HashMap<String, Key>,
 }
 
-/// How long kid tokens answer 503 at once after a failed first fetch.
-const FAILED_FETCH_BACKOFF: Duration = Duration::from_secs(1);
+impl KeySet {
+    /// The keys of a JWKS's `keys` member. One key of a form we do not know
+    /// (an encryption key, a new key type, a symmetric key) must not cost us
+    /// the others: it is left out.
+    pub fn from_values(keys: Vec<serde_json::Value>) -> Self {
+        let keys = keys
+            .into_iter()
+            .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
+            .filter(|jwk| !matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)))
+            .filter_map(|jwk| {
+                let kid = jwk.common.key_id.clone()?;
+                let alg = algorithm_of(&jwk)?;
+                let key = DecodingKey::from_jwk(&jwk).ok()?;
+                Some((kid, (key, alg)))
+            })
+            .collect();
+        Self { keys }
+    }
 
-pub struct Authenticator {
+    /// A JWKS document (`{"keys": [...]}`).
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        Ok(Self::from_values(
+            serde_json::from_str::<RawJwkSet>(text)?.keys,
+        ))
+    }
+
+    pub fn get(&self, kid: &str) -> Option<&Key> {
+        self.keys.get(kid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// The token of an `Authorization` header value: `Bearer <token>` (or
+/// `bearer`), trimmed; anything else is [`AuthError::Missing`].
+pub fn bearer_token(header: Option<&str>) -> Result<&str, AuthError> {
+    let header = header.ok_or(AuthError::Missing)?;
+    Ok(header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or(AuthError::Missing)?
+        .trim())
+}
+
+fn unknown_kid() -> AuthError {
+    AuthError::Invalid("unknown kid".into())
+}
+
+/// The `kid` a JWT's header names, if it is one (not a dev token) and names one.
+fn named_kid(token: &str) -> Option<String> {
+    if token.starts_with("dev:") {
+        return None;
+    }
+    jsonwebtoken::decode_header(token).ok()?.kid
+}
+
+/// Every check of docs/api.md "Conventions" on a token, given the key its `kid`
+/// names: no I/O, no clock but the system's.
+pub struct Verifier {
     settings: AuthSettings,
     hs_key: Option<DecodingKey>,
-    http: reqwest::Client,
-    jwks: RwLock<JwksCache>,
-    /// Serializes fetches so a burst of unknown kids makes one request.
-    fetch_lock: Mutex<()>,
 }
 
-impl Authenticator {
-    pub fn new(settings: &AuthSettings) -> Arc<Self> {
+impl Verifier {
+    pub fn new(settings: &AuthSettings) -> Self {
         let hs_key = settings
             .jwt_secret
             .as_deref()
             .filter(|s| !s.is_empty())
             .map(|s| DecodingKey::from_secret(s.as_bytes()));
-        Arc::new(Self {
+        Self {
             settings: settings.clone(),
             hs_key,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .expect("http client"),
-            jwks: RwLock::new(JwksCache {
-                keys: HashMap::new(),
-                last_refetch: None,
-                fetched_once: false,
-                last_failure: None,
-            }),
-            fetch_lock: Mutex::new(()),
-        })
-    }
-
-    /// Fetches the key set once at start (failure is not fatal: first use retries).
-    pub async fn prefetch(&self) {
-        if self.settings.jwks_url.is_some() {
-            let _ = self.refresh(false).await;
         }
     }
 
-    /// Verifies an `Authorization` header value.
-    pub async fn verify_header(&self, header: Option<&str>) -> Result<Claims, AuthError> {
-        let header = header.ok_or(AuthError::Missing)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or(AuthError::Missing)?
-            .trim();
-        self.verify(token).await
+    /// Verifies `token` against the keys in hand: a `kid` that `keys` lacks is
+    /// refused (the [`Authenticator`] would re-fetch the key set first).
+    pub fn verify(&self, token: &str, keys: &KeySet) -> Result<Claims, AuthError> {
+        self.verify_with(token, |kid| keys.get(kid).cloned().ok_or_else(unknown_kid))
     }
 
-    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    /// Verifies `token` with the keys `jwks_key` gives for its `kid` (a token
+    /// without one is checked against `JWT_SECRET`, a dev token needs none).
+    fn verify_with(
+        &self,
+        token: &str,
+        jwks_key: impl FnOnce(&str) -> Result<Key, AuthError>,
+    ) -> Result<Claims, AuthError> {
         if let Some(rest) = token.strip_prefix("dev:") {
             return self.verify_dev(rest);
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("malformed header: {e}")))?;
         let (key, alg) = match header.kid {
-            Some(kid) => self.key_for(&kid).await?,
+            Some(kid) => jwks_key(&kid)?,
             None => (
                 self.hs_key
                     .clone()
@@ -198,8 +242,73 @@ impl Authenticator {
             admin,
         })
     }
+}
 
-    async fn key_for(&self, kid: &str) -> Result<(DecodingKey, Algorithm), AuthError> {
+struct JwksCache {
+    keys: KeySet,
+    /// When the last re-fetch for an unknown `kid` ran (the first fetch does not count).
+    last_refetch: Option<Instant>,
+    fetched_once: bool,
+    /// When a fetch last failed: until one succeeds, an unreachable JWKS is
+    /// asked at most once per [`FAILED_FETCH_BACKOFF`], not once per request.
+    last_failure: Option<Instant>,
+}
+
+/// How long kid tokens answer 503 at once after a failed first fetch.
+const FAILED_FETCH_BACKOFF: Duration = Duration::from_secs(1);
+
+pub struct Authenticator {
+    settings: AuthSettings,
+    verifier: Verifier,
+    http: reqwest::Client,
+    jwks: RwLock<JwksCache>,
+    /// Serializes fetches so a burst of unknown kids makes one request.
+    fetch_lock: Mutex<()>,
+}
+
+impl Authenticator {
+    pub fn new(settings: &AuthSettings) -> Arc<Self> {
+        Arc::new(Self {
+            settings: settings.clone(),
+            verifier: Verifier::new(settings),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .expect("http client"),
+            jwks: RwLock::new(JwksCache {
+                keys: KeySet::default(),
+                last_refetch: None,
+                fetched_once: false,
+                last_failure: None,
+            }),
+            fetch_lock: Mutex::new(()),
+        })
+    }
+
+    /// Fetches the key set once at start (failure is not fatal: first use retries).
+    pub async fn prefetch(&self) {
+        if self.settings.jwks_url.is_some() {
+            let _ = self.refresh(false).await;
+        }
+    }
+
+    /// Verifies an `Authorization` header value.
+    pub async fn verify_header(&self, header: Option<&str>) -> Result<Claims, AuthError> {
+        self.verify(bearer_token(header)?).await
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        // The key the token names is looked up first (it may need a fetch);
+        // the checks then run on it without I/O.
+        let key = match named_kid(token) {
+            Some(kid) => Some(self.key_for(&kid).await?),
+            None => None,
+        };
+        self.verifier
+            .verify_with(token, |_| key.ok_or_else(unknown_kid))
+    }
+
+    async fn key_for(&self, kid: &str) -> Result<Key, AuthError> {
         if self.settings.jwks_url.is_none() {
             return Err(AuthError::Invalid(
                 "token has a kid but no JWKS is configured".into(),
@@ -221,7 +330,7 @@ impl Authenticator {
             .keys
             .get(kid)
             .cloned()
-            .ok_or_else(|| AuthError::Invalid("unknown kid".into()))
+            .ok_or_else(unknown_kid)
     }
 
     async fn refresh(&self, is_refetch: bool) -> Result<(), AuthError> {
@@ -261,22 +370,7 @@ impl Authenticator {
             Ok(set) => {
                 cache.fetched_once = true;
                 cache.last_failure = None;
-                cache.keys = set
-                    .keys
-                    .into_iter()
-                    // One key of a form we do not know (an encryption key, a new
-                    // key type) must not cost us the others.
-                    .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
-                    .filter(|jwk| {
-                        !matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption))
-                    })
-                    .filter_map(|jwk| {
-                        let kid = jwk.common.key_id.clone()?;
-                        let alg = algorithm_of(&jwk)?;
-                        let key = DecodingKey::from_jwk(&jwk).ok()?;
-                        Some((kid, (key, alg)))
-                    })
-                    .collect();
+                cache.keys = KeySet::from_values(set.keys);
                 Ok(())
             }
             Err(e) => {
@@ -338,16 +432,4 @@ pub fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn user_ids_follow_clerks_form() {
-        assert!(valid_user_id("user_2abcXYZ-9"));
-        assert!(!valid_user_id(""));
-        assert!(!valid_user_id(&"a".repeat(65)));
-        assert!(!valid_user_id("user 1"));
-        assert!(!valid_user_id("user/../1"));
-        assert!(!valid_user_id("üser"));
-    }
-}
+mod tests;

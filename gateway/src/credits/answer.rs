@@ -1,0 +1,137 @@
+//! The 200 answers of the credit routes (docs/api.md "Credits", "Admin"), as types: the flows
+//! build the JSON by serializing them, and the OpenAPI document derives their schemas.
+//!
+//! An idempotent replay returns the JSON remembered from the first request (see
+//! [`super::idempotency::Remembered`]), so these types must keep serializing to exactly the
+//! members and values the first request answered.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// `POST /api/users/{id}/credits/consume`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ConsumeAnswer {
+    /// The ledger transaction of this consume (a UUID).
+    pub transaction_id: String,
+    /// The user charged.
+    pub user_id: String,
+    /// Credits consumed.
+    pub amount: i64,
+    /// Spendable balance after the consume.
+    pub balance: i64,
+    /// Always true (original client).
+    pub success: bool,
+    /// The balance again, under the original client's name.
+    pub remaining_credits: i64,
+}
+
+impl ConsumeAnswer {
+    pub fn new(transaction_id: Uuid, user_id: &str, amount: i64, balance: i64) -> Self {
+        Self {
+            transaction_id: transaction_id.to_string(),
+            user_id: user_id.to_string(),
+            amount,
+            balance,
+            success: true,
+            remaining_credits: balance,
+        }
+    }
+}
+
+/// `POST /api/users/{id}/credits/holds`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct HoldAnswer {
+    /// The hold's id (a UUID), for settle and release.
+    pub hold_id: String,
+    /// Credits held.
+    pub amount: i64,
+    /// Spendable balance after the hold.
+    pub balance: i64,
+    /// Credits held by all the user's open holds, this one included.
+    pub held: i64,
+    /// When the hold is released by itself if not settled (RFC 3339, milliseconds, UTC).
+    #[serde(serialize_with = "rfc3339_millis")]
+    pub expires_at: DateTime<Utc>,
+}
+
+/// `POST /api/users/{id}/credits/holds/{hold_id}/settle`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SettleAnswer {
+    /// The ledger transaction of the settle (a UUID, one per hold).
+    pub transaction_id: String,
+    /// Credits charged.
+    pub amount: i64,
+    /// Credits of the hold returned to the balance.
+    pub released: i64,
+    /// Spendable balance after the settle.
+    pub balance: i64,
+}
+
+/// `POST /api/admin/users/{id}/credits/grant`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct GrantAnswer {
+    /// The ledger transaction of the grant (a UUID).
+    pub transaction_id: String,
+    /// Spendable balance after the grant.
+    pub balance: i64,
+}
+
+/// The answer as the JSON the routes send and idempotency remembers.
+pub(super) fn to_json(answer: &impl Serialize) -> Value {
+    serde_json::to_value(answer).expect("a credit answer serializes")
+}
+
+/// A time as `2024-05-01T08:00:00.000Z`, the text the answers always had.
+fn rfc3339_millis<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    #[test]
+    fn answers_serialize_to_the_json_the_routes_always_sent() {
+        let tx = Uuid::from_u128(7);
+        assert_eq!(
+            to_json(&ConsumeAnswer::new(tx, "u1", 5, 95)),
+            json!({"transaction_id": tx.to_string(), "user_id": "u1", "amount": 5, "balance": 95,
+                   "success": true, "remaining_credits": 95})
+        );
+        let at = Utc.timestamp_millis_opt(1_714_550_400_000).unwrap();
+        let hold = HoldAnswer {
+            hold_id: tx.to_string(),
+            amount: 3,
+            balance: 7,
+            held: 4,
+            expires_at: at,
+        };
+        assert_eq!(
+            to_json(&hold),
+            json!({"hold_id": tx.to_string(), "amount": 3, "balance": 7, "held": 4,
+                   "expires_at": "2024-05-01T08:00:00.000Z"})
+        );
+        let settle = SettleAnswer {
+            transaction_id: "t".into(),
+            amount: 3,
+            released: 2,
+            balance: 7,
+        };
+        assert_eq!(
+            to_json(&settle),
+            json!({"transaction_id": "t", "amount": 3, "released": 2, "balance": 7})
+        );
+        let grant = GrantAnswer {
+            transaction_id: "t".into(),
+            balance: 9,
+        };
+        assert_eq!(
+            to_json(&grant),
+            json!({"transaction_id": "t", "balance": 9})
+        );
+    }
+}
