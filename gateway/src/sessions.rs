@@ -39,6 +39,22 @@ pub struct ValidateRequest {
 }
 
 /// Whether `have` is below the configured minimum (both semver).
+/// The longest extension version accepted: it is stored with every session.
+pub const MAX_VERSION_LEN: usize = 64;
+
+/// A client's `extension_version`: a semantic version of at most
+/// [`MAX_VERSION_LEN`] characters, or 422 naming the field.
+pub fn parse_version(raw: &str) -> Result<semver::Version> {
+    if raw.len() > MAX_VERSION_LEN {
+        return Err(Error::validation(
+            "extension_version",
+            format!("must be at most {MAX_VERSION_LEN} characters"),
+        ));
+    }
+    semver::Version::parse(raw)
+        .map_err(|_| Error::validation("extension_version", "must be a semantic version"))
+}
+
 pub fn below_minimum(have: &semver::Version, min: Option<&str>) -> Option<String> {
     let min = semver::Version::parse(min?).ok()?;
     (have < &min).then(|| min.to_string())
@@ -375,6 +391,32 @@ impl SessionStore {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_version_is_semantic_and_at_most_64_characters() {
+        assert_eq!(
+            parse_version("1.2.3-beta.1").unwrap().to_string(),
+            "1.2.3-beta.1"
+        );
+        let field = |e: Error| match e {
+            Error::Validation { field, message } => (field, message),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(parse_version("1.2").unwrap_err()).0,
+            "extension_version"
+        );
+        let long = format!("1.0.0-{}", "a".repeat(MAX_VERSION_LEN - 5));
+        assert_eq!(long.len(), MAX_VERSION_LEN + 1);
+        assert!(
+            semver::Version::parse(&long).is_ok(),
+            "semver alone would take it"
+        );
+        assert!(field(parse_version(&long).unwrap_err())
+            .1
+            .contains("at most 64"));
+        assert!(parse_version(&long[..MAX_VERSION_LEN]).is_ok());
+    }
+
     use super::*;
 
     #[test]

@@ -78,7 +78,7 @@ pub enum IdemState {
 }
 
 /// What a keyed reservation is told to do with a stale record's id (the
-/// scripts' `reuse` argument; the gateway's `credits::reserve::Reuse`).
+/// scripts' `reuse` argument, which the gateway passes as it is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reuse {
     /// "0": a fresh id (a stale record answers `STALE` with its recorded id).

@@ -55,26 +55,9 @@ pub(super) async fn run(
 }
 
 /// What a keyed reservation script (`consume`, `hold_open`) is told to do with
-/// the id recorded under the request's key: its `reuse` argument.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Reuse {
-    /// "0": reserve under the fresh id.
-    Fresh,
-    /// "1": reuse a stale record's id while it is still pending.
-    Recorded,
-    /// "2": reserve under the recorded id again (Postgres said it was never settled).
-    Again,
-}
-
-impl Reuse {
-    pub(super) fn arg(self) -> &'static str {
-        match self {
-            Self::Fresh => "0",
-            Self::Recorded => "1",
-            Self::Again => "2",
-        }
-    }
-}
+/// the id recorded under the request's key: its `reuse` argument ("2": reserve
+/// under the recorded id again, once Postgres said it was never settled).
+pub(super) use common::credits::model::Reuse;
 
 /// How a keyed reservation ended before its publish.
 pub(super) enum Keyed {

@@ -31,7 +31,7 @@ pub(crate) struct Body {
     session_id: Option<String>,
     #[serde(alias = "extensionVersion")]
     /// A semantic version; required (422 when absent), 426 below the configured minimum.
-    /// No length bound: `semver` decides (the pattern is semver.org's grammar).
+    /// At most `sessions::MAX_VERSION_LEN` characters (the pattern is semver.org's grammar).
     #[schema(schema_with = semver_schema)]
     extension_version: Option<String>,
     #[schema(value_type = Option<common::valid::Label<64>>)]
@@ -59,6 +59,7 @@ fn semver_schema() -> utoipa::openapi::Object {
         .schema_type(Type::String)
         .format(Some(SchemaFormat::Custom("semver".into())))
         .pattern(Some(SEMVER_PATTERN))
+        .max_length(Some(crate::sessions::MAX_VERSION_LEN))
         .description(Some(
             "A semantic version; required (422 when absent), 426 below the configured minimum.",
         ))
@@ -91,8 +92,7 @@ pub(crate) async fn validate_session(
     let raw_version = body
         .extension_version
         .ok_or_else(|| ApiError::validation("extension_version", "is required"))?;
-    let version = semver::Version::parse(&raw_version)
-        .map_err(|_| ApiError::validation("extension_version", "must be a semantic version"))?;
+    let version = crate::sessions::parse_version(&raw_version)?;
     if let Some(need) = below_minimum(
         &version,
         state.settings.sessions.min_extension_version.as_deref(),
