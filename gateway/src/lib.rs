@@ -7,6 +7,7 @@
 //! - `error`: the domain error, no HTTP in it; `decode`: JSON values into typed bodies;
 //! - `credits/`, `usage`, `analytics/`, `users`, `sessions`, `admin`, `audit`,
 //!   `operator`, `rate_limit`: the domain, returning `error::Error`;
+//! - `profile`: the profile and its Redis cache, with the original's `user`, `usage`, `recentTransactions`;
 //! - `auth`, `publisher`, `redis_link`, `metrics`: plumbing; `state`: `AppState` and the
 //!   handles domain functions take (`CreditStore`, `UserStore`, `SessionStore`, `Limiter`);
 //! - `server`, `startup`, `main.rs`: wiring.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod operator;
+pub mod profile;
 pub mod publisher;
 pub mod rate_limit;
 pub mod redis_link;

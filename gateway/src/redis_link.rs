@@ -259,6 +259,35 @@ impl std::ops::DerefMut for LinkConn {
     }
 }
 
+/// Makes the user's cached profile and analytics unservable after a ledger
+/// change committed by the gateway itself (an admin grant), as a worker does
+/// after its commits: bumps the cache generation (1 day TTL) and drops the
+/// profile. Best effort: what stays cached expires with its TTL.
+pub async fn drop_cached_views(
+    redis_link: &RedisLink,
+    keys: &common::redis::keys::Keys,
+    user_id: &str,
+) {
+    let (gen, profile) = (keys.analytics_gen(user_id), keys.profile(user_id));
+    let done = redis_link
+        .run(|mut c| async move {
+            redis::pipe()
+                .atomic()
+                .incr(&gen, 1)
+                .ignore()
+                .expire(&gen, 86_400)
+                .ignore()
+                .del(&profile)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await;
+    if let Err(e) = done {
+        tracing::warn!(error = %e, user_id, "cached profile not dropped; it expires with its TTL");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

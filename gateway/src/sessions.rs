@@ -295,6 +295,58 @@ pub async fn validate(
     Ok((rec, true))
 }
 
+/// What one session reference of a client names (docs/compatibility.md "One session identity").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Named {
+    /// The session id that `session/validate` issued: the reference was the client's
+    /// `sessionToken` bound to it, or that live session's id itself.
+    Session(String),
+    /// Neither a live token of the user nor a live session id of the user.
+    Unknown,
+}
+
+/// Resolves a user's session references (a legacy `sessionToken`, a `session_id`, consume's
+/// `sessionId`) to the session ids `session/validate` issued, in one Redis round trip: one
+/// pipeline of two GETs per reference (the token → session key, the session record), all
+/// under the user's hash tag. `None` when Redis is unreachable or answers an error: callers
+/// then keep the references as sent, as usage keeps working (docs/compatibility.md).
+pub async fn resolve(sessions: &SessionStore, user_id: &str, refs: &[&str]) -> Option<Vec<Named>> {
+    if refs.is_empty() {
+        return Some(Vec::new());
+    }
+    let keys = &sessions.keys;
+    let mut pipe = redis::pipe();
+    for r in refs {
+        pipe.get(keys.session_token(user_id, r))
+            .get(keys.session(user_id, r));
+    }
+    let got: redis::RedisResult<Vec<Option<String>>> = match sessions.redis().await {
+        Ok(mut conn) => pipe.query_async(&mut *conn).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "session references kept as sent: Redis unreachable");
+            return None;
+        }
+    };
+    let got = match got {
+        Ok(v) if v.len() == refs.len() * 2 => v,
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "session references kept as sent: Redis answered an error");
+            return None;
+        }
+    };
+    Some(
+        refs.iter()
+            .zip(got.chunks(2))
+            .map(|(r, pair)| match (&pair[0], &pair[1]) {
+                (Some(id), _) => Named::Session(id.clone()),
+                (None, Some(_)) => Named::Session((*r).to_string()),
+                (None, None) => Named::Unknown,
+            })
+            .collect(),
+    )
+}
+
 /// KEYS[1] = the session record, KEYS[2] = the user's sessions by last use,
 /// KEYS[3] (optional) = the client's token key. ARGV = record JSON, ttl_secs,
 /// session id, max_per_user, session key prefix, token key prefix. Returns

@@ -215,6 +215,16 @@ async fn the_original_clients_usage_body_lands_as_a_model_usage_row() {
     let app = spawn_app().await;
     app.start_worker().await;
     let (user, token) = new_user();
+    // The original client validates its session token before it tracks with it.
+    let v = app
+        .post(
+            "/api/vscode/session/validate",
+            &token,
+            &json!({"sessionToken": "tok_abcdefgh", "extensionVersion": "1.0.0"}),
+        )
+        .await;
+    assert_eq!(v.status(), 200);
+    let session: Value = v.json().await.unwrap();
     let body = json!({"sessionToken": "tok_abcdefgh", "action": "completion", "modelId": "anthropic/claude-3-haiku", "tokensUsed": 321, "costInCredits": 2});
     let r = app.post("/api/vscode/usage/track", &token, &body).await;
     assert_eq!(r.status(), 202);
@@ -222,9 +232,9 @@ async fn the_original_clients_usage_body_lands_as_a_model_usage_row() {
     assert_eq!(a["success"], true);
     assert_eq!(a["remainingCredits"], 100);
     let id = uuid::Uuid::parse_str(a["event_ids"][0].as_str().unwrap()).unwrap();
-    let row: (String, String, i64, i64, Value) = app
+    let row: (String, String, i64, i64, Value, Option<String>) = app
         .eventually(Duration::from_secs(10), || async {
-            sqlx::query_as("select provider, model, prompt_tokens, completion_tokens, metadata from model_usage where id = $1")
+            sqlx::query_as("select provider, model, prompt_tokens, completion_tokens, metadata, session_id from model_usage where id = $1")
                 .bind(id)
                 .fetch_optional(&app.pg)
                 .await
@@ -235,6 +245,11 @@ async fn the_original_clients_usage_body_lands_as_a_model_usage_row() {
     assert_eq!(row.1, "anthropic/claude-3-haiku");
     assert_eq!((row.2, row.3), (321, 0));
     assert_eq!(row.4, json!({"action": "completion", "cost_in_credits": 2}));
+    assert_eq!(
+        row.5.as_deref(),
+        session["session_id"].as_str(),
+        "the token resolves to the session it names"
+    );
     let balance: i64 = sqlx::query_scalar("select credits_balance from users where id = $1")
         .bind(&user)
         .fetch_one(&app.pg)

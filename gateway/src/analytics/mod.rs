@@ -4,9 +4,11 @@
 //! `usage_daily` (one row per user, day, model/feature and session, written
 //! by the worker in the same transaction as the raw rows) and `credit_daily`
 //! (credits consumed per user, day, model, provider, feature and session,
-//! kept by a trigger on the ledger in the ledger's own transaction). Neither
-//! the raw `model_usage`/`feature_usage` partitions nor the ledger's rows are
-//! read here: a year of a heavy user is a few thousand rows either way.
+//! kept by a trigger on the ledger in the ledger's own transaction): a year of
+//! a heavy user is a few thousand rows either way. Only the original backend's
+//! members (docs/compatibility.md) read the raw `model_usage`/`feature_usage`
+//! partitions and the ledger, over the answer's window through their
+//! (user_id, time) indexes: lists capped at 100, stats sums per UTC hour.
 //!
 //! Windows are whole UTC days. Window arithmetic, query parsing and the
 //! shaping of rows into the answers are plain functions, unit-tested beside
@@ -17,6 +19,7 @@
 //! - [`query`]: the query strings of both routes, parsed with named 422s;
 //! - [`shape`]: rollup rows into the answers (their types, which the OpenAPI
 //!   document derives its schemas from, docs/api.md);
+//! - [`original`]: the original backend's extra members and their rules;
 //! - [`store`]: the SQL and the cached view.
 //!
 //! Cache: the analytics answer for N days lives under `Keys::analytics(user,
@@ -26,6 +29,7 @@
 //! the commit, whenever it was stored — is never served; it is recomputed on
 //! the next read and the old one expires with its TTL.
 
+pub mod original;
 pub mod query;
 pub mod shape;
 pub mod store;

@@ -5,6 +5,7 @@ use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::{Object, ObjectBuilder, Type};
 
+use super::original::{Bucket, OriginalStats, Period};
 use super::{DayWindow, DEFAULT_DAYS, MAX_DAYS, MAX_STATS_SPAN_DAYS};
 use crate::error::{Error, Result};
 
@@ -124,6 +125,31 @@ pub struct StatsQuery {
     /// What the rows are keyed by; default `day`.
     #[param(schema_with = group_by_schema)]
     pub group_by: Option<String>,
+    /// The original's `1d|7d|30d` (default `7d`): the last N UTC days, today included, unless
+    /// `from` or `to` is given (they win). Adds the original's members (docs/compatibility.md).
+    #[param(schema_with = period_schema)]
+    pub period: Option<String>,
+    /// The original's timeline bucket, `hour|day|week` (default `day`); not `group_by`.
+    /// Adds the original's members (docs/compatibility.md).
+    #[serde(rename = "groupBy")]
+    #[param(schema_with = bucket_schema)]
+    pub bucket: Option<String>,
+}
+
+fn period_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(Period::ALL.map(Period::as_str)))
+        .default(Some(Period::SevenDays.as_str().into()))
+        .build()
+}
+
+fn bucket_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(Bucket::ALL.map(Bucket::as_str)))
+        .default(Some(Bucket::Day.as_str().into()))
+        .build()
 }
 
 /// `from`/`to`: a time or a date, so no `format` (either would refuse the other).
@@ -147,6 +173,8 @@ fn group_by_schema() -> Object {
 pub struct StatsRequest {
     pub window: DayWindow,
     pub group_by: GroupBy,
+    /// `period`/`groupBy` as parsed (defaults filled in), when either was given.
+    pub original: Option<OriginalStats>,
 }
 
 /// `from`/`to` as RFC 3339 or a plain date. A date `from` is the start of
@@ -174,18 +202,55 @@ pub(super) fn parse_instant(field: &str, s: &str, is_to: bool) -> Result<DateTim
 }
 
 impl StatsQuery {
+    /// The original's `period`/`groupBy`, when either is given (docs/compatibility.md).
+    fn original(&self) -> Result<Option<OriginalStats>> {
+        if self.period.is_none() && self.bucket.is_none() {
+            return Ok(None);
+        }
+        let period = match self.period.as_deref() {
+            None => Period::SevenDays,
+            Some(p) => Period::parse(p)
+                .ok_or_else(|| Error::validation("period", "must be one of 1d, 7d, 30d"))?,
+        };
+        let bucket = match self.bucket.as_deref() {
+            None => Bucket::Day,
+            Some(b) => Bucket::parse(b)
+                .ok_or_else(|| Error::validation("groupBy", "must be one of hour, day, week"))?,
+        };
+        Ok(Some(OriginalStats { period, bucket }))
+    }
+
     /// Validates the query against `now`. The answer covers whole UTC days:
-    /// every day that `[from, to)` touches (see docs/analytics.md).
+    /// every day that `[from, to)` touches (see docs/analytics.md). With `period` and
+    /// neither `from` nor `to`, the window is the period's last days, today included.
     pub fn parse(&self, now: DateTime<Utc>) -> Result<StatsRequest> {
-        let group_by = match self.group_by.as_deref() {
-            None => GroupBy::Day,
+        let original = self.original()?;
+        if let (Some(o), None, None) = (original, &self.from, &self.to) {
+            return Ok(StatsRequest {
+                window: DayWindow::last_days(o.period.days(), now),
+                group_by: self.group_by()?,
+                original,
+            });
+        }
+        let mut req = self.parse_window(now)?;
+        req.original = original;
+        Ok(req)
+    }
+
+    fn group_by(&self) -> Result<GroupBy> {
+        match self.group_by.as_deref() {
+            None => Ok(GroupBy::Day),
             Some(g) => GroupBy::parse(g).ok_or_else(|| {
                 Error::validation(
                     "group_by",
                     "must be one of day, model, provider, feature, session",
                 )
-            })?,
-        };
+            }),
+        }
+    }
+
+    fn parse_window(&self, now: DateTime<Utc>) -> Result<StatsRequest> {
+        let group_by = self.group_by()?;
         let to = match &self.to {
             Some(s) => parse_instant("to", s, true)?,
             None => now,
@@ -215,6 +280,7 @@ impl StatsQuery {
                 last: last_day_of(from, to),
             },
             group_by,
+            original: None,
         })
     }
 }
@@ -261,6 +327,7 @@ mod tests {
             from: from.map(Into::into),
             to: to.map(Into::into),
             group_by: g.map(Into::into),
+            ..StatsQuery::default()
         }
     }
 
@@ -345,5 +412,48 @@ mod tests {
             field_of(stats_q(None, Some("+262143-12-31"), None).parse(now)),
             "to"
         );
+        let q = |p: Option<&str>, b: Option<&str>| StatsQuery {
+            period: p.map(Into::into),
+            bucket: b.map(Into::into),
+            ..StatsQuery::default()
+        };
+        assert_eq!(field_of(q(Some("90d"), None).parse(now)), "period");
+        assert_eq!(field_of(q(Some("7d"), Some("month")).parse(now)), "groupBy");
+        assert_eq!(field_of(q(None, Some("model")).parse(now)), "groupBy");
+    }
+
+    #[test]
+    fn period_and_group_by_of_the_original_default_to_7d_by_day_and_yield_to_from_and_to() {
+        let now = at("2024-03-10T15:00:00Z");
+        let q = |p: Option<&str>, b: Option<&str>, from: Option<&str>| StatsQuery {
+            period: p.map(Into::into),
+            bucket: b.map(Into::into),
+            from: from.map(Into::into),
+            ..StatsQuery::default()
+        };
+        assert_eq!(q(None, None, None).parse(now).unwrap().original, None);
+        let r = q(None, Some("hour"), None).parse(now).unwrap();
+        let want = OriginalStats {
+            period: Period::SevenDays,
+            bucket: Bucket::Hour,
+        };
+        assert_eq!(r.original, Some(want));
+        assert_eq!(r.window, DayWindow::last_days(7, now));
+        assert_eq!(r.group_by, GroupBy::Day);
+        let r = q(Some("1d"), None, None).parse(now).unwrap();
+        assert_eq!(r.original.map(|o| o.bucket), Some(Bucket::Day));
+        assert_eq!(
+            (r.window.first, r.window.last),
+            (d("2024-03-10"), d("2024-03-10"))
+        );
+        let r = q(Some("30d"), Some("week"), None).parse(now).unwrap();
+        assert_eq!(r.window, DayWindow::last_days(30, now));
+        // `from` wins over `period` (which is still echoed).
+        let r = q(Some("1d"), None, Some("2024-03-01")).parse(now).unwrap();
+        assert_eq!(
+            (r.window.first, r.window.last),
+            (d("2024-03-01"), d("2024-03-10"))
+        );
+        assert_eq!(r.original.map(|o| o.period), Some(Period::OneDay));
     }
 }

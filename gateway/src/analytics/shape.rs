@@ -7,6 +7,10 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::original::{
+    capped, Bucket, CreditHistoryEntry, FeatureUsageEntry, ModelStats, ModelUsageEntry, Period,
+    ProviderStats, StatsExtras, TimelineEntry,
+};
 use super::{ts, ts_ms, DayWindow, GroupBy, StatsRequest};
 
 /// One rollup aggregate of one of two grouping sets over the window: per
@@ -35,6 +39,10 @@ pub struct AnalyticsInput {
     pub sessions: i64,
     /// Newest settled event behind the figures.
     pub as_of: Option<DateTime<Utc>>,
+    /// The original's lists, newest first (docs/compatibility.md).
+    pub model_usage: Vec<ModelUsageEntry>,
+    pub feature_usage: Vec<FeatureUsageEntry>,
+    pub credit_history: Vec<CreditHistoryEntry>,
 }
 
 #[derive(Default)]
@@ -53,9 +61,9 @@ pub(super) struct DaySums {
 }
 
 /// The answer of `GET /api/vscode/analytics` (docs/api.md "Analytics"). Kept as JSON in
-/// the Redis cache (`analytics::store`): a member renamed or retyped here must still read
-/// the views cached before the change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// the Redis cache (`analytics::store`): a view that does not read as this type (one cached
+/// before a member was added, say) is a miss and recomputed, never served short.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AnalyticsAnswer {
     /// The caller.
     pub user_id: String,
@@ -83,6 +91,15 @@ pub struct AnalyticsAnswer {
     pub daily: Vec<DayFigures>,
     /// The totals under the original client's names (§5.10).
     pub summary: AnalyticsSummary,
+    /// The window's model events, newest first, at most 100 (the original's; docs/compatibility.md).
+    #[serde(rename = "modelUsage")]
+    pub model_usage: Vec<ModelUsageEntry>,
+    /// The window's features by their newest event, newest first, at most 100.
+    #[serde(rename = "featureUsage")]
+    pub feature_usage: Vec<FeatureUsageEntry>,
+    /// The window's ledger rows, newest first, at most 100.
+    #[serde(rename = "creditHistory")]
+    pub credit_history: Vec<CreditHistoryEntry>,
 }
 
 /// `totals` of the analytics answer.
@@ -317,6 +334,9 @@ pub fn shape_analytics(
             unique_models: unique_models as i64,
             unique_features: unique_features as i64,
         },
+        model_usage: capped(input.model_usage.clone()),
+        feature_usage: capped(input.feature_usage.clone()),
+        credit_history: capped(input.credit_history.clone()),
     }
 }
 
@@ -331,7 +351,7 @@ pub struct StatsUsageRow {
 }
 
 /// The figures of one stats row, and their sums (`totals`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, ToSchema)]
 pub struct StatsFigures {
     /// Model requests.
     pub requests: i64,
@@ -343,10 +363,14 @@ pub struct StatsFigures {
     pub credits_consumed: i64,
     /// Feature events.
     pub feature_events: i64,
+    /// In `totals`, with `period` or `groupBy` only: the percent of model requests that did
+    /// not report `success: false`, two decimals, 0 without requests (docs/compatibility.md).
+    #[serde(rename = "successRate", skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
 }
 
 /// The answer of `GET /api/users/{id}/usage/stats` (docs/api.md "Usage statistics").
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct StatsAnswer {
     /// The user the figures are of.
     pub user_id: String,
@@ -360,15 +384,31 @@ pub struct StatsAnswer {
     pub group_by: GroupBy,
     /// One row per key with activity, ordered by key, the null key last.
     pub rows: Vec<StatsRow>,
-    /// The sums of the rows.
+    /// The sums of the rows (with `group_by=model`, also of what names no model).
     pub totals: StatsFigures,
+    /// With `period` or `groupBy` only (docs/compatibility.md): `period` as given, or `7d`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period: Option<Period>,
+    /// With `period` or `groupBy` only: `groupBy` as given, or `day`.
+    #[serde(rename = "groupBy", skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<Bucket>,
+    /// With `period` or `groupBy` only: model requests, tokens, credits and errors per
+    /// bucket with activity, ascending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<Vec<TimelineEntry>>,
+    /// With `period` or `groupBy` only: per model, most requests first.
+    #[serde(rename = "byModel", skip_serializing_if = "Option::is_none")]
+    pub by_model: Option<Vec<ModelStats>>,
+    /// With `period` or `groupBy` only: per provider, most requests first.
+    #[serde(rename = "byProvider", skip_serializing_if = "Option::is_none")]
+    pub by_provider: Option<Vec<ProviderStats>>,
 }
 
 /// One row of the stats answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct StatsRow {
     /// The day (`YYYY-MM-DD`), model, provider, feature or session id; null for what has
-    /// none (feature events when grouping by model, events without a session, ...).
+    /// none (events without a session, ...; never with `group_by=model`, whose rows are models).
     #[schema(required = true)]
     pub key: Option<String>,
     /// Model requests.
@@ -407,15 +447,17 @@ impl StatsFigures {
 }
 
 /// The docs/api.md "Usage statistics" body. Rows merge the rollup's and the ledger's figures by
-/// key; `key` is null for what has no such attribute (feature events when
-/// grouping by model, events without a session, ...), so rows always sum to
-/// the totals. Rows are ordered by key (null last); only keys with activity
-/// appear.
+/// key; `key` is null for what has no such attribute (events without a session, ...), so rows
+/// sum to the totals — except with `group_by=model`, whose rows are models only: what names
+/// no model (feature events, ...) counts in the totals without a row (docs/compatibility.md).
+/// Rows are ordered by key (null last); only keys with activity appear. `extras` are the
+/// original's members, given with `period` or `groupBy`.
 pub fn shape_stats(
     user_id: &str,
     req: StatsRequest,
     usage: &[StatsUsageRow],
     credits: &[(Option<String>, i64)],
+    extras: Option<StatsExtras>,
 ) -> StatsAnswer {
     let mut rows: HashMap<Option<&str>, StatsFigures> = HashMap::new();
     for u in usage {
@@ -427,6 +469,7 @@ pub fn shape_stats(
                 completion_tokens: u.completion_tokens,
                 credits_consumed: 0,
                 feature_events: u.feature_events,
+                success_rate: None,
             });
     }
     for (k, c) in credits {
@@ -447,6 +490,15 @@ pub fn shape_stats(
     for (_, f) in &rows {
         totals.add(f);
     }
+    if req.group_by == GroupBy::Model {
+        rows.retain(|(k, _)| k.is_some());
+    }
+    totals.success_rate = extras.as_ref().map(|e| e.success_rate);
+    let original = req.original;
+    let (timeline, by_model, by_provider) = match extras {
+        Some(e) => (Some(e.timeline), Some(e.by_model), Some(e.by_provider)),
+        None => (None, None, None),
+    };
     StatsAnswer {
         user_id: user_id.to_string(),
         from: ts(req.window.from()),
@@ -454,6 +506,11 @@ pub fn shape_stats(
         group_by: req.group_by,
         rows: rows.iter().map(|(k, f)| StatsRow::new(*k, f)).collect(),
         totals,
+        period: original.map(|o| o.period),
+        bucket: original.map(|o| o.bucket),
+        timeline,
+        by_model,
+        by_provider,
     }
 }
 
@@ -542,6 +599,7 @@ mod tests {
             credits: vec![(d("2024-03-08"), 5), (d("2024-03-09"), 2)],
             sessions: 2,
             as_of: Some(at("2024-03-10T12:00:00Z")),
+            ..AnalyticsInput::default()
         };
         let v = value(shape_analytics("u1", w, &input, at("2024-03-10T13:00:00Z")));
         assert_eq!(v["from"], "2024-03-08T00:00:00Z");
@@ -603,9 +661,12 @@ mod tests {
             "by_feature",
             "by_model",
             "by_provider",
+            "creditHistory",
             "daily",
+            "featureUsage",
             "from",
             "generated_at",
+            "modelUsage",
             "summary",
             "to",
             "totals",
@@ -623,6 +684,7 @@ mod tests {
                 last: d("2024-03-02"),
             },
             group_by: GroupBy::Model,
+            original: None,
         };
         let usage = vec![
             StatsUsageRow {
@@ -645,7 +707,7 @@ mod tests {
             (Some("gpt-4o".into()), 5),
             (None, 1),
         ];
-        let v = value(shape_stats("u", req, &usage, &credits));
+        let v = value(shape_stats("u", req, &usage, &credits, None));
         assert_eq!(v["group_by"], "model");
         assert_eq!(v["from"], "2024-03-01T00:00:00Z");
         assert_eq!(v["to"], "2024-03-03T00:00:00Z");
@@ -654,12 +716,61 @@ mod tests {
             json!([
                 {"key": "claude", "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "credits_consumed": 9, "feature_events": 0},
                 {"key": "gpt-4o", "requests": 2, "prompt_tokens": 20, "completion_tokens": 4, "credits_consumed": 5, "feature_events": 0},
-                {"key": null, "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "credits_consumed": 1, "feature_events": 3},
-            ])
+            ]),
+            "models only: what names none has no row"
         );
         assert_eq!(
             v["totals"],
-            json!({"requests": 2, "prompt_tokens": 20, "completion_tokens": 4, "credits_consumed": 15, "feature_events": 3})
+            json!({"requests": 2, "prompt_tokens": 20, "completion_tokens": 4, "credits_consumed": 15, "feature_events": 3}),
+            "but counts in the totals"
         );
+        for absent in ["period", "groupBy", "timeline", "byModel", "byProvider"] {
+            assert!(v.get(absent).is_none(), "{absent}");
+        }
+        // Other groupings keep their null key, and rows sum to the totals.
+        let by_session = StatsRequest {
+            group_by: GroupBy::Session,
+            ..req
+        };
+        let v = value(shape_stats("u", by_session, &usage, &credits, None));
+        assert_eq!(v["rows"].as_array().unwrap().len(), 3);
+        assert!(v["rows"][2]["key"].is_null());
+    }
+
+    #[test]
+    fn the_originals_members_are_added_with_period_or_group_by() {
+        use super::super::original::{shape_extras, HourUsage, OriginalStats};
+        let req = StatsRequest {
+            window: DayWindow::last_days(7, at("2024-03-10T10:00:00Z")),
+            group_by: GroupBy::Day,
+            original: Some(OriginalStats {
+                period: Period::SevenDays,
+                bucket: Bucket::Hour,
+            }),
+        };
+        let hour = chrono::NaiveDate::from_ymd_opt(2024, 3, 10)
+            .unwrap()
+            .and_hms_opt(9, 0, 0)
+            .unwrap();
+        let usage = [HourUsage {
+            hour,
+            model: "gpt-4o".into(),
+            provider: "openai".into(),
+            requests: 3,
+            tokens: 30,
+            errors: 1,
+        }];
+        let extras = shape_extras(Bucket::Hour, &usage, &[]);
+        let v = value(shape_stats("u", req, &[], &[], Some(extras)));
+        assert_eq!(v["period"], "7d");
+        assert_eq!(v["groupBy"], "hour");
+        assert_eq!(v["group_by"], "day");
+        assert_eq!(v["totals"]["successRate"], 66.67);
+        assert_eq!(
+            v["timeline"],
+            json!([{"period": "2024-03-10T09:00:00.000Z", "requests": 3, "tokens": 30, "credits": 0, "errors": 1}])
+        );
+        assert_eq!(v["byModel"][0]["modelId"], "gpt-4o");
+        assert_eq!(v["byProvider"][0]["provider"], "openai");
     }
 }

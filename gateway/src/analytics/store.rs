@@ -1,16 +1,20 @@
 //! The SQL behind both routes and the cached analytics view (see the module
 //! doc of [`crate::analytics`] for the generation rule).
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use common::redis::keys::Keys;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
+use super::original::{
+    shape_extras, CreditHistoryEntry, FeatureUsageEntry, HourCredits, HourUsage, ModelUsageEntry,
+    StatsExtras, LIST_CAP_SQL,
+};
 use super::shape::{
     shape_analytics, shape_stats, AnalyticsAnswer, AnalyticsInput, RollupRow, StatsAnswer,
     StatsUsageRow,
 };
-use super::{ts, DayWindow, StatsRequest, CACHE_TTL_SECS};
+use super::{ts, ts_ms, DayWindow, StatsRequest, CACHE_TTL_SECS};
 use crate::error::{Error, Result};
 use crate::redis_link::RedisLink;
 
@@ -83,12 +87,156 @@ pub async fn load_analytics(
     .fetch_all(pg)
     .await?;
     let ledger_as_of = credits.iter().map(|c| c.2).max();
+    let (model_usage, feature_usage, credit_history) = original_lists(pg, user_id, window).await?;
     Ok(AnalyticsInput {
         rows,
         credits: credits.into_iter().map(|(d, c, _)| (d, c)).collect(),
         sessions,
         as_of: rollup_as_of.max(ledger_as_of),
+        model_usage,
+        feature_usage,
+        credit_history,
     })
+}
+
+/// The original's `modelUsage`, `featureUsage` and `creditHistory` of the window, newest
+/// first, at most 100 each (docs/compatibility.md). Each reads an index on (user_id, time).
+async fn original_lists(
+    pg: &PgPool,
+    user_id: &str,
+    window: DayWindow,
+) -> Result<(
+    Vec<ModelUsageEntry>,
+    Vec<FeatureUsageEntry>,
+    Vec<CreditHistoryEntry>,
+)> {
+    let (from, to) = (window.from(), window.to());
+    // `credits_consumed`: what the original's client reported (`costInCredits`, kept in
+    // metadata by the legacy track); a non-number there counts as none.
+    let models: Vec<(String, String, i64, f64, DateTime<Utc>)> = sqlx::query_as(
+        "select model, provider, least(prompt_tokens::numeric + completion_tokens, 9223372036854775807)::int8, \
+                case when jsonb_typeof(metadata -> 'cost_in_credits') = 'number' \
+                     then (metadata ->> 'cost_in_credits')::float8 else 0 end, occurred_at \
+         from model_usage where user_id = $1 and occurred_at >= $2 and occurred_at < $3 \
+         order by occurred_at desc, id desc limit $4",
+    )
+    .bind(user_id)
+    .bind(from)
+    .bind(to)
+    .bind(LIST_CAP_SQL)
+    .fetch_all(pg)
+    .await?;
+    let features: Vec<(String, i64, DateTime<Utc>)> = sqlx::query_as(
+        "select feature, count(*)::int8, max(occurred_at) from feature_usage \
+         where user_id = $1 and occurred_at >= $2 and occurred_at < $3 \
+         group by feature order by 3 desc, 1 limit $4",
+    )
+    .bind(user_id)
+    .bind(from)
+    .bind(to)
+    .bind(LIST_CAP_SQL)
+    .fetch_all(pg)
+    .await?;
+    let ledger: Vec<(i64, Option<String>, String, DateTime<Utc>)> = sqlx::query_as(
+        "select amount, description, kind, created_at from credit_transactions \
+         where user_id = $1 and created_at >= $2 and created_at < $3 \
+         order by created_at desc, id desc limit $4",
+    )
+    .bind(user_id)
+    .bind(from)
+    .bind(to)
+    .bind(LIST_CAP_SQL)
+    .fetch_all(pg)
+    .await?;
+    Ok((
+        models
+            .into_iter()
+            .map(
+                |(model_id, provider, tokens_used, credits_consumed, at)| ModelUsageEntry {
+                    model_id,
+                    provider,
+                    tokens_used,
+                    credits_consumed,
+                    created_at: ts_ms(at),
+                },
+            )
+            .collect(),
+        features
+            .into_iter()
+            .map(|(feature_name, usage_count, at)| FeatureUsageEntry {
+                feature_name,
+                usage_count,
+                last_used_at: ts_ms(at),
+            })
+            .collect(),
+        ledger
+            .into_iter()
+            .map(|(amount, description, kind, at)| CreditHistoryEntry {
+                amount,
+                description,
+                transaction_type: kind,
+                created_at: ts_ms(at),
+            })
+            .collect(),
+    ))
+}
+
+/// The original's stats members (docs/compatibility.md): model usage and consumed credits
+/// per UTC hour, model and provider over the window, folded by [`shape_extras`].
+async fn stats_extras(
+    pg: &PgPool,
+    user_id: &str,
+    req: StatsRequest,
+) -> Result<Option<StatsExtras>> {
+    let Some(original) = req.original else {
+        return Ok(None);
+    };
+    let (from, to) = (req.window.from(), req.window.to());
+    let usage: Vec<(NaiveDateTime, String, String, i64, i64, i64)> = sqlx::query_as(
+        "select date_trunc('hour', occurred_at at time zone 'UTC'), model, provider, count(*)::int8, \
+                least(coalesce(sum(prompt_tokens::numeric + completion_tokens), 0), 9223372036854775807)::int8, \
+                count(*) filter (where success = false)::int8 \
+         from model_usage where user_id = $1 and occurred_at >= $2 and occurred_at < $3 group by 1, 2, 3",
+    )
+    .bind(user_id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(pg)
+    .await?;
+    let credits: Vec<(NaiveDateTime, String, String, i64)> = sqlx::query_as(
+        "select date_trunc('hour', created_at at time zone 'UTC'), coalesce(model, ''), coalesce(provider, ''), \
+                least(-sum(amount), 9223372036854775807)::int8 \
+         from credit_transactions where user_id = $1 and kind = 'consume' and created_at >= $2 and created_at < $3 \
+         group by 1, 2, 3",
+    )
+    .bind(user_id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(pg)
+    .await?;
+    let usage: Vec<HourUsage> = usage
+        .into_iter()
+        .map(
+            |(hour, model, provider, requests, tokens, errors)| HourUsage {
+                hour,
+                model,
+                provider,
+                requests,
+                tokens,
+                errors,
+            },
+        )
+        .collect();
+    let credits: Vec<HourCredits> = credits
+        .into_iter()
+        .map(|(hour, model, provider, credits)| HourCredits {
+            hour,
+            model,
+            provider,
+            credits,
+        })
+        .collect();
+    Ok(Some(shape_extras(original.bucket, &usage, &credits)))
 }
 
 /// The stats answer, straight from Postgres (not cached: arbitrary windows).
@@ -118,12 +266,14 @@ pub async fn stats(pg: &sqlx::PgPool, user_id: &str, req: StatsRequest) -> Resul
     .bind(req.window.last)
     .fetch_all(pg)
     .await?;
-    Ok(shape_stats(user_id, req, &usage, &credits))
+    let extras = stats_extras(pg, user_id, req).await?;
+    Ok(shape_stats(user_id, req, &usage, &credits, extras))
 }
 
 /// What Redis keeps under `Keys::analytics`: the answer as its JSON, so a view
 /// cached before a release reads back as long as the answer's members keep
-/// their names and types (a view that does not read is recomputed).
+/// their names and types. A view that does not read (one cached before the
+/// original's lists were added, docs/compatibility.md) is a miss, recomputed.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct CachedView {
     /// The analytics generation read before the view was computed.
@@ -204,10 +354,10 @@ mod tests {
     use super::super::testing::*;
     use super::*;
 
-    /// A view as the gateway cached it before the answer was a type (`json!`, members
-    /// sorted by name) reads back, and writes back as the same JSON.
+    /// A view cached before the original's lists were added does not read, so it is a miss
+    /// (recomputed, never served without them); a view with them reads back as written.
     #[test]
-    fn a_view_cached_before_the_answer_was_typed_reads_back() {
+    fn a_view_cached_without_the_originals_lists_is_a_miss_and_a_new_one_reads_back() {
         let old = r#"{"body":{"as_of":null,"by_feature":[{"events":1,"feature":"chat"}],"by_model":[{"completion_tokens":3,
             "model":"gpt-4o","prompt_tokens":20,"provider":"openai","requests":2}],"by_provider":[{"provider":"openai",
             "requests":2,"total_tokens":23}],"daily":[{"credits_consumed":4,"date":"2024-03-10","feature_events":1,
@@ -215,18 +365,25 @@ mod tests {
             "summary":{"totalCreditsUsed":4,"totalRequests":2,"totalTokens":23,"uniqueFeatures":1,"uniqueModels":1},
             "to":"2024-03-11T00:00:00Z","totals":{"completion_tokens":3,"credits_consumed":4,"feature_events":1,
             "prompt_tokens":20,"requests":2,"sessions":1,"total_tokens":23},"user_id":"u"},"gen":"3"}"#;
-        let view: CachedView = serde_json::from_str(old).expect("an old view reads back");
+        assert!(serde_json::from_str::<CachedView>(old).is_err());
+        let new = old.replace(
+            r#""user_id":"u"}"#,
+            r#""user_id":"u","modelUsage":[{"model_id":"gpt-4o","provider":"openai","tokens_used":23,
+            "credits_consumed":1.5,"created_at":"2024-03-10T09:00:00.000Z"}],"featureUsage":[{"feature_name":"chat",
+            "usage_count":1,"last_used_at":"2024-03-10T09:30:00.000Z"}],"creditHistory":[{"amount":-4,
+            "description":null,"transaction_type":"consume","created_at":"2024-03-10T09:00:00.000Z"}]}"#,
+        );
+        let view: CachedView = serde_json::from_str(&new).expect("a new view reads back");
         let w = DayWindow::last_days(1, at("2024-03-10T10:00:00Z"));
         assert!(usable(&view, &Some("3".into()), w));
         let again: serde_json::Value =
             serde_json::from_str(&serde_json::to_string(&view).unwrap()).unwrap();
         assert_eq!(
             again,
-            serde_json::from_str::<serde_json::Value>(old).unwrap()
+            serde_json::from_str::<serde_json::Value>(&new).unwrap()
         );
-        let with_as_of = old.replace(r#""as_of":null"#, r#""as_of":"2024-03-10T09:00:00.000Z""#);
-        let view: CachedView = serde_json::from_str(&with_as_of).unwrap();
-        assert_eq!(view.body.as_of.as_deref(), Some("2024-03-10T09:00:00.000Z"));
+        assert_eq!(view.body.model_usage[0].credits_consumed, 1.5);
+        assert_eq!(view.body.credit_history[0].description, None);
     }
 
     #[test]

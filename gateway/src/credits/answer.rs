@@ -25,10 +25,36 @@ pub struct ConsumeAnswer {
     pub success: bool,
     /// The balance again, under the original client's name.
     pub remaining_credits: i64,
+    /// The ledger row of this consume, as the original backend described it. Always sent;
+    /// absent only on a replay of an answer remembered before this member existed.
+    #[schema(required = false)]
+    pub transaction: ConsumeTransaction,
+}
+
+/// `transaction` of a consume's answer (docs/compatibility.md). A remembered
+/// answer stored before this member existed replays without it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ConsumeTransaction {
+    /// = `transaction_id`: the ledger row's id.
+    pub id: String,
+    /// The ledger row's amount: the credits consumed, negative.
+    pub amount: i64,
+    /// The consume's `description`; null when it had none.
+    pub description: Option<String>,
+    /// When the gateway granted the charge (RFC 3339, milliseconds, UTC): the time in the
+    /// transaction id (a UUIDv7), so a retry under the same id answers the same time.
+    #[serde(serialize_with = "rfc3339_millis")]
+    pub timestamp: DateTime<Utc>,
 }
 
 impl ConsumeAnswer {
-    pub fn new(transaction_id: Uuid, user_id: &str, amount: i64, balance: i64) -> Self {
+    pub fn new(
+        transaction_id: Uuid,
+        user_id: &str,
+        amount: i64,
+        balance: i64,
+        description: Option<&str>,
+    ) -> Self {
         Self {
             transaction_id: transaction_id.to_string(),
             user_id: user_id.to_string(),
@@ -36,8 +62,23 @@ impl ConsumeAnswer {
             balance,
             success: true,
             remaining_credits: balance,
+            transaction: ConsumeTransaction {
+                id: transaction_id.to_string(),
+                amount: -amount,
+                description: description.map(str::to_string),
+                timestamp: id_time(transaction_id).unwrap_or_else(Utc::now),
+            },
         }
     }
+}
+
+/// The time a UUIDv7 was minted (milliseconds); None for other versions.
+pub fn id_time(id: Uuid) -> Option<DateTime<Utc>> {
+    if id.get_version_num() != 7 {
+        return None;
+    }
+    let (secs, nanos) = id.get_timestamp()?.to_unix();
+    DateTime::from_timestamp(i64::try_from(secs).ok()?, nanos)
 }
 
 /// `POST /api/users/{id}/credits/holds`.
@@ -97,12 +138,32 @@ mod tests {
     #[test]
     fn answers_serialize_to_the_json_the_routes_always_sent() {
         let tx = Uuid::from_u128(7);
-        assert_eq!(
-            to_json(&ConsumeAnswer::new(tx, "u1", 5, 95)),
-            json!({"transaction_id": tx.to_string(), "user_id": "u1", "amount": 5, "balance": 95,
-                   "success": true, "remaining_credits": 95})
-        );
         let at = Utc.timestamp_millis_opt(1_714_550_400_000).unwrap();
+        let v7 = Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            1_714_550_400,
+            123_000_000,
+        ));
+        assert_eq!(
+            to_json(&ConsumeAnswer::new(v7, "u1", 5, 95, Some("chat"))),
+            json!({"transaction_id": v7.to_string(), "user_id": "u1", "amount": 5, "balance": 95,
+                   "success": true, "remaining_credits": 95,
+                   "transaction": {"id": v7.to_string(), "amount": -5, "description": "chat",
+                                   "timestamp": "2024-05-01T08:00:00.123Z"}})
+        );
+        let schema =
+            serde_json::to_value(<ConsumeAnswer as utoipa::PartialSchema>::schema()).unwrap();
+        let required = schema["required"].as_array().unwrap();
+        assert!(
+            !required.contains(&json!("transaction")) && required.contains(&json!("balance")),
+            "{schema}"
+        );
+        let plain = to_json(&ConsumeAnswer::new(tx, "u1", 5, 95, None));
+        assert_eq!(plain["transaction"]["description"], Value::Null);
+        assert!(plain["transaction"]["timestamp"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z'));
         let hold = HoldAnswer {
             hold_id: tx.to_string(),
             amount: 3,

@@ -135,7 +135,14 @@ pub async fn consume(
         .parse()
         .map_err(bad_reply)?;
     let reused = reply.flag(4).map_err(bad_reply)?;
-    let body = to_json(&ConsumeAnswer::new(tx, user_id, amount, balance));
+    let description = context.description.as_deref();
+    let body = to_json(&ConsumeAnswer::new(
+        tx,
+        user_id,
+        amount,
+        balance,
+        description,
+    ));
     let event = BatchedConsume {
         id: Uuid::new_v4(),
         occurred_at: Utc::now(),
@@ -513,6 +520,10 @@ pub async fn grant(store: &CreditStore, publisher: &Publisher, g: GrantRequest) 
         recent
     };
     tx.commit().await?;
+    if applied {
+        // The ledger shows in the profile and analytics (the workers do this after their commits).
+        crate::redis_link::drop_cached_views(&store.redis_link, &store.keys, &g.user_id).await;
+    }
     // A replay applies too, in case the first attempt died before this step;
     // the applied-set makes it once. Past the idempotency window the set is
     // gone, so an old replay leaves Redis alone (the reconciler covers it).

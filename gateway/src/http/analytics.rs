@@ -25,7 +25,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
 
 /// Usage analytics of the caller
 ///
-/// `GET /api/vscode/analytics?days=N` (or `?timeframe=1d|7d|30d`): the caller's own.
+/// `GET /api/vscode/analytics?days=N` (or `?timeframe=1d|7d|30d`): the caller's own, with the
+/// original backend's `modelUsage`, `featureUsage` and `creditHistory` (docs/compatibility.md).
 #[utoipa::path(get, path = "/api/vscode/analytics", tag = "analytics",
     params(AnalyticsQuery),
     responses(
@@ -45,7 +46,9 @@ pub(crate) async fn vscode_analytics(
 
 /// Usage statistics grouped by day, model, provider, feature or session
 ///
-/// `GET /api/users/:id/usage/stats?from=&to=&group_by=`.
+/// `GET /api/users/:id/usage/stats?from=&to=&group_by=`; with the original's `period` and/or
+/// `groupBy`, also its `timeline`, `byModel`, `byProvider` and `totals.successRate`
+/// (docs/compatibility.md).
 #[utoipa::path(get, path = "/api/users/{id}/usage/stats", tag = "analytics",
     params(StatsQuery),
     responses(
@@ -117,9 +120,12 @@ mod tests {
             "by_feature",
             "by_model",
             "by_provider",
+            "creditHistory",
             "daily",
+            "featureUsage",
             "from",
             "generated_at",
+            "modelUsage",
             "summary",
             "to",
             "totals",
@@ -175,6 +181,26 @@ mod tests {
             "uniqueModels",
         ];
         assert_eq!(members(&schemas["AnalyticsSummary"]), summary);
+        assert_eq!(
+            members(&schemas["ModelUsageEntry"]),
+            [
+                "created_at",
+                "credits_consumed",
+                "model_id",
+                "provider",
+                "tokens_used"
+            ]
+        );
+        assert_eq!(
+            members(&schemas["FeatureUsageEntry"]),
+            ["feature_name", "last_used_at", "usage_count"]
+        );
+        let history = &schemas["CreditHistoryEntry"];
+        assert_eq!(
+            members(history),
+            ["amount", "created_at", "description", "transaction_type"]
+        );
+        assert_eq!(history["required"].as_array().unwrap().len(), 4);
 
         let op = &doc["paths"]["/api/users/{id}/usage/stats"]["get"];
         assert_eq!(op["tags"], json!(["analytics"]));
@@ -184,7 +210,9 @@ mod tests {
         );
         let q = query(op);
         let names: Vec<&str> = q.iter().map(|p| p.0).collect();
-        assert_eq!(names, ["from", "to", "group_by"]);
+        assert_eq!(names, ["from", "to", "group_by", "period", "groupBy"]);
+        assert_eq!(q[3].1["enum"], json!(["1d", "7d", "30d"]));
+        assert_eq!(q[4].1["enum"], json!(["hour", "day", "week"]));
         assert_eq!(
             q[2].1["enum"],
             json!(["day", "model", "provider", "feature", "session"])
@@ -192,9 +220,34 @@ mod tests {
         let answer = &schemas["StatsAnswer"];
         assert_eq!(
             members(answer),
-            ["from", "group_by", "rows", "to", "totals", "user_id"]
+            [
+                "byModel",
+                "byProvider",
+                "from",
+                "groupBy",
+                "group_by",
+                "period",
+                "rows",
+                "timeline",
+                "to",
+                "totals",
+                "user_id"
+            ]
         );
+        // The original's members are there only when asked for (`period`/`groupBy`).
         assert_eq!(answer["required"].as_array().unwrap().len(), 6);
+        assert_eq!(
+            members(&schemas["TimelineEntry"]),
+            ["credits", "errors", "period", "requests", "tokens"]
+        );
+        assert_eq!(
+            members(&schemas["ModelStats"]),
+            ["credits", "errors", "modelId", "requests", "tokens"]
+        );
+        assert_eq!(
+            members(&schemas["ProviderStats"]),
+            ["credits", "errors", "provider", "requests", "tokens"]
+        );
         assert_eq!(
             schemas["GroupBy"]["enum"],
             json!(["day", "model", "provider", "feature", "session"])
@@ -206,6 +259,7 @@ mod tests {
             "feature_events",
             "prompt_tokens",
             "requests",
+            "successRate",
         ];
         assert_eq!(members(&schemas["StatsFigures"]), figures);
         assert_eq!(

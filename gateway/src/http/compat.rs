@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::error::Result;
 use super::guard::CurrentUser;
 use super::{guarded, Class};
+use crate::profile::split_name;
 use crate::state::AppState;
 
 pub fn router(state: &AppState) -> Router<AppState> {
@@ -75,24 +76,6 @@ pub(crate) async fn subscription(
         status: user.record.status.as_str().to_string(),
         subscription,
     }))
-}
-
-/// Splits a display name the way the original client shows it: the first
-/// word is the first name, the rest (if any) the last name.
-pub fn split_name(name: Option<&str>) -> (Option<String>, Option<String>) {
-    let Some(name) = name.map(str::trim).filter(|n| !n.is_empty()) else {
-        return (None, None);
-    };
-    match name.split_once(char::is_whitespace) {
-        Some((first, rest)) => {
-            let rest = rest.trim();
-            (
-                Some(first.to_string()),
-                (!rest.is_empty()).then(|| rest.to_string()),
-            )
-        }
-        None => (Some(name.to_string()), None),
-    }
 }
 
 /// The caller's identity (original client)

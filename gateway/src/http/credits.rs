@@ -46,6 +46,24 @@ fn hold_id(raw: &str) -> Result<Uuid> {
     raw.parse().map_err(|_| ApiError::not_found("no such hold"))
 }
 
+/// One session identity (docs/compatibility.md): `sessionId`/`session_id` becomes the session
+/// id `session/validate` issued to the account (`user_id`, whose ledger the row is in) when it
+/// names that account's `sessionToken` or live session; any other reference, and every one while
+/// Redis is unreachable, is kept as sent (a consume never fails for its session reference).
+async fn one_session_identity(
+    state: &AppState,
+    user_id: &str,
+    context: &mut common::events::CreditContext,
+) {
+    let Some(reference) = context.session_id.as_deref() else {
+        return;
+    };
+    let named = crate::sessions::resolve(&state.sessions, user_id, &[reference]).await;
+    if let Some(Some(crate::sessions::Named::Session(id))) = named.map(|mut v| v.pop()) {
+        context.session_id = Some(id);
+    }
+}
+
 /// A fresh answer is 200; a remembered one says so in `Idempotent-Replayed`.
 fn respond(answer: Answer) -> Response {
     let (mut resp, replayed) = match answer {
@@ -86,7 +104,8 @@ pub(crate) async fn consume(
 ) -> Result<Response> {
     provision_other(&state, &user, &id).await?;
     let key = credits::idempotency_key(idempotency_header(&headers))?;
-    let (amount, context) = credits::parse_body::<ConsumeBody>(body.clone())?.validate()?;
+    let (amount, mut context) = credits::parse_body::<ConsumeBody>(body.clone())?.validate()?;
+    one_session_identity(&state, &id, &mut context).await;
     let idem = key.map(|k| Idem::new(&state.credits, &id, "consume", k, &body));
     deadline.commit()?;
     Ok(respond(
@@ -115,8 +134,9 @@ pub(crate) async fn open_hold(
     provision_other(&state, &user, &id).await?;
     let key = credits::idempotency_key(idempotency_header(&headers))?;
     let c = &state.settings.credits;
-    let (amount, ttl, context) = credits::parse_body::<HoldBody>(body.clone())?
+    let (amount, ttl, mut context) = credits::parse_body::<HoldBody>(body.clone())?
         .validate(c.hold_default_ttl_secs, c.hold_max_ttl_secs)?;
+    one_session_identity(&state, &id, &mut context).await;
     let idem = key.map(|k| Idem::new(&state.credits, &id, "holds", k, &body));
     deadline.commit()?;
     Ok(respond(
@@ -279,6 +299,7 @@ mod tests {
                     "balance",
                     "remaining_credits",
                     "success",
+                    "transaction",
                     "transaction_id",
                     "user_id",
                 ],
@@ -324,12 +345,14 @@ mod tests {
             }
             let schema = &op["responses"]["200"]["content"]["application/json"]["schema"];
             assert_eq!(properties(&doc, schema), *members, "{method} {path}");
-            // Every member is always present.
+            // Every member is always present, but consume's `transaction`: an
+            // answer remembered before it existed replays without it.
             let name = schema["$ref"].as_str().unwrap().rsplit('/').next().unwrap();
             let required = doc["components"]["schemas"][name]["required"]
                 .as_array()
                 .unwrap();
-            assert_eq!(required.len(), members.len(), "{name}");
+            let optional = usize::from(name == "ConsumeAnswer");
+            assert_eq!(required.len() + optional, members.len(), "{name}");
             // Only the POSTs that take a key declare it; path parameters are left to `http::openapi`.
             let header = json!([{"name": "Idempotency-Key", "in": "header", "required": false,
                 "description": "The same key and body again answer the first answer (1..=255 visible ASCII characters).",

@@ -172,11 +172,17 @@ async fn auth_failure(state: &AppState, addr: &str, e: AuthError) -> Response {
 }
 
 /// The `RateLimit-*` headers of a decision (and `RateLimit-Degraded` when a
-/// fallback policy made it). `Retry-After` comes with the 429 itself.
+/// fallback policy made it), with the original backend's `X-RateLimit-*` beside them
+/// (docs/compatibility.md). `Retry-After` comes with the 429 itself.
 pub fn put_headers(h: &mut HeaderMap, d: &Decision) {
     h.insert("ratelimit-limit", HeaderValue::from(d.limit));
     h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
     h.insert("ratelimit-reset", HeaderValue::from(d.reset_secs));
+    h.insert("x-ratelimit-limit", HeaderValue::from(d.limit));
+    h.insert("x-ratelimit-remaining", HeaderValue::from(d.remaining));
+    if let Ok(v) = HeaderValue::from_str(&reset_at(chrono::Utc::now(), d.reset_secs)) {
+        h.insert("x-ratelimit-reset", v);
+    }
     if let Ok(v) = HeaderValue::from_str(&format!("{};w={}", d.limit, d.window_secs)) {
         h.insert("ratelimit-policy", v);
     }
@@ -185,9 +191,47 @@ pub fn put_headers(h: &mut HeaderMap, d: &Decision) {
     }
 }
 
+/// `X-RateLimit-Reset`: when the bucket is full again, as an RFC 3339 time (milliseconds,
+/// UTC), as the original backend sent it (docs/compatibility.md).
+fn reset_at(now: chrono::DateTime<chrono::Utc>, reset_secs: u64) -> String {
+    // At most ~136 years ahead, so the year keeps the four digits RFC 3339 has.
+    let secs = reset_secs.min(u64::from(u32::MAX)) as i64;
+    (now + chrono::Duration::seconds(secs)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_original_reset_is_an_rfc3339_time_that_far_ahead() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-02T05:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(reset_at(now, 0), "2026-12-02T05:00:00.000Z");
+        assert_eq!(reset_at(now, 61), "2026-12-02T05:01:01.000Z");
+        assert!(chrono::DateTime::parse_from_rfc3339(&reset_at(now, u64::MAX)).is_ok());
+    }
+
+    #[test]
+    fn every_decision_carries_both_sets_of_headers() {
+        let d = Decision {
+            allowed: false,
+            limit: 10,
+            window_secs: 60,
+            remaining: 0,
+            reset_secs: 6,
+            retry_after_secs: 6,
+            degraded: None,
+        };
+        let mut h = HeaderMap::new();
+        put_headers(&mut h, &d);
+        assert_eq!(h["x-ratelimit-limit"], "10");
+        assert_eq!(h["x-ratelimit-remaining"], "0");
+        assert_eq!(h["ratelimit-reset"], "6");
+        let at = h["x-ratelimit-reset"].to_str().unwrap();
+        assert!(chrono::DateTime::parse_from_rfc3339(at).unwrap() > chrono::Utc::now());
+    }
 
     #[test]
     fn only_settle_and_release_pass_while_suspended() {

@@ -7,7 +7,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use common::events::UsageEvent;
 use serde_json::Value;
+use std::collections::HashMap;
 
 use super::deadline::Deadline;
 use super::error::{ApiError, Result};
@@ -15,6 +17,7 @@ use super::extract::ApiJson;
 use super::guard::CurrentUser;
 use super::{guarded, Class};
 use crate::rate_limit;
+use crate::sessions::{self, Named};
 use crate::state::AppState;
 use crate::usage::{parse_track, Shape, TrackAnswer};
 
@@ -31,6 +34,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
     request_body = super::openapi::track::TrackBody,
     responses(
         (status = 202, description = "Accepted: the broker confirmed every event", body = TrackAnswer),
+        (status = 401, description = "Unauthenticated, or a legacy track's `sessionToken` is unknown (`Invalid session`)"),
         (status = 413, description = "Payload too large"),
         (status = 503, description = "A dependency is unavailable"),
     ))]
@@ -40,7 +44,8 @@ pub(crate) async fn track(
     deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
-    let (shape, events) = parse_track(&body, user.id(), chrono::Utc::now())?;
+    let (shape, mut events) = parse_track(&body, user.id(), chrono::Utc::now())?;
+    one_session_identity(&state, user.id(), shape, &mut events).await?;
     let n = events.len();
     // The per-event budget (docs/rate-limits.md), known only now that the body is parsed:
     // a valid request of n events costs n, before anything is published. The
@@ -85,6 +90,43 @@ pub(crate) async fn track(
     Ok(resp)
 }
 
+/// One session identity (docs/compatibility.md): each event's session reference (the legacy
+/// `sessionToken`, a `session_id`) becomes the session id `session/validate` issued, resolved
+/// in one Redis round trip. A legacy track naming a token unknown for the caller is 401
+/// "Invalid session" (nothing published; not a failed authentication: the token was valid).
+/// Any other unknown reference is kept as sent, and so is every one while Redis is unreachable.
+async fn one_session_identity(
+    state: &AppState,
+    user_id: &str,
+    shape: Shape,
+    events: &mut [UsageEvent],
+) -> Result<()> {
+    let mut refs: Vec<String> = events.iter().filter_map(|e| e.session_id.clone()).collect();
+    refs.sort_unstable();
+    refs.dedup();
+    if refs.is_empty() {
+        return Ok(());
+    }
+    let borrowed: Vec<&str> = refs.iter().map(String::as_str).collect();
+    let Some(named) = sessions::resolve(&state.sessions, user_id, &borrowed).await else {
+        return Ok(());
+    };
+    let by_ref: HashMap<String, Named> = refs.into_iter().zip(named).collect();
+    for e in events.iter_mut() {
+        let Some(s) = e.session_id.as_mut() else {
+            continue;
+        };
+        match by_ref.get(s.as_str()) {
+            Some(Named::Session(id)) => *s = id.clone(),
+            Some(Named::Unknown) if shape == Shape::Legacy => {
+                return Err(ApiError::Unauthorized("Invalid session".into()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The operations of this module (docs/api.md "Usage").
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(track))]
@@ -103,7 +145,7 @@ mod tests {
         assert_eq!(op["tags"], json!(["usage"]));
         assert_eq!(op["summary"], "Track one usage event or a batch (1..=500)");
         let statuses: Vec<&String> = op["responses"].as_object().unwrap().keys().collect();
-        assert_eq!(statuses, ["202", "413", "503"]);
+        assert_eq!(statuses, ["202", "401", "413", "503"]);
         let body = &op["requestBody"]["content"]["application/json"]["schema"]["$ref"];
         assert_eq!(body, "#/components/schemas/TrackBody");
         let answer = &doc["components"]["schemas"]["TrackAnswer"];

@@ -1,6 +1,6 @@
 //! Profiles and preferences (docs/api.md "Profile"). A profile is served from
 //! the profile cache in Redis, or read from Postgres on a miss, with the
-//! balance always read live (`crate::users::profile`); a preferences change
+//! balance always read live (`crate::profile::profile`); a preferences change
 //! travels as an event and lands through the users worker, whose commit
 //! invalidates the cached profile.
 use axum::extract::State;
@@ -18,8 +18,9 @@ use super::extract::ApiJson;
 use super::guard::CurrentUser;
 use super::target::{provision_other, Target};
 use super::{guarded, Class};
+use crate::profile::Profile;
 use crate::state::AppState;
-use crate::users::{PreferencesAnswer, PreferencesFit, Profile};
+use crate::users::{PreferencesAnswer, PreferencesFit};
 
 /// Largest preferences patch, measured as compact JSON (whitespace is free).
 pub const MAX_PREFERENCES_BYTES: usize = 8 * 1024;
@@ -47,7 +48,7 @@ pub(crate) async fn profile(
     Target(id): Target,
 ) -> Result<Json<Profile>> {
     provision_other(&state, &caller, &id).await?;
-    let profile = crate::users::profile(&state.user_store, &state.publisher, &id)
+    let profile = crate::profile::profile(&state.user_store, &state.publisher, &id)
         .await?
         .ok_or_else(|| ApiError::not_found("no such user"))?;
     Ok(Json(profile))
@@ -220,8 +221,11 @@ mod tests {
             "name",
             "plan",
             "preferences",
+            "recentTransactions",
             "status",
             "subscription",
+            "usage",
+            "user",
             "user_id",
             "vscode",
         ];
@@ -241,7 +245,10 @@ mod tests {
                 "credits",
                 "plan",
                 "preferences",
+                "recentTransactions",
                 "status",
+                "usage",
+                "user",
                 "user_id",
                 "vscode"
             ]
@@ -263,6 +270,45 @@ mod tests {
             names(&schemas["ProfileSubscription"]["properties"]).len(),
             7
         );
+        let user = &schemas["OriginalUser"];
+        assert_eq!(
+            names(&user["properties"]),
+            [
+                "clerkId",
+                "createdAt",
+                "credits",
+                "email",
+                "extensionVersion",
+                "firstName",
+                "integrationPreferences",
+                "lastApiRequest",
+                "lastName",
+                "lastVSCodeActivity",
+                "planType",
+                "totalApiRequests"
+            ]
+        );
+        assert_eq!(
+            user["properties"]["lastApiRequest"]["type"],
+            json!(["string", "null"])
+        );
+        assert_eq!(
+            names(&schemas["OriginalUsage"]["properties"]),
+            [
+                "avgCreditsPerDay",
+                "totalCreditsUsed",
+                "totalRequests",
+                "totalTokens"
+            ]
+        );
+        assert_eq!(
+            schemas["OriginalUsage"]["properties"]["avgCreditsPerDay"]["type"],
+            "number"
+        );
+        assert_eq!(
+            names(&schemas["OriginalTransaction"]["properties"]),
+            ["amount", "created_at", "description", "transaction_type"]
+        );
         let accepted = answer(&doc, "/api/users/{id}/preferences", "patch", "202");
         assert_eq!(
             names(&accepted["properties"]),
@@ -271,7 +317,7 @@ mod tests {
     }
 
     #[test]
-    fn a_profile_serializes_to_the_members_it_always_had() {
+    fn a_profile_serializes_to_the_members_it_always_had_and_the_originals() {
         let t = chrono::DateTime::parse_from_rfc3339("2024-03-10T10:00:00.123456Z")
             .unwrap()
             .to_utc();
@@ -283,21 +329,26 @@ mod tests {
             status: "active".into(),
             created_at: t,
             last_active_at: None,
-            credits: crate::users::ProfileCredits::default(),
+            credits: crate::profile::ProfileCredits::default(),
             subscription: None,
             preferences: json!({}),
-            vscode: crate::users::ProfileVscode {
+            vscode: crate::profile::ProfileVscode {
                 active_sessions: 0,
                 last_extension_version: None,
                 last_seen_at: None,
             },
+            user: crate::profile::OriginalUser::default(),
+            usage: crate::profile::OriginalUsage::default(),
+            recent_transactions: vec![],
         };
         assert_eq!(
             serde_json::to_value(&p).unwrap(),
             json!({"user_id": "u", "email": null, "name": "Ada", "plan": "free", "status": "active",
                 "created_at": "2024-03-10T10:00:00.123456Z", "last_active_at": null,
                 "credits": {"balance": 0, "held": 0, "as_of": null}, "subscription": null, "preferences": {},
-                "vscode": {"active_sessions": 0, "last_extension_version": null, "last_seen_at": null}})
+                "vscode": {"active_sessions": 0, "last_extension_version": null, "last_seen_at": null},
+                "user": serde_json::to_value(&p.user).unwrap(), "recentTransactions": [],
+                "usage": {"totalCreditsUsed": 0, "totalTokens": 0, "totalRequests": 0, "avgCreditsPerDay": 0.0}})
         );
     }
 }

@@ -40,7 +40,8 @@ pub struct Event {
     /// Made (UUIDv7) when absent.
     pub event_id: Option<Uuid>,
     pub kind: Kind,
-    /// 1..=128 of `[A-Za-z0-9_.:-]` (`crate::usage::valid_session_id`).
+    /// 1..=128 of `[A-Za-z0-9_.:-]` (`crate::usage::valid_session_id`). A caller's `sessionToken`
+    /// is stored as the session id it names (docs/compatibility.md "One session identity").
     #[schema(schema_with = session_id)]
     pub session_id: Option<String>,
     /// At most 5 minutes ahead and 30 days behind the gateway's clock.
@@ -61,7 +62,8 @@ pub struct Event {
 #[derive(serde::Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Legacy {
-    /// 8..=128 of `[A-Za-z0-9_.-]` (`crate::usage::valid_session_token`).
+    /// 8..=128 of `[A-Za-z0-9_.-]` (`crate::usage::valid_session_token`). A token that
+    /// `session/validate` never bound to the caller is 401 "Invalid session" (docs/compatibility.md).
     #[schema(schema_with = session_token)]
     pub session_token: Option<String>,
     pub action: Option<Label<{ len::ACTION }>>,
