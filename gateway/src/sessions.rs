@@ -307,20 +307,39 @@ pub enum Named {
 
 /// Resolves a user's session references (a legacy `sessionToken`, a `session_id`, consume's
 /// `sessionId`) to the session ids `session/validate` issued, in one Redis round trip: one
-/// pipeline of two GETs per reference (the token → session key, the session record), all
+/// pipeline of a GET of the token → session key and an EXISTS of the session record per reference, all
 /// under the user's hash tag. `None` when Redis is unreachable or answers an error: callers
 /// then keep the references as sent, as usage keeps working (docs/compatibility.md).
-pub async fn resolve(sessions: &SessionStore, user_id: &str, refs: &[&str]) -> Option<Vec<Named>> {
-    if refs.is_empty() {
-        return Some(Vec::new());
+///
+/// With `trust_issued`, a reference shaped like an issued id ([`is_issued_id`]) names itself
+/// without a lookup (whether it is still live changes nothing: an unknown one is kept as sent
+/// anyway), so the clients that send the ids validate gave them cost no Redis round trip.
+/// The original's track, where an unknown token is a 401, passes `false`.
+pub async fn resolve(
+    sessions: &SessionStore,
+    user_id: &str,
+    refs: &[&str],
+    trust_issued: bool,
+) -> Option<Vec<Named>> {
+    let looked_up: Vec<&str> = refs
+        .iter()
+        .copied()
+        .filter(|r| !(trust_issued && is_issued_id(r)))
+        .collect();
+    if looked_up.is_empty() {
+        return Some(
+            refs.iter()
+                .map(|r| Named::Session((*r).to_string()))
+                .collect(),
+        );
     }
     let keys = &sessions.keys;
     let mut pipe = redis::pipe();
-    for r in refs {
+    for r in &looked_up {
         pipe.get(keys.session_token(user_id, r))
-            .get(keys.session(user_id, r));
+            .exists(keys.session(user_id, r));
     }
-    let got: redis::RedisResult<Vec<Option<String>>> = match sessions.redis().await {
+    let got: redis::RedisResult<Vec<redis::Value>> = match sessions.redis().await {
         Ok(mut conn) => pipe.query_async(&mut *conn).await,
         Err(e) => {
             tracing::warn!(error = %e, "session references kept as sent: Redis unreachable");
@@ -328,23 +347,44 @@ pub async fn resolve(sessions: &SessionStore, user_id: &str, refs: &[&str]) -> O
         }
     };
     let got = match got {
-        Ok(v) if v.len() == refs.len() * 2 => v,
+        Ok(v) if v.len() == looked_up.len() * 2 => v,
         Ok(_) => return None,
         Err(e) => {
             tracing::warn!(error = %e, "session references kept as sent: Redis answered an error");
             return None;
         }
     };
+    let mut found: std::collections::HashMap<&str, Named> = std::collections::HashMap::new();
+    for (r, pair) in looked_up.iter().zip(got.chunks(2)) {
+        let token: Option<String> = redis::from_redis_value(&pair[0]).ok().flatten();
+        let live: bool = redis::from_redis_value(&pair[1]).unwrap_or(false);
+        let named = match (token, live) {
+            (Some(id), _) => Named::Session(id),
+            (None, true) => Named::Session((*r).to_string()),
+            (None, false) => Named::Unknown,
+        };
+        found.insert(r, named);
+    }
     Some(
         refs.iter()
-            .zip(got.chunks(2))
-            .map(|(r, pair)| match (&pair[0], &pair[1]) {
-                (Some(id), _) => Named::Session(id.clone()),
-                (None, Some(_)) => Named::Session((*r).to_string()),
-                (None, None) => Named::Unknown,
+            .map(|r| {
+                found
+                    .get(r)
+                    .cloned()
+                    .unwrap_or_else(|| Named::Session((*r).to_string()))
             })
             .collect(),
     )
+}
+
+/// Whether `s` has the shape of a session id `session/validate` issues
+/// ([`new_session_id`]: `sess_` and 32 lowercase hex digits).
+pub fn is_issued_id(s: &str) -> bool {
+    s.strip_prefix("sess_").is_some_and(|h| {
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// KEYS[1] = the session record, KEYS[2] = the user's sessions by last use,
@@ -443,6 +483,19 @@ impl SessionStore {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_the_shape_validate_issues_is_an_issued_id() {
+        assert!(is_issued_id(&new_session_id()));
+        for other in [
+            "sess_1",
+            "tok_abcdefgh",
+            "sess_ABCDEF0123456789abcdef0123456789",
+            "",
+        ] {
+            assert!(!is_issued_id(other), "{other}");
+        }
+    }
+
     #[test]
     fn a_version_is_semantic_and_at_most_64_characters() {
         assert_eq!(

@@ -58,7 +58,7 @@ async fn one_session_identity(
     let Some(reference) = context.session_id.as_deref() else {
         return;
     };
-    let named = crate::sessions::resolve(&state.sessions, user_id, &[reference]).await;
+    let named = crate::sessions::resolve(&state.sessions, user_id, &[reference], true).await;
     if let Some(Some(crate::sessions::Named::Session(id))) = named.map(|mut v| v.pop()) {
         context.session_id = Some(id);
     }

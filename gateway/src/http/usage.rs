@@ -108,7 +108,9 @@ async fn one_session_identity(
         return Ok(());
     }
     let borrowed: Vec<&str> = refs.iter().map(String::as_str).collect();
-    let Some(named) = sessions::resolve(&state.sessions, user_id, &borrowed).await else {
+    let Some(named) =
+        sessions::resolve(&state.sessions, user_id, &borrowed, shape != Shape::Legacy).await
+    else {
         return Ok(());
     };
     let by_ref: HashMap<String, Named> = refs.into_iter().zip(named).collect();
