@@ -159,7 +159,7 @@ pub(crate) async fn fill(pg: &sqlx::PgPool, p: &mut Profile, now: DateTime<Utc>)
                     (select max(occurred_at) from feature_usage where user_id = $1)) as last_api_request, \
            (select least(coalesce(sum(consumed), 0), 9223372036854775807)::int8 from credit_daily \
              where user_id = $1 and day >= $2 and day <= $3) as credits_used, \
-           (select least(coalesce(sum(prompt_tokens + completion_tokens), 0), 9223372036854775807)::int8 from usage_daily \
+           (select least(coalesce(sum(prompt_tokens::numeric + completion_tokens), 0), 9223372036854775807)::int8 from usage_daily \
              where user_id = $1 and kind = 'model' and day >= $2 and day <= $3) as tokens, \
            (select least(coalesce(sum(requests), 0), 9223372036854775807)::int8 from usage_daily \
              where user_id = $1 and kind = 'model' and day >= $2 and day <= $3) as requests",
