@@ -30,6 +30,7 @@ pub struct Application {
 /// here). The operator commands build one too, with a publisher that never
 /// connects: they act through the same functions as the admin routes.
 pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Result<AppState> {
+    common::tls::init(&settings)?;
     let pg = common::db::pg_pool(&settings)?;
     let redis = common::redis::redis_pool(&settings)?;
     let redis_link = Arc::new(RedisLink::new(
@@ -97,6 +98,8 @@ impl Application {
         let state = app_state(settings.clone(), publisher)?;
         let a = state.auth.clone();
         tokio::spawn(async move { a.prefetch().await });
+        // The periodic JWKS refresh (auth.jwks_refresh_secs); ends with the authenticator.
+        tokio::spawn(state.auth.clone().run_refresh());
         // Before serving: an empty deployment gets its sentinels now, so its
         // first credit request is not mistaken for one after a data loss.
         match tokio::time::timeout(

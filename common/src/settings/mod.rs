@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Serialize};
 
+pub mod cors;
+pub mod tls;
 mod validate;
 
 /// Failure to produce a usable configuration. The message is one line naming
@@ -50,6 +52,8 @@ pub struct Settings {
     pub sessions: SessionSettings,
     pub credits: CreditSettings,
     pub users: UserSettings,
+    #[serde(default)]
+    pub tls: TlsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,6 +122,11 @@ pub struct GatewaySettings {
     pub max_connections: usize,
     /// How long a gateway may keep a user's plan/status/overrides locally (≤ 5 s).
     pub user_cache_ttl_ms: u64,
+    /// Browser origins allowed by CORS (SPEC §5): origins or `scheme://*`;
+    /// in the environment comma-separated (`APP__GATEWAY__CORS_ORIGINS`).
+    /// Empty: no CORS header at all. Rules in [`cors`].
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +165,36 @@ pub struct AuthSettings {
     pub leeway_secs: u64,
     /// At most one re-fetch of the JWKS for an unknown `kid` per this many seconds.
     pub jwks_refetch_interval_secs: u64,
+    /// The key set is re-fetched this often, so a key removed upstream stops
+    /// being trusted (and the tokens it verified leave the token cache).
+    pub jwks_refresh_secs: u64,
+    /// Verified tokens kept in memory by hash until their `exp` (0: no cache).
+    pub token_cache_size: usize,
+    /// `JWT_AUTHORIZED_PARTIES` (comma-separated): when set, a token's `azp`,
+    /// if it has one, must be one of these (Clerk's rule: an absent `azp` passes).
+    #[serde(default, deserialize_with = "comma_list")]
+    pub authorized_parties: Vec<String>,
+}
+
+/// A list given either as a list (files, `APP__` keys) or as one
+/// comma-separated string (a well-known variable); blank entries are dropped.
+fn comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s.split(',').map(str::to_string).collect(),
+        OneOrMany::Many(v) => v,
+    };
+    Ok(items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -243,6 +282,18 @@ pub struct CreditSettings {
     pub insufficient_ttl_secs: u64,
 }
 
+/// TLS material besides the system roots (docs/operations.md): a CA bundle
+/// trusted for Redis, RabbitMQ and (unless `sslrootcert` is in the URL)
+/// Postgres, and a client identity for servers that ask for one. PEM files;
+/// checked at start (`common::tls`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TlsSettings {
+    pub ca_file: Option<String>,
+    pub client_cert_file: Option<String>,
+    /// PKCS#8 (`BEGIN PRIVATE KEY`), as RabbitMQ's client needs.
+    pub client_key_file: Option<String>,
+}
+
 /// Largest credit amount and balance: Redis scripts compute in doubles.
 pub const MAX_CREDITS: i64 = (1 << 53) - 1;
 
@@ -255,7 +306,7 @@ const DEFAULTS: &str = include_str!("defaults.toml");
 
 /// The well-known variables, which win over every file and `APP__` key, and
 /// the key each one sets.
-pub const WELL_KNOWN: [(&str, &str); 11] = [
+pub const WELL_KNOWN: [(&str, &str); 12] = [
     ("DATABASE_URL", "database.url"),
     ("REDIS_URL", "redis.url"),
     ("AMQP_URL", "amqp.url"),
@@ -267,6 +318,7 @@ pub const WELL_KNOWN: [(&str, &str); 11] = [
     ("JWT_AUDIENCE", "auth.jwt_audience"),
     ("APP_ENV", "app_env"),
     ("AUTH_DEV_TOKENS", "auth.dev_tokens"),
+    ("JWT_AUTHORIZED_PARTIES", "auth.authorized_parties"),
 ];
 
 impl Settings {
@@ -304,6 +356,8 @@ impl Settings {
                     .separator("__")
                     .list_separator(",")
                     .with_list_parse_key("worker.queues")
+                    .with_list_parse_key("auth.authorized_parties")
+                    .with_list_parse_key("gateway.cors_origins")
                     .try_parsing(true)
                     .source(Some(
                         vars.iter()
@@ -405,6 +459,9 @@ mod tests {
         assert_eq!(s.worker.listen, "0.0.0.0:9090");
         assert_eq!(s.app_env, AppEnv::Development);
         assert!(!s.auth.dev_tokens);
+        assert_eq!(s.auth.token_cache_size, 100_000);
+        assert_eq!(s.auth.jwks_refresh_secs, 300);
+        assert!(s.auth.authorized_parties.is_empty());
         assert_eq!(
             s.rate_limit.classes["usage"],
             ClassLimit {
@@ -440,8 +497,12 @@ mod tests {
             ("AMQP_URL", "amqp://u:p@h:5672/vh"),
             ("GATEWAY_LISTEN", "127.0.0.1:1"),
             ("WORKER_LISTEN", "127.0.0.1:2"),
-            ("JWT_SECRET", "envsecret"),
+            ("JWT_SECRET", "envsecret-envsecret-envsecret-envsecret"),
             ("JWKS_URL", "http://127.0.0.1:9/jwks"),
+            (
+                "JWT_AUTHORIZED_PARTIES",
+                "https://app.example, vscode-webview://x,",
+            ),
             ("JWT_ISSUER", "iss"),
             ("JWT_AUDIENCE", "aud"),
             ("APP_ENV", "production"),
@@ -454,7 +515,14 @@ mod tests {
         assert_eq!(s.amqp.url, "amqp://u:p@h:5672/vh");
         assert_eq!(s.gateway.listen, "127.0.0.1:1");
         assert_eq!(s.worker.listen, "127.0.0.1:2");
-        assert_eq!(s.auth.jwt_secret.as_deref(), Some("envsecret"));
+        assert_eq!(
+            s.auth.jwt_secret.as_deref(),
+            Some("envsecret-envsecret-envsecret-envsecret")
+        );
+        assert_eq!(
+            s.auth.authorized_parties,
+            ["https://app.example", "vscode-webview://x"]
+        );
         assert_eq!(s.auth.jwks_url.as_deref(), Some("http://127.0.0.1:9/jwks"));
         assert_eq!(s.auth.jwt_issuer.as_deref(), Some("iss"));
         assert_eq!(s.auth.jwt_audience.as_deref(), Some("aud"));
@@ -474,7 +542,11 @@ mod tests {
                 "[redis]\nurl = \"redis://prodfile:6379\"\n",
             ),
         ]);
-        let s = Settings::load_from(&dir, &vars(&[("APP_ENV", "production")])).unwrap();
+        let prod = vars(&[
+            ("APP_ENV", "production"),
+            ("JWT_SECRET", "a-production-secret-of-32-bytes!"),
+        ]);
+        let s = Settings::load_from(&dir, &prod).unwrap();
         assert_eq!(s.redis.url, "redis://prodfile:6379");
         assert_eq!(s.redis.pool_size, 3);
         let twin = vars(&[("APP__REDIS__URL", "redis://twin:1")]);
@@ -498,6 +570,24 @@ mod tests {
             (
                 &[("APP_ENV", "production"), ("AUTH_DEV_TOKENS", "true")],
                 "AUTH_DEV_TOKENS",
+            ),
+            (
+                &[
+                    ("APP_ENV", "production"),
+                    ("JWT_SECRET", "a-31-byte-secret-is-too-short.."),
+                ],
+                "JWT_SECRET",
+            ),
+            (
+                &[
+                    ("APP_ENV", "production"),
+                    ("JWKS_URL", "http://clerk.example.com/.well-known/jwks.json"),
+                ],
+                "JWKS_URL",
+            ),
+            (
+                &[("APP__AUTH__JWKS_REFRESH_SECS", "0")],
+                "auth.jwks_refresh_secs",
             ),
             (
                 &[("APP__RATE_LIMIT__ON_REDIS_ERROR", "pray")],

@@ -26,6 +26,15 @@ impl Settings {
                 return Err(SettingsError::new("JWKS_URL", "must be an http(s) URL"));
             }
         }
+        if self.app_env == AppEnv::Production {
+            production_auth(secret, jwks)?;
+        }
+        if auth.jwks_refresh_secs == 0 {
+            return Err(SettingsError::new(
+                "auth.jwks_refresh_secs",
+                "must be at least 1",
+            ));
+        }
         if self.redis.key_prefix.contains(['{', '}']) {
             return Err(SettingsError::new(
                 "redis.key_prefix",
@@ -108,6 +117,8 @@ impl Settings {
             }
         }
         let g = &self.gateway;
+        super::cors::parse(&g.cors_origins)
+            .map_err(|reason| SettingsError::new("gateway.cors_origins", reason))?;
         for (key, value, min) in [
             ("gateway.request_timeout_ms", g.request_timeout_ms, 1),
             (
@@ -165,6 +176,102 @@ impl Settings {
                 "must be at least 20",
             ));
         }
+        // TLS: the files exist and parse; each AMQP node URL is valid.
+        super::tls::TlsMaterial::load(&self.tls)?;
+        crate::amqp::connect::node_urls(&self.amqp.url)
+            .map_err(|reason| SettingsError::new("AMQP_URL", reason))?;
         Ok(())
+    }
+}
+
+/// The shortest `JWT_SECRET` production accepts: 256 bits, HS256's own size.
+pub const MIN_PRODUCTION_SECRET_BYTES: usize = 32;
+
+/// Production's key-source rules: the key set comes over TLS (a plain
+/// `http://` URL is accepted only on the loopback interface, a JWKS sidecar or
+/// the benchmark's local server, where nothing on the network can alter it),
+/// and an HS256 secret is not guessable by its length alone.
+fn production_auth(secret: Option<&str>, jwks: Option<&str>) -> Result<(), SettingsError> {
+    if let Some(url) = jwks {
+        if let Some(rest) = url.strip_prefix("http://") {
+            if !is_loopback_authority(rest) {
+                return Err(SettingsError::new(
+                    "JWKS_URL",
+                    "must be https:// when APP_ENV=production (http:// only on the loopback interface)",
+                ));
+            }
+        }
+    }
+    if let Some(s) = secret {
+        if s.len() < MIN_PRODUCTION_SECRET_BYTES {
+            return Err(SettingsError::new(
+                "JWT_SECRET",
+                format!(
+                    "must be at least {MIN_PRODUCTION_SECRET_BYTES} bytes when APP_ENV=production"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the host of `rest` (a URL after its `scheme://`) is a loopback
+/// address: `localhost`, `127.x.y.z` or `[::1]`, with or without a port.
+fn is_loopback_authority(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, _)) => h,
+            None => return false,
+        },
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_count_as_loopback() {
+        for ok in [
+            "127.0.0.1:8080/jwks.json",
+            "127.1.2.3/jwks",
+            "localhost:1/x",
+            "LOCALHOST",
+            "[::1]:9/jwks",
+        ] {
+            assert!(is_loopback_authority(ok), "{ok}");
+        }
+        for bad in [
+            "clerk.example.com/jwks",
+            "127.0.0.1.evil.example/jwks",
+            "localhost.evil.example:80/",
+            "user@127.0.0.1/jwks",
+            "10.0.0.1/jwks",
+            "[::2]/jwks",
+            "[::1/jwks",
+        ] {
+            assert!(!is_loopback_authority(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn production_refuses_a_plain_http_jwks_and_a_short_secret() {
+        let long = "x".repeat(MIN_PRODUCTION_SECRET_BYTES);
+        let short = "x".repeat(MIN_PRODUCTION_SECRET_BYTES - 1);
+        let err = |s, j| production_auth(s, j).unwrap_err().key;
+        assert_eq!(err(None, Some("http://clerk.example.com/jwks")), "JWKS_URL");
+        assert_eq!(err(Some(short.as_str()), None), "JWT_SECRET");
+        assert!(production_auth(Some(&long), Some("https://clerk.example.com/jwks")).is_ok());
+        assert!(production_auth(None, Some("http://127.0.0.1:9/jwks")).is_ok());
     }
 }

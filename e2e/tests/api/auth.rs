@@ -157,6 +157,11 @@ impl JwksServer {
         self.served.lock().unwrap().push(key);
     }
 
+    /// Stops serving the key `kid` (removed upstream).
+    fn remove(&self, kid: &str) {
+        self.served.lock().unwrap().retain(|k| k["kid"] != kid);
+    }
+
     fn fetches(&self) -> usize {
         self.fetches.load(Ordering::SeqCst)
     }
@@ -362,4 +367,65 @@ async fn an_unreachable_jwks_is_503_for_kid_tokens_while_hs256_keeps_working() {
     let body = assert_problem(r, 503, "unavailable").await;
     assert!(body["detail"].as_str().unwrap().contains("jwks"), "{body}");
     assert_accepted(&app, &sub, &hs_token(&claims)).await;
+}
+
+/// A key removed upstream stops being trusted at the next timed refresh, even
+/// for a token it verified before (which the token cache held); the keys kept
+/// keep working.
+#[tokio::test]
+async fn a_key_removed_upstream_stops_being_trusted_after_the_timed_refresh() {
+    let jwks = JwksServer::start(&["rsa-a", "rsa-b"]).await;
+    let url = jwks.url.clone();
+    let app = spawn_app_with(|v| {
+        v.insert("JWKS_URL".into(), url);
+        v.insert("APP__AUTH__JWKS_REFRESH_SECS".into(), "1".into());
+    })
+    .await;
+    let sub = fresh_id();
+    let claims = json!({"sub": sub, "exp": now() + 3600});
+    let (a, b) = (sign(Signer::RsaA, &claims), sign(Signer::RsaB, &claims));
+    assert_accepted(&app, &sub, &a).await;
+    assert_accepted(&app, &sub, &a).await;
+    assert_accepted(&app, &sub, &b).await;
+    jwks.remove("rsa-a");
+    let fetches = jwks.fetches();
+    app.eventually(Duration::from_secs(10), || async {
+        let r = profile_with(&app, &sub, Some(&format!("Bearer {a}"))).await;
+        (r.status() == 401).then_some(())
+    })
+    .await;
+    assert!(jwks.fetches() > fetches, "the timer re-fetched the key set");
+    assert_unauthorized(&app, &sub, &a).await;
+    assert_accepted(&app, &sub, &b).await;
+}
+
+/// `JWT_AUTHORIZED_PARTIES`: a token with a listed `azp` or none is accepted
+/// (Clerk's SDK checks `azp` only when present); another `azp` is a 401.
+#[tokio::test]
+async fn an_azp_outside_the_authorized_parties_is_401_and_a_listed_or_absent_one_passes() {
+    let app = spawn_app_with(|v| {
+        v.insert(
+            "JWT_AUTHORIZED_PARTIES".into(),
+            "https://app.example.test, vscode-webview://x".into(),
+        );
+    })
+    .await;
+    let sub = fresh_id();
+    let exp = now() + 3600;
+    let listed = json!({"sub": sub, "exp": exp, "azp": "vscode-webview://x"});
+    assert_accepted(&app, &sub, &hs_token(&listed)).await;
+    assert_accepted(&app, &sub, &hs_token(&json!({"sub": sub, "exp": exp}))).await;
+    for azp in [
+        json!("https://evil.example.test"),
+        json!(""),
+        json!(["https://app.example.test"]),
+    ] {
+        let token = hs_token(&json!({"sub": sub, "exp": exp, "azp": azp}));
+        assert_unauthorized(&app, &sub, &token).await;
+    }
+    let rs = sign(
+        Signer::RsaA,
+        &json!({"sub": sub, "exp": exp, "azp": "https://evil.example.test"}),
+    );
+    assert_unauthorized(&app, &sub, &rs).await;
 }

@@ -101,6 +101,7 @@ proptest! {
         let settings = common::settings::AuthSettings {
             jwt_secret: Some("s".into()), jwks_url: None, jwt_issuer: None, jwt_audience: None,
             dev_tokens: false, leeway_secs: 60, jwks_refetch_interval_secs: 30,
+            jwks_refresh_secs: 300, token_cache_size: 0, authorized_parties: Vec::new(),
         };
         let auth = gateway::auth::Authenticator::new(&settings);
         let header = format!("Bearer {token}");

@@ -68,3 +68,21 @@ async fn the_gateway_refuses_an_unparseable_value_naming_its_key() {
     assert!(!status.success(), "exit status {status}");
     assert_one_line_naming(&stderr, "rate_limit.classes.usage.limit");
 }
+
+#[tokio::test]
+async fn the_gateway_refuses_to_start_in_production_with_a_plain_http_jwks_or_a_short_secret() {
+    let (status, stderr) = run_gateway(&[
+        ("APP_ENV", "production"),
+        ("JWKS_URL", "http://clerk.example.com/.well-known/jwks.json"),
+    ])
+    .await;
+    assert!(!status.success(), "exit status {status}");
+    assert_one_line_naming(&stderr, "JWKS_URL");
+    let (status, stderr) = run_gateway(&[
+        ("APP_ENV", "production"),
+        ("JWT_SECRET", "thirty-one-bytes-is-too-short.."),
+    ])
+    .await;
+    assert!(!status.success(), "exit status {status}");
+    assert_one_line_naming(&stderr, "JWT_SECRET");
+}

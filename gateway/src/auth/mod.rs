@@ -6,9 +6,20 @@
 //! The checks themselves ([`Verifier`]) are pure given a [`KeySet`]: the
 //! [`Authenticator`] only adds the JWKS fetch and its cache around them, so the
 //! JWT attack matrix runs as unit tests (`tests.rs`) without any service.
+//!
+//! A verified token is remembered by its hash until its `exp` ([`cache`]), so
+//! an RS256 token costs one signature check per gateway and lifetime. The key
+//! set is re-fetched every `auth.jwks_refresh_secs` ([`Authenticator::run_refresh`]):
+//! a key gone (or changed) upstream stops being trusted and takes its cached
+//! tokens with it; a failed refresh keeps the set in hand.
+//!
+//! `azp` (`JWT_AUTHORIZED_PARTIES`): a token that carries one must carry a
+//! listed one; a token without `azp` passes. This is the rule of Clerk's own
+//! backend SDK (`azp` is checked only when present): Clerk's session tokens
+//! carry it for browser sessions, while tokens minted otherwise may not.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use common::settings::AuthSettings;
@@ -16,6 +27,10 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, P
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::sync::{Mutex, RwLock};
+
+pub mod cache;
+
+use cache::TokenCache;
 
 /// Who the token says the caller is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +68,21 @@ struct RawClaims {
     name: Option<String>,
     #[serde(default)]
     role: Option<serde_json::Value>,
+    /// Read for the cache only (jsonwebtoken has checked them).
+    #[serde(default)]
+    exp: Option<serde_json::Value>,
+    #[serde(default)]
+    nbf: Option<serde_json::Value>,
+    #[serde(default)]
+    azp: Option<serde_json::Value>,
+}
+
+/// What an accepted token yields: its claims, and its `exp`/`nbf` as numbers
+/// (when they are), which decide how long it may be cached.
+struct Verified {
+    claims: Claims,
+    exp: Option<f64>,
+    nbf: Option<f64>,
 }
 
 /// A JWKS whose keys are parsed one by one.
@@ -69,6 +99,8 @@ pub type Key = (DecodingKey, Algorithm);
 #[derive(Clone, Default)]
 pub struct KeySet {
     keys: HashMap<String, Key>,
+    /// Each usable key's JWK as served, to tell a changed key from a kept one.
+    raw: HashMap<String, serde_json::Value>,
 }
 
 impl KeySet {
@@ -76,18 +108,37 @@ impl KeySet {
     /// (an encryption key, a new key type, a symmetric key) must not cost us
     /// the others: it is left out.
     pub fn from_values(keys: Vec<serde_json::Value>) -> Self {
-        let keys = keys
-            .into_iter()
-            .filter_map(|v| serde_json::from_value::<Jwk>(v).ok())
-            .filter(|jwk| !matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)))
-            .filter_map(|jwk| {
-                let kid = jwk.common.key_id.clone()?;
-                let alg = algorithm_of(&jwk)?;
-                let key = DecodingKey::from_jwk(&jwk).ok()?;
-                Some((kid, (key, alg)))
-            })
+        let mut set = Self::default();
+        for value in keys {
+            let Ok(jwk) = serde_json::from_value::<Jwk>(value.clone()) else {
+                continue;
+            };
+            if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+                continue;
+            }
+            let (Some(kid), Some(alg)) = (jwk.common.key_id.clone(), algorithm_of(&jwk)) else {
+                continue;
+            };
+            let Ok(key) = DecodingKey::from_jwk(&jwk) else {
+                continue;
+            };
+            set.keys.insert(kid.clone(), (key, alg));
+            set.raw.insert(kid, value);
+        }
+        set
+    }
+
+    /// The kids of this set that `next` no longer trusts the same way: gone,
+    /// or served with other key material (tokens they verified must go).
+    pub fn dropped_in(&self, next: &KeySet) -> Vec<String> {
+        let mut kids: Vec<String> = self
+            .raw
+            .iter()
+            .filter(|(kid, jwk)| next.raw.get(*kid) != Some(*jwk))
+            .map(|(kid, _)| kid.clone())
             .collect();
-        Self { keys }
+        kids.sort();
+        kids
     }
 
     /// A JWKS document (`{"keys": [...]}`).
@@ -157,6 +208,7 @@ impl Verifier {
     /// refused (the [`Authenticator`] would re-fetch the key set first).
     pub fn verify(&self, token: &str, keys: &KeySet) -> Result<Claims, AuthError> {
         self.verify_with(token, |kid| keys.get(kid).cloned().ok_or_else(unknown_kid))
+            .map(|v| v.claims)
     }
 
     /// Verifies `token` with the keys `jwks_key` gives for its `kid` (a token
@@ -165,9 +217,14 @@ impl Verifier {
         &self,
         token: &str,
         jwks_key: impl FnOnce(&str) -> Result<Key, AuthError>,
-    ) -> Result<Claims, AuthError> {
+    ) -> Result<Verified, AuthError> {
         if let Some(rest) = token.strip_prefix("dev:") {
-            return self.verify_dev(rest);
+            let claims = self.verify_dev(rest)?;
+            return Ok(Verified {
+                claims,
+                exp: None,
+                nbf: None,
+            });
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("malformed header: {e}")))?;
@@ -215,11 +272,18 @@ impl Verifier {
         if !valid_user_id(&c.sub) {
             return Err(AuthError::Invalid("malformed sub".into()));
         }
-        Ok(Claims {
-            sub: c.sub,
-            email: c.email.filter(|e| e.len() <= 320),
-            name: c.name.filter(|n| n.len() <= 256),
-            admin: matches!(c.role, Some(serde_json::Value::String(ref r)) if r == "admin"),
+        if !authorized_party(&self.settings.authorized_parties, c.azp.as_ref()) {
+            return Err(AuthError::Invalid("azp is not an authorized party".into()));
+        }
+        Ok(Verified {
+            exp: c.exp.as_ref().and_then(serde_json::Value::as_f64),
+            nbf: c.nbf.as_ref().and_then(serde_json::Value::as_f64),
+            claims: Claims {
+                sub: c.sub,
+                email: c.email.filter(|e| e.len() <= 320),
+                name: c.name.filter(|n| n.len() <= 256),
+                admin: matches!(c.role, Some(serde_json::Value::String(ref r)) if r == "admin"),
+            },
         })
     }
 
@@ -244,6 +308,34 @@ impl Verifier {
     }
 }
 
+/// Whether a token's `azp` passes `JWT_AUTHORIZED_PARTIES` (`allowed`):
+/// no list, or no `azp`, passes; a present `azp` must be a listed string.
+pub fn authorized_party(allowed: &[String], azp: Option<&serde_json::Value>) -> bool {
+    match azp {
+        _ if allowed.is_empty() => true,
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::String(p)) => allowed.iter().any(|a| a == p),
+        Some(_) => false,
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Why the key set is fetched: the rules differ (see [`Authenticator::refresh`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fetch {
+    /// At start or first use; free of the re-fetch interval.
+    First,
+    /// A token named a kid not in hand: at most once per interval.
+    UnknownKid,
+    /// The periodic refresh: always.
+    Timer,
+}
+
 struct JwksCache {
     keys: KeySet,
     /// When the last re-fetch for an unknown `kid` ran (the first fetch does not count).
@@ -264,6 +356,7 @@ pub struct Authenticator {
     jwks: RwLock<JwksCache>,
     /// Serializes fetches so a burst of unknown kids makes one request.
     fetch_lock: Mutex<()>,
+    tokens: TokenCache<Claims>,
 }
 
 impl Authenticator {
@@ -282,13 +375,32 @@ impl Authenticator {
                 last_failure: None,
             }),
             fetch_lock: Mutex::new(()),
+            tokens: TokenCache::new(settings.token_cache_size),
         })
     }
 
     /// Fetches the key set once at start (failure is not fatal: first use retries).
     pub async fn prefetch(&self) {
         if self.settings.jwks_url.is_some() {
-            let _ = self.refresh(false).await;
+            let _ = self.refresh(Fetch::First).await;
+        }
+    }
+
+    /// Re-fetches the key set every `auth.jwks_refresh_secs` for as long as
+    /// the authenticator lives (the task holds it weakly): a key removed
+    /// upstream stops being trusted. Returns at once without a `JWKS_URL`.
+    pub async fn run_refresh(self: Arc<Self>) {
+        if self.settings.jwks_url.is_none() {
+            return;
+        }
+        let period = Duration::from_secs(self.settings.jwks_refresh_secs.max(1));
+        let this: Weak<Self> = Arc::downgrade(&self);
+        drop(self);
+        loop {
+            tokio::time::sleep(period).await;
+            let Some(auth) = this.upgrade() else { return };
+            // A failure is logged by `refresh` and keeps the set in hand.
+            let _ = auth.refresh(Fetch::Timer).await;
         }
     }
 
@@ -298,14 +410,39 @@ impl Authenticator {
     }
 
     pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        // A token verified before answers from the cache (dev tokens are not
+        // cached: they cost nothing to check).
+        let hash =
+            (self.tokens.enabled() && !token.starts_with("dev:")).then(|| cache::token_hash(token));
+        let now = unix_now();
+        if let Some(claims) = hash.as_ref().and_then(|h| self.tokens.get(h, now)) {
+            return Ok(claims);
+        }
+        // Read before the key: a key dropped after this point cannot leave
+        // this token in the cache.
+        let generation = self.tokens.generation();
         // The key the token names is looked up first (it may need a fetch);
         // the checks then run on it without I/O.
-        let key = match named_kid(token) {
-            Some(kid) => Some(self.key_for(&kid).await?),
+        let kid = named_kid(token);
+        let key = match &kid {
+            Some(kid) => Some(self.key_for(kid).await?),
             None => None,
         };
-        self.verifier
-            .verify_with(token, |_| key.ok_or_else(unknown_kid))
+        let verified = self
+            .verifier
+            .verify_with(token, |_| key.ok_or_else(unknown_kid))?;
+        if let Some(hash) = hash {
+            if let Some(until) = cache::cache_until(verified.exp, verified.nbf, now) {
+                self.tokens
+                    .insert(hash, verified.claims.clone(), until, kid, generation, now);
+            }
+        }
+        Ok(verified.claims)
+    }
+
+    /// Tokens in the verified-token cache (for tests and metrics).
+    pub fn cached_tokens(&self) -> usize {
+        self.tokens.len()
     }
 
     async fn key_for(&self, kid: &str) -> Result<Key, AuthError> {
@@ -323,7 +460,12 @@ impl Authenticator {
         };
         // The first fetch (at start or first use) is free; re-fetches for an
         // unknown kid happen at most once per interval.
-        self.refresh(fetched).await?;
+        let why = if fetched {
+            Fetch::UnknownKid
+        } else {
+            Fetch::First
+        };
+        self.refresh(why).await?;
         self.jwks
             .read()
             .await
@@ -333,9 +475,10 @@ impl Authenticator {
             .ok_or_else(unknown_kid)
     }
 
-    async fn refresh(&self, is_refetch: bool) -> Result<(), AuthError> {
+    async fn refresh(&self, why: Fetch) -> Result<(), AuthError> {
         let _guard = self.fetch_lock.lock().await;
-        {
+        let is_refetch = why == Fetch::UnknownKid;
+        if why != Fetch::Timer {
             let cache = self.jwks.read().await;
             let interval = Duration::from_secs(self.settings.jwks_refetch_interval_secs);
             if is_refetch && cache.fetched_once {
@@ -363,19 +506,32 @@ impl Authenticator {
         }
         .await;
         let mut cache = self.jwks.write().await;
-        if cache.fetched_once {
+        if cache.fetched_once && why != Fetch::Timer {
             cache.last_refetch = Some(Instant::now());
         }
         match result {
             Ok(set) => {
                 cache.fetched_once = true;
                 cache.last_failure = None;
-                cache.keys = KeySet::from_values(set.keys);
+                let next = KeySet::from_values(set.keys);
+                let dropped = cache.keys.dropped_in(&next);
+                cache.keys = next;
+                drop(cache);
+                // After the swap: a request that reads the generation from
+                // now on also reads the new set.
+                if !dropped.is_empty() {
+                    tracing::info!(kids = ?dropped, "JWKS keys dropped upstream; their cached tokens are forgotten");
+                    self.tokens.drop_kids(&dropped);
+                }
                 Ok(())
             }
             Err(e) => {
                 cache.last_failure = Some(Instant::now());
-                tracing::warn!(error = %e, "JWKS fetch failed");
+                if cache.fetched_once {
+                    tracing::warn!(error = %e, ?why, "JWKS refresh failed; keeping the key set in hand");
+                } else {
+                    tracing::warn!(error = %e, "JWKS fetch failed");
+                }
                 Err(AuthError::KeysUnavailable)
             }
         }
@@ -431,5 +587,7 @@ pub fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
     }
 }
 
+#[cfg(test)]
+mod cache_tests;
 #[cfg(test)]
 mod tests;

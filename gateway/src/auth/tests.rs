@@ -148,6 +148,9 @@ fn strict_settings() -> AuthSettings {
         dev_tokens: false,
         leeway_secs: 60,
         jwks_refetch_interval_secs: 30,
+        jwks_refresh_secs: 300,
+        token_cache_size: 1000,
+        authorized_parties: Vec::new(),
     }
 }
 
