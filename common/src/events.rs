@@ -21,6 +21,11 @@ pub struct Envelope {
     pub received_at: DateTime<Utc>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
+    /// The `X-Request-Id` of the request that published it (SPEC §5); none
+    /// for a grouped message (each consume carries its own, in its context)
+    /// and for what no request caused (expiries, reconciliation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Typed payloads; `type` names the variant and is also the routing key.
@@ -73,6 +78,7 @@ impl Envelope {
             occurred_at,
             received_at: Utc::now(),
             user_id,
+            request_id: None,
         }
     }
 
@@ -177,6 +183,10 @@ pub struct CreditContext {
     pub description: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
+    /// The `X-Request-Id` of the request that moved the credits: set by the
+    /// gateway's publisher, kept by the worker in the ledger row's metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// A consume the gateway already granted (reserved in Redis); the worker settles
@@ -349,5 +359,37 @@ mod tests {
             Envelope::from_bytes(&serde_json::to_vec(&v).unwrap()),
             Err(DecodeError::Version(2))
         ));
+    }
+
+    #[test]
+    fn the_request_id_travels_when_set_and_old_messages_without_it_still_decode() {
+        let mut env = Envelope::new(
+            Event::UserActivity(UserActivity {
+                user_id: "u".into(),
+                at: Utc::now(),
+            }),
+            Some("u".into()),
+            Utc::now(),
+        );
+        let v: Value = serde_json::from_slice(&env.to_bytes()).unwrap();
+        assert!(v.get("request_id").is_none(), "absent, not null");
+        env.request_id = Some("req-1".into());
+        let v: Value = serde_json::from_slice(&env.to_bytes()).unwrap();
+        assert_eq!(v["request_id"], "req-1");
+        assert_eq!(Envelope::from_bytes(&env.to_bytes()).unwrap(), env);
+        let old = br#"{"id":"7f1c1f3a-0000-4000-8000-000000000001","type":"credit.consume_batch","version":1,
+            "occurred_at":"2024-01-01T00:00:00Z","received_at":"2024-01-01T00:00:00Z",
+            "data":{"consumes":[{"id":"7f1c1f3a-0000-4000-8000-000000000003","occurred_at":"2024-01-01T00:00:00Z",
+                    "transaction_id":"7f1c1f3a-0000-4000-8000-000000000004","user_id":"u","amount":2}]}}"#;
+        let env = Envelope::from_bytes(old).unwrap();
+        assert_eq!(env.request_id, None);
+        let Event::CreditConsumeBatch(b) = &env.event else {
+            panic!("{env:?}")
+        };
+        assert_eq!(b.consumes[0].consume.context.request_id, None);
+        let mut c = b.consumes[0].clone();
+        c.consume.context.request_id = Some("req-2".into());
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["request_id"], "req-2", "flattened into the consume: {v}");
     }
 }

@@ -179,19 +179,16 @@ pub async fn list(pg: &PgPool, target: Option<&str>, limit: i64) -> Result<Vec<A
         .collect())
 }
 
-/// The request's id for the audit row: the caller's `x-request-id` when it is
-/// a sane token (1..=128 visible ASCII characters), else a fresh UUID.
+/// The request's id for the audit row (SPEC §5). The outermost layer
+/// (`http::request_id`) has already put the decided id in the request's
+/// `x-request-id`, so this is the id of the answer and the logs; the rule is
+/// applied again for a request that did not pass that layer.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
 impl RequestId {
     pub fn from_header(value: Option<&str>) -> Self {
-        match value {
-            Some(v) if (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()) => {
-                Self(v.to_string())
-            }
-            _ => Self(uuid::Uuid::new_v4().to_string()),
-        }
+        Self(common::request_id::accept(value))
     }
 }
 
@@ -203,7 +200,13 @@ mod tests {
     #[test]
     fn a_request_id_is_the_callers_when_sane_else_fresh() {
         assert_eq!(RequestId::from_header(Some("req-123")).0, "req-123");
-        for bad in [None, Some(""), Some("has space"), Some(&*"x".repeat(129))] {
+        for bad in [
+            None,
+            Some(""),
+            Some("has space"),
+            Some("a/b"),
+            Some(&*"x".repeat(129)),
+        ] {
             let id = RequestId::from_header(bad).0;
             assert!(uuid::Uuid::parse_str(&id).is_ok(), "{bad:?} -> {id}");
         }

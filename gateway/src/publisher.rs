@@ -10,6 +10,12 @@
 //! batcher per kind gathers what arrives within `amqp.linger_us` into one
 //! `usage.batch` (or `credit.consume_batch`) message, and answers every
 //! waiting request when the broker confirms that one message.
+//!
+//! The request id (SPEC §5) travels with what a request publishes: read here
+//! from the request's scope ([`common::request_id::current`]), so callers
+//! need not pass it. A message of its own carries it on its envelope (and as
+//! the AMQP `correlation_id`); a grouped consume carries its own in its
+//! context, since one message holds consumes of many requests.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -160,6 +166,17 @@ impl Publisher {
     }
 
     async fn publish_inner(&self, envelope: &Envelope) -> Result<(), PublishError> {
+        let stamped;
+        let envelope = match (&envelope.request_id, common::request_id::current()) {
+            (None, Some(id)) => {
+                stamped = Envelope {
+                    request_id: Some(id),
+                    ..envelope.clone()
+                };
+                &stamped
+            }
+            _ => envelope,
+        };
         let channel = self
             .inner
             .channel
@@ -174,6 +191,10 @@ impl Publisher {
             // Persistent: the message survives a broker restart once confirmed.
             .with_delivery_mode(2)
             .with_timestamp(envelope.received_at.timestamp() as u64);
+        let props = match &envelope.request_id {
+            Some(id) => props.with_correlation_id(ShortString::from(id.as_str())),
+            None => props,
+        };
         let confirm = channel
             .basic_publish(
                 &self.inner.topology.exchange(),
@@ -209,7 +230,11 @@ impl Publisher {
 
     /// Publishes a consume grouped with those of concurrent requests; returns
     /// once the message carrying it is confirmed.
-    pub async fn publish_consume(&self, consume: BatchedConsume) -> Result<(), PublishError> {
+    pub async fn publish_consume(&self, mut consume: BatchedConsume) -> Result<(), PublishError> {
+        let context = &mut consume.consume.context;
+        if context.request_id.is_none() {
+            context.request_id = common::request_id::current();
+        }
         self.grouped(&self.consumes, vec![consume]).await
     }
 

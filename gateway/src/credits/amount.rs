@@ -172,6 +172,8 @@ impl ConsumeBody {
                 feature: text(self.feature),
                 description: self.description.map(FreeText::into_inner),
                 metadata: self.metadata.map(Metadata::into_inner),
+                // Set by the publisher from the request's scope.
+                request_id: None,
             },
         ))
     }

@@ -282,6 +282,9 @@ impl IntoResponse for ApiError {
             Self::DeadlineExceeded { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(DEADLINE_RETRY_AFTER));
             }
+            Self::Unauthorized(why) => {
+                headers.insert(header::WWW_AUTHENTICATE, www_authenticate(why));
+            }
             _ => {}
         }
         let bytes = serde_json::to_vec(&self.body()).unwrap_or_default();
@@ -291,6 +294,27 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// The `WWW-Authenticate` challenge of a 401 (RFC 6750 §3): `error="invalid_token"`
+/// when a token was sent and refused; the bare challenge when there was no
+/// token, and for the legacy "Invalid session" (the token was fine). Every
+/// refusal the authentication makes is a refused token except
+/// [`crate::auth::AuthError::Missing`], so a new kind of refusal is one too.
+pub fn www_authenticate(why: &str) -> HeaderValue {
+    let no_token = why == crate::auth::AuthError::Missing.to_string()
+        || why == MISSING_CREDENTIALS
+        || why == INVALID_SESSION;
+    HeaderValue::from_static(if no_token {
+        r#"Bearer realm="vsc-backend""#
+    } else {
+        r#"Bearer realm="vsc-backend", error="invalid_token""#
+    })
+}
+
+/// The 401s that are not a refused token: no user on the request, and the
+/// legacy usage body's unknown session (see `http::usage`).
+const MISSING_CREDENTIALS: &str = "missing credentials";
+const INVALID_SESSION: &str = "Invalid session";
 
 /// `Retry-After` of a request cut at its deadline: as for a dependency outage.
 const DEADLINE_RETRY_AFTER: u64 = 5;
@@ -384,5 +408,34 @@ mod tests {
             .as_str()
             .unwrap()
             .starts_with("events[2].model"));
+    }
+
+    #[test]
+    fn a_401_challenges_for_a_bearer_token_and_says_when_the_sent_one_was_refused() {
+        let challenge = |why: &str| {
+            let resp = ApiError::Unauthorized(why.into()).into_response();
+            resp.headers()[header::WWW_AUTHENTICATE]
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        let bare = r#"Bearer realm="vsc-backend""#;
+        assert_eq!(
+            challenge(&crate::auth::AuthError::Missing.to_string()),
+            bare
+        );
+        assert_eq!(challenge("missing credentials"), bare);
+        assert_eq!(challenge("Invalid session"), bare);
+        for refused in [
+            crate::auth::AuthError::Invalid("expired".into()).to_string(),
+            crate::auth::AuthError::KeysUnavailable.to_string(),
+        ] {
+            assert_eq!(
+                challenge(&refused),
+                r#"Bearer realm="vsc-backend", error="invalid_token""#
+            );
+        }
+        let other = ApiError::forbidden("no").into_response();
+        assert!(other.headers().get(header::WWW_AUTHENTICATE).is_none());
     }
 }

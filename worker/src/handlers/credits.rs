@@ -10,6 +10,7 @@
 //! (docs/credits.md, "Idempotency").
 
 use common::events::{CreditConsume, CreditContext, Envelope, Event, IdempotencyRecord};
+use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
@@ -22,6 +23,8 @@ pub struct ConsumeRow<'a> {
     pub event_id: Uuid,
     pub consume: &'a CreditConsume,
     pub idempotency: Option<&'a IdempotencyRecord>,
+    /// The publishing request's id when the consume does not carry its own.
+    pub request_id: Option<&'a str>,
 }
 
 /// The consumes of a batch, whether they came one per message or grouped.
@@ -33,11 +36,13 @@ pub fn consumes<'a>(envs: &[&'a Envelope]) -> Vec<ConsumeRow<'a>> {
                 event_id: env.id,
                 consume: c,
                 idempotency: None,
+                request_id: env.request_id.as_deref(),
             }),
             Event::CreditConsumeBatch(b) => rows.extend(b.consumes.iter().map(|c| ConsumeRow {
                 event_id: c.id,
                 consume: &c.consume,
                 idempotency: c.idempotency.as_ref(),
+                request_id: env.request_id.as_deref(),
             })),
             _ => {}
         }
@@ -107,6 +112,7 @@ pub async fn store(
                     &h.user_id,
                     h.amount,
                     &h.context,
+                    env.request_id.as_deref(),
                     Some(h.hold_id),
                 )
                 .await?
@@ -187,7 +193,11 @@ async fn settle_consumes(
     .bind(&completion)
     .bind(col(|c| c.context.feature.clone()))
     .bind(col(|c| c.context.description.clone()))
-    .bind(col(|c| c.context.metadata.as_ref().map(|m| m.to_string())))
+    .bind(
+        rows.iter()
+            .map(|r| ledger_metadata(&r.consume.context, r.request_id).map(|m| m.to_string()))
+            .collect::<Vec<_>>(),
+    )
     .fetch_one(&mut **tx)
     .await?;
     let records: Vec<(&str, &IdempotencyRecord, Uuid)> = rows
@@ -249,6 +259,25 @@ pub async fn store_records(
     Ok(())
 }
 
+/// A ledger row's metadata: the client's, with the id of the request that
+/// moved the credits (SPEC §5) under `request_id` (the movement's own, else
+/// its message's). A client's own `request_id` key is kept as it sent it, never
+/// overwritten; metadata that is not an object is kept as it is.
+pub fn ledger_metadata(c: &CreditContext, message_request_id: Option<&str>) -> Option<Value> {
+    let Some(id) = c.request_id.as_deref().or(message_request_id) else {
+        return c.metadata.clone();
+    };
+    match &c.metadata {
+        None => Some(serde_json::json!({ "request_id": id })),
+        Some(Value::Object(m)) if !m.contains_key("request_id") => {
+            let mut m = m.clone();
+            m.insert("request_id".into(), id.into());
+            Some(Value::Object(m))
+        }
+        Some(other) => Some(other.clone()),
+    }
+}
+
 /// Settles one granted amount; returns whether a new ledger row was written.
 async fn settle(
     tx: &mut Transaction<'_, Postgres>,
@@ -256,6 +285,7 @@ async fn settle(
     user_id: &str,
     amount: i64,
     c: &CreditContext,
+    request_id: Option<&str>,
     hold_id: Option<Uuid>,
 ) -> Result<bool, sqlx::Error> {
     if amount == 0 {
@@ -277,7 +307,7 @@ async fn settle(
     .bind(c.completion_tokens)
     .bind(&c.feature)
     .bind(&c.description)
-    .bind(&c.metadata)
+    .bind(ledger_metadata(c, request_id))
     .bind(hold_id)
     .fetch_one(&mut **tx)
     .await?;
@@ -301,4 +331,35 @@ pub async fn after_commit(ctx: &Ctx, effects: &Effects) -> anyhow::Result<()> {
     }
     pipe.query_async::<()>(&mut *conn).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_ledger_metadata_gains_the_request_id_without_overwriting_the_clients() {
+        let mut c = CreditContext::default();
+        assert_eq!(ledger_metadata(&c, None), None);
+        assert_eq!(
+            ledger_metadata(&c, Some("m")),
+            Some(json!({"request_id": "m"}))
+        );
+        c.request_id = Some("r".into());
+        assert_eq!(
+            ledger_metadata(&c, Some("m")),
+            Some(json!({"request_id": "r"}))
+        );
+        c.metadata = Some(json!({"k": 1}));
+        assert_eq!(
+            ledger_metadata(&c, None),
+            Some(json!({"k": 1, "request_id": "r"}))
+        );
+        c.metadata = Some(json!({"request_id": "clients"}));
+        assert_eq!(
+            ledger_metadata(&c, None),
+            Some(json!({"request_id": "clients"}))
+        );
+    }
 }

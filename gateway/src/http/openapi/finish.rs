@@ -67,6 +67,16 @@ fn finish_operation(method: &str, path: &str, op: &mut Map<String, Value>) {
             response["content"] = json!({"application/problem+json":
                 {"schema": {"$ref": "#/components/schemas/Problem"}}});
         }
+        // Every answer carries it (SPEC §5, `http::request_id`).
+        if let Some(r) = response.as_object_mut() {
+            let headers = r.entry("headers").or_insert_with(|| json!({}));
+            if let Some(h) = headers.as_object_mut() {
+                h.entry("X-Request-Id").or_insert_with(|| {
+                    json!({"description": "The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one.",
+                           "required": true, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}})
+                });
+            }
+        }
     }
     if let Some(class) = class {
         op.insert("security".into(), json!([{"bearer": []}]));
