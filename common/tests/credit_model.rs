@@ -335,7 +335,10 @@ impl Run {
                 } else {
                     get("ans")
                 };
-                idem.insert(key.clone(), (get("h"), get("st"), v, get("t") == "0"));
+                // A 'done' record keeps the `tx` and `t` of its run (idem_finish only
+                // adds `st` and `ans`); only a 'run' record's `t` is ever read.
+                let stale = get("st") == "run" && get("t") == "0";
+                idem.insert(key.clone(), (get("h"), get("st"), v, stale));
             }
         }
         let grants = c.smembers(self.keys.grants_applied(&self.user)).unwrap();

@@ -25,6 +25,7 @@ pub mod operator;
 pub mod profile;
 pub mod publisher;
 pub mod rate_limit;
+pub mod reads;
 pub mod redis_link;
 pub mod server;
 pub mod sessions;
@@ -32,3 +33,8 @@ pub mod startup;
 pub mod state;
 pub mod usage;
 pub mod users;
+
+/// The allocator both gateway binaries (`gateway`, `e2e-gateway`) install:
+/// glibc's malloc and free were the largest self time of a request
+/// (docs/benchmarks.md, "Where a gateway request's CPU goes").
+pub use mimalloc::MiMalloc as Allocator;

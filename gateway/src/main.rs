@@ -5,6 +5,9 @@ use clap::{Args, Parser, Subcommand};
 use common::settings::Settings;
 use gateway::operator::{self, Operator};
 
+#[global_allocator]
+static ALLOCATOR: gateway::Allocator = gateway::Allocator;
+
 #[derive(Parser)]
 #[command(
     name = "gateway",
@@ -37,6 +40,9 @@ enum Command {
                             --idempotency-key a grant applies once however often it is run)."
     )]
     Admin(Admin),
+    /// Print the OpenAPI document (as GET /openapi.json serves it with this
+    /// configuration) to stdout; clients/typescript is generated from it.
+    Openapi,
 }
 
 #[derive(Args)]
@@ -108,6 +114,10 @@ async fn main() {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings).await,
+        Command::Openapi => {
+            // `{:#}`: serde_json's pretty form.
+            println!("{:#}", gateway::http::openapi::configured(&settings));
+        }
         Command::Admin(admin) => {
             // Logs go to stderr so that stdout is only the command's answer.
             common::telemetry::init_for_commands(settings.app_env);

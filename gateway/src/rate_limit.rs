@@ -175,14 +175,7 @@ pub async fn check_n(
         cost,
     )
     .await;
-    let verdict = if d.allowed { "allow" } else { "deny" };
-    metrics::counter!(
-        "rate_limit_decisions_total",
-        "class" => class.to_string(),
-        "decision" => verdict,
-        "degraded" => d.degraded.unwrap_or("no")
-    )
-    .increment(1);
+    count(class, &d);
     d
 }
 
@@ -274,6 +267,185 @@ pub async fn decide_n(
             fallback(pg, policy, user_id, class, limit).await
         }
     }
+}
+
+/// A rate limit the guard leaves to the handler (the `credits` class, for the
+/// caller's own balance): the credit script decides it as its first step, in
+/// the same round trip and on the same slot as the reservation
+/// (`common/src/redis/lua/rate_limit.lua`). The guard puts one on the
+/// request; the flow takes [`Deferred::pending`] for the first script it
+/// runs and records the script's decision; a request that ends before any
+/// credit script ran is decided by the guard afterwards with [`check`], so
+/// every request of the class is counted exactly once. Cheap to clone.
+#[derive(Clone)]
+pub struct Deferred(std::sync::Arc<DeferredInner>);
+
+struct DeferredInner {
+    class: &'static str,
+    key: String,
+    limit: ClassLimit,
+    decided: std::sync::OnceLock<Decision>,
+}
+
+impl Deferred {
+    pub fn new(class: &'static str, key: String, limit: ClassLimit) -> Self {
+        Self(std::sync::Arc::new(DeferredInner {
+            class,
+            key,
+            limit,
+            decided: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// Records a decision made elsewhere (usage/track's [`check_pair`]); the
+    /// first one counts. Returns the decision that stands.
+    pub fn set(&self, d: Decision) -> Decision {
+        let mut fresh = false;
+        let d = *self.0.decided.get_or_init(|| {
+            fresh = true;
+            d
+        });
+        if fresh {
+            count(self.0.class, &d);
+        }
+        d
+    }
+
+    /// The GCRA key and limit a credit script should decide, until one has.
+    pub fn pending(&self) -> Option<(&str, ClassLimit)> {
+        self.0
+            .decided
+            .get()
+            .is_none()
+            .then_some((self.0.key.as_str(), self.0.limit))
+    }
+
+    /// Records the decision a credit script made (`reply` as [`GCRA_LUA`]
+    /// answers); the first one counts. Returns the decision that stands.
+    pub fn decide(&self, reply: &[i64]) -> Decision {
+        self.set(decision_from_reply(reply, self.0.limit))
+    }
+
+    /// What a credit script decided, if one ran.
+    pub fn decision(&self) -> Option<Decision> {
+        self.0.decided.get().copied()
+    }
+}
+
+/// The class whose limit the credit scripts decide.
+pub const CREDITS: &str = "credits";
+
+fn count(class: &str, d: &Decision) {
+    let verdict = if d.allowed { "allow" } else { "deny" };
+    metrics::counter!(
+        "rate_limit_decisions_total",
+        "class" => class.to_string(),
+        "decision" => verdict,
+        "degraded" => d.degraded.unwrap_or("no")
+    )
+    .increment(1);
+}
+
+/// usage/track's two limits in one round trip (docs/rate-limits.md): KEYS[1]
+/// the class's GCRA key, KEYS[2] the events budget's; ARGV = class limit,
+/// window, events limit, window, events cost. The class step runs first at
+/// cost 1, as the guard's check would; only when it passes does the events
+/// step run (so, as with two calls, a request refused by its events budget
+/// still counts against the class). Returns the class reply of [`GCRA_LUA`]
+/// and, when the class passed, the events reply after it.
+pub const GCRA_PAIR_LUA: &str = r#"
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) * 1000000 + tonumber(now_t[2])
+local function gcra(key, limit, window, cost)
+  window = window * 1000000
+  local t = math.floor(window / limit)
+  if t < 1 then t = 1 end
+  if cost < 1 then cost = 1 end
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local room = now - tat + window
+  if room < 0 then room = 0 end
+  local new_tat = tat + cost * t
+  local allow_at = new_tat - window
+  if cost * t > window then return {0, math.floor(room / t), tat - now, window} end
+  if allow_at > now then return {0, math.floor(room / t), tat - now, allow_at - now} end
+  redis.call('SET', key, string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+  return {1, math.floor((now - allow_at) / t), new_tat - now, 0}
+end
+local a = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), 1)
+if a[1] == 0 then return a end
+local b = gcra(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+return {a[1], a[2], a[3], a[4], b[1], b[2], b[3], b[4]}
+"#;
+
+/// One side of a [`check_pair`]: a GCRA key and its limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Side<'a> {
+    pub key: &'a str,
+    pub class: &'static str,
+    pub limit: ClassLimit,
+}
+
+/// The decisions of a [`GCRA_PAIR_LUA`] reply: the class's, and the events
+/// budget's when the class passed.
+pub fn pair_from_reply(
+    reply: &[i64],
+    class: ClassLimit,
+    events: ClassLimit,
+) -> (Decision, Option<Decision>) {
+    let a = decision_from_reply(reply, class);
+    let b = (a.allowed && reply.len() >= 8).then(|| decision_from_reply(&reply[4..], events));
+    (a, b)
+}
+
+/// usage/track's class limit and events budget decided in one Redis round
+/// trip ([`GCRA_PAIR_LUA`]). When Redis fails, each is decided as [`check_n`]
+/// would (its fallback policy). The events decision is `None` when the class
+/// refused (it was not spent).
+pub async fn check_pair(
+    limiter: &Limiter,
+    user_id: &str,
+    class: Side<'_>,
+    events: Side<'_>,
+    cost: u64,
+) -> (Decision, Option<Decision>) {
+    let outcome = limiter
+        .redis_link
+        .run(|mut conn| async move {
+            pair_script()
+                .key(class.key)
+                .key(events.key)
+                .arg(class.limit.limit)
+                .arg(class.limit.window_secs)
+                .arg(events.limit.limit)
+                .arg(events.limit.window_secs)
+                .arg(cost.max(1))
+                .invoke_async::<Vec<i64>>(&mut conn)
+                .await
+        })
+        .await;
+    let (a, b) = match outcome {
+        Ok(reply) => pair_from_reply(&reply, class.limit, events.limit),
+        Err(e) => {
+            tracing::debug!(error = %e, "rate limit: Redis unavailable, using fallback");
+            let p = (&limiter.pg, limiter.policy);
+            let a = fallback(p.0, p.1, user_id, class.class, class.limit).await;
+            let b = match a.allowed {
+                true => Some(fallback(p.0, p.1, user_id, events.class, events.limit).await),
+                false => None,
+            };
+            (a, b)
+        }
+    };
+    if let Some(b) = &b {
+        count(events.class, b);
+    }
+    (a, b)
+}
+
+fn pair_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(GCRA_PAIR_LUA))
 }
 
 /// The GCRA script; `redis::Script` sends EVALSHA and reloads it on NOSCRIPT.

@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -44,12 +44,15 @@ pub struct RedisLink {
     /// Serializes connecting so a burst of first requests opens one socket.
     connecting: tokio::sync::Mutex<()>,
     breaker: Breaker,
+    /// The idempotency finish batcher, started by the first finish.
+    finisher: std::sync::OnceLock<Finisher>,
 }
 
 impl RedisLink {
     /// Checks the URL only; the first use connects (`redis://host/N` selects db N).
     pub fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
+        let client = common::tls::redis_client(url, common::tls::material())
+            .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
         Ok(Self {
             client,
             timeout,
@@ -57,6 +60,7 @@ impl RedisLink {
             generation: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
             breaker: Breaker::new(),
+            finisher: std::sync::OnceLock::new(),
         })
     }
 
@@ -160,6 +164,141 @@ impl RedisLink {
             tracing::warn!("redis unreachable; using fallbacks, probing every {PROBE_INTERVAL:?}");
         }
     }
+}
+
+/// One idempotency finish: store a request's final answer under its key
+/// (`idem_finish.lua`), once its event is confirmed.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub record: String,
+    pub hash: String,
+    pub answer: String,
+    pub ttl_ms: u64,
+    pub id: String,
+}
+
+/// The most finishes one batch writes.
+const FINISH_BATCH: usize = 256;
+
+/// The finish batcher (docs/credits.md, "Idempotency"): one task per gateway
+/// takes every finish handed to it and writes what has gathered in one
+/// `idem_finish_many` call, at once when idle (so a lone request's finish
+/// lands as soon as it did before) and in batches under load, off the
+/// request's path. A request hands its finish over before it answers; a
+/// retry on this gateway that meets its key still running while that finish
+/// is queued waits for it ([`RedisLink::finish_landed`]) instead of a 409.
+/// A failed write is logged and leaves each record in progress, which the
+/// `STALE` path resolves from Postgres.
+struct Finisher {
+    tx: tokio::sync::mpsc::UnboundedSender<(u64, Finish)>,
+    shared: Arc<FinishShared>,
+}
+
+struct FinishShared {
+    next: AtomicU64,
+    /// Record → the sequence number of its queued finish.
+    queued: Mutex<std::collections::HashMap<String, u64>>,
+    /// The highest sequence number written (or given up on).
+    done: tokio::sync::watch::Sender<u64>,
+}
+
+impl RedisLink {
+    /// Hands a finish to the batcher (never waits for Redis).
+    pub fn finish(self: &Arc<Self>, f: Finish) {
+        let finisher = self.finisher.get_or_init(|| self.start_finisher());
+        let seq = finisher.shared.next.fetch_add(1, Ordering::Relaxed) + 1;
+        finisher
+            .shared
+            .queued
+            .lock()
+            .expect("lock")
+            .insert(f.record.clone(), seq);
+        if finisher.tx.send((seq, f)).is_err() {
+            tracing::warn!("idempotent answer not stored: the finish batcher has stopped");
+        }
+    }
+
+    /// Whether a finish of `record` was queued here and not yet written; if
+    /// so, waits (at most the Redis timeout) until its batch was written or
+    /// given up on.
+    pub async fn finish_landed(&self, record: &str) -> bool {
+        let Some(finisher) = self.finisher.get() else {
+            return false;
+        };
+        let Some(seq) = finisher
+            .shared
+            .queued
+            .lock()
+            .expect("lock")
+            .get(record)
+            .copied()
+        else {
+            return false;
+        };
+        let mut done = finisher.shared.done.subscribe();
+        let wait = done.wait_for(|d| *d >= seq);
+        let _ = tokio::time::timeout(self.timeout * 2, wait).await;
+        true
+    }
+
+    fn start_finisher(self: &Arc<Self>) -> Finisher {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Finish)>();
+        let shared = Arc::new(FinishShared {
+            next: AtomicU64::new(0),
+            queued: Mutex::new(std::collections::HashMap::new()),
+            done: tokio::sync::watch::channel(0).0,
+        });
+        let link = Arc::downgrade(self);
+        let task_shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < FINISH_BATCH {
+                    match rx.try_recv() {
+                        Ok(f) => batch.push(f),
+                        Err(_) => break,
+                    }
+                }
+                let Some(link) = link.upgrade() else { break };
+                if let Err(e) = write_finishes(&link, &batch).await {
+                    tracing::warn!(error = %e, n = batch.len(), "idempotent answers not stored");
+                }
+                drop(link);
+                let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
+                {
+                    let mut queued = task_shared.queued.lock().expect("lock");
+                    for (seq, f) in &batch {
+                        if queued.get(&f.record) == Some(seq) {
+                            queued.remove(&f.record);
+                        }
+                    }
+                }
+                task_shared.done.send_replace(last);
+            }
+        });
+        Finisher { tx, shared }
+    }
+}
+
+/// One `idem_finish_many` call for a batch. Its keys span users: on one
+/// Redis node that is one script call; on Redis Cluster the batch would be
+/// split by slot first (docs/scaling.md).
+async fn write_finishes(link: &RedisLink, batch: &[(u64, Finish)]) -> Result<(), LinkError> {
+    link.run(|mut conn| async move {
+        let mut inv = common::redis::scripts::scripts()
+            .idem_finish_many
+            .prepare_invoke();
+        for (_, f) in batch {
+            inv.key(&f.record)
+                .arg(&f.hash)
+                .arg(&f.answer)
+                .arg(f.ttl_ms)
+                .arg(&f.id);
+        }
+        inv.invoke_async::<i64>(&mut conn).await
+    })
+    .await
+    .map(|_| ())
 }
 
 fn is_link_failure(e: &RedisError) -> bool {

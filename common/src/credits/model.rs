@@ -15,6 +15,8 @@
 //! - [`Model::hold_release`] mirrors `hold_release.lua`;
 //! - [`Model::grant_apply`] mirrors `grant_apply.lua`;
 //! - [`Model::idem_finish`] mirrors `idem_finish.lua` (no prelude);
+//! - [`Model::rate_limit`] mirrors `rate_limit.lua`, the GCRA step those four scripts take first
+//!   when they decide the request's rate limit (checked by `common/tests/credit_rate_limit.rs`);
 //! - [`Model::expire_due`] mirrors the prelude's `expire_due`, which `consume`,
 //!   `hold_open`, `hold_settle` and `hold_release` run before they decide;
 //! - private helpers mirror the keyed steps of `idem_steps.lua` (`idem_begin`, `idem_run`, `idem_done`,
@@ -37,7 +39,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{hold_open_decide, idem_decide, HoldOpenDecision, IdemDecision, IdemRecord};
-use crate::redis::scripts::{hold_json, ExpiredHold, Reply, Tag};
+use crate::redis::scripts::{hold_json, ExpiredHold, RateLimitReply, Reply, Tag};
 
 /// An open hold (`holds` hash: id → `{"amount":N,"expires_at_ms":T}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +242,7 @@ impl Step {
             tag: self.tag().as_str().to_string(),
             expired: self.expired.clone(),
             fields: self.fields(),
+            rate_limit: None,
         }
     }
 }
@@ -263,6 +266,8 @@ pub struct Model {
     pub idem: BTreeMap<String, Idem>,
     /// `grants_applied`.
     pub grants: BTreeSet<String>,
+    /// GCRA keys (`{USER}:rl:credits`) → their theoretical arrival time (µs).
+    pub rate_limits: BTreeMap<String, i64>,
 }
 
 /// What `idem_begin` lets a keyed script go on with: the id to use and
@@ -282,6 +287,51 @@ impl Model {
         m.save();
         let step = Step::early(Outcome::Balance(m.funds()));
         (m, step)
+    }
+
+    /// The step `consume`, `hold_open`, `hold_settle` and `hold_release` take
+    /// first when they decide the request's rate limit (`rate_limit.lua`, the
+    /// arithmetic of the gateway's `GCRA_LUA` at cost 1): the decision their
+    /// reply opens with. A refusal (`allowed` false) changes nothing, and the
+    /// script then answers `LIMITED` and stops; allowed, it moves the key's
+    /// TAT and the script goes on as without a limit.
+    pub fn rate_limit(
+        &mut self,
+        key: &str,
+        limit: u64,
+        window_secs: u64,
+        now_us: i64,
+    ) -> RateLimitReply {
+        let window = window_secs as i64 * 1_000_000;
+        let t = (window / limit.max(1) as i64).max(1);
+        let tat = self
+            .rate_limits
+            .get(key)
+            .copied()
+            .unwrap_or(now_us)
+            .max(now_us);
+        let room = (now_us - tat + window).max(0) / t;
+        let new_tat = tat + t;
+        let allow_at = new_tat - window;
+        let refused = |retry_us| RateLimitReply {
+            allowed: false,
+            remaining: room,
+            reset_us: tat - now_us,
+            retry_us,
+        };
+        if t > window {
+            return refused(window);
+        }
+        if allow_at > now_us {
+            return refused(allow_at - now_us);
+        }
+        self.rate_limits.insert(key.to_string(), new_tat);
+        RateLimitReply {
+            allowed: true,
+            remaining: (now_us - allow_at) / t,
+            reset_us: new_tat - now_us,
+            retry_us: 0,
+        }
     }
 
     /// `bal held` now.

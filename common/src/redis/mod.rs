@@ -13,10 +13,16 @@ use std::time::Duration;
 use crate::settings::Settings;
 
 /// A Redis pool; `redis://host/N` selects database N on every connection.
+/// `rediss://` verifies the server against the system roots plus
+/// `tls.ca_file` and presents the client identity (`common::tls`).
 pub fn redis_pool(settings: &Settings) -> anyhow::Result<deadpool_redis::Pool> {
-    let mut cfg = deadpool_redis::Config::from_url(settings.redis.url.clone());
+    let material = crate::tls::TlsMaterial::load(&settings.tls)?;
+    let client = crate::tls::redis_client(&settings.redis.url, &material)
+        .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
+    let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
+        .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
     let timeout = Some(Duration::from_millis(settings.redis.timeout_ms));
-    cfg.pool = Some(deadpool_redis::PoolConfig {
+    let config = deadpool_redis::PoolConfig {
         max_size: settings.redis.pool_size,
         timeouts: deadpool_redis::Timeouts {
             wait: timeout,
@@ -24,7 +30,10 @@ pub fn redis_pool(settings: &Settings) -> anyhow::Result<deadpool_redis::Pool> {
             recycle: timeout,
         },
         ..Default::default()
-    });
-    cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))
+    };
+    deadpool_redis::Pool::builder(manager)
+        .config(config)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
         .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))
 }

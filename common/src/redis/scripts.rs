@@ -44,6 +44,7 @@ macro_rules! with_prelude {
     ($body:literal) => {
         concat!(
             include_str!("lua/prelude.lua"),
+            include_str!("lua/rate_limit.lua"),
             include_str!("lua/idem_check.lua"),
             include_str!("lua/hold_limit.lua"),
             include_str!("lua/idem_steps.lua"),
@@ -68,6 +69,9 @@ pub struct Scripts {
     pub consume_undo: ::redis::Script,
     /// `idem_finish.lua` (no prelude): store a request's final answer; 1 or 0.
     pub idem_finish: ::redis::Script,
+    /// `idem_finish_many.lua` (no prelude): `idem_finish` for many records in
+    /// one call (the gateway's finish batcher); how many were stored.
+    pub idem_finish_many: ::redis::Script,
     /// `idem_restore.lua`: durable idempotency records back into Redis while
     /// the user is loaded. LOST | EXISTS | OK.
     pub idem_restore: ::redis::Script,
@@ -118,6 +122,7 @@ pub fn scripts() -> &'static Scripts {
             consume: Script::new(with_prelude!("consume.lua")),
             consume_undo: Script::new(with_prelude!("consume_undo.lua")),
             idem_finish: Script::new(include_str!("lua/idem_finish.lua")),
+            idem_finish_many: Script::new(include_str!("lua/idem_finish_many.lua")),
             idem_restore: Script::new(with_prelude!("idem_restore.lua")),
             hold_open: Script::new(with_prelude!("hold_open.lua")),
             hold_undo: Script::new(with_prelude!("hold_undo.lua")),
@@ -186,12 +191,38 @@ pub struct ExpiredHold {
     pub amount: i64,
 }
 
+/// The rate-limit decision a credit script made as its first step
+/// (`lua/rate_limit.lua`): the reply of `GCRA_LUA` in the gateway's
+/// `rate_limit.rs`, which turns it into its `Decision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitReply {
+    pub allowed: bool,
+    pub remaining: i64,
+    pub reset_us: i64,
+    pub retry_us: i64,
+}
+
+impl RateLimitReply {
+    /// The four numbers as `GCRA_LUA` answers them: allowed (1|0), remaining, reset_us, retry_us.
+    pub fn as_gcra(&self) -> [i64; 4] {
+        [
+            i64::from(self.allowed),
+            self.remaining,
+            self.reset_us,
+            self.retry_us,
+        ]
+    }
+}
+
 /// A script's reply: its tag, the holds it expired, and its own fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub tag: String,
     pub expired: Vec<ExpiredHold>,
     pub fields: Vec<String>,
+    /// Present when the script decided the request's rate limit (its reply
+    /// opened with `RL`, allowed, remaining, reset_us, retry_us).
+    pub rate_limit: Option<RateLimitReply>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -200,7 +231,23 @@ pub struct ReplyError(pub String);
 
 impl Reply {
     pub fn parse(raw: Vec<String>) -> Result<Self, ReplyError> {
-        let mut it = raw.into_iter();
+        let mut it = raw.into_iter().peekable();
+        let rate_limit = if it.peek().map(String::as_str) == Some("RL") {
+            it.next();
+            let mut num = || -> Result<i64, ReplyError> {
+                let v = it.next().ok_or_else(|| ReplyError("RL: short".into()))?;
+                v.parse()
+                    .map_err(|_| ReplyError(format!("RL: not an integer: {v:?}")))
+            };
+            Some(RateLimitReply {
+                allowed: num()? == 1,
+                remaining: num()?,
+                reset_us: num()?,
+                retry_us: num()?,
+            })
+        } else {
+            None
+        };
         let tag = it.next().ok_or_else(|| ReplyError("empty".into()))?;
         let n: usize = it
             .next()
@@ -220,6 +267,7 @@ impl Reply {
             tag,
             expired,
             fields: it.collect(),
+            rate_limit,
         })
     }
 
@@ -304,13 +352,15 @@ pub enum Tag {
     NotDue,
     /// The hold (and every other due one) was released.
     Released,
+    /// Refused by the rate limit the script decided first (see [`Reply::rate_limit`]).
+    Limited,
     /// A tag this build does not know (a newer script, or a bug).
     Unknown(String),
 }
 
 impl Tag {
     /// Every known tag (not [`Tag::Unknown`]).
-    pub const KNOWN: [Tag; 20] = [
+    pub const KNOWN: [Tag; 21] = [
         Tag::Lost,
         Tag::Missing,
         Tag::Ok,
@@ -331,6 +381,7 @@ impl Tag {
         Tag::Absent,
         Tag::NotDue,
         Tag::Released,
+        Tag::Limited,
     ];
 
     pub fn parse(tag: &str) -> Self {
@@ -355,6 +406,7 @@ impl Tag {
             "ABSENT" => Self::Absent,
             "NOT_DUE" => Self::NotDue,
             "RELEASED" => Self::Released,
+            "LIMITED" => Self::Limited,
             other => Self::Unknown(other.to_string()),
         }
     }
@@ -382,6 +434,7 @@ impl Tag {
             Self::Absent => "ABSENT",
             Self::NotDue => "NOT_DUE",
             Self::Released => "RELEASED",
+            Self::Limited => "LIMITED",
             Self::Unknown(tag) => tag,
         }
     }
@@ -462,6 +515,21 @@ mod tests {
         assert!(r.int(3).is_err());
         let r = Reply::parse(vec!["LOST".into(), "0".into()]).unwrap();
         assert_eq!((r.tag.as_str(), r.fields.len()), ("LOST", 0));
+        assert_eq!(r.rate_limit, None);
+        let raw = ["RL", "1", "19", "3000000", "0", "OK", "0", "90"]
+            .map(String::from)
+            .to_vec();
+        let r = Reply::parse(raw).unwrap();
+        assert_eq!((r.kind(), r.int(0).unwrap()), (Tag::Ok, 90));
+        assert_eq!(
+            r.rate_limit.map(|l| l.as_gcra()),
+            Some([1, 19, 3_000_000, 0])
+        );
+        let raw = ["RL", "0", "0", "60000000", "3000000", "LIMITED", "0"];
+        let r = Reply::parse(raw.map(String::from).to_vec()).unwrap();
+        assert_eq!(r.kind(), Tag::Limited);
+        assert!(!r.rate_limit.unwrap().allowed);
+        assert!(Reply::parse(["RL", "1", "2"].map(String::from).to_vec()).is_err());
     }
 
     #[test]

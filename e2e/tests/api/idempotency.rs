@@ -423,3 +423,187 @@ async fn the_idempotency_check_in_lua_agrees_with_idem_decide() {
         }
     }
 }
+
+/// A credit class limit of `n` per minute.
+fn credits_limit(n: u32) -> impl FnOnce(&mut std::collections::HashMap<String, String>) {
+    move |v| {
+        v.insert(
+            "APP__RATE_LIMIT__CLASSES__CREDITS__LIMIT".into(),
+            n.to_string(),
+        );
+        v.insert(
+            "APP__RATE_LIMIT__CLASSES__CREDITS__WINDOW_SECS".into(),
+            "60".into(),
+        );
+    }
+}
+
+/// The rate limit decided inside the credit script (one round trip): every
+/// request of the class counts once, a bad body and a hold's steps included,
+/// and a consume it refuses reserves nothing and records no key.
+#[tokio::test]
+async fn a_consume_refused_by_the_limit_in_its_script_reserves_nothing_and_records_no_key() {
+    let app = spawn_app_with(credits_limit(5)).await;
+    let (user, token) = new_user();
+    let path = format!("/api/users/{user}/credits/consume");
+    let remaining = |r: &reqwest::Response| {
+        r.headers()["ratelimit-remaining"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // 1: a 422 ends before any script and is counted by the guard.
+    let r = post_keyed(&app, &path, &token, &json!({"amount": 0}), Some("bad")).await;
+    assert_eq!((r.status().as_u16(), remaining(&r)), (422, 4));
+    // 2: a keyed consume, 3: its retry (a replay counts too).
+    let r = post_keyed(&app, &path, &token, &json!({"amount": 10}), Some("k1")).await;
+    assert_eq!((r.status().as_u16(), remaining(&r)), (200, 3));
+    let r = post_keyed(&app, &path, &token, &json!({"amount": 10}), Some("k1")).await;
+    assert_eq!(remaining(&r), 2);
+    assert!(read(r).await.2, "the retry after the answer replays it");
+    // 4, 5: a hold opened and settled.
+    let (s, h, _) = hold(&app, &user, &token, json!({"amount": 20})).await;
+    assert_eq!(s, 200, "{h}");
+    let (s, _, _) = settle(&app, &user, &token, &h["hold_id"], 5).await;
+    assert_eq!(s, 200);
+    let before = api_balance_raw(&app, &user).await;
+    // 6: refused inside the consume script.
+    let r = post_keyed(&app, &path, &token, &json!({"amount": 7}), Some("k2")).await;
+    assert_eq!((r.status().as_u16(), remaining(&r)), (429, 0));
+    assert!(r.headers().contains_key("retry-after"));
+    let (_, body, _) = read(r).await;
+    assert_eq!(body["code"], "rate_limited");
+    let keys = Keys::new(&app.settings.redis.key_prefix);
+    let mut c = app.redis.get().await.unwrap();
+    let exists: bool = c
+        .exists(keys.idempotency(&user, "consume", "k2"))
+        .await
+        .unwrap();
+    assert!(!exists, "no idempotency record for a refused request");
+    assert_eq!(
+        api_balance_raw(&app, &user).await,
+        before,
+        "nothing reserved"
+    );
+    // A bad body over the limit is a 429 as it was when the guard ran first.
+    let r = post_keyed(&app, &path, &token, &json!({"amount": 0}), None).await;
+    assert_eq!(r.status().as_u16(), 429);
+}
+
+/// The user's spendable balance and pending count, straight from Redis.
+async fn api_balance_raw(app: &TestApp, user: &str) -> (Option<String>, usize) {
+    let keys = Keys::new(&app.settings.redis.key_prefix);
+    let mut c = app.redis.get().await.unwrap();
+    let bal: Option<String> = c.hget(keys.credits(user), "bal").await.unwrap();
+    let pending: usize = c.hlen(keys.pending(user)).await.unwrap();
+    (bal, pending)
+}
+
+/// Redis's own time per keyed consume (`INFO commandstats`, all EVALSHA),
+/// the three calls of before (the guard's GCRA, `consume`, `idem_finish`)
+/// against the merged `consume` and the batched finish (batches of 1, 8 and
+/// 32). Needs a Redis of its own (`SCRIPT_MEASURE_REDIS`, e.g.
+/// redis://127.0.0.1:6391): it resets the server's statistics.
+#[tokio::test]
+#[ignore]
+async fn redis_time_per_consume_before_and_after_the_merge() {
+    use common::redis::scripts::{scripts, UserKeys};
+    let url = std::env::var("SCRIPT_MEASURE_REDIS").expect("SCRIPT_MEASURE_REDIS");
+    let client = redis::Client::open(url).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    const N: usize = 4000;
+    async fn usec(c: &mut redis::aio::MultiplexedConnection) -> f64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(c)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:"))
+            .filter_map(|l| {
+                l.split("usec=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .sum()
+    }
+    for (label, merged, batch) in [
+        ("before", false, 1),
+        ("after, batch 1", true, 1),
+        ("after, batch 8", true, 8),
+        ("after, batch 32", true, 32),
+    ] {
+        let keys = Keys::new(&format!("measure{}", uuid::Uuid::new_v4().simple()));
+        let users: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
+        for u in &users {
+            let uk = UserKeys::new(&keys, u);
+            let _: () = c.set(&uk.sentinel, "1").await.unwrap();
+            let _: Vec<String> = uk
+                .invoke(&scripts().init, 60_000)
+                .arg(1_000_000_000)
+                .arg("")
+                .invoke_async(&mut c)
+                .await
+                .unwrap();
+        }
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let mut finishes = Vec::new();
+        for i in 0..N {
+            let u = &users[i % users.len()];
+            let uk = UserKeys::new(&keys, u);
+            let rl = keys.rate_limit(u, "credits");
+            let record = keys.idempotency(u, "consume", &format!("k{i}"));
+            let tx = uuid::Uuid::now_v7().to_string();
+            if !merged {
+                let _: Vec<i64> = gateway::rate_limit::script()
+                    .key(&rl)
+                    .arg(1_000_000)
+                    .arg(60)
+                    .arg(1)
+                    .invoke_async(&mut c)
+                    .await
+                    .unwrap();
+            }
+            let mut inv = uk.invoke(&scripts().consume, 86_400_000);
+            inv.key(&record)
+                .arg("h")
+                .arg(&tx)
+                .arg(1)
+                .arg(35_000)
+                .arg(86_400_000)
+                .arg(600_000)
+                .arg("0");
+            if merged {
+                inv.key(&rl).arg(1_000_000).arg(60);
+            }
+            let _: Vec<String> = inv.invoke_async(&mut c).await.unwrap();
+            let answer =
+                format!(r#"{{"status":200,"body":{{"transaction_id":"{tx}","balance":1}}}}"#);
+            finishes.push((record, answer, tx));
+            if finishes.len() == batch {
+                let script = if merged {
+                    &scripts().idem_finish_many
+                } else {
+                    &scripts().idem_finish
+                };
+                let mut inv = script.prepare_invoke();
+                for (record, answer, tx) in finishes.drain(..) {
+                    inv.key(record).arg("h").arg(answer).arg(86_400_000).arg(tx);
+                }
+                let _: i64 = inv.invoke_async(&mut c).await.unwrap();
+            }
+        }
+        println!(
+            "{label}: {:.1} µs of Redis per consume",
+            usec(&mut c).await / N as f64
+        );
+    }
+}

@@ -710,3 +710,67 @@ async fn the_lua_script_and_gcra_agree_on_every_arrival() {
     }
     assert!(refused_somewhere, "the sequences exercised refusals too");
 }
+
+/// A 429 decided inside a credit script carries the same `RateLimit-*` and
+/// `Retry-After` as one the guard decides (a request that ends before any
+/// script: a bad body), and both count against one budget.
+#[tokio::test]
+async fn a_credit_429_from_the_script_carries_the_guards_headers() {
+    let app = spawn_app_with(|v| {
+        v.insert(
+            "APP__RATE_LIMIT__CLASSES__CREDITS__LIMIT".into(),
+            "2".into(),
+        );
+        v.insert(
+            "APP__RATE_LIMIT__CLASSES__CREDITS__WINDOW_SECS".into(),
+            "600".into(),
+        );
+    })
+    .await;
+    let (user, token) = new_user();
+    let path = format!("/api/users/{user}/credits/consume");
+    let shown = |r: &reqwest::Response| {
+        let names = [
+            "ratelimit-limit",
+            "ratelimit-remaining",
+            "ratelimit-policy",
+            "x-ratelimit-limit",
+        ];
+        let values: Vec<String> = names
+            .iter()
+            .map(|h| header(r, h).unwrap_or("-").to_string())
+            .collect();
+        (
+            r.status().as_u16(),
+            values,
+            header_u64(r, "retry-after"),
+            header_u64(r, "ratelimit-reset"),
+        )
+    };
+    let ok = app.post(&path, &token, &json!({"amount": 1})).await;
+    let (s, values, _, _) = shown(&ok);
+    assert_eq!(
+        (s, values[1].as_str(), values[2].as_str()),
+        (200, "1", "2;w=600")
+    );
+    let bad = shown(&app.post(&path, &token, &json!({"amount": -1})).await);
+    assert_eq!(
+        (bad.0, bad.1[1].as_str()),
+        (422, "0"),
+        "the guard counted the 422"
+    );
+    let by_script = shown(&app.post(&path, &token, &json!({"amount": 1})).await);
+    let by_guard = shown(&app.post(&path, &token, &json!({"amount": -1})).await);
+    assert_eq!(by_script.0, 429);
+    assert_eq!((by_script.0, &by_script.1), (by_guard.0, &by_guard.1));
+    // 600 s / 2 = 300 s per request; a second may pass between the two.
+    for (retry, reset) in [(by_script.2, by_script.3), (by_guard.2, by_guard.3)] {
+        assert!(retry.is_some_and(|r| (299..=300).contains(&r)), "{retry:?}");
+        assert!(reset.is_some_and(|r| (599..=600).contains(&r)), "{reset:?}");
+    }
+    let balance = crate::credits::api_balance(&app, &token).await;
+    assert_eq!(
+        balance["balance"], 99,
+        "the refused consume charged nothing"
+    );
+}

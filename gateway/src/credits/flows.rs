@@ -23,6 +23,7 @@ use super::store::balance;
 use super::store::CreditStore;
 use crate::error::{Error, Result};
 use crate::publisher::{PublishError, Publisher};
+use crate::rate_limit::Deferred;
 
 /// Whether a failed publish surely did not reach the broker (so the Redis
 /// change can be undone) or may have (so it stays, and the event settles it
@@ -88,6 +89,7 @@ pub(super) fn publish_expired(publisher: &Publisher, user_id: &str, expired: &[E
 pub async fn consume(
     store: &CreditStore,
     publisher: &Publisher,
+    limit: Option<&Deferred>,
     user_id: &str,
     amount: i64,
     context: CreditContext,
@@ -116,6 +118,7 @@ pub async fn consume(
         store,
         publisher,
         user_id,
+        limit,
         idem.as_ref(),
         amount,
         true,
@@ -187,8 +190,7 @@ pub async fn consume(
             &Remembered::Ok(body.clone()),
             &tx.to_string(),
             ttl,
-        )
-        .await;
+        );
     }
     metrics::counter!("credit_decisions_total", "op" => "consume", "outcome" => "ok").increment(1);
     Ok(answered(body, reused))
@@ -206,9 +208,11 @@ pub(super) fn answered(body: Value, reused: bool) -> Answer {
 
 /// docs/api.md "Credits" (holds): hold an upper bound before the model call.
 #[tracing::instrument(skip_all, fields(user_id, amount))]
+#[allow(clippy::too_many_arguments)]
 pub async fn open_hold(
     store: &CreditStore,
     publisher: &Publisher,
+    limit: Option<&Deferred>,
     user_id: &str,
     amount: i64,
     ttl_secs: u64,
@@ -239,6 +243,7 @@ pub async fn open_hold(
         store,
         publisher,
         user_id,
+        limit,
         idem.as_ref(),
         amount,
         false,
@@ -318,8 +323,7 @@ pub async fn open_hold(
             &Remembered::Ok(body.clone()),
             &hold_id.to_string(),
             ttl,
-        )
-        .await;
+        );
     }
     metrics::counter!("credit_decisions_total", "op" => "hold", "outcome" => "ok").increment(1);
     Ok(answered(body, reused))
@@ -331,6 +335,7 @@ pub async fn open_hold(
 pub async fn settle_hold(
     store: &CreditStore,
     publisher: &Publisher,
+    limit: Option<&Deferred>,
     user_id: &str,
     hold_id: Uuid,
     amount: i64,
@@ -339,7 +344,7 @@ pub async fn settle_hold(
     let tx = settle_id(hold_id);
     let keys = UserKeys::new(&store.keys, user_id);
     let ttl = ttl_ms(store);
-    let reply = run(store, publisher, user_id, || {
+    let reply = run(store, publisher, user_id, limit, || {
         let mut inv = keys.invoke(&scripts().hold_settle, ttl);
         inv.arg(hold_id.to_string()).arg(tx.to_string()).arg(amount);
         inv
@@ -406,12 +411,13 @@ pub async fn settle_hold(
 pub async fn release_hold(
     store: &CreditStore,
     publisher: &Publisher,
+    limit: Option<&Deferred>,
     user_id: &str,
     hold_id: Uuid,
 ) -> Result<()> {
     let keys = UserKeys::new(&store.keys, user_id);
     let ttl = ttl_ms(store);
-    let reply = run(store, publisher, user_id, || {
+    let reply = run(store, publisher, user_id, limit, || {
         let mut inv = keys.invoke(&scripts().hold_release, ttl);
         inv.arg(hold_id.to_string());
         inv

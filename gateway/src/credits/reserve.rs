@@ -3,7 +3,7 @@
 //! when the slot lost its data), reading the replies every keyed script
 //! shares, and storing a final answer under its key.
 
-use common::redis::scripts::{scripts, Reply, Tag};
+use common::redis::scripts::{Reply, Tag};
 
 use super::flows::publish_expired;
 use super::idempotency::{Answer, Idem, Remembered};
@@ -11,6 +11,8 @@ use super::store::CreditStore;
 use super::store::{durable_replay, load_into_redis};
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
+use crate::rate_limit::Deferred;
+use crate::redis_link::Finish;
 
 pub(super) fn bad_reply(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Internal(anyhow::Error::new(e))
@@ -26,19 +28,34 @@ pub(super) fn recovering() -> Error {
 
 /// Runs a credit script for one user. `MISSING` (Redis does not hold the
 /// user yet) loads the user from Postgres and runs it again; `LOST` (the
-/// slot's sentinel is gone) starts a recovery and answers 503.
+/// slot's sentinel is gone) starts a recovery and answers 503. With `limit`
+/// (the request's rate limit left to this script, see [`Deferred`]) the
+/// first run decides it first: `LIMITED` answers 429 and changed nothing.
 pub(super) async fn run(
     store: &CreditStore,
     publisher: &Publisher,
     user_id: &str,
+    limit: Option<&Deferred>,
     invocation: impl Fn() -> redis::ScriptInvocation<'static>,
 ) -> Result<Reply> {
     for _ in 0..3 {
         let raw: Vec<String> = {
+            let mut inv = invocation();
+            if let Some((key, l)) = limit.and_then(Deferred::pending) {
+                inv.key(key).arg(l.limit).arg(l.window_secs);
+            }
             let mut conn = store.redis().await?;
-            invocation().invoke_async(&mut *conn).await?
+            inv.invoke_async(&mut *conn).await?
         };
         let reply = Reply::parse(raw).map_err(bad_reply)?;
+        if let (Some(d), Some(rl)) = (limit, reply.rate_limit) {
+            let decision = d.decide(&rl.as_gcra());
+            if reply.kind() == Tag::Limited {
+                return Err(Error::RateLimited {
+                    retry_after: decision.retry_after_secs.max(1),
+                });
+            }
+        }
         publish_expired(publisher, user_id, &reply.expired);
         match reply.kind() {
             Tag::Lost => {
@@ -75,18 +92,29 @@ pub(super) enum Keyed {
 /// first look, or given back because its event is gone) does the same and
 /// then reserves under the id again. `CONFLICT`, `BUSY`, `REPLAY` and
 /// `INSUFFICIENT` (of `amount`) become their answers, see [`keyed_early`].
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn reserve_keyed(
     store: &CreditStore,
     publisher: &Publisher,
     user_id: &str,
+    limit: Option<&Deferred>,
     idem: Option<&Idem>,
     amount: i64,
     again: bool,
     invocation: impl Fn(Reuse) -> redis::ScriptInvocation<'static>,
 ) -> Result<Keyed> {
     let mut reuse = Reuse::Fresh;
+    let mut waited = false;
     let reply = loop {
-        let reply = run(store, publisher, user_id, || invocation(reuse)).await?;
+        let reply = run(store, publisher, user_id, limit, || invocation(reuse)).await?;
+        // Still running because this gateway's batcher has not written the
+        // first request's answer yet: wait for that write, then look again.
+        if let (Tag::Busy, Some(i), false) = (reply.kind(), idem, waited) {
+            waited = true;
+            if store.redis_link.finish_landed(&i.record).await {
+                continue;
+            }
+        }
         let Some((i, next)) = idem.zip(retry_with(&reply.kind(), reuse, again)) else {
             break reply;
         };
@@ -112,34 +140,20 @@ fn retry_with(tag: &Tag, reuse: Reuse, again: bool) -> Option<Reuse> {
     }
 }
 
-/// Stores a final 200 answer under the request's key. Best effort: when it
-/// fails, the record stays in progress with its id; a retry past the
-/// in-progress window replays the durable record the event carried, or
-/// re-publishes under the same id, which the ledger deduplicates.
-pub(super) async fn remember(
-    store: &CreditStore,
-    idem: &Idem,
-    answer: &Remembered,
-    id: &str,
-    ttl: u64,
-) {
-    let result = async {
-        let mut conn = store.redis().await?;
-        scripts()
-            .idem_finish
-            .key(&idem.record)
-            .arg(&idem.hash)
-            .arg(answer.to_json())
-            .arg(ttl)
-            .arg(id)
-            .invoke_async::<i64>(&mut *conn)
-            .await?;
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "idempotent answer not stored");
-    }
+/// Stores a final 200 answer under the request's key: handed to the
+/// gateway's finish batcher (`RedisLink::finish`), which writes it off the
+/// request's path. Best effort: when the write fails, the record stays in
+/// progress with its id; a retry past the in-progress window replays the
+/// durable record the event carried, or re-publishes under the same id,
+/// which the ledger deduplicates.
+pub(super) fn remember(store: &CreditStore, idem: &Idem, answer: &Remembered, id: &str, ttl: u64) {
+    store.redis_link.finish(Finish {
+        record: idem.record.clone(),
+        hash: idem.hash.clone(),
+        answer: answer.to_json(),
+        ttl_ms: ttl,
+        id: id.to_string(),
+    });
 }
 
 /// Turns the early replies every keyed script shares into an answer.

@@ -146,7 +146,7 @@ pub(super) async fn durable_replay(
     Ok(match found {
         Some(body) => {
             let answer = Remembered::Ok(body);
-            remember(store, idem, &answer, recorded_id, ttl_ms(store)).await;
+            remember(store, idem, &answer, recorded_id, ttl_ms(store));
             Some(Answer::Replayed(answer))
         }
         None => None,

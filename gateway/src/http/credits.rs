@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -22,6 +22,7 @@ use crate::credits::{
     self, Answer, ConsumeAnswer, ConsumeBody, GrantAnswer, GrantBody, GrantRequest, HoldAnswer,
     HoldBody, Idem, Remembered, SettleAnswer, SettleBody,
 };
+use crate::rate_limit::Deferred;
 use crate::state::AppState;
 
 pub fn router(state: &AppState) -> Router<AppState> {
@@ -97,6 +98,7 @@ fn respond(answer: Answer) -> Response {
 pub(crate) async fn consume(
     State(state): State<AppState>,
     user: CurrentUser,
+    limit: Option<Extension<Deferred>>,
     Target(id): Target,
     headers: HeaderMap,
     deadline: Deadline,
@@ -109,7 +111,16 @@ pub(crate) async fn consume(
     let idem = key.map(|k| Idem::new(&state.credits, &id, "consume", k, &body));
     deadline.commit()?;
     Ok(respond(
-        credits::consume(&state.credits, &state.publisher, &id, amount, context, idem).await?,
+        credits::consume(
+            &state.credits,
+            &state.publisher,
+            limit.as_ref().map(|l| &l.0),
+            &id,
+            amount,
+            context,
+            idem,
+        )
+        .await?,
     ))
 }
 
@@ -126,6 +137,7 @@ pub(crate) async fn consume(
 pub(crate) async fn open_hold(
     State(state): State<AppState>,
     user: CurrentUser,
+    limit: Option<Extension<Deferred>>,
     Target(id): Target,
     headers: HeaderMap,
     deadline: Deadline,
@@ -143,6 +155,7 @@ pub(crate) async fn open_hold(
         credits::open_hold(
             &state.credits,
             &state.publisher,
+            limit.as_ref().map(|l| &l.0),
             &id,
             amount,
             ttl,
@@ -165,6 +178,7 @@ pub(crate) async fn open_hold(
 pub(crate) async fn settle_hold(
     State(state): State<AppState>,
     user: CurrentUser,
+    limit: Option<Extension<Deferred>>,
     Target(id): Target,
     Path((_, hold)): Path<(String, String)>,
     deadline: Deadline,
@@ -175,7 +189,16 @@ pub(crate) async fn settle_hold(
     let (amount, context) = credits::parse_body::<SettleBody>(body)?.validate()?;
     deadline.commit()?;
     Ok(respond(
-        credits::settle_hold(&state.credits, &state.publisher, &id, hold, amount, context).await?,
+        credits::settle_hold(
+            &state.credits,
+            &state.publisher,
+            limit.as_ref().map(|l| &l.0),
+            &id,
+            hold,
+            amount,
+            context,
+        )
+        .await?,
     ))
 }
 
@@ -190,6 +213,7 @@ pub(crate) async fn settle_hold(
 pub(crate) async fn release_hold(
     State(state): State<AppState>,
     user: CurrentUser,
+    limit: Option<Extension<Deferred>>,
     Target(id): Target,
     Path((_, hold)): Path<(String, String)>,
     deadline: Deadline,
@@ -197,7 +221,14 @@ pub(crate) async fn release_hold(
     provision_other(&state, &user, &id).await?;
     let hold = hold_id(&hold)?;
     deadline.commit()?;
-    credits::release_hold(&state.credits, &state.publisher, &id, hold).await?;
+    credits::release_hold(
+        &state.credits,
+        &state.publisher,
+        limit.as_ref().map(|l| &l.0),
+        &id,
+        hold,
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

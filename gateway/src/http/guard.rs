@@ -75,6 +75,22 @@ fn allowed_while_suspended(method: &Method, path: &str) -> bool {
         && ((method == Method::POST && path.ends_with("/settle")) || method == Method::DELETE)
 }
 
+/// Whether the class's limit is left to the credit script: the `credits`
+/// class on the caller's own `/api/users/ID/credits/...` (an admin acting on
+/// another user's balance runs on that user's slot, not the caller's).
+fn defers(class: Class, path: &str, caller: &str) -> bool {
+    // usage/track decides its class limit with its events budget, in one
+    // round trip once the body is parsed (`rate_limit::check_pair`).
+    if class == Class::Usage {
+        return path == "/api/vscode/usage/track";
+    }
+    class == Class::Credits
+        && path
+            .strip_prefix("/api/users/")
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(id, rest)| id == caller && rest.starts_with("credits/"))
+}
+
 /// The one route a deleted account may still use: `DELETE /api/users/:id` of
 /// itself, so an erasure answered 503 half-way can be retried to the end.
 fn erasing_again(method: &Method, path: &str, user_id: &str) -> bool {
@@ -121,9 +137,7 @@ pub async fn guard(
     // RateLimit-* headers too (docs/rate-limits.md: every /api/ answer).
     let limit = effective_limit(&state, &record, class);
     let key = state.keys.rate_limit(&claims.sub, class.as_str());
-    let decision =
-        rate_limit::check(&state.limiter, &key, &claims.sub, class.as_str(), limit).await;
-    let refused = match record.status {
+    let status_refused = match record.status {
         Status::Active => None,
         Status::Suspended if allowed_while_suspended(req.method(), req.uri().path()) => None,
         Status::Suspended => Some(crate::error::Error::AccountSuspended.into()),
@@ -131,7 +145,44 @@ pub async fn guard(
         Status::Deleted if erasing_again(req.method(), req.uri().path(), &claims.sub) => None,
         Status::Deleted => Some(crate::error::Error::AccountDeleted.into()),
     };
-    let refused = refused.or_else(|| {
+    // The caller's own credit writes leave the limit to the credit script
+    // (same slot, one round trip), usage/track to its events budget's check;
+    // the guard decides it afterwards only when
+    // the request ended before any script ran (a 422, a 404 hold, ...), and
+    // such a request wrote nothing, so a refusal then answers as it would
+    // have first.
+    if status_refused.is_none() && defers(class, req.uri().path(), &claims.sub) {
+        let deferred = rate_limit::Deferred::new(class.as_str(), key.clone(), limit);
+        req.extensions_mut().insert(deferred.clone());
+        req.extensions_mut().insert(CurrentUser {
+            claims: claims.clone(),
+            record,
+        });
+        let resp = next.run(req).await;
+        let (decision, resp) = match deferred.decision() {
+            Some(d) => (d, resp),
+            None => {
+                let d = rate_limit::check(&state.limiter, &key, &claims.sub, class.as_str(), limit)
+                    .await;
+                let resp = if d.allowed {
+                    resp
+                } else {
+                    ApiError::rate_limited(d.retry_after_secs.max(1)).into_response()
+                };
+                (d, resp)
+            }
+        };
+        let mut resp = resp;
+        let shown = match resp.extensions_mut().remove::<Decision>() {
+            Some(inner) => rate_limit::tighter(decision, inner),
+            None => decision,
+        };
+        put_headers(resp.headers_mut(), &shown);
+        return resp;
+    }
+    let decision =
+        rate_limit::check(&state.limiter, &key, &claims.sub, class.as_str(), limit).await;
+    let refused = status_refused.or_else(|| {
         (!decision.allowed).then(|| ApiError::rate_limited(decision.retry_after_secs.max(1)))
     });
     if let Some(e) = refused {
@@ -248,6 +299,27 @@ mod tests {
         assert!(!allowed_while_suspended(
             &Method::POST,
             "/api/users/u/credits/consume"
+        ));
+    }
+
+    #[test]
+    fn only_the_callers_own_credit_routes_leave_the_limit_to_the_script() {
+        let own = "/api/users/u_1/credits/consume";
+        assert!(defers(Class::Credits, own, "u_1"));
+        assert!(defers(
+            Class::Credits,
+            "/api/users/u_1/credits/holds/h/settle",
+            "u_1"
+        ));
+        assert!(!defers(Class::Credits, own, "u_2"));
+        assert!(!defers(Class::Usage, own, "u_1"));
+        assert!(defers(Class::Usage, "/api/vscode/usage/track", "u_1"));
+        assert!(!defers(Class::Usage, "/api/usage/track", "u_1"));
+        assert!(!defers(Class::Credits, "/api/users/u_1/usage/track", "u_1"));
+        assert!(!defers(
+            Class::Credits,
+            "/api/admin/users/u_1/credits/grant",
+            "u_1"
         ));
     }
 

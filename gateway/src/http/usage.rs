@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use common::events::UsageEvent;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -41,6 +41,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
 pub(crate) async fn track(
     State(state): State<AppState>,
     user: CurrentUser,
+    limit: Option<Extension<rate_limit::Deferred>>,
     deadline: Deadline,
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response> {
@@ -52,15 +53,39 @@ pub(crate) async fn track(
     // decision rides on the response for the guard's RateLimit-* headers.
     let events_limit = rate_limit::usage_events_limit(&state.settings, &user.record.plan);
     let key = state.keys.rate_limit(user.id(), rate_limit::USAGE_EVENTS);
-    let budget = rate_limit::check_n(
-        &state.limiter,
-        &key,
-        user.id(),
-        rate_limit::USAGE_EVENTS,
-        events_limit,
-        n as u64,
-    )
-    .await;
+    let budget = match limit.as_deref().and_then(|d| Some((d, d.pending()?))) {
+        // The guard left the class limit to this request: both in one round trip.
+        Some((deferred, (class_key, class_limit))) => {
+            let class = rate_limit::Side {
+                key: class_key,
+                class: Class::Usage.as_str(),
+                limit: class_limit,
+            };
+            let events = rate_limit::Side {
+                key: &key,
+                class: rate_limit::USAGE_EVENTS,
+                limit: events_limit,
+            };
+            let (a, b) =
+                rate_limit::check_pair(&state.limiter, user.id(), class, events, n as u64).await;
+            let a = deferred.set(a);
+            match b {
+                Some(b) => b,
+                None => return Err(ApiError::rate_limited(a.retry_after_secs.max(1))),
+            }
+        }
+        None => {
+            rate_limit::check_n(
+                &state.limiter,
+                &key,
+                user.id(),
+                rate_limit::USAGE_EVENTS,
+                events_limit,
+                n as u64,
+            )
+            .await
+        }
+    };
     if !budget.allowed {
         let mut resp = ApiError::rate_limited(budget.retry_after_secs.max(1)).into_response();
         resp.extensions_mut().insert(budget);

@@ -4,9 +4,12 @@
 -- to reuse the id of a stale record while it is still pending ('2': and
 -- reserve it again when it is not). Replies LOST | CONFLICT | BUSY | REPLAY
 -- answer | STALE id | UNPENDING id | MISSING | INSUFFICIENT bal held | OK bal
--- held created(1|0) tx reused(1|0). `created` 0: this transaction id is
+-- held created(1|0) tx reused(1|0) | LIMITED. KEYS[6], ARGV[10..11] (optional): the
+-- rate limit decided first (rate_limit.lua). `created` 0: this transaction id is
 -- already reserved (a retry), nothing moved; `tx` is the id used (the recorded
 -- one when `reused`).
+local limited = rate_limit(KEYS[6], ARGV[10], ARGV[11], ARGV[12])
+if limited then return limited end
 if lost() then return reply('LOST') end
 local IDEM, HASH = KEYS[5], ARGV[3]
 local early, tx, reused = idem_begin(IDEM, HASH, ARGV[6], ARGV[4], ARGV[9])

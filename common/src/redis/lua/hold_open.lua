@@ -4,8 +4,11 @@
 -- stale record, ARGV[11] most open holds per user. Replies LOST | CONFLICT |
 -- BUSY | REPLAY answer | STALE id | MISSING | ENDED | TOO_MANY max |
 -- INSUFFICIENT bal held | OK bal held expires_at_ms created(1|0) hold_id
--- reused(1|0). Expired holds leave first, so the limit counts open ones only,
+-- reused(1|0) | LIMITED. KEYS[6], ARGV[12..13] (optional): the rate limit
+-- decided first (rate_limit.lua). Expired holds leave first, so the limit counts open ones only,
 -- and every script's scan of a user's holds stays bounded by it.
+local limited = rate_limit(KEYS[6], ARGV[12], ARGV[13], ARGV[14])
+if limited then return limited end
 if lost() then return reply('LOST') end
 local IDEM, HASH = KEYS[5], ARGV[3]
 local early, id, reused = idem_begin(IDEM, HASH, ARGV[7], ARGV[4], ARGV[10])

@@ -1,5 +1,8 @@
 -- Releases a hold whole: ARGV[3] hold id. Replies LOST | ENDED remembered |
--- MISSING | GONE | OK bal held hold_amount hold_json.
+-- MISSING | GONE | OK bal held hold_amount hold_json | LIMITED. KEYS[5],
+-- ARGV[4..5] (optional): the rate limit decided first (rate_limit.lua).
+local limited = rate_limit(KEYS[5], ARGV[4], ARGV[5], ARGV[6])
+if limited then return limited end
 if lost() then return reply('LOST') end
 local id = ARGV[3]
 local ended = redis.call('GET', END_PREFIX .. id)

@@ -2,15 +2,21 @@
 -- hold leaves, the unused rest returns to bal, the amount becomes a pending
 -- reservation, and the answer is remembered in `hold_end:ID`. Replies LOST |
 -- ENDED remembered | MISSING | GONE | TOO_MUCH held | OK bal held hold_amount
--- hold_json.
+-- hold_json | LIMITED. KEYS[5], ARGV[6..7] (optional): the rate limit decided
+-- first (rate_limit.lua).
+local limited = rate_limit(KEYS[5], ARGV[6], ARGV[7], ARGV[8])
+if limited then return limited end
 if lost() then return reply('LOST') end
 local id = ARGV[3]
 local ended = redis.call('GET', END_PREFIX .. id)
 if ended then return reply('ENDED', ended) end
 if not load() then return reply('MISSING') end
 expire_due()
-ended = redis.call('GET', END_PREFIX .. id)
-if ended then return reply('ENDED', ended) end
+-- Only a hold expire_due just released can have ended since the first look.
+if #expired > 0 then
+  ended = redis.call('GET', END_PREFIX .. id)
+  if ended then return reply('ENDED', ended) end
+end
 local raw = redis.call('HGET', HOLDS, id)
 if not raw then return reply('GONE') end
 local h = cjson.decode(raw)

@@ -16,8 +16,9 @@ local function idem_begin(key, hash, window, id, may_reuse)
 end
 -- In progress: the id in use and the start, kept as long as the answer
 -- would be, so a retry never gets a new id while the first may still land.
+-- Only a FRESH key or a STALE 'run' record gets here (idem_begin), and a
+-- 'run' record has no other field, so the HSET replaces it whole.
 local function idem_run(key, hash, id, ttl)
-  redis.call('DEL', key)
   redis.call('HSET', key, 'h', hash, 'st', 'run', 'tx', id, 't', s(now))
   redis.call('PEXPIRE', key, ttl)
 end

@@ -15,23 +15,40 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local bal, held = 0, 0
 local expired = {}
+-- Set by `rate_limit` (rate_limit.lua) when this call decided the request's
+-- rate limit: the reply then opens with 'RL', allowed, remaining, reset_us,
+-- retry_us before its tag.
+local rl = nil
 local function reply(tag, ...)
-  local r = {tag, s(#expired / 2)}
+  local r = {}
+  if rl then r = {'RL', rl[1], rl[2], rl[3], rl[4]} end
+  r[#r + 1] = tag
+  r[#r + 1] = s(#expired / 2)
   for i = 1, #expired do r[#r + 1] = expired[i] end
   for i = 1, select('#', ...) do r[#r + 1] = tostring((select(i, ...))) end
   return r
 end
 local function lost() return redis.call('EXISTS', SENT) == 0 end
+-- `ver` counts every change of bal or held (the reconciler's snapshot compares
+-- it): read with them by `load`, so `save` writes all three in one HSET; a
+-- script that saves without loading (init) increments it in Redis instead.
+local ver = nil
 local function load()
-  local v = redis.call('HMGET', CRED, 'bal', 'held')
+  local v = redis.call('HMGET', CRED, 'bal', 'held', 'ver')
   if not v[1] then return false end
   bal = tonumber(v[1])
   held = tonumber(v[2] or '0')
+  ver = tonumber(v[3] or '0')
   return true
 end
 local function save()
-  redis.call('HSET', CRED, 'bal', s(bal), 'held', s(held))
-  redis.call('HINCRBY', CRED, 'ver', 1)
+  if ver then
+    ver = ver + 1
+    redis.call('HSET', CRED, 'bal', s(bal), 'held', s(held), 'ver', s(ver))
+  else
+    redis.call('HSET', CRED, 'bal', s(bal), 'held', s(held))
+    redis.call('HINCRBY', CRED, 'ver', 1)
+  end
 end
 local function pending_amount(v) return tonumber(string.match(v, '^(%d+)')) end
 -- Holds past their expiry release themselves here, once: whoever removes a
