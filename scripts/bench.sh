@@ -4,11 +4,15 @@
 #
 #   scripts/bench.sh                 # everything (~6 min after the release build)
 #   BENCH_SECONDS=20 BENCH_DRAIN_EVENTS=1000000 scripts/bench.sh
+#   BENCH_TOKENS=both scripts/bench.sh  # track1 with RS256 and with HS256 tokens
 #
 # Builds gateway, worker and loadgen in release, starts them natively against
 # the local Postgres, Redis and RabbitMQ (a fresh database, Redis key prefix
-# and AMQP namespace of its own, dropped afterwards), mints HS256 tokens for
-# BENCH_USERS users and measures, in one run:
+# and AMQP namespace of its own, dropped afterwards), mints tokens for
+# BENCH_USERS users and measures, in one run. Tokens (BENCH_TOKENS): rs256
+# (default, as production's Clerk tokens: a fresh RSA key per run, its JWKS
+# served on loopback, JWKS_URL pointing there, a `kid` in every token), hs256
+# (JWT_SECRET), or both (the phases with RS256, track1 also with HS256).
 #   1. a bare axum "hello" (the ceiling),
 #   2. usage/track with 1 and with 100 events per request,
 #   3. credits/consume, 4. analytics from the cache:
@@ -23,6 +27,11 @@
 #  10. the broker's confirm wait over the run (publish_confirm_seconds),
 #   9. during every closed loop, each component's CPU (top, 5 s): the
 #      per-request cost across processes that bounds a 2-core machine.
+#  11. phase "cpu": CPU per request, repeatably: BENCH_CPU_RUNS (5) closed
+#      loops of exactly BENCH_CPU_REQUESTS (100,000) requests each, for
+#      track1 and consume, with RS256 and with HS256 tokens; the gateway's
+#      utime+stime (/proc/PID/stat) and Redis's (INFO cpu of the server on
+#      REDIS_URL) before and after each; scripts/capacity.py prints the table.
 # Figures go to stdout and to target/bench/<time>/results.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +42,15 @@ DRAIN_EVENTS=${BENCH_DRAIN_EVENTS:-1000000}
 LAG_RATE=${BENCH_LAG_RATE:-2000}
 LOADGEN_THREADS=${BENCH_LOADGEN_THREADS:-1}
 CONNS=${BENCH_CONNECTIONS:-64}
-PHASES=${BENCH_PHASES:-hello,track1,track100,consume,analytics,lag,drain}
+PHASES=${BENCH_PHASES:-hello,track1,track100,consume,analytics,cpu,lag,drain}
+TOKENS=${BENCH_TOKENS:-rs256}
+CPU_RUNS=${BENCH_CPU_RUNS:-5}
+CPU_REQUESTS=${BENCH_CPU_REQUESTS:-100000}
+case $TOKENS in
+  rs256 | both) TOK=rs256 ;;
+  hs256) TOK=hs256 ;;
+  *) echo "bench: BENCH_TOKENS is rs256, hs256 or both" >&2; exit 2 ;;
+esac
 want() { [[ ",$PHASES," == *",$1,"* ]]; }
 
 ID="bench_$(date +%s)"
@@ -42,13 +59,13 @@ DB_URL="${ADMIN_URL%/*}/$ID"
 OUT="target/bench/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$OUT"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PORT=$(free_port); WPORT=$(free_port); HPORT=$(free_port)
-GW=""; WK=""; HELLO=""
+PORT=$(free_port); WPORT=$(free_port); HPORT=$(free_port); JPORT=$(free_port)
+GW=""; WK=""; HELLO=""; JWKS=""
 WORKER_HWM_KB=0
 
 cleanup() {
   set +e
-  for p in $GW $WK $HELLO; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+  for p in $GW $WK $HELLO $JWKS; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   psql "$ADMIN_URL" -qtAc "drop database if exists \"$ID\" with (force)" >/dev/null 2>&1
   redis-cli --scan --pattern "$ID:*" | xargs -r -n 500 redis-cli del >/dev/null 2>&1
   for q in usage credits sessions users dead; do rabbitmqctl -q delete_queue "$ID.$q" >/dev/null 2>&1; done
@@ -63,7 +80,22 @@ echo "bench: building release binaries"
 cargo build --release --quiet -p gateway -p worker -p bench
 BIN=${CARGO_TARGET_DIR:-target}/release
 
-export JWT_SECRET="bench-$(date +%s%N)"
+export JWT_SECRET="bench-$(openssl rand -hex 24)"
+# RS256 as Clerk signs: a fresh 2048-bit key per run, its public half as a
+# JWKS on a loopback port; loadgen signs with the private half under BENCH_RSA_KID.
+mkdir -p "$OUT/jwks"
+export BENCH_RSA_KEY=$OUT/rsa.pem BENCH_RSA_KID="bench-$(date +%s)"
+openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$BENCH_RSA_KEY" 2>/dev/null
+python3 - "$BENCH_RSA_KEY" "$BENCH_RSA_KID" >"$OUT/jwks/jwks.json" <<'EOF'
+import base64, json, subprocess, sys
+out = subprocess.run(["openssl", "rsa", "-in", sys.argv[1], "-noout", "-modulus"], check=True, capture_output=True, text=True).stdout
+b64u = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+n = bytes.fromhex(out.strip().split("=", 1)[1])
+print(json.dumps({"keys": [{"kty": "RSA", "kid": sys.argv[2], "use": "sig", "alg": "RS256",
+                            "n": b64u(n), "e": b64u((65537).to_bytes(3, "big"))}]}))
+EOF
+python3 -m http.server --bind 127.0.0.1 --directory "$OUT/jwks" "$JPORT" >"$OUT/jwks.log" 2>&1 & JWKS=$!
+export JWKS_URL=http://127.0.0.1:$JPORT/jwks.json
 export APP_ENV=production RUST_LOG=${RUST_LOG:-warn}
 export DATABASE_URL=$DB_URL GATEWAY_LISTEN=127.0.0.1:$PORT WORKER_LISTEN=127.0.0.1:$WPORT
 export APP__REDIS__KEY_PREFIX=$ID APP__AMQP__NAMESPACE=$ID
@@ -101,6 +133,11 @@ quiesce() {
     sleep 0.1
   done
 }
+# loadgen with the tokens of $TOK (minted once a run into $OUT/tokens-$TOK.txt).
+lg() {
+  local cmd=$1; shift
+  "$BIN/loadgen" --threads "$LOADGEN_THREADS" "$cmd" --users "$USERS" --tokens "$TOK" --token-file "$OUT/tokens-$TOK.txt" "$@"
+}
 field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
 
 # Microseconds Redis spent running scripts so far (INFO commandstats of
@@ -108,6 +145,37 @@ field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]
 # one at a time on its one thread).
 redis_usec() {
   redis-cli info commandstats | awk -F'usec=' '/^cmdstat_evalsha:/ {split($2, a, ","); s += a[1]} END {print s + 0}'
+}
+
+# CPU time so far, in µs: of process PID (utime + stime of /proc/PID/stat,
+# the fields after the command name), and of the Redis server on REDIS_URL (INFO cpu).
+proc_cpu_us() { sed 's/.*) //' "/proc/$1/stat" | awk -v t="$(getconf CLK_TCK)" '{printf "%d\n", ($12 + $13) * 1e6 / t}'; }
+redis_cpu_us() {
+  redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" info cpu | tr -d '\r' |
+    awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%d\n", s * 1e6}'
+}
+
+# cpu_run SCENARIO RUN: exactly CPU_REQUESTS requests, closed loop; the CPU the
+# gateway and Redis spent over them (and the worker, until it caught up).
+cpu_run() {
+  local res g0 g1 r0 r1 s0 s1 w0 w1
+  g0=$(proc_cpu_us "$GW"); r0=$(redis_cpu_us); s0=$(redis_usec); w0=$(proc_cpu_us "$WK")
+  res=$(lg run --url "$GWURL" --scenario "$1" --connections "$CONNS" --seconds 3600 --requests "$CPU_REQUESTS")
+  g1=$(proc_cpu_us "$GW"); r1=$(redis_cpu_us); s1=$(redis_usec)
+  ACCEPTED=$((ACCEPTED + $(field "$res" events_accepted)))
+  [ "$1" = consume ] && CONSUMED=$((CONSUMED + $(field "$res" ok)))
+  quiesce
+  w1=$(proc_cpu_us "$WK")
+  python3 - "$res" "$2" "$((g1 - g0))" "$((r1 - r0))" "$((s1 - s0))" "$((w1 - w0))" <<'EOF' | tee -a "$OUT/results.jsonl"
+import json, sys
+r = json.loads(sys.argv[1])
+run, gw, redis, script, worker = map(int, sys.argv[2:7])
+n = max(r["requests"], 1)
+print(json.dumps({"check": "cpu_per_request", "scenario": r["scenario"], "tokens": r["tokens"], "run": run,
+                  "requests": r["requests"], "ok": r["ok"], "errors": r["errors"], "req_per_s": r["req_per_s"],
+                  "gateway_us": round(gw / n, 1), "redis_us": round(redis / n, 1),
+                  "redis_script_us": round(script / n, 1), "worker_us": round(worker / n, 1)}))
+EOF
 }
 
 # cpu_sample SCENARIO: % of one core per process over 5 s (from the 4th second
@@ -127,8 +195,8 @@ for line in frames[-1].splitlines():
             if f[11].startswith(prefix):
                 cpu[comp] = round(cpu.get(comp, 0) + float(f[8]), 1)
 cpu["all"] = round(sum(cpu.values()), 1)
-print(json.dumps({"check": "cpu_percent_of_one_core", "scenario": sys.argv[1], **cpu}))
-' "$1" >>"$OUT/cpu.jsonl"
+print(json.dumps({"check": "cpu_percent_of_one_core", "scenario": sys.argv[1], "tokens": sys.argv[2], **cpu}))
+' "$1" "$TOK" >>"$OUT/cpu.jsonl"
 }
 
 # run SCENARIO URL [extra loadgen args]: closed loop, then open loop at 80 %.
@@ -138,25 +206,23 @@ run_pair() {
   local closed open rate sampler r0 r1
   r0=$(redis_usec)
   cpu_sample "$scenario" & sampler=$!
-  closed=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$url" --users "$USERS" \
-    --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" "$@")
+  closed=$(lg run --url "$url" --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" "$@")
   r1=$(redis_usec)
   wait "$sampler" || true
   echo "$closed" | tee -a "$OUT/results.jsonl"
-  echo "{\"check\":\"redis_script_us_per_request\",\"scenario\":\"$scenario\",\"us\":$(python3 -c "print(round(($r1 - $r0) / max($(field "$closed" requests), 1), 1))")}" | tee -a "$OUT/results.jsonl"
+  us=$(python3 -c "print(round(($r1 - $r0) / max($(field "$closed" requests), 1), 1))")
+  echo "{\"check\":\"redis_script_us_per_request\",\"scenario\":\"$scenario\",\"tokens\":\"$TOK\",\"us\":$us}" | tee -a "$OUT/results.jsonl"
   tail -n 1 "$OUT/cpu.jsonl" 2>/dev/null | tee -a "$OUT/results.jsonl"
   MAX=$(field "$closed" req_per_s)
   rate=$(python3 -c "print(round($MAX * 0.8))")
-  open=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$url" --users "$USERS" \
-    --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" --rate "$rate" "$@")
+  open=$(lg run --url "$url" --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" --rate "$rate" "$@")
   echo "$open" | tee -a "$OUT/results.jsonl"
   ACCEPTED=$((ACCEPTED + $(field "$closed" events_accepted) + $(field "$open" events_accepted)))
   [ "$scenario" = consume ] && CONSUMED=$((CONSUMED + $(field "$closed" ok) + $(field "$open" ok)))
   # And at half the maximum: how the tail looks with the cores not saturated.
   if [ "$scenario" != hello ] && [ "$scenario" != track100 ]; then
     rate=$(python3 -c "print(round($MAX * 0.5))")
-    open=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$url" --users "$USERS" \
-      --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" --rate "$rate" "$@")
+    open=$(lg run --url "$url" --scenario "$scenario" --connections "$CONNS" --seconds "$SECONDS_PER_RUN" --rate "$rate" "$@")
     echo "$open" | tee -a "$OUT/results.jsonl"
     ACCEPTED=$((ACCEPTED + $(field "$open" events_accepted)))
     [ "$scenario" = consume ] && CONSUMED=$((CONSUMED + $(field "$open" ok)))
@@ -166,7 +232,8 @@ run_pair() {
 ACCEPTED=0
 CONSUMED=0
 
-echo "bench: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $USERS users, ${SECONDS_PER_RUN}s per run, loadgen threads $LOADGEN_THREADS, $CONNS connections"
+echo "bench: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $USERS users, ${SECONDS_PER_RUN}s per run," \
+  "loadgen threads $LOADGEN_THREADS, $CONNS connections, tokens $TOKENS"
 if want hello; then
   echo "== 1. bare axum hello (ceiling)"
   "$BIN/loadgen" hello --listen "127.0.0.1:$HPORT" & HELLO=$!
@@ -180,11 +247,25 @@ start_worker
 wait_ready "http://127.0.0.1:$PORT/readyz"
 wait_ready "http://127.0.0.1:$WPORT/healthz"
 GWURL="http://127.0.0.1:$PORT"
-"$BIN/loadgen" setup --url "$GWURL" --users "$USERS"
+wait_ready "$JWKS_URL"
+lg setup --url "$GWURL"
+for TOK in rs256 hs256; do lg mint; done
+TOK=$([ "$TOKENS" = hs256 ] && echo hs256 || echo rs256)
 
 if want track1; then
   echo "== 2. usage/track, 1 event per request"
   run_pair track1 "$GWURL"
+  if [ "$TOKENS" = both ]; then
+    echo "== 2. usage/track, 1 event per request, HS256 tokens"
+    rs_max=$MAX
+    quiesce
+    TOK=hs256
+    run_pair track1 "$GWURL"
+    TOK=rs256
+    ratio=$(python3 -c "print(round($rs_max / max($MAX, 1), 3))")
+    echo "{\"check\":\"rs256_vs_hs256\",\"scenario\":\"track1\",\"rs256_req_per_s\":$rs_max,\"hs256_req_per_s\":$MAX,\"ratio\":$ratio}" |
+      tee -a "$OUT/results.jsonl"
+  fi
 fi
 if want track100; then
   echo "== 2. usage/track, 100 events per request"
@@ -200,9 +281,27 @@ if want analytics; then
   echo "== 4. analytics (the worker caught up, every user's cache warmed first)"
   # Settlements invalidate the users' cached views: let them land first.
   quiesce
-  "$BIN/loadgen" run --url "$GWURL" --users "$USERS" --scenario analytics --connections 16 \
-    --seconds 60 --requests "$USERS" >/dev/null
+  lg run --url "$GWURL" --scenario analytics --connections 16 --seconds 60 --requests "$USERS" >/dev/null
   run_pair analytics "$GWURL"
+fi
+
+if want cpu; then
+  echo "== 11. CPU per request: $CPU_RUNS runs of $CPU_REQUESTS requests, closed loop, $CONNS connections"
+  for scenario in track1 consume; do
+    for TOK in rs256 hs256; do
+      # Every token seen once first (a verified-token cache then holds them all).
+      warm=$(lg run --url "$GWURL" --scenario "$scenario" --connections "$CONNS" --seconds 600 --requests "$USERS")
+      ACCEPTED=$((ACCEPTED + $(field "$warm" events_accepted)))
+      [ "$scenario" = consume ] && CONSUMED=$((CONSUMED + $(field "$warm" ok)))
+      for run in $(seq "$CPU_RUNS"); do
+        quiesce
+        cpu_run "$scenario" "$run"
+      done
+    done
+  done
+  TOK=$([ "$TOKENS" = hs256 ] && echo hs256 || echo rs256)
+  python3 scripts/capacity.py --cpu "$OUT/results.jsonl" | tee -a "$OUT/results.jsonl" >/dev/null
+  python3 scripts/capacity.py "$OUT/results.jsonl" --cpu-table
 fi
 
 echo "== 5. accepted = stored"
@@ -211,8 +310,7 @@ echo "{\"check\":\"accepted_vs_stored\",\"accepted\":$ACCEPTED,\"stored\":$(stor
 
 if want lag; then
 echo "== 6. publish-to-Postgres lag at $LAG_RATE req/s (1 event each)"
-lag=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$GWURL" --users "$USERS" --scenario track1 \
-  --connections "$CONNS" --seconds "$SECONDS_PER_RUN" --rate "$LAG_RATE" --model lagprobe)
+lag=$(lg run --url "$GWURL" --scenario track1 --connections "$CONNS" --seconds "$SECONDS_PER_RUN" --rate "$LAG_RATE" --model lagprobe)
 echo "$lag" | tee -a "$OUT/results.jsonl"
 ACCEPTED=$((ACCEPTED + $(field "$lag" events_accepted)))
 wait_stored "$ACCEPTED"
@@ -228,8 +326,7 @@ if want drain; then
 echo "== 7. worker drain of $DRAIN_EVENTS events"
 stop_worker
 before=$(stored)
-fill=$("$BIN/loadgen" --threads "$LOADGEN_THREADS" run --url "$GWURL" --users "$USERS" --scenario track100 \
-  --connections 16 --seconds 600 --requests $((DRAIN_EVENTS / 100)) --model drain)
+fill=$(lg run --url "$GWURL" --scenario track100 --connections 16 --seconds 600 --requests $((DRAIN_EVENTS / 100)) --model drain)
 echo "$fill" | tee -a "$OUT/results.jsonl"
 target=$((before + $(field "$fill" events_accepted)))
 t0=$(date +%s.%N)

@@ -11,6 +11,11 @@
 //!   before, and its latency is counted from that due time, so a stall shows
 //!   up in the percentiles instead of silently slowing the sender
 //!   (coordinated omission corrected, as wrk2 does). One JSON line out.
+//!
+//! Tokens: `--tokens hs256` signs with `JWT_SECRET` (no `kid`); `--tokens
+//! rs256` signs with the RSA key of `--rsa-key` under `--kid`, the way a Clerk
+//! session token reaches the gateway (verified through the JWKS that
+//! `scripts/bench.sh` serves). Either is valid for an hour from its minting.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,6 +57,11 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000_000)]
         grant: i64,
     },
+    /// Mint the users' tokens into `--token-file` (once a run: RSA signing is slow).
+    Mint {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Drive one scenario and print one JSON line of figures.
     Run {
         #[command(flatten)]
@@ -84,8 +94,72 @@ struct Target {
     #[arg(long, default_value = "bench_user_")]
     user_prefix: String,
     /// HS256 secret the tokens are signed with (the gateway's JWT_SECRET).
-    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, default_value = "")]
     secret: String,
+    /// How the tokens are signed.
+    #[arg(long, value_enum, default_value = "hs256")]
+    tokens: Tokens,
+    /// RSA private key (PEM) that signs `--tokens rs256`; its public half is in the gateway's JWKS.
+    #[arg(long, env = "BENCH_RSA_KEY")]
+    rsa_key: Option<std::path::PathBuf>,
+    /// Users' tokens, one a line: read from this file when it holds one per
+    /// user, else minted and written there (RSA signing is slow: mint once a run).
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
+    /// The `kid` of that key in the JWKS.
+    #[arg(long, env = "BENCH_RSA_KID", default_value = "bench-rs256")]
+    kid: String,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Tokens {
+    /// HS256 with `JWT_SECRET`, no `kid`.
+    Hs256,
+    /// RS256 with `--rsa-key`, `kid` = `--kid` (a Clerk session token's form).
+    Rs256,
+}
+
+/// Signs the benchmark's tokens: the key is parsed once, every token is valid
+/// for an hour from its minting.
+struct Minter {
+    header: jsonwebtoken::Header,
+    key: jsonwebtoken::EncodingKey,
+}
+
+impl Minter {
+    fn new(target: &Target) -> anyhow::Result<Self> {
+        match target.tokens {
+            Tokens::Hs256 => {
+                anyhow::ensure!(!target.secret.is_empty(), "--tokens hs256 needs JWT_SECRET");
+                Ok(Self {
+                    header: jsonwebtoken::Header::default(),
+                    key: jsonwebtoken::EncodingKey::from_secret(target.secret.as_bytes()),
+                })
+            }
+            Tokens::Rs256 => {
+                let path = target
+                    .rsa_key
+                    .as_ref()
+                    .context("--tokens rs256 needs --rsa-key")?;
+                let pem =
+                    std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+                header.kid = Some(target.kid.clone());
+                Ok(Self {
+                    header,
+                    key: jsonwebtoken::EncodingKey::from_rsa_pem(&pem)?,
+                })
+            }
+        }
+    }
+
+    fn token(&self, sub: &str, admin: bool) -> anyhow::Result<String> {
+        Ok(jsonwebtoken::encode(
+            &self.header,
+            &claims(sub, admin, chrono::Utc::now().timestamp()),
+            &self.key,
+        )?)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -122,6 +196,12 @@ fn main() -> anyhow::Result<()> {
         match cli.cmd {
             Cmd::Hello { listen } => hello(&listen).await,
             Cmd::Setup { target, grant } => setup(&target, grant).await,
+            Cmd::Mint { target } => {
+                anyhow::ensure!(target.token_file.is_some(), "mint needs --token-file");
+                let n = user_tokens(&target)?.len();
+                println!("mint: {n} {:?} tokens", target.tokens);
+                Ok(())
+            }
             Cmd::Run {
                 target,
                 scenario,
@@ -154,22 +234,42 @@ async fn hello(listen: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn token(secret: &str, sub: &str, admin: bool) -> anyhow::Result<String> {
-    let exp = chrono::Utc::now().timestamp() + 4 * 3600;
-    let mut claims = json!({ "sub": sub, "exp": exp, "email": format!("{sub}@bench.test") });
+/// A benchmark user's claims at `now` (Unix seconds): valid for an hour.
+fn claims(sub: &str, admin: bool, now: i64) -> serde_json::Value {
+    let mut claims =
+        json!({ "sub": sub, "iat": now, "exp": now + 3600, "email": format!("{sub}@bench.test") });
     if admin {
         claims["role"] = json!("admin");
     }
-    Ok(jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )?)
+    claims
+}
+
+/// The users' tokens in user order, from `--token-file` when it holds one
+/// per user (minted by an earlier run), else minted (and written there).
+fn user_tokens(target: &Target) -> anyhow::Result<Vec<String>> {
+    if let Some(path) = &target.token_file {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let tokens: Vec<String> = text.lines().map(str::to_owned).collect();
+            if tokens.len() == target.users {
+                return Ok(tokens);
+            }
+        }
+    }
+    let minter = Minter::new(target)?;
+    let tokens = (0..target.users)
+        .map(|i| minter.token(&format!("{}{i}", target.user_prefix), false))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(path) = &target.token_file {
+        std::fs::write(path, tokens.join("\n") + "\n")
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(tokens)
 }
 
 /// Everything a request needs, computed before the clock starts.
 struct Plan {
     scenario: Scenario,
+    tokens: Tokens,
     authority: String,
     addr: String,
     /// Per user: (`Bearer …` header value, path).
@@ -184,8 +284,15 @@ impl Plan {
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_owned();
-        let users = (0..target.users)
-            .map(|i| {
+        let tokens = if scenario == Scenario::Hello {
+            vec![String::new(); target.users]
+        } else {
+            user_tokens(target)?
+        };
+        let users = tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, token)| {
                 let sub = format!("{}{i}", target.user_prefix);
                 let path = match scenario {
                     Scenario::Hello => "/hello".to_owned(),
@@ -193,12 +300,9 @@ impl Plan {
                     Scenario::Consume => format!("/api/users/{sub}/credits/consume"),
                     Scenario::Analytics => "/api/vscode/analytics?days=30".to_owned(),
                 };
-                Ok((
-                    format!("Bearer {}", token(&target.secret, &sub, false)?),
-                    path,
-                ))
+                (format!("Bearer {token}"), path)
             })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect();
         let bodies = (0..16)
             .map(|v| match scenario {
                 Scenario::Track1 => Bytes::from(event(v, v, model).to_string()),
@@ -216,6 +320,7 @@ impl Plan {
             .collect();
         Ok(Self {
             scenario,
+            tokens: target.tokens,
             addr: authority.clone(),
             authority,
             users,
@@ -378,6 +483,7 @@ async fn run(
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     Ok(json!({
         "scenario": format!("{:?}", plan.scenario).to_lowercase(),
+        "tokens": format!("{:?}", plan.tokens).to_lowercase(),
         "mode": if rate.is_some() { "open" } else { "closed" },
         "target_rate": rate,
         "connections": connections,
@@ -397,13 +503,10 @@ async fn run(
 }
 
 async fn setup(target: &Target, grant: i64) -> anyhow::Result<()> {
+    let minter = Minter::new(target)?;
     let admin = format!(
         "Bearer {}",
-        token(
-            &target.secret,
-            &format!("{}admin", target.user_prefix),
-            true
-        )?
+        minter.token(&format!("{}admin", target.user_prefix), true)?
     );
     let addr = target
         .url
@@ -458,4 +561,93 @@ async fn setup(target: &Target, grant: i64) -> anyhow::Result<()> {
     anyhow::ensure!(failed == 0, "{failed} grants failed");
     println!("setup: {} users granted {grant} credits", target.users);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(tokens: Tokens) -> Target {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../e2e/tests/fixtures");
+        Target {
+            url: "http://127.0.0.1:1".into(),
+            users: 1,
+            user_prefix: "u_".into(),
+            secret: "s".repeat(32),
+            tokens,
+            rsa_key: Some(format!("{fixtures}/rsa_a.pem").into()),
+            token_file: None,
+            kid: "rsa-a".into(),
+        }
+    }
+
+    #[test]
+    fn claims_last_an_hour_and_only_the_admin_has_the_role() {
+        let c = claims("u_1", false, 1_000);
+        assert_eq!(
+            (c["sub"].as_str(), c["exp"].as_i64()),
+            (Some("u_1"), Some(4_600))
+        );
+        assert!(c.get("role").is_none());
+        assert_eq!(claims("u_1", true, 0)["role"], "admin");
+    }
+
+    #[test]
+    fn rs256_tokens_carry_the_kid_and_verify_with_the_public_key() {
+        let t = target(Tokens::Rs256);
+        let token = Minter::new(&t).unwrap().token("u_1", false).unwrap();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(
+            (header.alg, header.kid.as_deref()),
+            (jsonwebtoken::Algorithm::RS256, Some("rsa-a"))
+        );
+        let pem = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../e2e/tests/fixtures/rsa_a.pub.pem"
+        ))
+        .unwrap();
+        let key = jsonwebtoken::DecodingKey::from_rsa_pem(&pem).unwrap();
+        let v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+        let data = jsonwebtoken::decode::<serde_json::Value>(&token, &key, &v).unwrap();
+        assert_eq!(data.claims["sub"], "u_1");
+    }
+
+    #[test]
+    fn a_token_file_is_written_once_and_then_read() {
+        let path = std::env::temp_dir().join(format!("loadgen-tokens-{}", uuid::Uuid::new_v4()));
+        let mut t = target(Tokens::Hs256);
+        t.users = 3;
+        t.token_file = Some(path.clone());
+        let minted = user_tokens(&t).unwrap();
+        assert_eq!(minted.len(), 3);
+        t.secret = "another secret that would sign differently".into();
+        assert_eq!(
+            user_tokens(&t).unwrap(),
+            minted,
+            "read back, not minted again"
+        );
+        t.users = 4;
+        assert_ne!(
+            user_tokens(&t).unwrap()[..3],
+            minted[..],
+            "a file of another size is replaced"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn hs256_tokens_have_no_kid_and_need_the_secret() {
+        let token = Minter::new(&target(Tokens::Hs256))
+            .unwrap()
+            .token("u_1", false)
+            .unwrap();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(
+            (header.alg, header.kid),
+            (jsonwebtoken::Algorithm::HS256, None)
+        );
+        let mut t = target(Tokens::Hs256);
+        t.secret.clear();
+        assert!(Minter::new(&t).is_err());
+    }
 }
