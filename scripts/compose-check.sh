@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validates docker-compose.yml without a Docker engine: `docker-compose config -q`
+# Validates docker-compose.yml and docker-compose.cluster.yml without a Docker engine: `docker-compose config -q`
 # only parses and resolves the file. Installs Debian's docker-compose (1.29) when
 # no compose tool is present. Idempotent.
 set -euo pipefail
@@ -16,5 +16,7 @@ if ! command -v docker-compose >/dev/null 2>&1; then
     apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
 fi
 
-docker-compose -f docker-compose.yml config -q
-echo "docker-compose.yml: valid ($(docker-compose version --short 2>/dev/null || echo docker-compose))"
+for f in docker-compose.yml docker-compose.cluster.yml; do
+  docker-compose -f "$f" config -q
+  echo "$f: valid ($(docker-compose version --short 2>/dev/null || echo docker-compose))"
+done

@@ -8,18 +8,38 @@ use sqlx::PgPool;
 
 use crate::settings::Settings;
 
+/// The connect options of `DATABASE_URL` plus `tls.*`: the URL's own
+/// `sslmode`/`sslrootcert`/`sslcert`/`sslkey` are read by sqlx;
+/// `tls.ca_file` is trusted besides the system roots unless the URL names
+/// its own `sslrootcert`, and the client identity is presented unless the
+/// URL names its own. Every Postgres connection of the binaries uses these.
+pub fn pg_options(settings: &Settings) -> anyhow::Result<PgConnectOptions> {
+    let url = &settings.database.url;
+    let mut opts: PgConnectOptions = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("DATABASE_URL: {e}"))?;
+    let tls = &settings.tls;
+    let set = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
+    let has =
+        |param: &str| url.contains(&format!("?{param}=")) || url.contains(&format!("&{param}="));
+    if let Some(ca) = set(&tls.ca_file).filter(|_| !has("sslrootcert")) {
+        opts = opts.ssl_root_cert(ca);
+    }
+    if let (Some(cert), Some(key)) = (set(&tls.client_cert_file), set(&tls.client_key_file)) {
+        if !has("sslcert") && !has("sslkey") {
+            opts = opts.ssl_client_cert(cert).ssl_client_key(key);
+        }
+    }
+    Ok(opts)
+}
+
 /// A lazily connecting Postgres pool: processes start (and serve what they
 /// can) while Postgres is down, and connect once it answers.
 pub fn pg_pool(settings: &Settings) -> anyhow::Result<PgPool> {
-    let opts: PgConnectOptions = settings
-        .database
-        .url
-        .parse()
-        .map_err(|e| anyhow::anyhow!("DATABASE_URL: {e}"))?;
     Ok(PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .acquire_timeout(Duration::from_millis(settings.database.acquire_timeout_ms))
-        .connect_lazy_with(opts))
+        .connect_lazy_with(pg_options(settings)?))
 }
 
 /// The migrations, embedded in the binaries.

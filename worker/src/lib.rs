@@ -11,7 +11,7 @@
 //!   `sanitize` cleans events before a write, `usage::rollup` builds the `usage_daily` cells.
 //! - [`jobs`]: the jobs that run once across workers: `reconcile`, `hold_expiry`, `housekeeping`.
 //! - [`cli`]: operator commands: `dlq`, `reconcile`, `demo`.
-//! - [`http`]: `/healthz` and `/metrics`; [`metrics`]: every series, registered at start.
+//! - [`http`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: every series, registered at start.
 
 pub mod cli;
 pub mod consumer;
@@ -33,7 +33,7 @@ use common::settings::Settings;
 /// Applies the embedded migrations; safe to run any number of times.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&settings.database.url).await?;
+    let mut conn = sqlx::PgConnection::connect_with(&common::db::pg_options(settings)?).await?;
     common::db::MIGRATOR.run(&mut conn).await?;
     conn.close().await?;
     tracing::info!("migrations applied");

@@ -113,6 +113,10 @@ fn configured() -> Settings {
     match Settings::load() {
         Ok(s) => {
             common::telemetry::init(s.app_env);
+            if let Err(e) = common::tls::init(&s) {
+                eprintln!("{e}");
+                std::process::exit(2);
+            }
             s
         }
         Err(e) => {
