@@ -16,6 +16,7 @@ pub struct Worker {
 
 impl Worker {
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        common::tls::init(&settings)?;
         let listener = TcpListener::bind(&settings.worker.listen).await?;
         Ok(Self {
             ctx: Ctx::new(settings)?,
@@ -37,7 +38,8 @@ impl Worker {
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         crate::metrics::init(&self.ctx.settings);
         let metrics = crate::http::metrics_handle();
-        let app = crate::http::router(metrics);
+        let ready = crate::http::Readiness::new(self.ctx.pg.clone(), &self.ctx.settings.amqp.url);
+        let app = crate::http::router(metrics, std::sync::Arc::new(ready));
         let stop = self.shutdown.clone();
         let server = tokio::spawn(async move {
             let _ = axum::serve(self.listener, app)
