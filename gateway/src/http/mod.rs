@@ -4,7 +4,9 @@
 pub mod admin;
 pub mod analytics;
 pub mod compat;
+pub mod cors;
 pub mod credits;
+pub mod dashboard;
 pub mod deadline;
 pub mod error;
 pub mod extract;
@@ -12,6 +14,8 @@ pub mod guard;
 pub mod openapi;
 pub mod ops;
 pub mod privacy;
+pub mod reads;
+pub mod request_id;
 pub mod sessions;
 pub mod target;
 pub mod usage;
@@ -42,9 +46,14 @@ pub fn router(state: AppState) -> Router {
     let limit = state.settings.gateway.body_limit_bytes;
     let deadline = std::time::Duration::from_millis(state.settings.gateway.request_timeout_ms);
     let api = Router::new().merge(api_routes(&state));
-    Router::new()
+    let cors = cors::Cors::new(
+        common::settings::cors::parse(&state.settings.gateway.cors_origins)
+            .expect("gateway.cors_origins is checked at start"),
+    );
+    let app = Router::new()
         .merge(ops::router())
         .merge(openapi::router(&state))
+        .merge(dashboard::router())
         .merge(api)
         .fallback(|| async { error::ApiError::not_found("no such route") })
         // The error codes of docs/api.md have no 405: a known path with another
@@ -62,7 +71,15 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(move |mut req: Request, next: Next| {
             req.extensions_mut().insert(BodyLimit(limit));
             next.run(req)
-        }))
+        }));
+    // Outside everything else: a preflight is answered before the guard, and
+    // every answer (a preflight's too) carries the request id.
+    let app = if cors.is_empty() {
+        app
+    } else {
+        app.layer(middleware::from_fn_with_state(cors, cors::gate))
+    };
+    app.layer(middleware::from_fn(request_id::layer))
         .with_state(state)
 }
 
@@ -78,6 +95,7 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .merge(admin::router(state))
         .merge(compat::router(state))
         .merge(privacy::router(state))
+        .merge(reads::router(state))
 }
 
 /// Every route the router serves with the statuses its series start with:

@@ -83,6 +83,7 @@ pub fn derived() -> utoipa::openapi::OpenApi {
         super::admin::Doc::openapi(),
         super::compat::Doc::openapi(),
         super::privacy::Doc::openapi(),
+        super::reads::Doc::openapi(),
         super::ops::Doc::openapi(),
     ] {
         doc.merge(part);
