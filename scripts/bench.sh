@@ -46,6 +46,7 @@ PHASES=${BENCH_PHASES:-hello,track1,track100,consume,analytics,cpu,lag,drain}
 TOKENS=${BENCH_TOKENS:-rs256}
 CPU_RUNS=${BENCH_CPU_RUNS:-5}
 CPU_REQUESTS=${BENCH_CPU_REQUESTS:-100000}
+# BENCH_CPU_SCENARIOS ("track1 consume") and BENCH_CPU_TOKENS ("rs256 hs256") narrow the cpu phase.
 case $TOKENS in
   rs256 | both) TOK=rs256 ;;
   hs256) TOK=hs256 ;;
@@ -287,8 +288,8 @@ fi
 
 if want cpu; then
   echo "== 11. CPU per request: $CPU_RUNS runs of $CPU_REQUESTS requests, closed loop, $CONNS connections"
-  for scenario in track1 consume; do
-    for TOK in rs256 hs256; do
+  for scenario in ${BENCH_CPU_SCENARIOS:-track1 consume}; do
+    for TOK in ${BENCH_CPU_TOKENS:-rs256 hs256}; do
       # Every token seen once first (a verified-token cache then holds them all).
       warm=$(lg run --url "$GWURL" --scenario "$scenario" --connections "$CONNS" --seconds 600 --requests "$USERS")
       ACCEPTED=$((ACCEPTED + $(field "$warm" events_accepted)))

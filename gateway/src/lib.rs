@@ -33,8 +33,3 @@ pub mod startup;
 pub mod state;
 pub mod usage;
 pub mod users;
-
-/// The allocator both gateway binaries (`gateway`, `e2e-gateway`) install:
-/// glibc's malloc and free were the largest self time of a request
-/// (docs/benchmarks.md, "Where a gateway request's CPU goes").
-pub use mimalloc::MiMalloc as Allocator;

@@ -5,9 +5,6 @@ use clap::{Args, Parser, Subcommand};
 use common::settings::Settings;
 use gateway::operator::{self, Operator};
 
-#[global_allocator]
-static ALLOCATOR: gateway::Allocator = gateway::Allocator;
-
 #[derive(Parser)]
 #[command(
     name = "gateway",

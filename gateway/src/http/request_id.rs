@@ -21,7 +21,10 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     let id = request_id::accept(caller);
     let value = header_value(&id);
     req.headers_mut().insert(HEADER, value.clone());
-    let span = tracing::info_span!("request", request_id = %id);
+    // At error level, so the span is on whatever `RUST_LOG` keeps: a filter of
+    // `warn` (the benchmark's) would drop an info span, and with it the id
+    // from the warnings logged inside the request.
+    let span = tracing::error_span!("request", request_id = %id);
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let answered = async move {
