@@ -23,26 +23,8 @@ if ! "$VENV/bin/python" -c 'import selenium' >/dev/null 2>&1; then
   "$VENV/bin/pip" install -q "selenium>=4.20,<5"
 fi
 
-ID="dash_$(date +%s)_$$"
-ADMIN_URL=${TEST_DATABASE_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
-DB_URL="${ADMIN_URL%/*}/$ID"
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-WPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-LOGS=$(mktemp -d)
-GW=""; WK=""
-cleanup() {
-  set +e
-  [ -n "$GW" ] && kill -TERM "$GW" 2>/dev/null && wait "$GW" 2>/dev/null
-  [ -n "$WK" ] && kill -TERM "$WK" 2>/dev/null && wait "$WK" 2>/dev/null
-  psql "$ADMIN_URL" -qtAc "drop database if exists \"$ID\" with (force)" >/dev/null 2>&1
-  redis-cli --scan --pattern "$ID:*" | xargs -r -n 500 redis-cli del >/dev/null 2>&1
-  for q in usage credits sessions users dead; do rabbitmqctl -q delete_queue "$ID.$q" >/dev/null 2>&1; done
-  for x in events dlx; do
-    rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$ID.$x\">>), false, <<\"dash\">>)." >/dev/null 2>&1
-  done
-  rm -rf "$LOGS"
-}
-trap cleanup EXIT
+. scripts/lib/own-stack.sh
+own_stack dash
 
 psql "$ADMIN_URL" -qtAc "create database \"$ID\"" >/dev/null
 export DATABASE_URL=$DB_URL JWT_SECRET=dash-secret AUTH_DEV_TOKENS=true APP_ENV=development

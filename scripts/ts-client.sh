@@ -90,26 +90,8 @@ esac
 [ "$MODE" = test ] || exit 0
 
 # --- test: a gateway and a worker of their own (as scripts/schemathesis.sh) ---
-ID="ts_$(date +%s)_$$"
-ADMIN_URL=${TEST_DATABASE_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres}
-DB_URL="${ADMIN_URL%/*}/$ID"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PORT=$(free_port); WPORT=$(free_port)
-LOGS=$(mktemp -d)
-GW=""; WK=""
-cleanup() {
-  set +e
-  [ -n "$GW" ] && kill -TERM "$GW" 2>/dev/null && wait "$GW" 2>/dev/null
-  [ -n "$WK" ] && kill -TERM "$WK" 2>/dev/null && wait "$WK" 2>/dev/null
-  psql "$ADMIN_URL" -qtAc "drop database if exists \"$ID\" with (force)" >/dev/null 2>&1
-  redis-cli --scan --pattern "$ID:*" | xargs -r -n 500 redis-cli del >/dev/null 2>&1
-  for q in usage credits sessions users dead; do rabbitmqctl -q delete_queue "$ID.$q" >/dev/null 2>&1; done
-  for x in events dlx; do
-    rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$ID.$x\">>), false, <<\"ts\">>)." >/dev/null 2>&1
-  done
-  rm -rf "$LOGS"
-}
-trap cleanup EXIT
+. scripts/lib/own-stack.sh
+own_stack ts
 
 start_stack() {
   psql "$ADMIN_URL" -qtAc "create database \"$ID\"" >/dev/null

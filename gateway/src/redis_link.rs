@@ -261,7 +261,18 @@ impl RedisLink {
                 }
                 let Some(link) = link.upgrade() else { break };
                 if let Err(e) = write_finishes(&link, &batch).await {
-                    tracing::warn!(error = %e, n = batch.len(), "idempotent answers not stored");
+                    if batch.len() == 1 {
+                        tracing::warn!(error = %e, "idempotent answer not stored");
+                    } else {
+                        // One user's record (a key of another type, say) must not
+                        // cost the others theirs: each is written alone.
+                        tracing::warn!(error = %e, n = batch.len(), "finish batch refused; writing each alone");
+                        for one in batch.chunks(1) {
+                            if let Err(e) = write_finishes(&link, one).await {
+                                tracing::warn!(error = %e, record = %one[0].1.record, "idempotent answer not stored");
+                            }
+                        }
+                    }
                 }
                 drop(link);
                 let last = batch.last().map(|(seq, _)| *seq).unwrap_or(0);
@@ -444,6 +455,64 @@ mod tests {
         assert!(b.recover());
         assert_eq!(b.admit(2011), Admit::Pass);
         assert!(!b.is_down());
+    }
+
+    /// Against the machine's Redis (keys under a prefix of its own, removed after).
+    #[tokio::test]
+    async fn one_users_refused_record_does_not_cost_the_others_in_its_finish_batch() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let link = Arc::new(RedisLink::new(&url, Duration::from_secs(2)).unwrap());
+        let p = format!("finish_{}", uuid::Uuid::new_v4().simple());
+        let key = |u: &str| format!("{p}:{{{u}}}:idem:consume:k");
+        let mut c = link.connection().await.unwrap();
+        // u1's record is a string, not a hash: its HMGET is WRONGTYPE.
+        redis::cmd("SET")
+            .arg(key("u1"))
+            .arg("x")
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        let batch: Vec<(u64, Finish)> = ["u0", "u1", "u2"]
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                let f = Finish {
+                    record: key(u),
+                    hash: "h".into(),
+                    answer: format!("{{\"user\":\"{u}\"}}"),
+                    ttl_ms: 60_000,
+                    id: "tx".into(),
+                };
+                (i as u64 + 1, f)
+            })
+            .collect();
+        assert!(
+            write_finishes(&link, &batch).await.is_err(),
+            "the batch is refused whole"
+        );
+        for f in batch.iter().map(|(_, f)| f) {
+            link.finish(f.clone());
+        }
+        assert!(link.finish_landed(&key("u2")).await);
+        for u in ["u0", "u2"] {
+            let st: Option<String> = redis::cmd("HGET")
+                .arg(key(u))
+                .arg("st")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            assert_eq!(st.as_deref(), Some("done"), "{u}'s answer stored");
+        }
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{p}:*"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        redis::cmd("DEL")
+            .arg(keys)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
