@@ -14,7 +14,7 @@ import time
 import urllib.request
 
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
@@ -71,6 +71,16 @@ def sign_in(d, token):
 
 def text(d, id_):
     return d.find_element(By.ID, id_).text.strip()
+
+
+def view_user(d, user):
+    """Clicks the view button of `user`'s row in the users table; False while it is not there."""
+    for r in d.find_elements(By.CSS_SELECTOR, "#users tbody tr"):
+        cells = r.find_elements(By.TAG_NAME, "td")
+        if cells and cells[0].text == user:
+            r.find_element(By.TAG_NAME, "button").click()
+            return True
+    return False
 
 
 def no_csp_violation(d, who):
@@ -143,13 +153,14 @@ def main():
             box = d.find_element(By.ID, "search")
             box.send_keys(USER)
             d.find_element(By.CSS_SELECTOR, "#search-form button[type=submit]").click()
-            WebDriverWait(d, 15).until(lambda d: any(
-                r.find_elements(By.TAG_NAME, "td")[0].text == USER for r in d.find_elements(By.CSS_SELECTOR, "#users tbody tr")
-                if r.find_elements(By.TAG_NAME, "td")))
-            row = [r for r in d.find_elements(By.CSS_SELECTOR, "#users tbody tr") if r.find_element(By.TAG_NAME, "td").text == USER][0]
-            row.find_element(By.TAG_NAME, "button").click()
+            # The users table is drawn again when the search answers, so an element found a
+            # moment before can be gone: wait for the user's row and click its button with
+            # stale elements ignored (each attempt finds the row again).
+            WebDriverWait(d, 15, ignored_exceptions=(StaleElementReferenceException,)).until(
+                lambda d: view_user(d, USER))
             WebDriverWait(d, 15).until(lambda d: USER in text(d, "viewing") and text(d, "status") == "")
-            shown = [c.text for c in d.find_elements(By.CSS_SELECTOR, "#ledger tbody td:last-child")]
+            shown = WebDriverWait(d, 15, ignored_exceptions=(StaleElementReferenceException,)).until(
+                lambda d: [c.text for c in d.find_elements(By.CSS_SELECTOR, "#ledger tbody td:last-child")])
             check(HOSTILE in shown, "the hostile description is shown as text")
             check(not d.find_elements(By.CSS_SELECTOR, "#ledger img, main img"), "no element was made of it")
             try:
