@@ -1,7 +1,9 @@
 //! The gateway's integration tests: one binary, one module per resource.
 
 mod access;
+mod alerts;
 mod analytics;
+mod api_keys;
 mod auth;
 mod compat;
 mod credits;
@@ -17,6 +19,7 @@ mod ops;
 mod original_analytics;
 mod original_profile;
 mod original_sessions;
+mod pricing;
 mod privacy;
 mod profile_cache;
 mod rate_limits;

@@ -2,7 +2,9 @@
 //! (authentication → user → status → rate limit) and the metrics layer.
 
 pub mod admin;
+pub mod alerts;
 pub mod analytics;
+pub mod api_keys;
 pub mod compat;
 pub mod cors;
 pub mod credits;
@@ -13,6 +15,7 @@ pub mod extract;
 pub mod guard;
 pub mod openapi;
 pub mod ops;
+pub mod pricing;
 pub mod privacy;
 pub mod reads;
 pub mod request_id;
@@ -96,6 +99,9 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .merge(compat::router(state))
         .merge(privacy::router(state))
         .merge(reads::router(state))
+        .merge(api_keys::router(state))
+        .merge(pricing::router(state))
+        .merge(alerts::router(state))
 }
 
 /// Every route the router serves with the statuses its series start with:

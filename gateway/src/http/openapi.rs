@@ -84,6 +84,9 @@ pub fn derived() -> utoipa::openapi::OpenApi {
         super::compat::Doc::openapi(),
         super::privacy::Doc::openapi(),
         super::reads::Doc::openapi(),
+        super::api_keys::Doc::openapi(),
+        super::pricing::Doc::openapi(),
+        super::alerts::Doc::openapi(),
         super::ops::Doc::openapi(),
     ] {
         doc.merge(part);

@@ -1,0 +1,1 @@
+//! SPEC §5.11 (pricing) against the real gateway, worker and services.
