@@ -122,6 +122,11 @@ pub struct UsageEvent {
     pub metadata: Option<Value>,
     #[serde(flatten)]
     pub detail: UsageDetail,
+    /// What a model event would cost by the price book, priced by the gateway
+    /// when it accepted it (docs/credits.md "Price book"); none for a feature
+    /// event or a provider without a price. Never the client's own figure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -178,6 +183,12 @@ pub struct CreditContext {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_tokens: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<i64>,
+    /// The price book entry and token counts the amount was computed from (the
+    /// receipt); none for an explicit amount. Stored in the ledger row's `price`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<Price>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -187,6 +198,22 @@ pub struct CreditContext {
     /// gateway's publisher, kept by the worker in the ledger row's metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+}
+
+/// A charge's receipt (docs/credits.md "Price book"): the entry it was priced
+/// by (`model` is `*` when the provider's default matched) and the tokens.
+/// Amount = ⌈(prompt·p + completion·c + cached·k) / 10^6⌉, at least 1 when any
+/// token was counted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Price {
+    pub provider: String,
+    pub model: String,
+    pub prompt_per_mtok: i64,
+    pub completion_per_mtok: i64,
+    pub cached_per_mtok: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
 }
 
 /// A consume the gateway already granted (reserved in Redis); the worker settles
@@ -305,6 +332,7 @@ mod tests {
                         action: None,
                         duration_ms: Some(3),
                     },
+                    credits: None,
                 }],
             }),
             None,
@@ -336,6 +364,39 @@ mod tests {
             "transaction_id": "7f1c1f3a-0000-4000-8000-000000000004", "user_id": "u", "amount": 2}]}))
         .unwrap();
         assert_eq!(batch.consumes[0].idempotency, None);
+    }
+
+    #[test]
+    fn a_receipt_travels_with_its_charge_and_messages_without_one_still_decode() {
+        let old: CreditConsume = serde_json::from_value(serde_json::json!({
+            "transaction_id": "7f1c1f3a-0000-4000-8000-000000000004", "user_id": "u", "amount": 2}))
+        .unwrap();
+        assert_eq!(
+            (old.context.price.as_ref(), old.context.cached_tokens),
+            (None, None)
+        );
+        let v = serde_json::to_value(&old).unwrap();
+        assert!(
+            v.get("price").is_none() && v.get("cached_tokens").is_none(),
+            "absent, not null: {v}"
+        );
+        let mut priced = old.clone();
+        priced.context.price = Some(Price {
+            provider: "openai".into(),
+            model: "*".into(),
+            prompt_per_mtok: 3,
+            prompt_tokens: 7,
+            ..Default::default()
+        });
+        let v = serde_json::to_value(&priced).unwrap();
+        assert_eq!(v["price"]["model"], "*");
+        assert_eq!(serde_json::from_value::<CreditConsume>(v).unwrap(), priced);
+        let ev: UsageEvent = serde_json::from_value(serde_json::json!({
+            "id": "7f1c1f3a-0000-4000-8000-000000000005", "user_id": "u",
+            "occurred_at": "2024-01-01T00:00:00Z", "received_at": "2024-01-01T00:00:00Z",
+            "kind": "feature", "feature": "chat"}))
+        .unwrap();
+        assert_eq!(ev.credits, None);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! - `telemetry`: logs and the Prometheus recorder.
 //! - `tls`: the TLS material of `tls.*` for the three stores, the plain-text warnings.
 //! - `valid`: field rules shared by bodies and events.
+//! - `webhooks`: where a webhook may point (the SSRF rule of the gateway and the worker).
 
 pub mod amqp;
 pub mod class;
@@ -29,5 +30,6 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
 pub mod valid;
+pub mod webhooks;
 
 pub use settings::Settings;

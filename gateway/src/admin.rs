@@ -13,12 +13,16 @@ use std::sync::Arc;
 use common::class::Class;
 use common::settings::{ClassLimit, PlanSettings};
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::audit::{self, Action};
+use crate::credits::pricing::{PriceBody, PriceEntry};
+use crate::credits::Count;
 use crate::error::{Error, Result};
 use crate::users::UserStore;
 use crate::users::{self, Status, UserRecord};
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
 
 /// What an admin action does with a user id that was never seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +175,76 @@ fn status_schema() -> utoipa::openapi::Object {
         .description(Some("The account's status."))
         .enum_values(Some(names))
         .build()
+}
+
+/// Sets one entry, with its audit row (`pricing.set`, target `provider/model`,
+/// the new rates and the previous ones) in the same transaction.
+#[tracing::instrument(skip_all, fields(actor))]
+pub async fn set_price(
+    pg: &PgPool,
+    actor: &str,
+    request_id: &str,
+    body: PriceBody,
+) -> Result<PriceEntry> {
+    let provider = body.provider.into_inner();
+    let model = body.model.into_inner();
+    PriceBody::field_empty(&provider, "provider")?;
+    PriceBody::field_empty(&model, "model")?;
+    let (p, c) = (body.prompt_per_mtok.get(), body.completion_per_mtok.get());
+    let k = body.cached_per_mtok.map(Count::get).unwrap_or(0);
+    let target = format!("{provider}/{model}");
+    let a = Action {
+        actor,
+        action: "pricing.set",
+        target: Some(&target),
+        request_id,
+    };
+    let by = actor.to_string();
+    audit::write(pg, a, move |conn| {
+        Box::pin(async move {
+            let before: Option<(i64, i64, i64)> = sqlx::query_as(
+                "select prompt_per_mtok, completion_per_mtok, cached_per_mtok from price_book \
+                 where provider = $1 and model = $2 for update",
+            )
+            .bind(&provider)
+            .bind(&model)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let (updated_at,): (DateTime<Utc>,) = sqlx::query_as(
+                "insert into price_book (provider, model, prompt_per_mtok, completion_per_mtok, cached_per_mtok, updated_at, updated_by) \
+                 values ($1, $2, $3, $4, $5, now(), $6) \
+                 on conflict (provider, model) do update set prompt_per_mtok = excluded.prompt_per_mtok, \
+                   completion_per_mtok = excluded.completion_per_mtok, cached_per_mtok = excluded.cached_per_mtok, \
+                   updated_at = excluded.updated_at, updated_by = excluded.updated_by \
+                 returning updated_at",
+            )
+            .bind(&provider)
+            .bind(&model)
+            .bind(p)
+            .bind(c)
+            .bind(k)
+            .bind(&by)
+            .fetch_one(&mut *conn)
+            .await?;
+            let previous = before.map(|b| {
+                json!({"prompt_per_mtok": b.0, "completion_per_mtok": b.1, "cached_per_mtok": b.2})
+            });
+            let details: Value = json!({
+                "provider": provider, "model": model, "prompt_per_mtok": p,
+                "completion_per_mtok": c, "cached_per_mtok": k, "previous": previous,
+            });
+            let entry = PriceEntry {
+                provider,
+                model,
+                prompt_per_mtok: p,
+                completion_per_mtok: c,
+                cached_per_mtok: k,
+                updated_at,
+            };
+            Ok((entry, details))
+        })
+    })
+    .await
 }
 
 #[cfg(test)]

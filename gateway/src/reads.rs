@@ -69,7 +69,7 @@ pub struct Transaction {
     pub session_id: Option<String>,
     /// The hold a settle charged, if any.
     pub hold_id: Option<Uuid>,
-    /// The price used (credits per million tokens); `null` until a price book exists.
+    /// The receipt of a charge priced by the book (docs/credits.md "Price book"); `null` for an explicit amount.
     #[schema(value_type = Option<Object>)]
     pub price: Option<serde_json::Value>,
     /// The client's free text (null after an erasure).
@@ -112,7 +112,7 @@ pub async fn transactions(
     // One more than asked tells whether an older page exists.
     let mut rows: Vec<Transaction> = sqlx::query_as(
         "select id, kind, amount, balance_after, model, provider, prompt_tokens, completion_tokens, \
-                feature, session_id, hold_id, null::jsonb as price, description, created_at \
+                feature, session_id, hold_id, price, description, created_at \
          from credit_transactions \
          where user_id = $1 and ($2::timestamptz is null or (created_at, id) < ($2, $3)) \
          order by created_at desc, id desc limit $4",

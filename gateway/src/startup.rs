@@ -69,6 +69,16 @@ pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Resul
         pg: pg.clone(),
         policy: settings.rate_limit.on_redis_error,
     };
+    let pricing = Arc::new(crate::credits::pricing::PriceCache::new(
+        pg.clone(),
+        Duration::from_millis(settings.pricing.refresh_ms),
+    ));
+    let api_keys = crate::api_keys::ApiKeyStore::new(
+        pg.clone(),
+        redis_link.clone(),
+        keys.clone(),
+        &settings.api_keys,
+    );
     Ok(AppState::new(Shared {
         keys,
         users: directory,
@@ -84,6 +94,8 @@ pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Resul
         sessions,
         user_store,
         limiter,
+        api_keys,
+        pricing,
     }))
 }
 
@@ -124,6 +136,18 @@ impl Application {
             watch,
             shutdown.child_token(),
         ));
+        // The price book: loaded now and every `pricing.refresh_ms` (docs/credits.md "Price book").
+        tokio::spawn(state.pricing.clone().run_refresh(shutdown.child_token()));
+        // API key records: rebuilt now if Redis lacks them, then watched.
+        match tokio::time::timeout(Duration::from_secs(10), state.api_keys.rebuild_if_lost()).await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "api key record check failed; the watcher retries")
+            }
+            Err(_) => tracing::warn!("api key record check timed out; the watcher retries"),
+        }
+        tokio::spawn(state.api_keys.clone().watch(shutdown.child_token()));
         let listener = TcpListener::bind(&settings.gateway.listen).await?;
         Ok(Self {
             listener,

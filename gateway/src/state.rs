@@ -61,6 +61,10 @@ pub struct Shared {
     pub user_store: UserStore,
     /// The handles a rate-limit decision uses.
     pub limiter: Limiter,
+    /// Extension API keys: their store and this gateway's short cache of them.
+    pub api_keys: crate::api_keys::ApiKeyStore,
+    /// The price book in memory, reloaded every `pricing.refresh_ms`.
+    pub pricing: Arc<crate::credits::pricing::PriceCache>,
 }
 
 impl Shared {

@@ -188,6 +188,8 @@ fn parse_event(
         received_at: now,
         metadata,
         detail,
+        // Priced by `price_events` from the gateway's book, never by the client.
+        credits: None,
     })
 }
 
@@ -240,7 +242,32 @@ fn parse_legacy(
             latency_ms: None,
             success: None,
         },
+        credits: None,
     })
+}
+
+/// Prices each model event by the book (docs/credits.md "Price book"): the
+/// credits it would cost, in memory only (a map lookup per event, no IO). A
+/// provider without a price, or a book not loaded yet, leaves it unpriced.
+pub fn price_events(events: &mut [UsageEvent], book: Option<&crate::credits::pricing::Book>) {
+    let Some(book) = book else { return };
+    for e in events {
+        if let UsageDetail::Model {
+            provider,
+            model,
+            prompt_tokens,
+            completion_tokens,
+            ..
+        } = &e.detail
+        {
+            let tokens = crate::credits::pricing::Tokens {
+                prompt: *prompt_tokens,
+                completion: *completion_tokens,
+                cached: 0,
+            };
+            e.credits = book.quote(provider, model, tokens).ok().map(|p| p.amount);
+        }
+    }
 }
 
 /// `openai/gpt-4o` → `openai`; no slash → `openrouter` (docs/compatibility.md).
@@ -531,6 +558,35 @@ mod tests {
             ev[0].occurred_at,
             "2026-11-01T06:00:00Z".parse::<DateTime<Utc>>().unwrap()
         );
+    }
+
+    #[test]
+    fn model_events_are_priced_by_the_book_and_never_by_the_clients_cost() {
+        use crate::credits::pricing::{Book, PriceEntry};
+        let book = Book::new([PriceEntry {
+            provider: "openai".into(),
+            model: "*".into(),
+            prompt_per_mtok: 1_000_000,
+            completion_per_mtok: 2_000_000,
+            cached_per_mtok: 0,
+            updated_at: now(),
+        }]);
+        let body = json!({"events": [
+            {"kind": "model", "provider": "openai", "model": "gpt", "prompt_tokens": 3, "completion_tokens": 2},
+            {"kind": "model", "provider": "nobody", "model": "x", "prompt_tokens": 3, "completion_tokens": 2},
+            {"kind": "feature", "feature": "chat"}]});
+        let (_, mut events) = parse_track(&body, "u1", now()).unwrap();
+        price_events(&mut events, Some(&book));
+        let credits: Vec<Option<i64>> = events.iter().map(|e| e.credits).collect();
+        assert_eq!(credits, [Some(7), None, None]);
+        let legacy = json!({"modelId": "openai/gpt-4o", "tokensUsed": 4, "costInCredits": 999});
+        let (_, mut events) = parse_track(&legacy, "u1", now()).unwrap();
+        price_events(&mut events, Some(&book));
+        assert_eq!(events[0].credits, Some(4));
+        // A book not loaded yet leaves events unpriced.
+        let (_, mut events) = parse_track(&legacy, "u1", now()).unwrap();
+        price_events(&mut events, None);
+        assert_eq!(events[0].credits, None);
     }
 
     #[test]

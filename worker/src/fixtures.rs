@@ -24,6 +24,7 @@ pub fn model_event(user: &str, model: &str, metadata: Option<Value>) -> UsageEve
             latency_ms: Some(20),
             success: Some(true),
         },
+        credits: None,
     }
 }
 

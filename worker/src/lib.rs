@@ -10,9 +10,11 @@
 //! - [`handlers`]: one file per kind of event, writing a batch in one transaction;
 //!   `sanitize` cleans events before a write, `usage::rollup` builds the `usage_daily` cells.
 //! - [`jobs`]: the jobs that run once across workers: `reconcile`, `hold_expiry`, `housekeeping`.
+//! - [`alerts`]: spend alerts: crossings recorded with the ledger rows, webhook delivery (a job).
 //! - [`cli`]: operator commands: `dlq`, `reconcile`, `demo`.
 //! - [`http`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: every series, registered at start.
 
+pub mod alerts;
 pub mod cli;
 pub mod consumer;
 pub mod ctx;

@@ -65,6 +65,11 @@ impl Worker {
             self.ctx.clone(),
             self.shutdown.clone(),
         )));
+        // The webhook delivery job (alerts uses `jobs::locked`, so it is started here).
+        tasks.push(tokio::spawn(crate::alerts::run(
+            self.ctx.clone(),
+            self.shutdown.clone(),
+        )));
         tracing::info!(queues = ?self.ctx.settings.worker.queues, "worker running");
         for t in tasks {
             let _ = t.await;

@@ -81,6 +81,7 @@ impl Env {
                         action: None,
                         duration_ms: None,
                     },
+                    credits: None,
                 })
                 .collect();
             let env = Envelope::new(Event::UsageBatch(UsageBatch { events }), None, now);

@@ -132,6 +132,7 @@ fn usage_batch(user: &str, n: usize) -> Envelope {
                 latency_ms: None,
                 success: Some(true),
             },
+            credits: None,
         })
         .collect();
     Envelope::new(Event::UsageBatch(UsageBatch { events }), None, now)

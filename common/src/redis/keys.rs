@@ -137,6 +137,38 @@ impl Keys {
         format!("{}:authfail:{{{addr}}}", self.prefix)
     }
 
+    /// An API key's record, by the hex SHA-256 of the key (docs/api.md "API
+    /// keys"). The hash tag is the key's bucket (`ak:` + the hash's first two
+    /// hex digits), which its bucket's [`Keys::api_keys_loaded`] shares, so one
+    /// `MGET` reads both atomically on one cluster slot.
+    pub fn api_key(&self, hash_hex: &str) -> String {
+        format!(
+            "{}:{{ak:{}}}:apikey:{hash_hex}",
+            self.prefix,
+            bucket_of(hash_hex)
+        )
+    }
+
+    /// `SET NX EX 60` marker: the key's `last_used_at` was written this minute.
+    pub fn api_key_used(&self, hash_hex: &str) -> String {
+        format!(
+            "{}:{{ak:{}}}:apikey_used:{hash_hex}",
+            self.prefix,
+            bucket_of(hash_hex)
+        )
+    }
+
+    /// Present while every live key record of `bucket` (two hex digits) is in
+    /// Redis: a record missing beside it is an unknown key, without Postgres.
+    pub fn api_keys_loaded(&self, bucket: &str) -> String {
+        format!("{}:{{ak:{bucket}}}:apikeys_loaded", self.prefix)
+    }
+
+    /// Written last by a rebuild of the key records: its absence starts one.
+    pub fn api_keys_loaded_all(&self) -> String {
+        format!("{}:apikeys_loaded", self.prefix)
+    }
+
     /// Written only at start-up; its absence means Redis lost its data.
     pub fn sentinel(&self) -> String {
         format!("{}:sentinel", self.prefix)
@@ -166,9 +198,23 @@ impl Keys {
     }
 }
 
+/// The bucket of an API key hash: its first two hex digits (256 buckets).
+fn bucket_of(hash_hex: &str) -> &str {
+    hash_hex.get(..2).unwrap_or("00")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_api_key_record_shares_the_slot_of_its_buckets_marker() {
+        let k = Keys::new("vsc");
+        let h = "3fa0".repeat(16);
+        assert_eq!(k.api_key(&h), format!("vsc:{{ak:3f}}:apikey:{h}"));
+        assert!(k.api_keys_loaded("3f").starts_with("vsc:{ak:3f}:"));
+        assert!(k.api_key_used(&h).starts_with("vsc:{ak:3f}:"));
+    }
 
     #[test]
     fn user_keys_carry_the_user_as_hash_tag() {

@@ -52,6 +52,10 @@ pub struct Settings {
     pub sessions: SessionSettings,
     pub credits: CreditSettings,
     pub users: UserSettings,
+    pub api_keys: ApiKeySettings,
+    #[serde(default)]
+    pub pricing: PricingSettings,
+    pub alerts: AlertSettings,
     #[serde(default)]
     pub tls: TlsSettings,
 }
@@ -255,6 +259,16 @@ pub struct UserSettings {
     pub export_timeout_ms: u64,
 }
 
+/// Extension API keys (docs/api.md "API keys").
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiKeySettings {
+    /// Live keys one user may have; one more is 422 naming `api_keys`.
+    pub max_per_user: usize,
+    /// How long a gateway trusts a key record it read (capped at 3000 ms in
+    /// the gateway, so a revocation holds on every gateway within 5 s).
+    pub cache_ttl_ms: u64,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct CreditSettings {
     /// Default and maximum lifetime of a hold (docs/credits.md).
@@ -280,6 +294,36 @@ pub struct CreditSettings {
     /// `idempotency_ttl_secs`): a refusal moved no money, so it need not
     /// occupy Redis for a day.
     pub insufficient_ttl_secs: u64,
+}
+
+/// The price book's cache in each gateway (docs/credits.md "Price book").
+#[derive(Debug, Clone, Deserialize)]
+pub struct PricingSettings {
+    /// How often a gateway reloads the book from Postgres: a change applies
+    /// on every gateway within this plus one query (the contract says 5 s).
+    pub refresh_ms: u64,
+}
+
+impl Default for PricingSettings {
+    fn default() -> Self {
+        Self { refresh_ms: 1000 }
+    }
+}
+
+/// Spend-alert webhooks (docs/credits.md "Spend alerts"): how the worker
+/// delivers the alerts it recorded.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AlertSettings {
+    /// How often the worker looks for due deliveries.
+    pub poll_interval_ms: u64,
+    /// Timeout of one webhook request (connect to last byte).
+    pub timeout_ms: u64,
+    /// Attempts before a delivery is given up (marked failed, never sent again).
+    pub max_attempts: u32,
+    /// The delay after the first failed attempt; it doubles after each one.
+    pub backoff_base_ms: u64,
+    /// The longest delay between two attempts.
+    pub backoff_max_ms: u64,
 }
 
 /// TLS material besides the system roots (docs/operations.md): a CA bundle

@@ -25,6 +25,13 @@ pub async fn load_analytics(
     user_id: &str,
     window: DayWindow,
 ) -> Result<AnalyticsInput> {
+    // Every read of the view in one snapshot: separate statements on the pool
+    // each see their own, so a worker commit between the rollup and the lists
+    // gave a view whose totals disagreed with its lists (a CI failure).
+    let mut tx = pg
+        .begin_with("begin isolation level repeatable read read only")
+        .await?;
+    let db: &mut sqlx::PgConnection = &mut tx;
     // One statement over the user's rollup rows in the window (primary key
     // prefix user_id, day): per day and kind for `daily`, per model/feature
     // for the breakdowns, and one row for the whole window with the newest
@@ -54,7 +61,7 @@ pub async fn load_analytics(
     .bind(user_id)
     .bind(window.first)
     .bind(window.last)
-    .fetch_all(pg)
+    .fetch_all(&mut *db)
     .await?;
     let mut rows = Vec::with_capacity(grouped.len());
     let (mut sessions, mut rollup_as_of) = (0, None);
@@ -84,10 +91,11 @@ pub async fn load_analytics(
     .bind(user_id)
     .bind(window.first)
     .bind(window.last)
-    .fetch_all(pg)
+    .fetch_all(&mut *db)
     .await?;
     let ledger_as_of = credits.iter().map(|c| c.2).max();
-    let (model_usage, feature_usage, credit_history) = original_lists(pg, user_id, window).await?;
+    let (model_usage, feature_usage, credit_history) = original_lists(db, user_id, window).await?;
+    tx.commit().await?;
     Ok(AnalyticsInput {
         rows,
         credits: credits.into_iter().map(|(d, c, _)| (d, c)).collect(),
@@ -102,7 +110,7 @@ pub async fn load_analytics(
 /// The original's `modelUsage`, `featureUsage` and `creditHistory` of the window, newest
 /// first, at most 100 each (docs/compatibility.md). Each reads an index on (user_id, time).
 async fn original_lists(
-    pg: &PgPool,
+    db: &mut sqlx::PgConnection,
     user_id: &str,
     window: DayWindow,
 ) -> Result<(
@@ -124,7 +132,7 @@ async fn original_lists(
     .bind(from)
     .bind(to)
     .bind(LIST_CAP_SQL)
-    .fetch_all(pg)
+    .fetch_all(&mut *db)
     .await?;
     let features: Vec<(String, i64, DateTime<Utc>)> = sqlx::query_as(
         "select feature, count(*)::int8, max(occurred_at) from feature_usage \
@@ -135,7 +143,7 @@ async fn original_lists(
     .bind(from)
     .bind(to)
     .bind(LIST_CAP_SQL)
-    .fetch_all(pg)
+    .fetch_all(&mut *db)
     .await?;
     let ledger: Vec<(i64, Option<String>, String, DateTime<Utc>)> = sqlx::query_as(
         "select amount, description, kind, created_at from credit_transactions \
@@ -146,7 +154,7 @@ async fn original_lists(
     .bind(from)
     .bind(to)
     .bind(LIST_CAP_SQL)
-    .fetch_all(pg)
+    .fetch_all(&mut *db)
     .await?;
     Ok((
         models

@@ -10,6 +10,7 @@ use common::valid::{len, FreeText, Label, Metadata, TokenCount};
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+use crate::credits::pricing::{self, Book};
 use crate::error::{Error, Result};
 
 /// A credit figure from a request: a JSON integer from `MIN` to 2^53−1.
@@ -90,9 +91,12 @@ pub type Description = FreeText<{ len::DESCRIPTION }>;
 pub type Reason = FreeText<{ len::REASON }>;
 
 /// `POST /api/users/:id/credits/consume`, with the original client's names.
+/// Without `amount`, the token counts are priced by the book (`provider` and
+/// `model` required; docs/credits.md "Price book").
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct ConsumeBody {
-    pub amount: Amount,
+    #[serde(default)]
+    pub amount: Option<Amount>,
     #[serde(default, alias = "sessionId")]
     pub session_id: Option<SessionRef>,
     #[serde(default, alias = "modelId")]
@@ -103,6 +107,8 @@ pub struct ConsumeBody {
     pub prompt_tokens: Option<TokenCount>,
     #[serde(default)]
     pub completion_tokens: Option<TokenCount>,
+    #[serde(default)]
+    pub cached_tokens: Option<TokenCount>,
     #[serde(default)]
     pub feature: Option<FeatureName>,
     #[serde(default)]
@@ -129,10 +135,12 @@ pub struct HoldBody {
     pub metadata: Option<Metadata>,
 }
 
-/// `POST /api/users/:id/credits/holds/:hold_id/settle`.
+/// `POST /api/users/:id/credits/holds/:hold_id/settle`. Without `amount`, the
+/// token counts are priced by the book and capped at the held amount.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct SettleBody {
-    pub amount: Count,
+    #[serde(default)]
+    pub amount: Option<Count>,
     #[serde(default, alias = "modelId")]
     pub model: Option<ModelName>,
     #[serde(default)]
@@ -141,6 +149,8 @@ pub struct SettleBody {
     pub prompt_tokens: Option<TokenCount>,
     #[serde(default)]
     pub completion_tokens: Option<TokenCount>,
+    #[serde(default)]
+    pub cached_tokens: Option<TokenCount>,
 }
 
 /// `POST /api/admin/users/:id/credits/grant`.
@@ -158,17 +168,49 @@ fn count(v: Option<TokenCount>) -> Option<i64> {
     v.map(TokenCount::get)
 }
 
+/// The book's request of a body's provider, model and token counts.
+fn priced<'a>(
+    provider: &'a Option<ProviderName>,
+    model: &'a Option<ModelName>,
+    tokens: [Option<TokenCount>; 3],
+) -> pricing::Request<'a> {
+    pricing::Request {
+        provider: provider.as_ref().map(Label::as_str),
+        model: model.as_ref().map(Label::as_str),
+        prompt_tokens: count(tokens[0]),
+        completion_tokens: count(tokens[1]),
+        cached_tokens: count(tokens[2]),
+    }
+}
+
 impl ConsumeBody {
-    /// The amount and what it paid for (every field already checked by its type).
-    pub fn validate(self) -> Result<(i64, CreditContext)> {
+    /// The amount (sent, or priced by `book`), and what it paid for (every
+    /// field already checked by its type). Priced tokens that cost nothing
+    /// (all counts 0) are 422: a consume moves at least one credit.
+    pub fn validate(self, book: Option<&Book>) -> Result<(i64, CreditContext)> {
+        let tokens = [
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+        ];
+        let request = priced(&self.provider, &self.model, tokens);
+        let charge = pricing::decide(self.amount.map(Amount::get), request, book)?;
+        if charge.amount == 0 {
+            return Err(Error::validation(
+                "amount",
+                "the tokens sent cost nothing (all counts 0); send an amount or a count above 0",
+            ));
+        }
         Ok((
-            self.amount.get(),
+            charge.amount,
             CreditContext {
                 session_id: text(self.session_id),
                 model: text(self.model),
                 provider: text(self.provider),
                 prompt_tokens: count(self.prompt_tokens),
                 completion_tokens: count(self.completion_tokens),
+                cached_tokens: count(self.cached_tokens),
+                price: charge.price,
                 feature: text(self.feature),
                 description: self.description.map(FreeText::into_inner),
                 metadata: self.metadata.map(Metadata::into_inner),
@@ -204,14 +246,25 @@ impl HoldBody {
 }
 
 impl SettleBody {
-    pub fn validate(self) -> Result<(i64, CreditContext)> {
+    /// The amount (sent, or priced by `book`: the flow caps it at the hold)
+    /// and what it paid for.
+    pub fn validate(self, book: Option<&Book>) -> Result<(i64, CreditContext)> {
+        let tokens = [
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+        ];
+        let request = priced(&self.provider, &self.model, tokens);
+        let charge = pricing::decide(self.amount.map(Count::get), request, book)?;
         Ok((
-            self.amount.get(),
+            charge.amount,
             CreditContext {
                 model: text(self.model),
                 provider: text(self.provider),
                 prompt_tokens: count(self.prompt_tokens),
                 completion_tokens: count(self.completion_tokens),
+                cached_tokens: count(self.cached_tokens),
+                price: charge.price,
                 ..Default::default()
             },
         ))
@@ -239,7 +292,7 @@ mod tests {
     use crate::decode::parse_body;
 
     fn consume(v: Value) -> Result<(i64, CreditContext)> {
-        parse_body::<ConsumeBody>(v)?.validate()
+        parse_body::<ConsumeBody>(v)?.validate(None)
     }
 
     fn from_value<T: serde::de::DeserializeOwned>(v: Value) -> Result<T> {
@@ -319,7 +372,7 @@ mod tests {
         );
         let settle = from_value::<SettleBody>(json!({"amount": 0}))
             .unwrap()
-            .validate()
+            .validate(None)
             .unwrap();
         assert_eq!(settle.0, 0);
         let grant = |v| from_value::<GrantBody>(v).and_then(GrantBody::validate);

@@ -6,6 +6,7 @@
 //! members and values the first request answered.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use common::events::Price;
 use serde::{Serialize, Serializer};
 use serde_json::Value;
 use uuid::Uuid;
@@ -29,6 +30,27 @@ pub struct ConsumeAnswer {
     /// absent only on a replay of an answer remembered before this member existed.
     #[schema(required = false)]
     pub transaction: ConsumeTransaction,
+    /// The receipt when the amount was priced by the book from token counts
+    /// (docs/credits.md "Price book"); absent for an explicit amount.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false, value_type = Option<PriceReceipt>)]
+    pub price: Option<Price>,
+}
+
+/// A charge's `price` (docs/credits.md "Price book"): the entry matched
+/// (`model` `*` for the provider's default), its rates per million tokens,
+/// and the counts priced. Only for the document; the value is `common::events::Price`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct PriceReceipt {
+    provider: String,
+    model: String,
+    prompt_per_mtok: i64,
+    completion_per_mtok: i64,
+    cached_per_mtok: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    cached_tokens: i64,
 }
 
 /// `transaction` of a consume's answer (docs/compatibility.md). A remembered
@@ -54,6 +76,7 @@ impl ConsumeAnswer {
         amount: i64,
         balance: i64,
         description: Option<&str>,
+        price: Option<Price>,
     ) -> Self {
         Self {
             transaction_id: transaction_id.to_string(),
@@ -68,6 +91,7 @@ impl ConsumeAnswer {
                 description: description.map(str::to_string),
                 timestamp: id_time(transaction_id).unwrap_or_else(Utc::now),
             },
+            price,
         }
     }
 }
@@ -108,6 +132,14 @@ pub struct SettleAnswer {
     pub released: i64,
     /// Spendable balance after the settle.
     pub balance: i64,
+    /// The receipt when the amount was priced by the book; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false, value_type = Option<PriceReceipt>)]
+    pub price: Option<Price>,
+    /// True when the priced amount passed the hold and was capped at it; absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schema(required = false)]
+    pub capped: bool,
 }
 
 /// `POST /api/admin/users/{id}/credits/grant`.
@@ -145,7 +177,7 @@ mod tests {
             123_000_000,
         ));
         assert_eq!(
-            to_json(&ConsumeAnswer::new(v7, "u1", 5, 95, Some("chat"))),
+            to_json(&ConsumeAnswer::new(v7, "u1", 5, 95, Some("chat"), None)),
             json!({"transaction_id": v7.to_string(), "user_id": "u1", "amount": 5, "balance": 95,
                    "success": true, "remaining_credits": 95,
                    "transaction": {"id": v7.to_string(), "amount": -5, "description": "chat",
@@ -158,7 +190,7 @@ mod tests {
             !required.contains(&json!("transaction")) && required.contains(&json!("balance")),
             "{schema}"
         );
-        let plain = to_json(&ConsumeAnswer::new(tx, "u1", 5, 95, None));
+        let plain = to_json(&ConsumeAnswer::new(tx, "u1", 5, 95, None, None));
         assert_eq!(plain["transaction"]["description"], Value::Null);
         assert!(plain["transaction"]["timestamp"]
             .as_str()
@@ -181,6 +213,8 @@ mod tests {
             amount: 3,
             released: 2,
             balance: 7,
+            price: None,
+            capped: false,
         };
         assert_eq!(
             to_json(&settle),

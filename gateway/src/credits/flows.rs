@@ -145,6 +145,7 @@ pub async fn consume(
         amount,
         balance,
         description,
+        context.price.clone(),
     ));
     let event = BatchedConsume {
         id: Uuid::new_v4(),
@@ -329,8 +330,33 @@ pub async fn open_hold(
     Ok(answered(body, reused))
 }
 
+/// The key of a settle's receipt (`price`, `capped`), beside the hold's remembered end: the
+/// settle script remembers only the four members it always answered, so a priced settle adds
+/// these after its publish and a replay merges them back (docs/credits.md "Price book").
+fn receipt_key(store: &CreditStore, user_id: &str, hold_id: Uuid) -> String {
+    format!("{}receipt:{hold_id}", store.keys.hold_end_prefix(user_id))
+}
+
+/// A remembered settle's answer with its receipt merged back, when one was kept.
+async fn with_receipt(store: &CreditStore, user_id: &str, hold_id: Uuid, mut body: Value) -> Value {
+    let key = receipt_key(store, user_id, hold_id);
+    let got = async {
+        let mut conn = store.redis().await?;
+        let raw: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut *conn).await?;
+        anyhow::Ok(raw)
+    }
+    .await;
+    if let (Ok(Some(raw)), Some(obj)) = (got, body.as_object_mut()) {
+        if let Ok(Value::Object(extra)) = serde_json::from_str::<Value>(&raw) {
+            obj.extend(extra);
+        }
+    }
+    body
+}
+
 /// docs/api.md "Credits" (holds): settle a hold; the rest returns to the balance. Settling again
-/// answers the first settle; an expired or released hold is 409.
+/// answers the first settle; an expired or released hold is 409. A priced amount (`context.price`)
+/// that passes the hold is capped at the held amount, and the answer says `"capped": true`.
 #[tracing::instrument(skip_all, fields(user_id, %hold_id, amount))]
 pub async fn settle_hold(
     store: &CreditStore,
@@ -344,16 +370,29 @@ pub async fn settle_hold(
     let tx = settle_id(hold_id);
     let keys = UserKeys::new(&store.keys, user_id);
     let ttl = ttl_ms(store);
-    let reply = run(store, publisher, user_id, limit, || {
-        let mut inv = keys.invoke(&scripts().hold_settle, ttl);
-        inv.arg(hold_id.to_string()).arg(tx.to_string()).arg(amount);
-        inv
-    })
-    .await?;
+    let priced = context.price.is_some();
+    let (mut amount, mut capped) = (amount, false);
+    let reply = loop {
+        let reply = run(store, publisher, user_id, limit, || {
+            let mut inv = keys.invoke(&scripts().hold_settle, ttl);
+            inv.arg(hold_id.to_string()).arg(tx.to_string()).arg(amount);
+            inv
+        })
+        .await?;
+        // A priced amount past the hold: settle the held amount instead (once).
+        if reply.kind() == Tag::TooMuch && priced && !capped {
+            amount = reply.int(0).map_err(bad_reply)?;
+            capped = true;
+            continue;
+        }
+        break reply;
+    };
     match reply.kind() {
         Tag::Ended => {
             return match HoldEnd::parse(reply.str(0).map_err(bad_reply)?) {
-                Some(HoldEnd::Settled(body)) => Ok(Answer::Replayed(Remembered::Ok(body))),
+                Some(HoldEnd::Settled(body)) => Ok(Answer::Replayed(Remembered::Ok(
+                    with_receipt(store, user_id, hold_id, body).await,
+                ))),
                 _ => Err(Error::HoldExpired),
             }
         }
@@ -370,6 +409,7 @@ pub async fn settle_hold(
     let balance = reply.int(0).map_err(bad_reply)?;
     let hold_amount = reply.int(2).map_err(bad_reply)?;
     let hold_raw = reply.str(3).map_err(bad_reply)?.to_string();
+    let price = context.price.clone();
     let event = Event::HoldSettled(HoldSettled {
         hold_id,
         transaction_id: tx,
@@ -397,12 +437,41 @@ pub async fn settle_hold(
         return Err(publish_failed(e));
     }
     metrics::counter!("credit_decisions_total", "op" => "settle", "outcome" => "ok").increment(1);
-    Ok(Answer::Fresh(to_json(&SettleAnswer {
+    let answer = SettleAnswer {
         transaction_id: tx.to_string(),
         amount,
         released: hold_amount - amount,
         balance,
-    })))
+        price,
+        capped,
+    };
+    if answer.price.is_some() || capped {
+        // Best effort, as long as the hold's end is remembered: a replay without it
+        // answers the four members the settle script remembered.
+        // The members exactly as the fresh answer has them.
+        let mut receipt = to_json(&answer);
+        if let Some(obj) = receipt.as_object_mut() {
+            obj.retain(|k, _| k == "price" || k == "capped");
+        }
+        let receipt = receipt.to_string();
+        let key = receipt_key(store, user_id, hold_id);
+        let kept = async {
+            let mut conn = store.redis().await?;
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(receipt)
+                .arg("PX")
+                .arg(ttl)
+                .query_async::<()>(&mut *conn)
+                .await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = kept {
+            tracing::warn!(error = %e, "settle receipt not remembered; a replay answers without it");
+        }
+    }
+    Ok(Answer::Fresh(to_json(&answer)))
 }
 
 /// docs/api.md "Credits" (holds): release a hold whole. Releasing an ended (released or expired)

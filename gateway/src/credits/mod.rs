@@ -19,6 +19,7 @@ pub mod amount;
 pub mod answer;
 pub mod flows;
 pub mod idempotency;
+pub mod pricing;
 pub mod recovery;
 pub mod reserve;
 pub mod store;

@@ -106,7 +106,9 @@ pub(crate) async fn consume(
 ) -> Result<Response> {
     provision_other(&state, &user, &id).await?;
     let key = credits::idempotency_key(idempotency_header(&headers))?;
-    let (amount, mut context) = credits::parse_body::<ConsumeBody>(body.clone())?.validate()?;
+    let book = state.pricing.book();
+    let (amount, mut context) =
+        credits::parse_body::<ConsumeBody>(body.clone())?.validate(book.as_deref())?;
     one_session_identity(&state, &id, &mut context).await;
     let idem = key.map(|k| Idem::new(&state.credits, &id, "consume", k, &body));
     deadline.commit()?;
@@ -186,7 +188,8 @@ pub(crate) async fn settle_hold(
 ) -> Result<Response> {
     provision_other(&state, &user, &id).await?;
     let hold = hold_id(&hold)?;
-    let (amount, context) = credits::parse_body::<SettleBody>(body)?.validate()?;
+    let book = state.pricing.book();
+    let (amount, context) = credits::parse_body::<SettleBody>(body)?.validate(book.as_deref())?;
     deadline.commit()?;
     Ok(respond(
         credits::settle_hold(
@@ -328,6 +331,7 @@ mod tests {
                 &[
                     "amount",
                     "balance",
+                    "price",
                     "remaining_credits",
                     "success",
                     "transaction",
@@ -347,7 +351,14 @@ mod tests {
                 "/api/users/{id}/credits/holds/{hold_id}/settle",
                 "credits",
                 "Settle a hold with the real amount",
-                &["amount", "balance", "released", "transaction_id"],
+                &[
+                    "amount",
+                    "balance",
+                    "capped",
+                    "price",
+                    "released",
+                    "transaction_id",
+                ],
             ),
             (
                 "delete",
@@ -376,13 +387,18 @@ mod tests {
             }
             let schema = &op["responses"]["200"]["content"]["application/json"]["schema"];
             assert_eq!(properties(&doc, schema), *members, "{method} {path}");
-            // Every member is always present, but consume's `transaction`: an
-            // answer remembered before it existed replays without it.
+            // Every member is always present, but consume's `transaction` (an
+            // answer remembered before it existed replays without it) and the
+            // receipt members of a priced charge (`price`, settle's `capped`).
             let name = schema["$ref"].as_str().unwrap().rsplit('/').next().unwrap();
             let required = doc["components"]["schemas"][name]["required"]
                 .as_array()
                 .unwrap();
-            let optional = usize::from(name == "ConsumeAnswer");
+            let optional = match name {
+                "ConsumeAnswer" => 2,
+                "SettleAnswer" => 2,
+                _ => 0,
+            };
             assert_eq!(required.len() + optional, members.len(), "{name}");
             // Only the POSTs that take a key declare it; path parameters are left to `http::openapi`.
             let header = json!([{"name": "Idempotency-Key", "in": "header", "required": false,

@@ -110,9 +110,9 @@ pub async fn guard(
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let claims = match state.auth.verify_header(header).await {
+    let (claims, api_key) = match authenticate(&state, header).await {
         Ok(c) => c,
-        Err(AuthError::KeysUnavailable) => {
+        Err(Refusal::Auth(AuthError::KeysUnavailable)) => {
             return ApiError::from(crate::error::Error::Unavailable {
                 what: "jwks",
                 retry_after: 5,
@@ -120,7 +120,8 @@ pub async fn guard(
             })
             .into_response()
         }
-        Err(e) => {
+        Err(Refusal::Down(e)) => return ApiError::from(e).into_response(),
+        Err(Refusal::Auth(e)) => {
             let addr = req
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
@@ -145,6 +146,15 @@ pub async fn guard(
         Status::Deleted if erasing_again(req.method(), req.uri().path(), &claims.sub) => None,
         Status::Deleted => Some(crate::error::Error::AccountDeleted.into()),
     };
+    // A key's scopes decide what it may reach (docs/api.md "API keys").
+    let status_refused = status_refused.or_else(|| {
+        let grant = api_key.as_ref()?;
+        let why = crate::api_keys::refusal(&grant.scopes, class, req.method(), req.uri().path())?;
+        Some(ApiError::forbidden(why))
+    });
+    if let Some(grant) = api_key {
+        req.extensions_mut().insert(KeyCaller(grant.key_id));
+    }
     // The caller's own credit writes leave the limit to the credit script
     // (same slot, one round trip), usage/track to its events budget's check;
     // the guard decides it afterwards only when
@@ -201,6 +211,48 @@ pub async fn guard(
     };
     put_headers(resp.headers_mut(), &shown);
     resp
+}
+
+/// The request came with an API key (this one), not a login: key management
+/// refuses it whatever the guard decided.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyCaller(pub uuid::Uuid);
+
+/// Why a request was not authenticated.
+enum Refusal {
+    Auth(AuthError),
+    /// The key store could not answer (503).
+    Down(crate::error::Error),
+}
+
+/// The caller of an `Authorization` header: an API key's user (never an
+/// admin) with the key's grant, or a token's claims.
+async fn authenticate(
+    state: &AppState,
+    header: Option<&str>,
+) -> Result<(Claims, Option<crate::api_keys::Grant>), Refusal> {
+    let token = crate::auth::bearer_token(header).ok();
+    let Some(key) = token.filter(|t| crate::api_keys::is_api_key(t)) else {
+        let claims = state
+            .auth
+            .verify_header(header)
+            .await
+            .map_err(Refusal::Auth)?;
+        return Ok((claims, None));
+    };
+    match state.api_keys.verify(key).await {
+        Ok(grant) => {
+            let claims = Claims {
+                sub: grant.user_id.clone(),
+                email: None,
+                name: None,
+                admin: false,
+            };
+            Ok((claims, Some(grant)))
+        }
+        Err(crate::api_keys::Refused::Unavailable(e)) => Err(Refusal::Down(e)),
+        Err(e) => Err(Refusal::Auth(AuthError::Invalid(e.to_string()))),
+    }
 }
 
 /// Failed authentication is limited per client address; over the limit the

@@ -81,7 +81,7 @@ async fn audit(
 /// Sections of the export after `user`, in order: (member, rows as JSON text).
 /// Every table that holds rows of the user, oldest first. `usage_event_ids`
 /// is left out: it holds only the ids of the exported usage rows.
-const SECTIONS: [(&str, &str); 13] = [
+const SECTIONS: [(&str, &str); 15] = [
     ("subscriptions", "select to_jsonb(t)::text from subscriptions t where user_id = $1 order by created_at, id"),
     ("credit_transactions", "select to_jsonb(t)::text from credit_transactions t where user_id = $1 order by created_at, id"),
     ("credit_holds", "select to_jsonb(t)::text from credit_holds t where user_id = $1 order by created_at, id"),
@@ -95,6 +95,13 @@ const SECTIONS: [(&str, &str); 13] = [
     ("credit_daily", "select to_jsonb(t)::text from credit_daily t where user_id = $1 order by day, model, provider, feature, session_id"),
     ("model_usage", "select to_jsonb(t)::text from model_usage t where user_id = $1 order by occurred_at, id"),
     ("feature_usage", "select to_jsonb(t)::text from feature_usage t where user_id = $1 order by occurred_at, id"),
+    // Spend alerts: the configuration without its signing secret, with its thresholds.
+    ("alert_configs", concat!(
+        "select ((to_jsonb(c) - 'webhook_secret') || jsonb_build_object('thresholds', coalesce((select jsonb_agg(",
+        "jsonb_build_object('kind', t.kind, 'value', t.value, 'created_at', t.created_at) order by t.kind, t.value) ",
+        "from alert_thresholds t where t.owner_kind = c.owner_kind and t.owner_id = c.owner_id), '[]'::jsonb)))::text ",
+        "from alert_configs c where owner_kind = 'user' and owner_id = $1")),
+    ("alerts", "select to_jsonb(a)::text from alerts a where owner_kind = 'user' and owner_id = $1 order by at, id"),
     ("credit_balance", "select jsonb_build_object('credits_balance', credits_balance)::text from users where id = $1"),
 ];
 
@@ -273,6 +280,8 @@ struct Scrubbed {
     credit_transactions: u64,
     credit_holds: u64,
     idempotency_records: u64,
+    alerts: u64,
+    alert_configs: u64,
 }
 
 /// Erase a user's personal data
@@ -394,6 +403,16 @@ async fn erase_in_postgres(
     // Durable idempotency records go whole (a retry of a deleted account is
     // refused anyway); the worker stores none for a deleted user.
     s.idempotency_records = run("delete from idempotency_records where user_id = $1")
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    // Spend alerts go whole (their thresholds with the configuration); the
+    // worker raises none for a deleted user.
+    s.alerts = run("delete from alerts where owner_kind = 'user' and owner_id = $1")
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    s.alert_configs = run("delete from alert_configs where owner_kind = 'user' and owner_id = $1")
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -547,6 +566,12 @@ pub struct ExportAnswer {
     /// `feature_usage` rows, oldest first.
     #[schema(value_type = Vec<Object>)]
     pub feature_usage: Vec<serde_json::Value>,
+    /// The spend-alert configuration (without its secret), with its thresholds.
+    #[schema(value_type = Vec<Object>)]
+    pub alert_configs: Vec<serde_json::Value>,
+    /// The spend alerts raised, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub alerts: Vec<serde_json::Value>,
     /// The settled balance; null if the user row is gone.
     pub credit_balance: Option<ExportBalance>,
 }

@@ -47,6 +47,7 @@ pub(crate) async fn track(
 ) -> Result<Response> {
     let (shape, mut events) = parse_track(&body, user.id(), chrono::Utc::now())?;
     one_session_identity(&state, user.id(), shape, &mut events).await?;
+    crate::usage::price_events(&mut events, state.pricing.book().as_deref());
     let n = events.len();
     // The per-event budget (docs/rate-limits.md), known only now that the body is parsed:
     // a valid request of n events costs n, before anything is published. The

@@ -146,6 +146,8 @@ pub async fn store(
             _ => {}
         }
     }
+    // Spend alerts crossed by these rows, in this transaction (docs/credits.md "Spend alerts").
+    crate::alerts::crossing::record(tx, &effects.settled).await?;
     Ok(())
 }
 
@@ -200,6 +202,11 @@ async fn settle_consumes(
     )
     .fetch_one(&mut **tx)
     .await?;
+    let receipts: Vec<(Uuid, &CreditContext)> = rows
+        .iter()
+        .map(|r| (r.consume.transaction_id, &r.consume.context))
+        .collect();
+    store_receipts(tx, &receipts).await?;
     let records: Vec<(&str, &IdempotencyRecord, Uuid)> = rows
         .iter()
         .filter_map(|r| {
@@ -210,6 +217,40 @@ async fn settle_consumes(
         .collect();
     store_records(tx, &records).await?;
     Ok(n as usize)
+}
+
+/// Writes each new ledger row's receipt (`price`, the entry and tokens it was
+/// priced by) and `cached_tokens`, in the transaction that wrote the row
+/// (docs/credits.md "Price book"). Only a row without a price gets one, so a
+/// redelivered event changes nothing.
+async fn store_receipts(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[(Uuid, &CreditContext)],
+) -> Result<(), sqlx::Error> {
+    let rows: Vec<&(Uuid, &CreditContext)> = rows
+        .iter()
+        .filter(|(_, c)| c.price.is_some() || c.cached_tokens.is_some())
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.0).collect();
+    let prices: Vec<Option<String>> = rows
+        .iter()
+        .map(|r| r.1.price.as_ref().map(|p| serde_json::json!(p).to_string()))
+        .collect();
+    let cached: Vec<Option<i64>> = rows.iter().map(|r| r.1.cached_tokens).collect();
+    sqlx::query(
+        "update credit_transactions t set price = r.price::jsonb, cached_tokens = r.cached \
+         from unnest($1::uuid[], $2::text[], $3::int8[]) as r(id, price, cached) \
+         where t.id = r.id and t.price is null and t.cached_tokens is null",
+    )
+    .bind(&ids)
+    .bind(&prices)
+    .bind(&cached)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Stores durable idempotency records (user, record, the movement's id), in
@@ -311,6 +352,9 @@ async fn settle(
     .bind(hold_id)
     .fetch_one(&mut **tx)
     .await?;
+    if applied {
+        store_receipts(tx, &[(id, c)]).await?;
+    }
     Ok(applied)
 }
 

@@ -82,12 +82,13 @@ pub async fn store(
         // Personal data of a user deleted meanwhile is stripped as it lands.
         sqlx::query(
             "insert into model_usage (id, user_id, session_id, provider, model, prompt_tokens, \
-             completion_tokens, latency_ms, success, metadata, occurred_at, received_at) \
+             completion_tokens, latency_ms, success, metadata, occurred_at, received_at, credits) \
              select t.id, t.user_id, t.session_id, t.provider, t.model, t.pt, t.ct, t.lat, t.ok, \
-                    case when u.status = 'deleted' then null else t.meta end, t.occ, t.rec \
+                    case when u.status = 'deleted' then null else t.meta end, t.occ, t.rec, t.credits \
              from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], \
-                         $7::int8[], $8::int8[], $9::bool[], $10::jsonb[], $11::timestamptz[], $12::timestamptz[]) \
-                  as t(id, user_id, session_id, provider, model, pt, ct, lat, ok, meta, occ, rec) \
+                         $7::int8[], $8::int8[], $9::bool[], $10::jsonb[], $11::timestamptz[], $12::timestamptz[], \
+                         $13::int8[]) \
+                  as t(id, user_id, session_id, provider, model, pt, ct, lat, ok, meta, occ, rec, credits) \
              left join users u on u.id = t.user_id \
              on conflict do nothing",
         )
@@ -103,6 +104,7 @@ pub async fn store(
         .bind(&m.meta)
         .bind(&m.occ)
         .bind(&m.rec)
+        .bind(&m.credits)
         .execute(&mut **tx)
         .await?;
     }
@@ -200,6 +202,8 @@ struct ModelCols {
     meta: Vec<Option<Value>>,
     occ: Vec<DateTime<Utc>>,
     rec: Vec<DateTime<Utc>>,
+    /// What the event would cost by the gateway's price book (docs/credits.md "Price book").
+    credits: Vec<Option<i64>>,
 }
 
 impl ModelCols {
@@ -226,6 +230,7 @@ impl ModelCols {
         self.meta.push(e.metadata.clone());
         self.occ.push(e.occurred_at);
         self.rec.push(e.received_at);
+        self.credits.push(e.credits);
     }
 }
 

@@ -20,6 +20,7 @@ pub(crate) const LOCK_PARTITIONS: i64 = 0x5653_4302;
 pub(crate) const LOCK_HOLD_EXPIRY: i64 = 0x5653_4303;
 pub(crate) const LOCK_RECONCILE: i64 = 0x5653_4304;
 pub(crate) const LOCK_IDEMPOTENCY: i64 = 0x5653_4305;
+pub(crate) const LOCK_WEBHOOKS: i64 = 0x5653_4341;
 
 pub async fn run(ctx: Ctx, shutdown: CancellationToken) {
     tokio::join!(
