@@ -21,6 +21,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/admin/pricing": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        /**
+         * Set one price (admin)
+         * @description Applies at once on this gateway and within `pricing.refresh_ms` on every other.
+         */
+        put: operations["put_api_admin_pricing"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/admin/users": {
         parameters: {
             query?: never;
@@ -129,6 +149,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/pricing": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The price book */
+        get: operations["get_api_pricing"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/users/{id}": {
         parameters: {
             query?: never;
@@ -157,6 +194,81 @@ export interface paths {
          *     time).
          */
         delete: operations["delete_api_users__id_"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/users/{id}/alerts": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Read spend alerts
+         * @description The thresholds and webhook URL, without the secret.
+         */
+        get: operations["get_api_users__id__alerts"];
+        /**
+         * Set spend alerts
+         * @description Replaces the thresholds (at most 10: `balance_below` 0..=2^53−1 credits,
+         *     `spent_pct` 1..=100 % of the month's allowance) and the webhook. The
+         *     answer carries `webhook_secret` when this PUT made one (a new URL, or
+         *     `rotate_secret`); it is never shown again.
+         */
+        put: operations["put_api_users__id__alerts"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/users/{id}/api-keys": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List a user's API keys
+         * @description The live keys, oldest first, without the keys themselves. Not with an API key.
+         */
+        get: operations["get_api_users__id__api_keys"];
+        put?: never;
+        /**
+         * Create an API key
+         * @description The answer holds the key itself, this once: only its SHA-256 is stored.
+         *     A user has at most `api_keys.max_per_user` live keys (default 20); one more
+         *     is 422 naming `api_keys`. Not with an API key.
+         */
+        post: operations["post_api_users__id__api_keys"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/users/{id}/api-keys/{key_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /**
+         * Revoke an API key
+         * @description Refused on every gateway within 5 s (at once on this one). Revoking a
+         *     revoked key again is 204; an unknown key, or another user's, is 404.
+         *     Not with an API key.
+         */
+        delete: operations["delete_api_users__id__api_keys__key_id_"];
         options?: never;
         head?: never;
         patch?: never;
@@ -404,6 +516,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/vscode/user/alerts": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The caller's recent alerts
+         * @description The last 30 days, newest first (at most 200), whether or not a webhook
+         *     took them: for the extension's status bar.
+         */
+        get: operations["get_api_vscode_user_alerts"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/vscode/user/balance": {
         parameters: {
             query?: never;
@@ -522,6 +655,48 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** @description A configuration as stored (the secret only in the answer of the PUT that made it). */
+        AlertConfig: {
+            thresholds: components["schemas"]["Threshold"][];
+            /**
+             * Format: date-time
+             * @description Null before the first PUT.
+             */
+            updated_at?: string | null;
+            /** @description `whsec_` + base64: the HMAC-SHA256 key of `webhook-signature`. Shown once. */
+            webhook_secret?: string | null;
+            webhook_url?: string | null;
+        };
+        /** @description One raised alert. */
+        AlertItem: {
+            /**
+             * Format: date-time
+             * @description When it was raised.
+             */
+            at: string;
+            /** @description Whether the webhook acknowledged it. */
+            delivered: boolean;
+            id: string;
+            kind: components["schemas"]["ThresholdKind"];
+            /** Format: int64 */
+            value: number;
+        };
+        /** @description `GET /api/vscode/user/alerts`: the last 30 days, newest first. */
+        AlertList: {
+            alerts: components["schemas"]["AlertItem"][];
+        };
+        /** @description `PUT /api/users/:id/alerts`: the whole configuration (it replaces the old one). */
+        AlertsBody: {
+            /** @description Make a new signing secret for the same URL. */
+            rotate_secret?: boolean;
+            /** @description At most 10, no two alike. */
+            thresholds: components["schemas"]["Threshold"][];
+            /**
+             * @description Where alerts are POSTed; absent or null: no webhook. In production
+             *     `https://` and a public address only.
+             */
+            webhook_url?: string | null;
+        };
         /**
          * @description The answer of `GET /api/vscode/analytics` (docs/api.md "Analytics"). Kept as JSON in
          *     the Redis cache (`analytics::store`): a view that does not read as this type (one cached
@@ -746,6 +921,7 @@ export interface components {
              * @description Spendable balance after the consume.
              */
             balance: number;
+            price?: null | components["schemas"]["PriceReceipt"];
             /**
              * Format: int64
              * @description The balance again, under the original client's name.
@@ -763,9 +939,14 @@ export interface components {
             /** @description The user charged. */
             user_id: string;
         };
-        /** @description `POST /api/users/:id/credits/consume`, with the original client's names. */
+        /**
+         * @description `POST /api/users/:id/credits/consume`, with the original client's names.
+         *     Without `amount`, the token counts are priced by the book (`provider` and
+         *     `model` required; docs/credits.md "Price book").
+         */
         ConsumeBody: {
-            amount: components["schemas"]["Credits1"];
+            amount?: null | components["schemas"]["Credits1"];
+            cached_tokens?: null | components["schemas"]["TokenCount"];
             completion_tokens?: null | components["schemas"]["TokenCount"];
             description?: null | components["schemas"]["FreeText1024"];
             feature?: null | components["schemas"]["Label64"];
@@ -795,6 +976,25 @@ export interface components {
              *     transaction id (a UUIDv7), so a retry under the same id answers the same time.
              */
             timestamp: string;
+        };
+        CreateKeyBody: {
+            /** @description The caller's label for the key (e.g. the machine it is for). */
+            name: string;
+            /** @description What the key may do: at least one, none twice. */
+            scopes: components["schemas"]["Scope"][];
+        };
+        /** @description `POST /api/users/{id}/api-keys`: the key, shown this once (201). */
+        CreatedKey: {
+            /** Format: date-time */
+            created_at: string;
+            /** @description The key itself (`vsk_` + 43 characters). Never shown again: only its hash is stored. */
+            key: string;
+            /** Format: uuid */
+            key_id: string;
+            name: string;
+            /** @description The key's first characters, as lists show them. */
+            prefix: string;
+            scopes: components["schemas"]["Scope"][];
         };
         /** @description One entry of `creditHistory`: one ledger row. */
         CreditHistoryEntry: {
@@ -921,6 +1121,10 @@ export interface components {
          *     section is the table's row as Postgres's `to_jsonb` shows it.
          */
         ExportAnswer: {
+            /** @description The spend-alert configuration (without its secret), with its thresholds. */
+            alert_configs: Record<string, never>[];
+            /** @description The spend alerts raised, oldest first. */
+            alerts: Record<string, never>[];
             /** @description `api_rate_limits` rows (rate-limit overrides). */
             api_rate_limits: Record<string, never>[];
             /** @description `audit_log` rows about the user, oldest first. */
@@ -1088,6 +1292,27 @@ export interface components {
             /** @description Soonest to expire first. */
             holds: components["schemas"]["OpenHold"][];
             user_id: string;
+        };
+        /** @description `GET /api/users/{id}/api-keys`: the live keys, oldest first. */
+        KeyList: {
+            api_keys: components["schemas"]["KeyView"][];
+        };
+        /** @description One live key in a list (never the key itself). */
+        KeyView: {
+            /** Format: date-time */
+            created_at: string;
+            /** Format: uuid */
+            key_id: string;
+            /**
+             * Format: date-time
+             * @description When the key was last used, to the minute (written at most once a
+             *     minute per key); null if never.
+             */
+            last_used_at: string | null;
+            name: string;
+            /** @description The key's first characters (`vsk_` + 8). */
+            prefix: string;
+            scopes: components["schemas"]["Scope"][];
         };
         /** @enum {string} */
         Kind: "model" | "feature";
@@ -1353,6 +1578,72 @@ export interface components {
             /** @description Whose preferences change. */
             user_id: string;
         };
+        /** @description `PUT /api/admin/pricing`. */
+        PriceBody: {
+            cached_per_mtok?: null | components["schemas"]["Credits0"];
+            completion_per_mtok: components["schemas"]["Credits0"];
+            /** @description The model, or `*` for the provider's default. */
+            model: components["schemas"]["Label128"];
+            prompt_per_mtok: components["schemas"]["Credits0"];
+            provider: components["schemas"]["Label64"];
+        };
+        /** @description `GET /api/pricing`. */
+        PriceBookAnswer: {
+            /**
+             * Format: date-time
+             * @description When this gateway loaded the book it answers from (RFC 3339 UTC).
+             */
+            as_of?: string | null;
+            /** @description Every entry, by provider then model (`*`: the provider's default). */
+            entries: components["schemas"]["PriceEntry"][];
+        };
+        /** @description One entry of the book, as `GET /api/pricing` lists it. */
+        PriceEntry: {
+            /**
+             * Format: int64
+             * @description Credits per million cached (prompt-cache) tokens.
+             */
+            cached_per_mtok: number;
+            /**
+             * Format: int64
+             * @description Credits per million completion tokens.
+             */
+            completion_per_mtok: number;
+            /** @description The model, or `*` for the provider's default. */
+            model: string;
+            /**
+             * Format: int64
+             * @description Credits per million prompt tokens.
+             */
+            prompt_per_mtok: number;
+            provider: string;
+            /**
+             * Format: date-time
+             * @description When an admin last set it (RFC 3339, milliseconds, UTC).
+             */
+            updated_at: string;
+        };
+        /**
+         * @description A charge's `price` (docs/credits.md "Price book"): the entry matched
+         *     (`model` `*` for the provider's default), its rates per million tokens,
+         *     and the counts priced. Only for the document; the value is `common::events::Price`.
+         */
+        PriceReceipt: {
+            /** Format: int64 */
+            cached_per_mtok: number;
+            /** Format: int64 */
+            cached_tokens: number;
+            /** Format: int64 */
+            completion_per_mtok: number;
+            /** Format: int64 */
+            completion_tokens: number;
+            model: string;
+            /** Format: int64 */
+            prompt_per_mtok: number;
+            /** Format: int64 */
+            prompt_tokens: number;
+            provider: string;
+        };
         /**
          * @description The `application/problem+json` body of every error (RFC 9457), with the
          *     original backend's `error` and `message` beside `title` and `detail`.
@@ -1555,6 +1846,11 @@ export interface components {
          * @enum {string}
          */
         ReadyStatus: "ready" | "unavailable";
+        /**
+         * @description What a key may do.
+         * @enum {string}
+         */
+        Scope: "usage:write" | "credits:write" | "read";
         /** @description `GET /api/admin/users`. */
         SearchAnswer: {
             /** @description By id. */
@@ -1663,6 +1959,9 @@ export interface components {
              * @description Spendable balance after the settle.
              */
             balance: number;
+            /** @description True when the priced amount passed the hold and was capped at it; absent otherwise. */
+            capped?: boolean;
+            price?: null | components["schemas"]["PriceReceipt"];
             /**
              * Format: int64
              * @description Credits of the hold returned to the balance.
@@ -1671,9 +1970,13 @@ export interface components {
             /** @description The ledger transaction of the settle (a UUID, one per hold). */
             transaction_id: string;
         };
-        /** @description `POST /api/users/:id/credits/holds/:hold_id/settle`. */
+        /**
+         * @description `POST /api/users/:id/credits/holds/:hold_id/settle`. Without `amount`, the
+         *     token counts are priced by the book and capped at the held amount.
+         */
         SettleBody: {
-            amount: components["schemas"]["Credits0"];
+            amount?: null | components["schemas"]["Credits0"];
+            cached_tokens?: null | components["schemas"]["TokenCount"];
             completion_tokens?: null | components["schemas"]["TokenCount"];
             model?: null | components["schemas"]["Label128"];
             prompt_tokens?: null | components["schemas"]["TokenCount"];
@@ -1790,6 +2093,20 @@ export interface components {
             status: string;
             subscription?: null | components["schemas"]["CompatSubscription"];
         };
+        /** @description One threshold. */
+        Threshold: {
+            kind: components["schemas"]["ThresholdKind"];
+            /**
+             * Format: int64
+             * @description balance_below: credits, 0..=2^53−1; spent_pct: percent, 1..=100.
+             */
+            value: number;
+        };
+        /**
+         * @description What an alert watches.
+         * @enum {string}
+         */
+        ThresholdKind: "balance_below" | "spent_pct";
         /** @description One entry of `timeline`. */
         TimelineEntry: {
             /**
@@ -1871,7 +2188,7 @@ export interface components {
             /** @description `grant`, `consume`, `refund` or `adjustment`. */
             kind: string;
             model?: string | null;
-            /** @description The price used (credits per million tokens); `null` until a price book exists. */
+            /** @description The receipt of a charge priced by the book (docs/credits.md "Price book"); `null` for an explicit amount. */
             price?: Record<string, never> | null;
             /** Format: int64 */
             prompt_tokens?: number | null;
@@ -1968,6 +2285,109 @@ export interface operations {
             };
             /** @description Forbidden, suspended or deleted account */
             403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    put_api_admin_pricing: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PriceBody"];
+            };
+        };
+        responses: {
+            /** @description The entry as stored */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PriceEntry"];
+                };
+            };
+            /** @description Body is not JSON */
+            400: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Body is not application/json */
+            415: {
                 headers: {
                     /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
                     "X-Request-Id": string;
@@ -2742,6 +3162,83 @@ export interface operations {
             };
         };
     };
+    get_api_pricing: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The book this gateway prices by */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PriceBookAnswer"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description The book was never loaded (Postgres unavailable) */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     delete_api_users__id_: {
         parameters: {
             query?: never;
@@ -2763,6 +3260,507 @@ export interface operations {
                 content: {
                     "application/json": components["schemas"]["ErasureAnswer"];
                 };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_api_users__id__alerts: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The configuration */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AlertConfig"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    put_api_users__id__alerts: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["AlertsBody"];
+            };
+        };
+        responses: {
+            /** @description The configuration as stored */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AlertConfig"];
+                };
+            };
+            /** @description Body is not JSON */
+            400: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_api_users__id__api_keys: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The live keys */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["KeyList"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    post_api_users__id__api_keys: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CreateKeyBody"];
+            };
+        };
+        responses: {
+            /** @description The key, shown once */
+            201: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CreatedKey"];
+                };
+            };
+            /** @description Body is not JSON */
+            400: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    delete_api_users__id__api_keys__key_id_: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: string;
+                key_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Revoked */
+            204: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content?: never;
             };
             /** @description Missing or invalid token */
             401: {
@@ -4195,6 +5193,83 @@ export interface operations {
             };
             /** @description Body is not application/json */
             415: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_api_vscode_user_alerts: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The alerts */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AlertList"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
                 headers: {
                     /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
                     "X-Request-Id": string;
