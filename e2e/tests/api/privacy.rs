@@ -235,7 +235,7 @@ async fn an_export_holds_the_users_email_sessions_usage_and_ledger() {
 }
 
 /// Every row of every table whose text contains `needle`, as `table: row`.
-async fn rows_containing(app: &TestApp, needle: &str) -> Vec<String> {
+pub(crate) async fn rows_containing(app: &TestApp, needle: &str) -> Vec<String> {
     let tables: Vec<String> = sqlx::query_scalar(
         "select table_name::text from information_schema.tables \
          where table_schema = 'public' and table_type = 'BASE TABLE'",
@@ -259,7 +259,7 @@ async fn rows_containing(app: &TestApp, needle: &str) -> Vec<String> {
 }
 
 /// Every key of the app's prefix with its value(s) as text.
-async fn redis_dump(app: &TestApp) -> Vec<(String, String)> {
+pub(crate) async fn redis_dump(app: &TestApp) -> Vec<(String, String)> {
     let mut conn = app.redis.get().await.unwrap();
     let pattern = format!("{}:*", app.settings.redis.key_prefix);
     let mut cursor: u64 = 0;

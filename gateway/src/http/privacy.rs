@@ -81,7 +81,7 @@ async fn audit(
 /// Sections of the export after `user`, in order: (member, rows as JSON text).
 /// Every table that holds rows of the user, oldest first. `usage_event_ids`
 /// is left out: it holds only the ids of the exported usage rows.
-const SECTIONS: [(&str, &str); 15] = [
+const SECTIONS: [(&str, &str); 16] = [
     ("subscriptions", "select to_jsonb(t)::text from subscriptions t where user_id = $1 order by created_at, id"),
     ("credit_transactions", "select to_jsonb(t)::text from credit_transactions t where user_id = $1 order by created_at, id"),
     ("credit_holds", "select to_jsonb(t)::text from credit_holds t where user_id = $1 order by created_at, id"),
@@ -102,6 +102,8 @@ const SECTIONS: [(&str, &str); 15] = [
         "from alert_thresholds t where t.owner_kind = c.owner_kind and t.owner_id = c.owner_id), '[]'::jsonb)))::text ",
         "from alert_configs c where owner_kind = 'user' and owner_id = $1")),
     ("alerts", "select to_jsonb(a)::text from alerts a where owner_kind = 'user' and owner_id = $1 order by at, id"),
+    // API keys as their metadata: never the key (not stored) nor its hash.
+    ("api_keys", "select (to_jsonb(t) - 'key_hash')::text from api_keys t where user_id = $1 order by created_at, key_id"),
     ("credit_balance", "select jsonb_build_object('credits_balance', credits_balance)::text from users where id = $1"),
 ];
 
@@ -282,6 +284,7 @@ struct Scrubbed {
     idempotency_records: u64,
     alerts: u64,
     alert_configs: u64,
+    api_keys: u64,
 }
 
 /// Erase a user's personal data
@@ -416,6 +419,9 @@ async fn erase_in_postgres(
         .execute(&mut *tx)
         .await?
         .rows_affected();
+    // API keys go whole (their names are the user's text); their Redis
+    // records become tombstones before the commit.
+    s.api_keys = state.api_keys.erase(&mut tx, id).await?;
     let by = if actor == id { "self" } else { "admin" };
     audit(
         &mut tx,
@@ -572,6 +578,9 @@ pub struct ExportAnswer {
     /// The spend alerts raised, oldest first.
     #[schema(value_type = Vec<Object>)]
     pub alerts: Vec<serde_json::Value>,
+    /// The API keys, revoked ones included, without their hashes.
+    #[schema(value_type = Vec<Object>)]
+    pub api_keys: Vec<serde_json::Value>,
     /// The settled balance; null if the user row is gone.
     pub credit_balance: Option<ExportBalance>,
 }

@@ -1125,6 +1125,8 @@ export interface components {
             alert_configs: Record<string, never>[];
             /** @description The spend alerts raised, oldest first. */
             alerts: Record<string, never>[];
+            /** @description The API keys, revoked ones included, without their hashes. */
+            api_keys: Record<string, never>[];
             /** @description `api_rate_limits` rows (rate-limit overrides). */
             api_rate_limits: Record<string, never>[];
             /** @description `audit_log` rows about the user, oldest first. */
