@@ -435,6 +435,8 @@ async fn the_ledger_is_append_only_except_for_nulling_description_and_metadata()
         "update credit_transactions set user_id = user_id || 'x' where id = $1",
         "update credit_transactions set metadata = '{\"file\": \"other.rs\"}' where id = $1",
         "update credit_transactions set description = 'rewritten' where id = $1",
+        "update credit_transactions set model = 'other' where id = $1",
+        "update credit_transactions set prompt_tokens = 1 where id = $1",
         "delete from credit_transactions where id = $1",
     ] {
         let r = sqlx::query(update).bind(event).execute(&pool).await;
@@ -463,6 +465,21 @@ async fn the_ledger_is_append_only_except_for_nulling_description_and_metadata()
         .await
         .unwrap();
     assert_eq!((metadata, description, amount), (None, None, -10));
+
+    // The receipt (0005): set once from null, as the worker does, then frozen.
+    sqlx::query("update credit_transactions set price = '{\"model\": \"m\"}', cached_tokens = 3 where id = $1")
+        .bind(event)
+        .execute(&pool)
+        .await
+        .expect("a receipt may be written once");
+    for update in [
+        "update credit_transactions set price = '{\"model\": \"cheaper\"}' where id = $1",
+        "update credit_transactions set price = null where id = $1",
+        "update credit_transactions set cached_tokens = 0 where id = $1",
+    ] {
+        let r = sqlx::query(update).bind(event).execute(&pool).await;
+        assert!(r.is_err(), "{update} should raise");
+    }
     assert_ledger_consistent(&pool, &user).await;
 }
 
