@@ -227,7 +227,14 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 /// Stores `checked` as the user's whole configuration, in one transaction:
 /// thresholds that stay keep their rows (and so their once-per-period keys),
 /// the others go.
-pub async fn put(pg: &PgPool, user: &str, checked: &Checked) -> Result<AlertConfig> {
+/// Audited (`alerts.set`, with the request id): the thresholds and what
+/// happened to the webhook, never its URL or secret.
+pub async fn put(
+    pg: &PgPool,
+    by: crate::audit::Action<'_>,
+    user: &str,
+    checked: &Checked,
+) -> Result<AlertConfig> {
     let mut tx = pg.begin().await?;
     let old: Option<(Option<String>, Option<String>)> = sqlx::query_as(
         "select webhook_url, webhook_secret from alert_configs \
@@ -281,6 +288,19 @@ pub async fn put(pg: &PgPool, user: &str, checked: &Checked) -> Result<AlertConf
     .bind(&values)
     .execute(&mut *tx)
     .await?;
+    let webhook = match (old_url.as_deref(), new_url.as_deref()) {
+        (None, None) => "none",
+        (None, Some(_)) => "set",
+        (Some(_), None) => "removed",
+        (Some(a), Some(b)) if a == b => "kept",
+        (Some(_), Some(_)) => "changed",
+    };
+    let details = serde_json::json!({
+        "thresholds": checked.thresholds,
+        "webhook": webhook,
+        "new_secret": plan == SecretPlan::New,
+    });
+    crate::audit::insert(&mut tx, by, &details).await?;
     if plan == SecretPlan::Drop {
         // Nothing left to send them to.
         sqlx::query(

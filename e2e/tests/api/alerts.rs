@@ -337,6 +337,39 @@ async fn the_secret_is_shown_for_a_new_url_or_a_rotation_and_export_and_erasure_
     let rotated = put_alerts(&app, &user, &token, &body(true)).await.1;
     let new = rotated["webhook_secret"].as_str().unwrap();
     assert_ne!(new, secret);
+    // Each PUT is audited with its request id: the thresholds and what became of the webhook,
+    // never its URL or secret.
+    let audited: Vec<(String, Option<String>, Value)> = sqlx::query_as(
+        "select actor, request_id, details from audit_log where action = 'alerts.set' and target = $1 order by id",
+    )
+    .bind(&user)
+    .fetch_all(&app.pg)
+    .await
+    .unwrap();
+    let shape: Vec<(&str, &Value, &Value)> = audited
+        .iter()
+        .map(|(actor, _, d)| (actor.as_str(), &d["webhook"], &d["new_secret"]))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            (user.as_str(), &json!("set"), &json!(true)),
+            (user.as_str(), &json!("kept"), &json!(false)),
+            (user.as_str(), &json!("kept"), &json!(true)),
+        ]
+    );
+    for (_, rid, details) in &audited {
+        assert!(rid.as_deref().is_some_and(|r| !r.is_empty()));
+        assert_eq!(
+            details["thresholds"],
+            json!([{"kind": "spent_pct", "value": 80}])
+        );
+        let text = details.to_string();
+        assert!(
+            !text.contains("127.0.0.1") && !text.contains(new) && !text.contains(&secret),
+            "{text}"
+        );
+    }
 
     let export = get_json(&app, &format!("/api/users/{user}/export"), &token).await;
     let configs = export["alert_configs"].as_array().unwrap();

@@ -14,6 +14,7 @@ use super::guard::CurrentUser;
 use super::target::{provision_other, Target};
 use super::{guarded, Class};
 use crate::alerts::{AlertConfig, AlertList, AlertsBody};
+use crate::audit::{Action, RequestId};
 use crate::state::AppState;
 
 pub fn router(state: &AppState) -> Router<AppState> {
@@ -39,6 +40,7 @@ pub(crate) async fn put_alerts(
     State(state): State<AppState>,
     caller: CurrentUser,
     Target(id): Target,
+    RequestId(rid): RequestId,
     deadline: Deadline,
     ApiJson(body): ApiJson<AlertsBody>,
 ) -> Result<Json<AlertConfig>> {
@@ -49,7 +51,15 @@ pub(crate) async fn put_alerts(
     }
     provision_other(&state, &caller, &id).await?;
     deadline.commit()?;
-    Ok(Json(crate::alerts::put(&state.pg, &id, &checked).await?))
+    let by = Action {
+        actor: caller.id(),
+        action: "alerts.set",
+        target: Some(&id),
+        request_id: &rid,
+    };
+    Ok(Json(
+        crate::alerts::put(&state.pg, by, &id, &checked).await?,
+    ))
 }
 
 /// Read spend alerts
