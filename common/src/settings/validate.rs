@@ -176,12 +176,58 @@ impl Settings {
                 "must be at least 20",
             ));
         }
+        section_bounds(&self.api_keys, &self.pricing, &self.alerts)?;
         // TLS: the files exist and parse; each AMQP node URL is valid.
         super::tls::TlsMaterial::load(&self.tls)?;
         crate::amqp::connect::node_urls(&self.amqp.url)
             .map_err(|reason| SettingsError::new("AMQP_URL", reason))?;
         Ok(())
     }
+}
+
+/// The bounds of the API-key, price-book and alert settings (SPEC §5.11): a
+/// zero would refuse every key or stall a loop, and the 5 s the contract gives
+/// a revocation or a price change must hold whatever is configured.
+fn section_bounds(
+    keys: &super::ApiKeySettings,
+    pricing: &super::PricingSettings,
+    alerts: &super::AlertSettings,
+) -> Result<(), SettingsError> {
+    for (key, value, min, max) in [
+        ("api_keys.max_per_user", keys.max_per_user as u64, 1, 10_000),
+        ("api_keys.cache_ttl_ms", keys.cache_ttl_ms, 0, 3_000),
+        ("pricing.refresh_ms", pricing.refresh_ms, 100, 4_000),
+        (
+            "alerts.poll_interval_ms",
+            alerts.poll_interval_ms,
+            10,
+            3_600_000,
+        ),
+        ("alerts.timeout_ms", alerts.timeout_ms, 100, 60_000),
+        (
+            "alerts.max_attempts",
+            u64::from(alerts.max_attempts),
+            1,
+            100,
+        ),
+        (
+            "alerts.backoff_base_ms",
+            alerts.backoff_base_ms,
+            1,
+            86_400_000,
+        ),
+        (
+            "alerts.backoff_max_ms",
+            alerts.backoff_max_ms,
+            alerts.backoff_base_ms,
+            7 * 86_400_000,
+        ),
+    ] {
+        if !(min..=max).contains(&value) {
+            return Err(SettingsError::new(key, format!("must be {min}..={max}")));
+        }
+    }
+    Ok(())
 }
 
 /// The shortest `JWT_SECRET` production accepts: 256 bits, HS256's own size.
@@ -262,6 +308,52 @@ mod tests {
         ] {
             assert!(!is_loopback_authority(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn key_price_and_alert_settings_are_bounded_and_name_their_key() {
+        use crate::settings::{AlertSettings, ApiKeySettings, PricingSettings};
+        let keys = ApiKeySettings {
+            max_per_user: 20,
+            cache_ttl_ms: 2000,
+        };
+        let pricing = PricingSettings::default();
+        let alerts = AlertSettings {
+            poll_interval_ms: 1000,
+            timeout_ms: 5000,
+            max_attempts: 12,
+            backoff_base_ms: 5000,
+            backoff_max_ms: 3_600_000,
+        };
+        assert!(section_bounds(&keys, &pricing, &alerts).is_ok());
+        let key = |k: &ApiKeySettings, p: &PricingSettings, a: &AlertSettings| {
+            section_bounds(k, p, a).unwrap_err().key
+        };
+        let no_keys = ApiKeySettings {
+            max_per_user: 0,
+            ..keys.clone()
+        };
+        assert_eq!(key(&no_keys, &pricing, &alerts), "api_keys.max_per_user");
+        let slow_revoke = ApiKeySettings {
+            cache_ttl_ms: 5000,
+            ..keys.clone()
+        };
+        assert_eq!(
+            key(&slow_revoke, &pricing, &alerts),
+            "api_keys.cache_ttl_ms"
+        );
+        let slow_book = PricingSettings { refresh_ms: 5000 };
+        assert_eq!(key(&keys, &slow_book, &alerts), "pricing.refresh_ms");
+        let never = AlertSettings {
+            max_attempts: 0,
+            ..alerts.clone()
+        };
+        assert_eq!(key(&keys, &pricing, &never), "alerts.max_attempts");
+        let upside_down = AlertSettings {
+            backoff_max_ms: 1000,
+            ..alerts.clone()
+        };
+        assert_eq!(key(&keys, &pricing, &upside_down), "alerts.backoff_max_ms");
     }
 
     #[test]
