@@ -22,6 +22,7 @@ mod original_sessions;
 mod pricing;
 mod privacy;
 mod profile_cache;
+mod rabbit_cluster;
 mod rate_limits;
 mod reads;
 mod reconcile;
