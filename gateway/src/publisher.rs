@@ -155,9 +155,20 @@ impl Publisher {
         let result = if tokio::time::Instant::now() >= deadline {
             Err(PublishError::Timeout)
         } else {
-            tokio::time::timeout_at(deadline, self.publish_inner(envelope))
-                .await
-                .unwrap_or(Err(PublishError::Timeout))
+            loop {
+                let r = tokio::time::timeout_at(deadline, self.publish_inner(envelope))
+                    .await
+                    .unwrap_or(Err(PublishError::Timeout));
+                match r {
+                    Err(PublishError::Nacked)
+                        if retry_after_nack(tokio::time::Instant::now(), deadline) =>
+                    {
+                        tracing::debug!("the broker nacked a message; sending it again");
+                        tokio::time::sleep(NACK_RETRY).await;
+                    }
+                    r => break r,
+                }
+            }
         };
         let outcome = if result.is_ok() { "ack" } else { "fail" };
         metrics::counter!("publish_confirms_total", "outcome" => outcome).increment(1);
@@ -324,6 +335,19 @@ async fn connect(inner: &Inner) -> anyhow::Result<(lapin::Connection, Channel)> 
 /// waits for one of `max_in_flight` publish slots (a slot is held until the
 /// broker confirms). So a quiet gateway publishes at once, and a busy one
 /// sends fewer, larger messages as confirms take longer: group commit.
+/// The pause before a nacked message is sent again. A quorum queue nacks
+/// publishes for some seconds after a node of its cluster stops (seen in the
+/// RabbitMQ node-stop test), then takes them again; a repeat of a message the
+/// broker did keep is dropped by the worker by its event or transaction ids.
+const NACK_RETRY: Duration = Duration::from_millis(100);
+
+/// Whether a nacked publish is sent again: only while another attempt and its
+/// confirm still fit before the deadline. Otherwise the nack is the answer
+/// (the message surely failed: 503, and a consume's reservation is undone).
+fn retry_after_nack(now: tokio::time::Instant, deadline: tokio::time::Instant) -> bool {
+    now + NACK_RETRY * 2 <= deadline
+}
+
 async fn run_batcher<T: Send + 'static>(
     publisher: Publisher,
     mut rx: mpsc::Receiver<BatchItem<T>>,
@@ -396,5 +420,20 @@ async fn run_batcher<T: Send + 'static>(
                 let _ = w.send(result.clone());
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nack_is_retried_only_while_another_attempt_fits_before_the_deadline() {
+        let now = tokio::time::Instant::now();
+        assert!(retry_after_nack(now, now + Duration::from_secs(5)));
+        assert!(retry_after_nack(now, now + NACK_RETRY * 2));
+        assert!(!retry_after_nack(now, now + NACK_RETRY));
+        assert!(!retry_after_nack(now, now));
+        assert!(!retry_after_nack(now + Duration::from_secs(1), now));
     }
 }
