@@ -64,7 +64,7 @@ pub fn plaintext_stores(settings: &Settings) -> Vec<&'static str> {
     if !postgres_requires_tls(&settings.database.url) {
         out.push("postgres");
     }
-    if settings.redis.url.starts_with("redis://") {
+    if settings.redis.plaintext() {
         out.push("redis");
     }
     let amqp = crate::amqp::connect::node_urls(&settings.amqp.url).unwrap_or_default();
@@ -111,7 +111,7 @@ pub fn redis_client(url: &str, material: &TlsMaterial) -> redis::RedisResult<red
 
 /// The system roots as PEM, followed by `ca`: redis-rs trusts a given
 /// bundle *instead of* the system roots, so both go in it.
-fn system_roots_with(ca: &[u8]) -> redis::RedisResult<Vec<u8>> {
+pub(crate) fn system_roots_with(ca: &[u8]) -> redis::RedisResult<Vec<u8>> {
     let found = rustls_native_certs::load_native_certs();
     let mut pem = Vec::new();
     for cert in found.certs {

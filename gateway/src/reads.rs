@@ -182,7 +182,7 @@ pub fn open_holds(raw: &[(String, String)], now_ms: i64) -> Vec<(Uuid, i64, i64)
 /// Postgres rows still open are the answer then.
 pub async fn holds(
     pg: &PgPool,
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut common::redis::Conn,
     keys: &common::redis::keys::Keys,
     user_id: &str,
 ) -> Result<HoldsAnswer> {
@@ -346,7 +346,7 @@ pub fn limits_at(
 /// Reads every class's TAT and Redis's clock in one round trip (the keys
 /// share the user's slot) and computes where each stands; nothing is spent.
 pub async fn limits(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut common::redis::Conn,
     keys: &common::redis::keys::Keys,
     rec: &crate::users::UserRecord,
     admin: bool,

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisError};
+use common::redis::{Client, Conn};
+use redis::RedisError;
 
 /// While Redis is marked down, one request per this interval probes it
 /// (reconnects); every other request takes its fallback without waiting.
@@ -32,12 +32,16 @@ pub enum LinkError {
 }
 
 pub struct RedisLink {
-    client: redis::Client,
+    /// A node or a cluster (`common::redis::conn`). On a cluster a failed
+    /// command concerns its slot's node only: it never trips the breaker (the
+    /// cluster connection reconnects per node), so the users of healthy slots
+    /// are served while one master is away.
+    client: Client,
     /// Bound on connecting and on each round trip (`redis.timeout_ms`).
     timeout: Duration,
     /// The shared connection and its generation; `None` until the first use
     /// and after a failure.
-    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    current: Mutex<Option<(u64, Conn)>>,
     /// Numbers connections, so a late failure on an old one leaves its
     /// replacement alone.
     generation: AtomicU64,
@@ -51,9 +55,23 @@ pub struct RedisLink {
 impl RedisLink {
     /// Checks the URL only; the first use connects (`redis://host/N` selects db N).
     pub fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let client = common::tls::redis_client(url, common::tls::material())
-            .map_err(|e| anyhow::anyhow!("REDIS_URL: {e}"))?;
-        Ok(Self {
+        Ok(Self::with_client(
+            Client::single(url, common::tls::material())?,
+            timeout,
+        ))
+    }
+
+    /// The link of the settings: a cluster when `redis.cluster_urls` is set.
+    pub fn from_settings(redis: &common::settings::RedisSettings) -> anyhow::Result<Self> {
+        let client = Client::from_settings(redis, common::tls::material())?;
+        Ok(Self::with_client(
+            client,
+            Duration::from_millis(redis.timeout_ms),
+        ))
+    }
+
+    pub fn with_client(client: Client, timeout: Duration) -> Self {
+        Self {
             client,
             timeout,
             current: Mutex::new(None),
@@ -61,7 +79,7 @@ impl RedisLink {
             connecting: tokio::sync::Mutex::new(()),
             breaker: Breaker::new(),
             finisher: std::sync::OnceLock::new(),
-        })
+        }
     }
 
     /// True while Redis is marked down (for readiness and logs).
@@ -74,20 +92,22 @@ impl RedisLink {
     /// marks Redis down; a Redis reply error (a script bug) does not.
     pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, LinkError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let (generation, conn) = self.conn().await?;
         match tokio::time::timeout(self.timeout, op(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                if is_link_failure(&e) {
+                if is_link_failure(&e) && !self.client.is_cluster() {
                     self.fail(generation);
                 }
                 Err(e.into())
             }
             Err(_) => {
-                self.fail(generation);
+                if !self.client.is_cluster() {
+                    self.fail(generation);
+                }
                 Err(LinkError::Timeout(self.timeout))
             }
         }
@@ -97,11 +117,11 @@ impl RedisLink {
     /// caches). Each command on it is bounded by the response timeout; a
     /// broken link is noticed (and replaced) by the next [`RedisLink::run`],
     /// which every `/api/` request makes for its rate limit.
-    pub async fn connection(&self) -> Result<MultiplexedConnection, LinkError> {
+    pub async fn connection(&self) -> Result<Conn, LinkError> {
         self.conn().await.map(|(_, c)| c)
     }
 
-    async fn conn(&self) -> Result<(u64, MultiplexedConnection), LinkError> {
+    async fn conn(&self) -> Result<(u64, Conn), LinkError> {
         if let Some(c) = self.current.lock().expect("lock").clone() {
             return Ok(c);
         }
@@ -125,12 +145,7 @@ impl RedisLink {
         if let Some(c) = self.current.lock().expect("lock").clone() {
             return Ok(c);
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(self.timeout)
-            .set_response_timeout(self.timeout);
-        let connect = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config);
+        let connect = self.client.connect(self.timeout);
         match tokio::time::timeout(self.timeout, connect).await {
             Ok(Ok(c)) => {
                 let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
@@ -291,25 +306,30 @@ impl RedisLink {
     }
 }
 
-/// One `idem_finish_many` call for a batch. Its keys span users: on one
-/// Redis node that is one script call; on Redis Cluster the batch would be
-/// split by slot first (docs/scaling.md).
+/// The `idem_finish_many` calls of a batch: one on a single node; on Redis
+/// Cluster one per slot (its keys span users), all of them tried, the first
+/// error returned.
 async fn write_finishes(link: &RedisLink, batch: &[(u64, Finish)]) -> Result<(), LinkError> {
     link.run(|mut conn| async move {
-        let mut inv = common::redis::scripts::scripts()
-            .idem_finish_many
-            .prepare_invoke();
-        for (_, f) in batch {
-            inv.key(&f.record)
-                .arg(&f.hash)
-                .arg(&f.answer)
-                .arg(f.ttl_ms)
-                .arg(&f.id);
+        let mut failed = None;
+        for group in conn.by_slot(batch, |(_, f)| f.record.as_str()) {
+            let mut inv = common::redis::scripts::scripts()
+                .idem_finish_many
+                .prepare_invoke();
+            for (_, f) in group {
+                inv.key(&f.record)
+                    .arg(&f.hash)
+                    .arg(&f.answer)
+                    .arg(f.ttl_ms)
+                    .arg(&f.id);
+            }
+            if let Err(e) = inv.invoke_async::<i64>(&mut conn).await {
+                failed.get_or_insert(e);
+            }
         }
-        inv.invoke_async::<i64>(&mut conn).await
+        failed.map_or(Ok(()), Err)
     })
     .await
-    .map(|_| ())
 }
 
 fn is_link_failure(e: &RedisError) -> bool {
@@ -387,7 +407,7 @@ impl Breaker {
 }
 
 /// A handle on the shared connection; `&mut *conn` is a `ConnectionLike`.
-pub struct LinkConn(redis::aio::MultiplexedConnection);
+pub struct LinkConn(Conn);
 
 impl RedisLink {
     /// The shared multiplexed connection as a [`LinkConn`] (503 when Redis is down).
@@ -397,7 +417,7 @@ impl RedisLink {
 }
 
 impl std::ops::Deref for LinkConn {
-    type Target = redis::aio::MultiplexedConnection;
+    type Target = Conn;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
@@ -462,6 +482,7 @@ mod tests {
     async fn one_users_refused_record_does_not_cost_the_others_in_its_finish_batch() {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
         let link = Arc::new(RedisLink::new(&url, Duration::from_secs(2)).unwrap());
+        // KEYS below reads one node: this test runs on the single node only.
         let p = format!("finish_{}", uuid::Uuid::new_v4().simple());
         let key = |u: &str| format!("{p}:{{{u}}}:idem:consume:k");
         let mut c = link.connection().await.unwrap();

@@ -33,10 +33,7 @@ pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Resul
     common::tls::init(&settings)?;
     let pg = common::db::pg_pool(&settings)?;
     let redis = common::redis::redis_pool(&settings)?;
-    let redis_link = Arc::new(RedisLink::new(
-        &settings.redis.url,
-        Duration::from_millis(settings.redis.timeout_ms),
-    )?);
+    let redis_link = Arc::new(RedisLink::from_settings(&settings.redis)?);
     let keys = Keys::new(&settings.redis.key_prefix);
     let recovery = Arc::new(crate::credits::recovery::Recovery::new());
     let credits = CreditStore {

@@ -42,7 +42,7 @@ impl std::ops::Deref for AppState {
 pub struct Shared {
     pub settings: Arc<Settings>,
     pub pg: PgPool,
-    pub redis: deadpool_redis::Pool,
+    pub redis: common::redis::Pool,
     /// One multiplexed connection with a breaker, for the per-request hot
     /// path (rate limits, user lookups): no stall while Redis is down.
     pub redis_link: Arc<RedisLink>,

@@ -89,38 +89,43 @@ pub async fn drop_namespace(settings: &Settings) {
         }
         let _ = conn.close(200, "bye").await;
     }
-    drop_redis_keys(&settings.redis.url, &settings.redis.key_prefix).await;
+    drop_redis_keys(&settings.redis, &settings.redis.key_prefix).await;
 }
 
-/// Deletes every key under `prefix:` (SCAN, so Redis is never blocked).
-pub async fn drop_redis_keys(url: &str, prefix: &str) {
-    let Ok(client) = redis::Client::open(url) else {
+/// The store variables a test passes on from its environment:
+/// `TEST_REDIS_CLUSTER_URLS` becomes `REDIS_CLUSTER_URLS` (the suites then
+/// run against a Redis Cluster, each test still apart by its key prefix).
+pub fn store_vars() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Ok(urls) = std::env::var("TEST_REDIS_CLUSTER_URLS") {
+        if !urls.trim().is_empty() {
+            out.push(("REDIS_CLUSTER_URLS".to_string(), urls));
+        }
+    }
+    out
+}
+
+/// Whether the tests run against a Redis Cluster (`TEST_REDIS_CLUSTER_URLS`).
+pub fn on_redis_cluster() -> bool {
+    !store_vars().is_empty()
+}
+
+/// Deletes every key under `prefix:` (SCAN, so Redis is never blocked; on
+/// a cluster, of every master).
+pub async fn drop_redis_keys(redis: &common::settings::RedisSettings, prefix: &str) {
+    let material = common::tls::TlsMaterial::default();
+    let Ok(client) = common::redis::Client::from_settings(redis, &material) else {
         return;
     };
-    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+    let Ok(mut c) = client.connect(std::time::Duration::from_secs(5)).await else {
         return;
     };
     let pattern = format!("{prefix}:*");
-    let mut cursor: u64 = 0;
-    loop {
-        let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut c)
-            .await
-        else {
-            return;
-        };
-        if !keys.is_empty() {
-            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
-        }
-        if next == 0 {
-            return;
-        }
-        cursor = next;
+    let Ok(keys) = common::redis::scan_match(&mut c, &pattern).await else {
+        return;
+    };
+    for chunk in keys.chunks(1000) {
+        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query_async(&mut c).await;
     }
 }
 

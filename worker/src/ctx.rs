@@ -14,7 +14,7 @@ use sqlx::PgPool;
 pub struct Ctx {
     pub settings: Arc<Settings>,
     pub pg: PgPool,
-    pub redis: deadpool_redis::Pool,
+    pub redis: common::redis::Pool,
     pub keys: Keys,
     pub topology: Topology,
 }

@@ -481,7 +481,7 @@ async fn the_reconciler_keeps_a_stale_reservation_while_a_live_consumer_holds_de
         .query_async(&mut *redis)
         .await
         .unwrap();
-    let pending = |mut c: deadpool_redis::Connection| {
+    let pending = |mut c: common::redis::PoolConn| {
         let key = ctx.keys.pending("payer");
         async move {
             let n: i64 = redis::cmd("HLEN")

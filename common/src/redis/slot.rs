@@ -39,6 +39,19 @@ pub fn slot_of(tag: &str) -> u16 {
     crc16(tag.as_bytes()) % SLOTS
 }
 
+/// The cluster slot of a whole key: its hash tag (the first `{...}` with
+/// something inside) when it has one, else the key.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        rest.iter()
+            .position(|&b| b == b'}')
+            .filter(|&close| close > 0)
+            .map(|close| &rest[..close])
+    });
+    crc16(tagged.unwrap_or(key)) % SLOTS
+}
+
 /// A short hash tag that lands in `slot`: the slot sentinels are named with
 /// these, so a user's scripts can read their slot's sentinel atomically.
 pub fn slot_tag(slot: u16) -> &'static str {
@@ -84,6 +97,11 @@ mod tests {
         assert_eq!(crc16(b"123456789"), 0x31C3);
         assert_eq!(slot_of("foo"), 12182);
         assert_eq!(slot_of("somekey"), 11058);
+        // Hash tags as CLUSTER KEYSLOT reads them.
+        assert_eq!(key_slot(b"p:{foo}:credits"), 12182);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"p:{}:foo"), crc16(b"p:{}:foo") % SLOTS);
+        assert_eq!(key_slot(b"{foo}{bar}"), 12182);
     }
 
     #[test]

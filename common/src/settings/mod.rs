@@ -72,12 +72,35 @@ pub struct DatabaseSettings {
 #[derive(Debug, Clone, Deserialize)]
 pub struct RedisSettings {
     pub url: String,
+    /// Redis Cluster nodes, comma-separated (`REDIS_CLUSTER_URLS`); when set,
+    /// the binaries use a cluster client and `url` is unused.
+    pub cluster_urls: String,
     pub pool_size: usize,
     /// Every key starts with this, so tests (and co-tenants) stay apart.
     /// It must not contain `{` or `}`: the first hash tag of a key is the user.
     pub key_prefix: String,
     /// Bound on one Redis round trip; past it the dependency counts as down.
     pub timeout_ms: u64,
+}
+
+impl RedisSettings {
+    /// The cluster's node URLs (empty: a single node at `url`).
+    pub fn cluster_nodes(&self) -> Vec<String> {
+        self.cluster_urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    /// Whether a URL in use is plain-text TCP (`redis://`).
+    pub fn plaintext(&self) -> bool {
+        match self.cluster_nodes() {
+            nodes if nodes.is_empty() => self.url.starts_with("redis://"),
+            nodes => nodes.iter().any(|u| u.starts_with("redis://")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -350,9 +373,10 @@ const DEFAULTS: &str = include_str!("defaults.toml");
 
 /// The well-known variables, which win over every file and `APP__` key, and
 /// the key each one sets.
-pub const WELL_KNOWN: [(&str, &str); 12] = [
+pub const WELL_KNOWN: [(&str, &str); 13] = [
     ("DATABASE_URL", "database.url"),
     ("REDIS_URL", "redis.url"),
+    ("REDIS_CLUSTER_URLS", "redis.cluster_urls"),
     ("AMQP_URL", "amqp.url"),
     ("GATEWAY_LISTEN", "gateway.listen"),
     ("WORKER_LISTEN", "worker.listen"),

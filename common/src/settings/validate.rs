@@ -61,6 +61,14 @@ impl Settings {
                 ));
             }
         }
+        for url in self.redis.cluster_nodes() {
+            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                return Err(SettingsError::new(
+                    "REDIS_CLUSTER_URLS",
+                    format!("{url:?} must start with one of redis://, rediss://"),
+                ));
+            }
+        }
         for (var, addr) in [
             ("GATEWAY_LISTEN", &self.gateway.listen),
             ("WORKER_LISTEN", &self.worker.listen),

@@ -283,7 +283,8 @@ async fn a_retried_idempotency_key_replays_the_first_answer_and_charges_once() {
 
 #[tokio::test]
 async fn after_redis_loses_its_data_balances_rebuild_from_the_ledger_once_the_queue_has_settled() {
-    // FLUSHDB wipes a whole database: this test has one of its own.
+    // FLUSHDB wipes a whole database: this test has one of its own (a single
+    // node even in a cluster run: REDIS_URL set wins there, see helpers.rs).
     let app = spawn_app_with(|v| {
         v.insert("REDIS_URL".into(), "redis://127.0.0.1:6379/13".into());
         v.insert("APP__AMQP__CONFIRM_TIMEOUT_MS".into(), "2000".into());

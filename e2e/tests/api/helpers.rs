@@ -25,7 +25,7 @@ pub struct TestApp {
     pub settings: Settings,
     pub vars: HashMap<String, String>,
     pub pg: PgPool,
-    pub redis: deadpool_redis::Pool,
+    pub redis: common::redis::Pool,
     pub db_name: String,
     pub shutdown: CancellationToken,
     pub worker_shutdown: CancellationToken,
@@ -45,6 +45,8 @@ pub fn base_vars(db_name: &str, tag: &str) -> HashMap<String, String> {
     v.insert("APP__DATABASE__MAX_CONNECTIONS".into(), "5".into());
     v.insert("APP__REDIS__POOL_SIZE".into(), "8".into());
     v.insert("APP__WORKER__CLEANUP_INTERVAL_SECS".into(), "3600".into());
+    // TEST_REDIS_CLUSTER_URLS: the gateway and worker use that cluster.
+    v.extend(testkit::store_vars());
     v
 }
 
@@ -98,10 +100,15 @@ async fn spawn_gateway(vars: HashMap<String, String>, db_name: &str) -> TestApp 
 }
 
 async fn start_gateway(
-    vars: HashMap<String, String>,
+    mut vars: HashMap<String, String>,
     db_name: &str,
     wait_for_broker: bool,
 ) -> TestApp {
+    // A test that points REDIS_URL somewhere (a Redis of its own to kill or
+    // flush, a black hole) means that Redis, not the cluster of the run.
+    if vars.contains_key("REDIS_URL") {
+        vars.remove("REDIS_CLUSTER_URLS");
+    }
     let settings = Settings::load_from(Path::new("/nonexistent"), &vars).expect("settings");
     let shutdown = CancellationToken::new();
     let app = Application::build(settings.clone(), shutdown.clone())

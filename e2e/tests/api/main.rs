@@ -5,6 +5,7 @@ mod alerts;
 mod analytics;
 mod api_keys;
 mod auth;
+mod cluster_faults;
 mod compat;
 mod credits;
 mod demo;

@@ -124,10 +124,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let pg = tokio::time::timeout(t, sqlx::query("select 1").execute(&state.pg));
     let redis = tokio::time::timeout(t, async {
         let mut c = state.redis.get().await.map_err(|e| e.to_string())?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut *c)
-            .await
-            .map_err(|e| e.to_string())
+        c.ping().await.map_err(|e| e.to_string())
     });
     let (pg, redis) = tokio::join!(pg, redis);
     let pg_ok = matches!(pg, Ok(Ok(_)));

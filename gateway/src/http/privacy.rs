@@ -477,30 +477,17 @@ async fn sweep_redis(state: &AppState, id: &str) -> anyhow::Result<()> {
     let base = state.keys.user_info(id);
     let prefix = base.strip_suffix("user").unwrap_or(&base).to_string();
     let pattern = format!("{}*", glob_escape(&prefix));
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut *conn)
+    // Every master's keys on a cluster (the user's are all in one slot).
+    let keys = common::redis::scan_match(&mut conn, &pattern).await?;
+    let doomed: Vec<&String> = keys
+        .iter()
+        .filter(|k| !kept_on_erasure(k.strip_prefix(&prefix).unwrap_or(k)))
+        .collect();
+    for chunk in doomed.chunks(1000) {
+        redis::cmd("DEL")
+            .arg(chunk)
+            .query_async::<()>(&mut *conn)
             .await?;
-        let doomed: Vec<&String> = keys
-            .iter()
-            .filter(|k| !kept_on_erasure(k.strip_prefix(&prefix).unwrap_or(k)))
-            .collect();
-        if !doomed.is_empty() {
-            redis::cmd("DEL")
-                .arg(doomed)
-                .query_async::<()>(&mut *conn)
-                .await?;
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     Ok(())
 }

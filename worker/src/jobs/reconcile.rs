@@ -327,40 +327,26 @@ pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<R
     Ok(Some(repair))
 }
 
-/// Reconciles every user whose credits Redis holds (SCAN of the key prefix;
-/// on Redis Cluster this would run per node).
+/// Reconciles every user whose credits Redis holds (SCAN of the key prefix,
+/// on Redis Cluster of every master).
 pub async fn reconcile_all(ctx: &Ctx) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
     let pattern = ctx.keys.credits_pattern();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = {
-            let mut conn = ctx.redis.get().await?;
-            redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut *conn)
-                .await?
+    let keys = {
+        let mut conn = ctx.redis.get().await?;
+        common::redis::scan_match(&mut conn, &pattern).await?
+    };
+    for key in &keys {
+        let Some(user) = ctx.keys.user_of_credits_key(key) else {
+            continue;
         };
-        for key in &keys {
-            let Some(user) = ctx.keys.user_of_credits_key(key) else {
-                continue;
-            };
-            summary.users += 1;
-            match reconcile_user(ctx, user).await {
-                Ok(Some(r)) => summary.repairs.push(r),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, user_id = user, "reconcile failed for one user")
-                }
+        summary.users += 1;
+        match reconcile_user(ctx, user).await {
+            Ok(Some(r)) => summary.repairs.push(r),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, user_id = user, "reconcile failed for one user")
             }
-        }
-        cursor = next;
-        if cursor == 0 {
-            break;
         }
     }
     Ok(summary)
