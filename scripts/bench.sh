@@ -5,6 +5,8 @@
 #   scripts/bench.sh                 # everything (~6 min after the release build)
 #   BENCH_SECONDS=20 BENCH_DRAIN_EVENTS=1000000 scripts/bench.sh
 #   BENCH_TOKENS=both scripts/bench.sh  # track1 with RS256 and with HS256 tokens
+#   REDIS_CLUSTER_URLS=redis://127.0.0.1:7001,redis://127.0.0.1:7002,redis://127.0.0.1:7003 \
+#     scripts/bench.sh                # on a Redis Cluster (scripts/clusters.sh start redis-cluster)
 #
 # Builds gateway, worker and loadgen in release, starts them natively against
 # the local Postgres, Redis and RabbitMQ (a fresh database, Redis key prefix
@@ -62,13 +64,20 @@ mkdir -p "$OUT"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=$(free_port); WPORT=$(free_port); HPORT=$(free_port); JPORT=$(free_port)
 GW=""; WK=""; HELLO=""; JWKS=""
+# The Redis servers the stack uses: every node of REDIS_CLUSTER_URLS when it is set (the gateway
+# and worker then run on that cluster; scripts/clusters.sh start redis-cluster), else REDIS_URL.
+# Redis figures are summed over them; the run's keys are removed from each.
+REDIS_NODES=${REDIS_CLUSTER_URLS:-${REDIS_URL:-redis://127.0.0.1:6379}}
+REDIS_NODES=${REDIS_NODES//,/ }
 WORKER_HWM_KB=0
 
 cleanup() {
   set +e
   for p in $GW $WK $HELLO $JWKS; do kill -TERM "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   psql "$ADMIN_URL" -qtAc "drop database if exists \"$ID\" with (force)" >/dev/null 2>&1
-  redis-cli --scan --pattern "$ID:*" | xargs -r -n 500 redis-cli del >/dev/null 2>&1
+  for n in $REDIS_NODES; do
+    redis-cli -u "$n" --scan --pattern "$ID:*" | xargs -r -n 500 redis-cli -u "$n" del >/dev/null 2>&1
+  done
   for q in usage credits sessions users dead; do rabbitmqctl -q delete_queue "$ID.$q" >/dev/null 2>&1; done
   for x in events dlx; do
     rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$ID.$x\">>), false, <<\"bench\">>)." >/dev/null 2>&1
@@ -145,14 +154,15 @@ field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]
 # EVALSHA: a script's time includes the commands it calls; Redis runs them
 # one at a time on its one thread).
 redis_usec() {
-  redis-cli info commandstats | awk -F'usec=' '/^cmdstat_evalsha:/ {split($2, a, ","); s += a[1]} END {print s + 0}'
+  for n in $REDIS_NODES; do redis-cli -u "$n" info commandstats; done |
+    awk -F'usec=' '/^cmdstat_evalsha:/ {split($2, a, ","); s += a[1]} END {print s + 0}'
 }
 
 # CPU time so far, in µs: of process PID (utime + stime of /proc/PID/stat,
 # the fields after the command name), and of the Redis server on REDIS_URL (INFO cpu).
 proc_cpu_us() { sed 's/.*) //' "/proc/$1/stat" | awk -v t="$(getconf CLK_TCK)" '{printf "%d\n", ($12 + $13) * 1e6 / t}'; }
 redis_cpu_us() {
-  redis-cli -u "${REDIS_URL:-redis://127.0.0.1:6379}" info cpu | tr -d '\r' |
+  for n in $REDIS_NODES; do redis-cli -u "$n" info cpu; done | tr -d '\r' |
     awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%d\n", s * 1e6}'
 }
 

@@ -9,7 +9,7 @@
 #   scripts/clusters.sh env    [what...]   # KEY=value lines for the tests (--export: `export KEY='value'`)
 #   scripts/clusters.sh check  [what...]   # re-run the checks of running parts
 #
-#   what: certs redis-cluster rabbit-cluster pg-tls redis-tls rabbit-tls (default: all)
+#   what: certs redis-cluster rabbit-cluster pg-tls redis-tls rabbit-tls redis-cluster-tls (default: all)
 #
 # Fault helpers for the node-failure tests:
 #   scripts/clusters.sh kill-redis-master PORT      # kill -9, waits until the others flag it failed
@@ -20,7 +20,8 @@
 #
 # Ports: Redis Cluster 7001-7003 (bus 17001-17003); RabbitMQ rabbit-c{1,2,3}@localhost AMQP 5681-5683,
 # AMQPS 5691-5693, distribution 25681-25683, no management/prometheus plugins; Postgres TLS 5442;
-# Redis TLS 6390 (6391: a server whose certificate names wrong.invalid). rabbit-tls is the TLS
+# Redis TLS 6390 (6391: a server whose certificate names wrong.invalid); a TLS-only Redis Cluster
+# 7011-7013 (redis-cluster-tls, bus over TLS too). rabbit-tls is the TLS
 # listeners of the cluster nodes, so it starts rabbit-cluster.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,11 +50,12 @@ wait_until() {
 # shellcheck source=clusters/pg.sh
 . "$HERE/pg.sh"
 
-ALL=(certs redis-cluster rabbit-cluster pg-tls redis-tls rabbit-tls)
+ALL=(certs redis-cluster rabbit-cluster pg-tls redis-tls rabbit-tls redis-cluster-tls)
 fn_of() { # part -> function prefix
   case $1 in
     certs) echo certs ;; redis-cluster) echo redis_cluster ;; rabbit-cluster) echo rabbit_cluster ;;
     pg-tls) echo pg_tls ;; redis-tls) echo redis_tls ;; rabbit-tls) echo rabbit_tls ;;
+    redis-cluster-tls) echo redis_cluster_tls ;;
     *) echo "unknown part: $1 (one of: ${ALL[*]})" >&2; return 1 ;;
   esac
 }
@@ -133,7 +135,7 @@ case $cmd in
   stop-rabbit-node) t=$(now); rabbit_stop_node "${1:?N}" && echo "in $(secs_since "$t")s" || rc=1 ;;
   start-rabbit-node) t=$(now); rabbit_start_node "${1:?N}" && echo "in $(secs_since "$t")s" || rc=1 ;;
   check-quorum) rabbit_check_quorum || rc=1 ;;
-  -h|--help|help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h|--help|help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) echo "unknown command: $cmd (see scripts/clusters.sh help)" >&2; rc=2 ;;
 esac
 exit $rc

@@ -163,3 +163,63 @@ redis_tls_env() {
   echo "CLUSTER_TLS_REDIS_URL=rediss://localhost:$REDIS_TLS_PORT"
   echo "CLUSTER_TLS_REDIS_WRONG_HOST_URL=rediss://localhost:$REDIS_TLS_WRONG_PORT"
 }
+
+# Part "redis-cluster-tls": three TLS-only masters on 7011-7013 (bus 17011-17013, over TLS too),
+# client certificates required, for the run with the cluster and TLS together.
+REDIS_CLUSTER_TLS_PORTS=(7011 7012 7013)
+RCT_DIR="$STATE/redis-cluster-tls"
+
+_rct_node_start() {
+  local p=$1 d="$RCT_DIR/$1"
+  if [ "$(_rt_cli "$p" ping 2>/dev/null)" = PONG ]; then return 0; fi
+  mkdir -p "$d" && rm -rf "$d/dump.rdb" "$d/appendonlydir"
+  redis-server --port 0 --tls-port "$p" --bind 127.0.0.1 --daemonize yes --dir "$d" \
+    --pidfile "$d/redis.pid" --logfile "$d/redis.log" --save "" --appendonly no \
+    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
+    --cluster-require-full-coverage no --maxmemory-policy noeviction \
+    --tls-cluster yes --tls-replication yes --tls-auth-clients yes \
+    --tls-cert-file "$CERTS/server.crt" --tls-key-file "$CERTS/server.key" --tls-ca-cert-file "$CERTS/ca.crt" \
+    --tls-client-cert-file "$CERTS/client.crt" --tls-client-key-file "$CERTS/client.key"
+  wait_until "redis tls $p answers" 20 "[ \"\$(_rt_cli $p ping 2>/dev/null)\" = PONG ]"
+}
+
+_rct_all_ok() { local p; for p in "${REDIS_CLUSTER_TLS_PORTS[@]}"; do _rt_cli "$p" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1; done; }
+
+redis_cluster_tls_up() { _rct_all_ok; }
+
+redis_cluster_tls_start() {
+  certs_start >/dev/null || return 1
+  local p nodes=()
+  for p in "${REDIS_CLUSTER_TLS_PORTS[@]}"; do _rct_node_start "$p" || return 1; nodes+=("127.0.0.1:$p"); done
+  if [ "$(_rt_cli "${REDIS_CLUSTER_TLS_PORTS[0]}" cluster info | awk -F: '/^cluster_slots_assigned/{print $2+0}')" = 0 ]; then
+    redis-cli --tls --cacert "$CERTS/ca.crt" --cert "$CERTS/client.crt" --key "$CERTS/client.key" \
+      --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes >"$RCT_DIR/create.log" 2>&1 \
+      || { cat "$RCT_DIR/create.log" >&2; return 1; }
+  fi
+  wait_until "redis-cluster-tls state ok on every node" 60 _rct_all_ok || return 1
+  [ "$(timeout 5 redis-cli -h 127.0.0.1 -p "${REDIS_CLUSTER_TLS_PORTS[0]}" ping 2>&1)" = PONG ] \
+    && { echo "redis-cluster-tls: plain text answered" >&2; return 1; }
+  echo "redis-cluster-tls: checked (TLS only, bus over TLS, client cert required)"
+}
+
+redis_cluster_tls_stop() {
+  local p
+  for p in "${REDIS_CLUSTER_TLS_PORTS[@]}"; do
+    _rt_cli "$p" shutdown nosave >/dev/null 2>&1 || true
+    _redis_pid_alive "$RCT_DIR/$p/redis.pid" && kill "$(cat "$RCT_DIR/$p/redis.pid")" 2>/dev/null
+  done
+  for p in "${REDIS_CLUSTER_TLS_PORTS[@]}"; do
+    wait_until "redis tls $p stopped" 20 "! _redis_pid_alive '$RCT_DIR/$p/redis.pid'" || return 1
+  done
+  rm -rf "$RCT_DIR"
+}
+
+redis_cluster_tls_status() {
+  if _rct_all_ok; then echo "redis-cluster-tls: ok on ${REDIS_CLUSTER_TLS_PORTS[*]}"; else echo "redis-cluster-tls: down"; return 1; fi
+}
+redis_cluster_tls_pids() { local p; for p in "${REDIS_CLUSTER_TLS_PORTS[@]}"; do _redis_pid_alive "$RCT_DIR/$p/redis.pid" && cat "$RCT_DIR/$p/redis.pid"; done; return 0; }
+redis_cluster_tls_env() {
+  local p urls=()
+  for p in "${REDIS_CLUSTER_TLS_PORTS[@]}"; do urls+=("rediss://127.0.0.1:$p"); done
+  echo "CLUSTER_TLS_REDIS_CLUSTER_URLS=$(IFS=,; echo "${urls[*]}")"
+}

@@ -391,3 +391,133 @@ async fn a_server_whose_certificate_does_not_match_is_refused() {
     );
     println!("refused: amqp {err}");
 }
+
+/// POSTs `body` with the caller's token (and an `Idempotency-Key` when given).
+async fn post(
+    stack: &Stack,
+    path: &str,
+    token: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut req = stack
+        .client
+        .post(format!("{}{path}", stack.base))
+        .bearer_auth(token)
+        .json(body);
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let r = req.send().await.unwrap();
+    let (status, headers) = (r.status().as_u16(), r.headers().clone());
+    (status, headers, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The cluster and TLS together (issue 20): gateway and worker on the TLS Postgres, a TLS-only
+/// Redis Cluster (`rediss://` nodes, client certificates) and the three AMQPS nodes. Users spread
+/// over the masters validate a session, track, consume with a key (replayed), hold and settle;
+/// every figure is checked against the ledger.
+#[tokio::test]
+#[ignore = "needs the TLS stores: CLUSTER_TESTS=1 after scripts/clusters.sh start"]
+async fn the_stack_runs_over_tls_on_a_redis_cluster_and_three_amqps_nodes() {
+    let env = cluster_env();
+    let urls = env
+        .get("CLUSTER_TLS_REDIS_CLUSTER_URLS")
+        .expect("CLUSTER_TESTS=1 but no CLUSTER_TLS_REDIS_CLUSTER_URLS: scripts/clusters.sh start redis-cluster-tls")
+        .clone();
+    for node in urls.split(',') {
+        let addr = host_port(node);
+        assert!(
+            answers(&addr),
+            "the TLS Redis Cluster node {addr} does not answer"
+        );
+    }
+    assert_eq!(env["CLUSTER_AMQPS_URL"].split(',').count(), 3);
+    let database_url = tls_database(&env["CLUSTER_TLS_DATABASE_URL"]).await;
+    let mut vars = tls_vars(&env, &database_url);
+    vars.insert("REDIS_CLUSTER_URLS".into(), urls);
+    let stack = start(&vars, true).await;
+    let (status, body) = stack
+        .until(
+            Duration::from_secs(20),
+            "/readyz over TLS on the cluster",
+            || async {
+                let (status, body) = stack.readyz().await;
+                (status == 200).then_some((status, body))
+            },
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // At least six users, and enough that every master's third of the slots holds one.
+    let third = |u: &str| common::redis::slot::key_slot(u.as_bytes()) / 5462;
+    let mut users: Vec<(String, String)> = Vec::new();
+    let mut slots = std::collections::BTreeSet::new();
+    while users.len() < 6 || slots.len() < 3 {
+        let (u, t) = new_user();
+        slots.insert(third(&u));
+        users.push((u, t));
+    }
+    for (user, token) in &users {
+        let (s, _, v) = post(
+            &stack,
+            "/api/vscode/session/validate",
+            token,
+            None,
+            &json!({"extension_version": "1.4.0", "platform": "linux", "machine_id": "m-1"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let start_balance = v["credits"]["balance"].as_i64().unwrap();
+        let events = json!({"events": [model_event(), model_event()]});
+        let (s, headers, v) = post(&stack, "/api/vscode/usage/track", token, None, &events).await;
+        assert_eq!(s, 202, "{v}");
+        assert!(headers.contains_key("x-ratelimit-remaining"), "{headers:?}");
+        let path = format!("/api/users/{user}/credits/consume");
+        let key = uuid::Uuid::new_v4().to_string();
+        let (s, _, first) = post(&stack, &path, token, Some(&key), &json!({"amount": 7})).await;
+        assert_eq!(s, 200, "{first}");
+        let (s, _, again) = post(&stack, &path, token, Some(&key), &json!({"amount": 7})).await;
+        assert_eq!(
+            (s, &again["transaction_id"]),
+            (200, &first["transaction_id"])
+        );
+        let path = format!("/api/users/{user}/credits/holds");
+        let (s, _, hold) = post(&stack, &path, token, None, &json!({"amount": 20})).await;
+        assert_eq!(s, 200, "{hold}");
+        let settle = format!("{path}/{}/settle", hold["hold_id"].as_str().unwrap());
+        let (s, _, settled) = post(&stack, &settle, token, None, &json!({"amount": 12})).await;
+        assert_eq!(s, 200, "{settled}");
+        assert_eq!(settled["balance"], start_balance - 19, "{settled}");
+
+        let sql = "select count(*) from model_usage where user_id = $1";
+        stack
+            .until(Duration::from_secs(20), "2 events stored", || async {
+                (stack.count(sql, user).await == 2).then_some(())
+            })
+            .await;
+        let sql =
+            "select count(*) from credit_transactions where user_id = $1 and kind = 'consume'";
+        stack
+            .until(
+                Duration::from_secs(20),
+                "2 consumes in the ledger",
+                || async { (stack.count(sql, user).await == 2).then_some(()) },
+            )
+            .await;
+        let ledger: i64 = sqlx::query_scalar(
+            "select coalesce(sum(amount), 0)::int8 from credit_transactions where user_id = $1",
+        )
+        .bind(user)
+        .fetch_one(&stack.pg)
+        .await
+        .unwrap();
+        assert_eq!(ledger, start_balance - 19);
+    }
+    println!(
+        "tls + redis cluster: {} users on {} of 3 masters' slot ranges: session, 2 events, a keyed consume replayed, \
+         a hold settled, each = its ledger; over TLS to postgres, a TLS redis cluster and 3 amqps nodes",
+        users.len(),
+        slots.len()
+    );
+}
