@@ -25,11 +25,16 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// The URL of database `name` on the admin URL's server.
+/// The URL of database `name` on the admin URL's server, with the admin URL's
+/// parameters (e.g. `?sslmode=verify-full&sslrootcert=…` for a TLS server).
 pub fn db_url(name: &str) -> String {
     let admin = admin_url();
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    format!("{base}/{name}")
+    let (head, query) = match admin.split_once('?') {
+        Some((head, query)) => (head, format!("?{query}")),
+        None => (admin.as_str(), String::new()),
+    };
+    let base = head.rsplit_once('/').map(|(b, _)| b).unwrap_or(head);
+    format!("{base}/{name}{query}")
 }
 
 /// A fresh tag for a test's Redis key prefix and AMQP namespace.
@@ -89,17 +94,31 @@ pub async fn drop_namespace(settings: &Settings) {
         }
         let _ = conn.close(200, "bye").await;
     }
-    drop_redis_keys(&settings.redis, &settings.redis.key_prefix).await;
+    let material = common::tls::TlsMaterial::load(&settings.tls).unwrap_or_default();
+    drop_redis_keys(&settings.redis, &material, &settings.redis.key_prefix).await;
 }
 
-/// The store variables a test passes on from its environment:
-/// `TEST_REDIS_CLUSTER_URLS` becomes `REDIS_CLUSTER_URLS` (the suites then
-/// run against a Redis Cluster, each test still apart by its key prefix).
+/// The store variables a test passes on from its environment, so the same
+/// suites run against other stores than the machine's (CI's TLS and cluster
+/// steps): `TEST_REDIS_CLUSTER_URLS` becomes `REDIS_CLUSTER_URLS` (a Redis
+/// Cluster, each test still apart by its key prefix), `TEST_AMQP_URL`
+/// becomes `AMQP_URL` (e.g. three `amqps://` nodes), and `APP__TLS__*` (the
+/// CA file and client identity of TLS stores) pass as they are. The database
+/// server is `TEST_DATABASE_ADMIN_URL`'s ([`admin_url`]).
 pub fn store_vars() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    if let Ok(urls) = std::env::var("TEST_REDIS_CLUSTER_URLS") {
-        if !urls.trim().is_empty() {
-            out.push(("REDIS_CLUSTER_URLS".to_string(), urls));
+    let renamed = [
+        ("TEST_REDIS_CLUSTER_URLS", "REDIS_CLUSTER_URLS"),
+        ("TEST_AMQP_URL", "AMQP_URL"),
+        ("APP__TLS__CA_FILE", "APP__TLS__CA_FILE"),
+        ("APP__TLS__CLIENT_CERT_FILE", "APP__TLS__CLIENT_CERT_FILE"),
+        ("APP__TLS__CLIENT_KEY_FILE", "APP__TLS__CLIENT_KEY_FILE"),
+    ];
+    for (from, to) in renamed {
+        if let Ok(value) = std::env::var(from) {
+            if !value.trim().is_empty() {
+                out.push((to.to_string(), value));
+            }
         }
     }
     out
@@ -107,14 +126,17 @@ pub fn store_vars() -> Vec<(String, String)> {
 
 /// Whether the tests run against a Redis Cluster (`TEST_REDIS_CLUSTER_URLS`).
 pub fn on_redis_cluster() -> bool {
-    !store_vars().is_empty()
+    store_vars().iter().any(|(k, _)| k == "REDIS_CLUSTER_URLS")
 }
 
 /// Deletes every key under `prefix:` (SCAN, so Redis is never blocked; on
 /// a cluster, of every master).
-pub async fn drop_redis_keys(redis: &common::settings::RedisSettings, prefix: &str) {
-    let material = common::tls::TlsMaterial::default();
-    let Ok(client) = common::redis::Client::from_settings(redis, &material) else {
+pub async fn drop_redis_keys(
+    redis: &common::settings::RedisSettings,
+    material: &common::tls::TlsMaterial,
+    prefix: &str,
+) {
+    let Ok(client) = common::redis::Client::from_settings(redis, material) else {
         return;
     };
     let Ok(mut c) = client.connect(std::time::Duration::from_secs(5)).await else {
