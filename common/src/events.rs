@@ -198,6 +198,11 @@ pub struct CreditContext {
     /// gateway's publisher, kept by the worker in the ledger row's metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// The organization whose pool pays, when the user spends as its member
+    /// (docs/credits.md "Organizations"): the ledger row carries it, and the
+    /// pool's balance moves instead of the user's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
 }
 
 /// A charge's receipt (docs/credits.md "Price book"): the entry it was priced
@@ -297,6 +302,11 @@ pub struct HoldReleased {
     pub held: i64,
     /// `released` (DELETE) or `expired` (nobody settled it in time).
     pub reason: String,
+    /// The organization whose pool held it (docs/credits.md "Organizations").
+    /// A hold a gateway found expired on a pool names the pool's account
+    /// (`org:ORG_ID`) as `user_id`, not knowing the member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -271,7 +271,7 @@ impl Run {
         let uk = UserKeys::new(&keys, user);
         let _: () = conn.set(&uk.sentinel, "1").unwrap();
         let mut inv = uk.invoke(&scripts().init, LONG_MS as u64);
-        inv.arg(ledger).arg("");
+        inv.arg(ledger).arg("").arg("");
         for (id, h) in holds {
             inv.arg(id).arg(h.json());
         }

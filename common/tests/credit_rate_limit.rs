@@ -52,6 +52,7 @@ fn the_merged_scripts_and_the_model_agree_on_limit_and_reservation() {
         .invoke(&scripts().init, LONG_MS as u64)
         .arg(1000)
         .arg("")
+        .arg("")
         .invoke(&mut c)
         .unwrap();
     assert_eq!(Reply::parse(init).unwrap().kind(), Tag::Ok);

@@ -25,8 +25,14 @@ pub enum Error {
     #[error("this account has been deleted")]
     AccountDeleted,
     /// The balance cannot cover `required` (0 when the figure is not known yet).
+    /// For an organization member, `limit` names what refused it: `pool` or
+    /// `member_cap` (SPEC 5.11); `balance` is then what the member may spend.
     #[error("the balance cannot cover this amount")]
-    InsufficientCredits { balance: i64, required: i64 },
+    InsufficientCredits {
+        balance: i64,
+        required: i64,
+        limit: Option<&'static str>,
+    },
     /// An idempotency key reused with another body, or still running.
     #[error("{0}")]
     IdempotencyConflict(String),

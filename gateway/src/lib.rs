@@ -27,6 +27,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod operator;
+pub mod orgs;
 
 pub mod profile;
 pub mod publisher;

@@ -42,6 +42,7 @@ pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Resul
         keys: keys.clone(),
         recovery: recovery.clone(),
         limits: CreditLimits::new(&settings),
+        memberships: Default::default(),
     };
     let sessions = SessionStore {
         redis_link: redis_link.clone(),

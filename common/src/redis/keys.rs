@@ -22,6 +22,24 @@ impl Keys {
         format!("{}:{{{user_id}}}:{what}", self.prefix)
     }
 
+    /// The account id of an organization's pool: its keys are built like a
+    /// user's under the hash tag `{org:ORG_ID}` (user ids never hold a `:`),
+    /// so the credit scripts run on it unchanged (docs/credits.md "Organizations").
+    pub fn org_account(org_id: &str) -> String {
+        format!("org:{org_id}")
+    }
+
+    /// The organization of an account id built by [`Keys::org_account`].
+    pub fn org_of_account(account: &str) -> Option<&str> {
+        account.strip_prefix("org:")
+    }
+
+    /// Hash beside an organization's `credits`: `m:USER` cap per member, `s:USER`
+    /// settled this `period` (`lua/member.lua`).
+    pub fn org_members(&self, org_id: &str) -> String {
+        self.user(&Self::org_account(org_id), "members")
+    }
+
     /// Hash: plan, status, overrides (`rl:CLASS` = "limit/window"), profile cache.
     pub fn user_info(&self, user_id: &str) -> String {
         self.user(user_id, "user")
@@ -228,6 +246,13 @@ mod tests {
         assert_eq!(k.hold_end("u", "h1"), "vsc:{u}:hold_end:h1");
         assert_eq!(k.user_of_credits_key(&k.credits("user_1")), Some("user_1"));
         assert_eq!(k.user_of_credits_key("vsc:{u}:pending"), None);
+        let org = Keys::org_account("acme");
+        assert_eq!(k.credits(&org), "vsc:{org:acme}:credits");
+        assert_eq!(k.org_members("acme"), "vsc:{org:acme}:members");
+        assert_eq!(
+            Keys::org_of_account(k.user_of_credits_key(&k.credits(&org)).unwrap()),
+            Some("acme")
+        );
     }
 
     #[test]

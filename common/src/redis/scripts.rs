@@ -48,6 +48,7 @@ macro_rules! with_prelude {
             include_str!("lua/idem_check.lua"),
             include_str!("lua/hold_limit.lua"),
             include_str!("lua/idem_steps.lua"),
+            include_str!("lua/member.lua"),
             include_str!(concat!("lua/", $body)),
         )
     };
@@ -92,6 +93,15 @@ pub struct Scripts {
     pub read: ::redis::Script,
     /// `init.lua`: load a user from Postgres. LOST | EXISTS | OK.
     pub init: ::redis::Script,
+    /// `org_init.lua`: load an organization's account and member hash from Postgres.
+    /// LOST | EXISTS | OK.
+    pub org_init: ::redis::Script,
+    /// `member_set.lua`: a committed membership change on the organization's
+    /// account. LOST | MISSING | OK.
+    pub member_set: ::redis::Script,
+    /// `user_org.lua`: a committed membership change on the user's account.
+    /// LOST | MISSING | OK.
+    pub user_org: ::redis::Script,
     /// `grant_apply.lua`: add a committed admin grant once. LOST | MISSING | OK.
     pub grant_apply: ::redis::Script,
     /// `snapshot.lua`: the reconciler's view. LOST | MISSING | OK.
@@ -132,6 +142,9 @@ pub fn scripts() -> &'static Scripts {
             hold_unrelease: Script::new(with_prelude!("hold_unrelease.lua")),
             read: Script::new(with_prelude!("read.lua")),
             init: Script::new(with_prelude!("init.lua")),
+            org_init: Script::new(with_prelude!("org_init.lua")),
+            member_set: Script::new(with_prelude!("member_set.lua")),
+            user_org: Script::new(with_prelude!("user_org.lua")),
             grant_apply: Script::new(with_prelude!("grant_apply.lua")),
             snapshot: Script::new(with_prelude!("snapshot.lua")),
             drop_settled: Script::new(with_prelude!("drop_settled.lua")),
@@ -303,10 +316,17 @@ pub fn hold_json(amount: i64, expires_at_ms: i64) -> String {
     format!(r#"{{"amount":{amount},"expires_at_ms":{expires_at_ms}}}"#)
 }
 
-/// A pending value "amount:reserved_at_ms".
+/// A pending value "amount:reserved_at_ms", or "amount:USER:reserved_at_ms" for an organization
+/// member's reservation (`lua/member.lua`): the amount and the time.
 pub fn parse_pending(value: &str) -> Option<(i64, i64)> {
-    let (a, t) = value.split_once(':')?;
+    let (a, rest) = value.split_once(':')?;
+    let t = rest.rsplit(':').next()?;
     Some((a.parse().ok()?, t.parse().ok()?))
+}
+
+/// A hold's JSON on an organization's account: the member's id in `m` (`lua/member.lua`).
+pub fn member_hold_json(amount: i64, expires_at_ms: i64, member: &str) -> String {
+    format!(r#"{{"amount":{amount},"expires_at_ms":{expires_at_ms},"m":"{member}"}}"#)
 }
 
 /// A script's reply tag, parsed once (the tags each script answers are listed
@@ -354,13 +374,17 @@ pub enum Tag {
     Released,
     /// Refused by the rate limit the script decided first (see [`Reply::rate_limit`]).
     Limited,
+    /// The user is not a member of the organization whose account the script ran on.
+    NotMember,
+    /// An organization member's cap cannot cover it (fields: what the member may spend, held).
+    Cap,
     /// A tag this build does not know (a newer script, or a bug).
     Unknown(String),
 }
 
 impl Tag {
     /// Every known tag (not [`Tag::Unknown`]).
-    pub const KNOWN: [Tag; 21] = [
+    pub const KNOWN: [Tag; 23] = [
         Tag::Lost,
         Tag::Missing,
         Tag::Ok,
@@ -382,6 +406,8 @@ impl Tag {
         Tag::NotDue,
         Tag::Released,
         Tag::Limited,
+        Tag::NotMember,
+        Tag::Cap,
     ];
 
     pub fn parse(tag: &str) -> Self {
@@ -407,6 +433,8 @@ impl Tag {
             "NOT_DUE" => Self::NotDue,
             "RELEASED" => Self::Released,
             "LIMITED" => Self::Limited,
+            "NOT_MEMBER" => Self::NotMember,
+            "CAP" => Self::Cap,
             other => Self::Unknown(other.to_string()),
         }
     }
@@ -435,6 +463,8 @@ impl Tag {
             Self::NotDue => "NOT_DUE",
             Self::Released => "RELEASED",
             Self::Limited => "LIMITED",
+            Self::NotMember => "NOT_MEMBER",
+            Self::Cap => "CAP",
             Self::Unknown(tag) => tag,
         }
     }
@@ -609,6 +639,7 @@ mod tests {
         );
         assert_eq!(parse_pending(&format!("{max}:17")), Some((max, 17)));
         assert_eq!(parse_pending("5"), None);
+        assert_eq!(parse_pending("5:user_1:17"), Some((5, 17)));
         assert_eq!(
             Heartbeat::parse("0:100:200"),
             Some(Heartbeat {

@@ -546,6 +546,7 @@ async fn redis_time_per_consume_before_and_after_the_merge() {
                 .invoke(&scripts().init, 60_000)
                 .arg(1_000_000_000)
                 .arg("")
+                .arg("")
                 .invoke_async(&mut c)
                 .await
                 .unwrap();

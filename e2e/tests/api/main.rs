@@ -17,6 +17,7 @@ mod limits;
 mod openapi;
 mod operator;
 mod ops;
+mod orgs;
 mod original_analytics;
 mod original_profile;
 mod original_sessions;

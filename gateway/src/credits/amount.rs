@@ -216,6 +216,8 @@ impl ConsumeBody {
                 metadata: self.metadata.map(Metadata::into_inner),
                 // Set by the publisher from the request's scope.
                 request_id: None,
+                // Set by the credit flow when the user spends an organization's pool.
+                org_id: None,
             },
         ))
     }

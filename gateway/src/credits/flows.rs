@@ -18,6 +18,7 @@ use super::idempotency::{
     derived_id, idem_args, refused_ttl_ms, running_ms, settle_id, ttl_ms, Answer, HoldEnd, Idem,
     Remembered,
 };
+use super::orgs::{self, Account};
 use super::reserve::{bad_reply, expect_tag, remember, reserve_keyed, run, Keyed, Reuse};
 use super::store::balance;
 use super::store::CreditStore;
@@ -71,11 +72,14 @@ pub(super) fn publish_expired(publisher: &Publisher, user_id: &str, expired: &[E
             let Ok(hold_id) = h.hold_id.parse::<Uuid>() else {
                 continue;
             };
+            // On a pool, `user` is its account id (`org:ORG_ID`): the worker
+            // marks the hold by its id.
             let ev = Event::HoldReleased(HoldReleased {
                 hold_id,
                 user_id: user.clone(),
                 held: h.amount,
                 reason: "expired".into(),
+                org_id: common::redis::keys::Keys::org_of_account(&user).map(str::to_string),
             });
             if let Err(e) = publish(&publisher, &user, ev).await {
                 tracing::warn!(error = %e, %hold_id, "expired hold not published; the worker's expiry job marks it");
@@ -84,7 +88,47 @@ pub(super) fn publish_expired(publisher: &Publisher, user_id: &str, expired: &[E
     });
 }
 
-/// docs/api.md "Credits": reserve, publish with confirm, answer.
+/// The account a user's reservation runs on, and again on their own balance
+/// when the pool answered that they are no longer a member (`None`).
+macro_rules! on_account {
+    ($store:expr, $user_id:expr, |$acct:ident| $run:expr) => {{
+        let first = orgs::account($store, $user_id).await?;
+        let member = first != Account::Own;
+        let $acct = &first;
+        match $run.await? {
+            Some(answer) => Ok(answer),
+            None if member => {
+                $store.memberships.forget($user_id);
+                let $acct = &Account::Own;
+                $run.await?.ok_or_else(|| {
+                    Error::Internal(anyhow::anyhow!("a user's own balance answered NOT_MEMBER"))
+                })
+            }
+            None => Err(Error::Internal(anyhow::anyhow!(
+                "a user's own balance answered NOT_MEMBER"
+            ))),
+        }
+    }};
+}
+
+/// A member's refusal by the pool says so (`limit: pool`).
+fn pool_limit(e: Error, acct: &Account) -> Error {
+    match e {
+        Error::InsufficientCredits {
+            balance,
+            required,
+            limit: None,
+        } if *acct != Account::Own => Error::InsufficientCredits {
+            balance,
+            required,
+            limit: Some("pool"),
+        },
+        other => other,
+    }
+}
+
+/// docs/api.md "Credits": reserve, publish with confirm, answer. A member of
+/// an organization spends its pool ([`orgs`]).
 #[tracing::instrument(skip_all, fields(user_id, amount))]
 pub async fn consume(
     store: &CreditStore,
@@ -95,9 +139,36 @@ pub async fn consume(
     context: CreditContext,
     idem: Option<Idem>,
 ) -> Result<Answer> {
+    on_account!(store, user_id, |acct| consume_on(
+        store,
+        publisher,
+        limit,
+        user_id,
+        acct,
+        amount,
+        context.clone(),
+        idem.clone()
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn consume_on(
+    store: &CreditStore,
+    publisher: &Publisher,
+    limit: Option<&Deferred>,
+    user_id: &str,
+    acct: &Account,
+    amount: i64,
+    mut context: CreditContext,
+    idem: Option<Idem>,
+) -> Result<Option<Answer>> {
+    let limit = orgs::limit_for(store, user_id, acct, limit).await?;
+    context.org_id = acct.org_id().map(str::to_string);
+    let owner = acct.owner(user_id);
+    let idem = acct.idem(store, user_id, idem);
     let fresh = Uuid::now_v7();
-    let keys = UserKeys::new(&store.keys, user_id);
-    let (record, hash) = idem_args(store, user_id, idem.as_ref());
+    let keys = UserKeys::new(&store.keys, &owner);
+    let (record, hash) = idem_args(store, &owner, idem.as_ref());
     let (ttl, running, refused) = (ttl_ms(store), running_ms(store), refused_ttl_ms(store));
     // A consume whose recorded id is not pending any more (the worker drops a
     // pending entry only after its commit, which holds the durable record)
@@ -112,21 +183,24 @@ pub async fn consume(
             .arg(ttl)
             .arg(refused)
             .arg(reuse.arg());
+        acct.args(&mut inv, user_id, 3);
         inv
     };
     let reply = match reserve_keyed(
         store,
         publisher,
-        user_id,
+        (&owner, user_id),
         limit,
         idem.as_ref(),
         amount,
         true,
         invocation,
     )
-    .await?
+    .await
+    .map_err(|e| pool_limit(e, acct))?
     {
-        Keyed::Answered(answer) => return Ok(answer),
+        Keyed::Answered(answer) => return Ok(Some(answer)),
+        Keyed::Reply(reply) if reply.kind() == Tag::NotMember => return Ok(None),
         Keyed::Reply(reply) => reply,
     };
     expect_tag(&reply, Tag::Ok)?;
@@ -194,7 +268,7 @@ pub async fn consume(
         );
     }
     metrics::counter!("credit_decisions_total", "op" => "consume", "outcome" => "ok").increment(1);
-    Ok(answered(body, reused))
+    Ok(Some(answered(body, reused)))
 }
 
 /// A retry under a recorded id answers for the first request (whose 200 may
@@ -207,7 +281,8 @@ pub(super) fn answered(body: Value, reused: bool) -> Answer {
     }
 }
 
-/// docs/api.md "Credits" (holds): hold an upper bound before the model call.
+/// docs/api.md "Credits" (holds): hold an upper bound before the model call. A
+/// member's hold is on the organization's pool and counts against their cap.
 #[tracing::instrument(skip_all, fields(user_id, amount))]
 #[allow(clippy::too_many_arguments)]
 pub async fn open_hold(
@@ -220,9 +295,36 @@ pub async fn open_hold(
     context: CreditContext,
     idem: Option<Idem>,
 ) -> Result<Answer> {
+    on_account!(store, user_id, |acct| open_hold_on(
+        store,
+        publisher,
+        limit,
+        user_id,
+        acct,
+        (amount, ttl_secs),
+        context.clone(),
+        idem.clone()
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn open_hold_on(
+    store: &CreditStore,
+    publisher: &Publisher,
+    limit: Option<&Deferred>,
+    user_id: &str,
+    acct: &Account,
+    (amount, ttl_secs): (i64, u64),
+    mut context: CreditContext,
+    idem: Option<Idem>,
+) -> Result<Option<Answer>> {
+    let limit = orgs::limit_for(store, user_id, acct, limit).await?;
+    context.org_id = acct.org_id().map(str::to_string);
+    let owner = acct.owner(user_id);
+    let idem = acct.idem(store, user_id, idem);
     let fresh = Uuid::now_v7();
-    let keys = UserKeys::new(&store.keys, user_id);
-    let (record, hash) = idem_args(store, user_id, idem.as_ref());
+    let keys = UserKeys::new(&store.keys, &owner);
+    let (record, hash) = idem_args(store, &owner, idem.as_ref());
     let (ttl, running, refused) = (ttl_ms(store), running_ms(store), refused_ttl_ms(store));
     let max_open = store.limits.max_open_holds;
     // A hold's recorded id is reused once; `hold_open` has no `UNPENDING`.
@@ -238,21 +340,24 @@ pub async fn open_hold(
             .arg(refused)
             .arg(reuse.arg())
             .arg(max_open);
+        acct.args(&mut inv, user_id, 3);
         inv
     };
     let reply = match reserve_keyed(
         store,
         publisher,
-        user_id,
+        (&owner, user_id),
         limit,
         idem.as_ref(),
         amount,
         false,
         invocation,
     )
-    .await?
+    .await
+    .map_err(|e| pool_limit(e, acct))?
     {
-        Keyed::Answered(answer) => return Ok(answer),
+        Keyed::Answered(answer) => return Ok(Some(answer)),
+        Keyed::Reply(reply) if reply.kind() == Tag::NotMember => return Ok(None),
         Keyed::Reply(reply) => reply,
     };
     match reply.kind() {
@@ -327,7 +432,7 @@ pub async fn open_hold(
         );
     }
     metrics::counter!("credit_decisions_total", "op" => "hold", "outcome" => "ok").increment(1);
-    Ok(answered(body, reused))
+    Ok(Some(answered(body, reused)))
 }
 
 /// The key of a settle's receipt (`price`, `capped`), beside the hold's remembered end: the
@@ -367,15 +472,59 @@ pub async fn settle_hold(
     amount: i64,
     context: CreditContext,
 ) -> Result<Answer> {
+    let acct = orgs::account(store, user_id).await?;
+    let limit = orgs::limit_for(store, user_id, &acct, limit).await?;
+    let first = settle_on(
+        store,
+        publisher,
+        limit,
+        user_id,
+        &acct,
+        hold_id,
+        amount,
+        context.clone(),
+    )
+    .await;
+    match first {
+        Err(Error::HoldExpired) => {
+            match orgs::hold_account(store, user_id, hold_id, &acct).await? {
+                Some(other) => {
+                    settle_on(
+                        store, publisher, None, user_id, &other, hold_id, amount, context,
+                    )
+                    .await
+                }
+                None => Err(Error::HoldExpired),
+            }
+        }
+        other => other,
+    }
+}
+
+/// [`settle_hold`] on one account (the hold lives where it was opened).
+#[allow(clippy::too_many_arguments)]
+async fn settle_on(
+    store: &CreditStore,
+    publisher: &Publisher,
+    limit: Option<&Deferred>,
+    user_id: &str,
+    acct: &Account,
+    hold_id: Uuid,
+    amount: i64,
+    mut context: CreditContext,
+) -> Result<Answer> {
+    context.org_id = acct.org_id().map(str::to_string);
+    let owner = acct.owner(user_id);
     let tx = settle_id(hold_id);
-    let keys = UserKeys::new(&store.keys, user_id);
+    let keys = UserKeys::new(&store.keys, &owner);
     let ttl = ttl_ms(store);
     let priced = context.price.is_some();
     let (mut amount, mut capped) = (amount, false);
     let reply = loop {
-        let reply = run(store, publisher, user_id, limit, || {
+        let reply = run(store, publisher, &owner, limit, || {
             let mut inv = keys.invoke(&scripts().hold_settle, ttl);
             inv.arg(hold_id.to_string()).arg(tx.to_string()).arg(amount);
+            acct.args(&mut inv, user_id, 3);
             inv
         })
         .await?;
@@ -391,7 +540,7 @@ pub async fn settle_hold(
         Tag::Ended => {
             return match HoldEnd::parse(reply.str(0).map_err(bad_reply)?) {
                 Some(HoldEnd::Settled(body)) => Ok(Answer::Replayed(Remembered::Ok(
-                    with_receipt(store, user_id, hold_id, body).await,
+                    with_receipt(store, &owner, hold_id, body).await,
                 ))),
                 _ => Err(Error::HoldExpired),
             }
@@ -454,7 +603,7 @@ pub async fn settle_hold(
             obj.retain(|k, _| k == "price" || k == "capped");
         }
         let receipt = receipt.to_string();
-        let key = receipt_key(store, user_id, hold_id);
+        let key = receipt_key(store, &owner, hold_id);
         let kept = async {
             let mut conn = store.redis().await?;
             redis::cmd("SET")
@@ -484,11 +633,35 @@ pub async fn release_hold(
     user_id: &str,
     hold_id: Uuid,
 ) -> Result<()> {
-    let keys = UserKeys::new(&store.keys, user_id);
+    let acct = orgs::account(store, user_id).await?;
+    let limit = orgs::limit_for(store, user_id, &acct, limit).await?;
+    match release_on(store, publisher, limit, user_id, &acct, hold_id).await {
+        Err(Error::HoldExpired) => {
+            match orgs::hold_account(store, user_id, hold_id, &acct).await? {
+                Some(other) => release_on(store, publisher, None, user_id, &other, hold_id).await,
+                None => Err(Error::HoldExpired),
+            }
+        }
+        other => other,
+    }
+}
+
+/// [`release_hold`] on one account.
+async fn release_on(
+    store: &CreditStore,
+    publisher: &Publisher,
+    limit: Option<&Deferred>,
+    user_id: &str,
+    acct: &Account,
+    hold_id: Uuid,
+) -> Result<()> {
+    let owner = acct.owner(user_id);
+    let keys = UserKeys::new(&store.keys, &owner);
     let ttl = ttl_ms(store);
-    let reply = run(store, publisher, user_id, limit, || {
+    let reply = run(store, publisher, &owner, limit, || {
         let mut inv = keys.invoke(&scripts().hold_release, ttl);
         inv.arg(hold_id.to_string());
+        acct.args(&mut inv, user_id, 3);
         inv
     })
     .await?;
@@ -509,6 +682,7 @@ pub async fn release_hold(
         user_id: user_id.to_string(),
         held: hold_amount,
         reason: "released".into(),
+        org_id: acct.org_id().map(str::to_string),
     });
     if let Err(e) = publish(publisher, user_id, event).await {
         if publish_surely_failed(&e) {

@@ -105,16 +105,38 @@ pub fn settle_id(hold_id: Uuid) -> Uuid {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Remembered {
     Ok(Value),
-    Insufficient { balance: i64, required: i64 },
+    /// A refused reservation; `limit` as in `Error::InsufficientCredits`.
+    Insufficient {
+        balance: i64,
+        required: i64,
+        limit: Option<&'static str>,
+    },
+}
+
+/// The `limit` of a member's 402 as the scripts write it.
+fn limit_named(name: &str) -> Option<&'static str> {
+    match name {
+        "pool" => Some("pool"),
+        "member_cap" => Some("member_cap"),
+        _ => None,
+    }
 }
 
 impl Remembered {
     pub fn to_json(&self) -> String {
         match self {
             Self::Ok(body) => json!({"status": 200, "body": body}).to_string(),
-            Self::Insufficient { balance, required } => {
-                json!({"status": 402, "balance": balance, "required": required}).to_string()
-            }
+            Self::Insufficient {
+                balance,
+                required,
+                limit: None,
+            } => json!({"status": 402, "balance": balance, "required": required}).to_string(),
+            Self::Insufficient {
+                balance,
+                required,
+                limit: Some(limit),
+            } => json!({"status": 402, "balance": balance, "required": required, "limit": limit})
+                .to_string(),
         }
     }
 
@@ -125,6 +147,7 @@ impl Remembered {
             402 => Some(Self::Insufficient {
                 balance: v.get("balance")?.as_i64()?,
                 required: v.get("required")?.as_i64()?,
+                limit: v.get("limit").and_then(Value::as_str).and_then(limit_named),
             }),
             _ => None,
         }
@@ -297,9 +320,21 @@ mod tests {
             Remembered::parse(r#"{"status":402,"balance":3,"required":5}"#),
             Some(Remembered::Insufficient {
                 balance: 3,
-                required: 5
+                required: 5,
+                limit: None,
             })
         );
+        let capped = r#"{"status":402,"balance":3,"required":5,"limit":"member_cap"}"#;
+        let parsed = Remembered::parse(capped).unwrap();
+        assert_eq!(
+            parsed,
+            Remembered::Insufficient {
+                balance: 3,
+                required: 5,
+                limit: Some("member_cap"),
+            }
+        );
+        assert_eq!(Remembered::parse(&parsed.to_json()), Some(parsed));
         assert_eq!(Remembered::parse("nope"), None);
         assert_eq!(
             HoldEnd::parse(

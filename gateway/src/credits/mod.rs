@@ -9,6 +9,7 @@
 //! - [`reserve`]: running a credit script in Redis and reading its replies.
 //! - [`store`]: Postgres reads and loading a user into Redis.
 //! - [`flows`]: consume, hold, settle, release, grant (what handlers call).
+//! - [`orgs`]: whose balance a request moves (a member's is the organization's pool).
 //! - [`recovery`]: the recovery after Redis lost its credit data.
 //!
 //! The plain functions decide what a request means and are unit-tested beside
@@ -19,6 +20,7 @@ pub mod amount;
 pub mod answer;
 pub mod flows;
 pub mod idempotency;
+pub mod orgs;
 pub mod pricing;
 pub mod recovery;
 pub mod reserve;

@@ -26,8 +26,9 @@ pub(super) fn recovering() -> Error {
     }
 }
 
-/// Runs a credit script for one user. `MISSING` (Redis does not hold the
-/// user yet) loads the user from Postgres and runs it again; `LOST` (the
+/// Runs a credit script for one account (a user's, or an organization's pool
+/// `org:ORG_ID`). `MISSING` (Redis does not hold the account yet) loads it
+/// from Postgres and runs it again; `LOST` (the
 /// slot's sentinel is gone) starts a recovery and answers 503. With `limit`
 /// (the request's rate limit left to this script, see [`Deferred`]) the
 /// first run decides it first: `LIMITED` answers 429 and changed nothing.
@@ -92,11 +93,12 @@ pub(super) enum Keyed {
 /// first look, or given back because its event is gone) does the same and
 /// then reserves under the id again. `CONFLICT`, `BUSY`, `REPLAY` and
 /// `INSUFFICIENT` (of `amount`) become their answers, see [`keyed_early`].
+/// The script runs on `owner`'s account; durable records are `user_id`'s.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn reserve_keyed(
     store: &CreditStore,
     publisher: &Publisher,
-    user_id: &str,
+    (owner, user_id): (&str, &str),
     limit: Option<&Deferred>,
     idem: Option<&Idem>,
     amount: i64,
@@ -106,7 +108,11 @@ pub(super) async fn reserve_keyed(
     let mut reuse = Reuse::Fresh;
     let mut waited = false;
     let reply = loop {
-        let reply = run(store, publisher, user_id, limit, || invocation(reuse)).await?;
+        let reply = run(store, publisher, owner, limit, || invocation(reuse)).await?;
+        // A member's pool that no longer lists them: the caller runs on their own balance.
+        if reply.kind() == Tag::NotMember {
+            return Ok(Keyed::Reply(reply));
+        }
         // Still running because this gateway's batcher has not written the
         // first request's answer yet: wait for that write, then look again.
         if let (Tag::Busy, Some(i), false) = (reply.kind(), idem, waited) {
@@ -174,6 +180,12 @@ pub(super) fn keyed_early(reply: &Reply) -> Result<Option<Answer>> {
         Tag::Insufficient => Err(Error::InsufficientCredits {
             balance: reply.int(0).map_err(bad_reply)?,
             required: 0,
+            limit: None,
+        }),
+        Tag::Cap => Err(Error::InsufficientCredits {
+            balance: reply.int(0).map_err(bad_reply)?,
+            required: 0,
+            limit: Some("member_cap"),
         }),
         _ => Ok(None),
     }
@@ -182,11 +194,12 @@ pub(super) fn keyed_early(reply: &Reply) -> Result<Option<Answer>> {
 /// A fresh 402 carries the amount asked for (the script knows only the balance).
 pub(super) fn with_required(e: Error, amount: i64) -> Error {
     match e {
-        Error::InsufficientCredits { balance, .. } => {
+        Error::InsufficientCredits { balance, limit, .. } => {
             metrics::counter!("credit_decisions_total", "op" => "reserve", "outcome" => "insufficient").increment(1);
             Error::InsufficientCredits {
                 balance,
                 required: amount,
+                limit,
             }
         }
         other => other,
@@ -242,7 +255,16 @@ mod tests {
             ),
             Error::InsufficientCredits {
                 balance: 4,
-                required: 7
+                required: 7,
+                limit: None,
+            }
+        ));
+        assert!(matches!(
+            with_required(keyed_early(&r(&["CAP", "0", "2", "0"])).unwrap_err(), 7),
+            Error::InsufficientCredits {
+                balance: 2,
+                required: 7,
+                limit: Some("member_cap"),
             }
         ));
         assert_eq!(
@@ -254,7 +276,8 @@ mod tests {
             .unwrap(),
             Some(Answer::Replayed(Remembered::Insufficient {
                 balance: 1,
-                required: 2
+                required: 2,
+                limit: None,
             }))
         );
         assert_eq!(keyed_early(&r(&["OK", "0", "1", "0", "1"])).unwrap(), None);

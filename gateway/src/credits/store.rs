@@ -25,14 +25,19 @@ pub struct Balance {
 /// Loads a user's credits from Postgres into Redis (only if absent): the
 /// ledger balance, the open holds, and the newest ledger time. One statement,
 /// so balance and holds are one snapshot.
+/// An organization's pool (`org:ORG_ID`) loads as `super::orgs::load_org_into_redis` does.
 #[tracing::instrument(skip_all, fields(user_id))]
 pub async fn load_into_redis(store: &CreditStore, user_id: &str) -> Result<()> {
+    if let Some(org_id) = common::redis::keys::Keys::org_of_account(user_id) {
+        return super::orgs::load_org_into_redis(store, org_id).await;
+    }
     type Row = (
         i64,
         Option<DateTime<Utc>>,
         Vec<Uuid>,
         Vec<i64>,
         Vec<DateTime<Utc>>,
+        Option<String>,
     );
     let keys = UserKeys::new(&store.keys, user_id);
     // The durable idempotency records first, while `bal` is absent: a keyed
@@ -44,26 +49,29 @@ pub async fn load_into_redis(store: &CreditStore, user_id: &str) -> Result<()> {
     restore_records(store, &keys, user_id).await?;
     let row: Option<Row> = sqlx::query_as(
         "select u.credits_balance, \
-                (select max(t.created_at) from credit_transactions t where t.user_id = u.id), \
-                coalesce(h.ids, '{}'), coalesce(h.amounts, '{}'), coalesce(h.expires, '{}') \
+                (select max(t.created_at) from credit_transactions t where t.user_id = u.id and t.org_id is null), \
+                coalesce(h.ids, '{}'), coalesce(h.amounts, '{}'), coalesce(h.expires, '{}'), \
+                (select m.org_id from org_members m where m.user_id = u.id) \
          from users u \
          left join lateral ( \
              select array_agg(id order by id) ids, array_agg(amount order by id) amounts, \
                     array_agg(expires_at order by id) expires \
-             from credit_holds where user_id = u.id and status = 'open') h on true \
+             from credit_holds where user_id = u.id and org_id is null and status = 'open') h on true \
          where u.id = $1",
     )
     .bind(user_id)
     .fetch_optional(&store.pg)
     .await?;
-    let (ledger, as_of, ids, amounts, expires) =
+    let (ledger, as_of, ids, amounts, expires, org) =
         row.ok_or_else(|| Error::NotFound("no such user".into()))?;
     let mut inv = keys.invoke(&scripts().init, ttl_ms(store));
-    inv.arg(ledger).arg(
-        as_of
-            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-            .unwrap_or_default(),
-    );
+    inv.arg(ledger)
+        .arg(
+            as_of
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                .unwrap_or_default(),
+        )
+        .arg(org.unwrap_or_default());
     for ((id, amount), exp) in ids.iter().zip(&amounts).zip(&expires) {
         inv.arg(id.to_string())
             .arg(hold_json(*amount, exp.timestamp_millis()));
@@ -88,17 +96,35 @@ pub(super) async fn restore_records(
     keys: &UserKeys,
     user_id: &str,
 ) -> Result<()> {
-    let rows: Vec<(String, String, String, Value, DateTime<Utc>)> = sqlx::query_as(
-        "select route, key, body_hash, answer, expires_at from idempotency_records \
-         where user_id = $1 and expires_at > now() order by created_at",
+    restore_records_as(store, keys, &[user_id], |user, route, key| {
+        store.keys.idempotency(user, route, key)
+    })
+    .await
+}
+
+/// [`restore_records`] for the records of `users` onto the account of `keys`,
+/// each under the Redis name `name(user, route, key)` (an organization's pool
+/// holds its members' records, `super::orgs`).
+pub(super) async fn restore_records_as(
+    store: &CreditStore,
+    keys: &UserKeys,
+    users: &[&str],
+    name: impl Fn(&str, &str, &str) -> String,
+) -> Result<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<(String, String, String, String, Value, DateTime<Utc>)> = sqlx::query_as(
+        "select user_id, route, key, body_hash, answer, expires_at from idempotency_records \
+         where user_id = any($1) and expires_at > now() order by created_at",
     )
-    .bind(user_id)
+    .bind(users)
     .fetch_all(&store.pg)
     .await?;
     for chunk in rows.chunks(200) {
         let mut inv = keys.invoke(&scripts().idem_restore, ttl_ms(store));
-        for (route, key, hash, answer, expires_at) in chunk {
-            inv.key(store.keys.idempotency(user_id, route, key))
+        for (user, route, key, hash, answer, expires_at) in chunk {
+            inv.key(name(user, route, key))
                 .arg(hash)
                 .arg(Remembered::Ok(answer.clone()).to_json())
                 .arg(expires_at.timestamp_millis());
@@ -156,24 +182,34 @@ pub(super) async fn durable_replay(
 /// Reads a user's balance: from Redis when it holds the user (releasing
 /// expired holds on the way), else from Postgres (ledger minus open holds),
 /// and always from Postgres while a recovery runs.
+///
+/// A member of an organization reads what they may spend now: the pool's
+/// balance bounded by their cap's room, and what they hold (docs/credits.md
+/// "Organizations"); from Postgres while Redis cannot answer.
 pub async fn balance(store: &CreditStore, publisher: &Publisher, user_id: &str) -> Result<Balance> {
-    for attempt in 0..2 {
+    let mut acct = super::orgs::account(store, user_id).await?;
+    for attempt in 0..3 {
         if store.recovery.is_active() {
             break;
         }
-        let keys = UserKeys::new(&store.keys, user_id);
+        let owner = acct.owner(user_id);
+        let keys = UserKeys::new(&store.keys, &owner);
         let outcome = async {
             let mut conn = store.redis().await?;
-            let raw: Vec<String> = keys
-                .invoke(&scripts().read, ttl_ms(store))
-                .invoke_async(&mut *conn)
-                .await?;
+            let mut inv = keys.invoke(&scripts().read, ttl_ms(store));
+            acct.args(&mut inv, user_id, 0);
+            let raw: Vec<String> = inv.invoke_async(&mut *conn).await?;
             anyhow::Ok(Reply::parse(raw)?)
         }
         .await;
         match outcome {
+            Ok(reply) if reply.kind() == Tag::NotMember => {
+                store.memberships.forget(user_id);
+                acct = super::orgs::Account::Own;
+                continue;
+            }
             Ok(reply) if reply.kind() == Tag::Ok => {
-                publish_expired(publisher, user_id, &reply.expired);
+                publish_expired(publisher, &owner, &reply.expired);
                 return Ok(Balance {
                     balance: reply.int(0).map_err(bad_reply)?,
                     held: reply.int(1).map_err(bad_reply)?,
@@ -184,8 +220,8 @@ pub async fn balance(store: &CreditStore, publisher: &Publisher, user_id: &str) 
             }
             Ok(reply) if reply.kind() == Tag::Lost => store.recovery.enter(store).await,
             // Not loaded yet: load it once (so later reads need no Postgres).
-            Ok(reply) if reply.kind() == Tag::Missing && attempt == 0 => {
-                if load_into_redis(store, user_id).await.is_ok() {
+            Ok(reply) if reply.kind() == Tag::Missing && attempt < 2 => {
+                if load_into_redis(store, &owner).await.is_ok() {
                     continue;
                 }
             }
@@ -194,15 +230,18 @@ pub async fn balance(store: &CreditStore, publisher: &Publisher, user_id: &str) 
         }
         break;
     }
-    balance_from_postgres(store, user_id).await
+    match acct.org_id() {
+        Some(org_id) => super::orgs::member_balance_from_postgres(store, user_id, org_id).await,
+        None => balance_from_postgres(store, user_id).await,
+    }
 }
 
 /// The settled truth: `users.credits_balance` minus open holds.
 pub async fn balance_from_postgres(store: &CreditStore, user_id: &str) -> Result<Balance> {
     let row: Option<(i64, i64, Option<DateTime<Utc>>)> = sqlx::query_as(
         "select u.credits_balance, \
-                coalesce((select sum(amount) from credit_holds h where h.user_id = u.id and h.status = 'open'), 0)::bigint, \
-                (select max(created_at) from credit_transactions t where t.user_id = u.id) \
+                coalesce((select sum(amount) from credit_holds h where h.user_id = u.id and h.org_id is null and h.status = 'open'), 0)::bigint, \
+                (select max(created_at) from credit_transactions t where t.user_id = u.id and t.org_id is null) \
          from users u where u.id = $1",
     )
     .bind(user_id)
@@ -230,6 +269,8 @@ pub struct CreditStore {
     /// turns every credit write to 503 at once.
     pub recovery: std::sync::Arc<super::recovery::Recovery>,
     pub limits: CreditLimits,
+    /// What this gateway read of users' memberships (`super::orgs`).
+    pub memberships: std::sync::Arc<super::orgs::Memberships>,
 }
 
 /// The settings the credit flows read, copied once at start.
@@ -244,6 +285,8 @@ pub struct CreditLimits {
     /// `amqp.confirm_timeout_ms`: the longest a publish may wait for its
     /// confirm (an in-progress marker outlives it).
     pub confirm_timeout_ms: u64,
+    /// `rate_limit.on_redis_error`: for a member's rate limit, decided apart.
+    pub rate_policy: common::settings::RedisErrorPolicy,
 }
 
 impl CreditLimits {
@@ -253,6 +296,7 @@ impl CreditLimits {
             insufficient_ttl_secs: settings.credits.insufficient_ttl_secs,
             max_open_holds: settings.credits.max_open_holds,
             confirm_timeout_ms: settings.amqp.confirm_timeout_ms,
+            rate_policy: settings.rate_limit.on_redis_error,
         }
     }
 }

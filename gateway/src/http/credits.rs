@@ -66,15 +66,23 @@ async fn one_session_identity(
 }
 
 /// A fresh answer is 200; a remembered one says so in `Idempotent-Replayed`.
-fn respond(answer: Answer) -> Response {
+pub(super) fn respond(answer: Answer) -> Response {
     let (mut resp, replayed) = match answer {
         Answer::Fresh(body) => ((StatusCode::OK, Json(body)).into_response(), false),
         Answer::Replayed(Remembered::Ok(body)) => {
             ((StatusCode::OK, Json(body)).into_response(), true)
         }
-        Answer::Replayed(Remembered::Insufficient { balance, required }) => (
-            ApiError::from(crate::error::Error::InsufficientCredits { balance, required })
-                .into_response(),
+        Answer::Replayed(Remembered::Insufficient {
+            balance,
+            required,
+            limit,
+        }) => (
+            ApiError::from(crate::error::Error::InsufficientCredits {
+                balance,
+                required,
+                limit,
+            })
+            .into_response(),
             true,
         ),
     };
@@ -274,7 +282,7 @@ pub(crate) async fn grant(
 }
 
 /// The raw `Idempotency-Key` header, for [`credits::idempotency_key`] to judge.
-fn idempotency_header(headers: &HeaderMap) -> Option<&[u8]> {
+pub(super) fn idempotency_header(headers: &HeaderMap) -> Option<&[u8]> {
     headers.get("idempotency-key").map(HeaderValue::as_bytes)
 }
 

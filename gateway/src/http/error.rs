@@ -161,13 +161,19 @@ impl ApiError {
             message: detail,
             balance: None,
             required: None,
+            limit: None,
             field: None,
             min_extension_version: None,
         };
         match self.domain() {
-            Some(Error::InsufficientCredits { balance, required }) => {
+            Some(Error::InsufficientCredits {
+                balance,
+                required,
+                limit,
+            }) => {
                 p.balance = Some(*balance);
                 p.required = Some(*required);
+                p.limit = *limit;
             }
             Some(Error::Validation { field, .. }) => p.field = Some(field.clone()),
             Some(Error::UpgradeRequired { need, .. }) => {
@@ -250,6 +256,10 @@ pub struct Problem {
     /// 402: the amount asked for (0 when not known yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub required: Option<i64>,
+    /// 402 of an organization member: what refused it, `pool` or `member_cap`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub limit: Option<&'static str>,
     /// 422: the path of the offending member (`events[3].model`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
@@ -362,6 +372,7 @@ mod tests {
         let e = ApiError::from(Error::InsufficientCredits {
             balance: 3,
             required: 5,
+            limit: None,
         });
         let b = e.body();
         for k in [

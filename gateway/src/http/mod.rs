@@ -15,6 +15,7 @@ pub mod extract;
 pub mod guard;
 pub mod openapi;
 pub mod ops;
+pub mod orgs;
 pub mod pricing;
 pub mod privacy;
 pub mod reads;
@@ -102,6 +103,7 @@ fn api_routes(state: &AppState) -> Router<AppState> {
         .merge(api_keys::router(state))
         .merge(pricing::router(state))
         .merge(alerts::router(state))
+        .merge(orgs::router(state))
 }
 
 /// Every route the router serves with the statuses its series start with:

@@ -87,6 +87,7 @@ pub fn derived() -> utoipa::openapi::OpenApi {
         super::api_keys::Doc::openapi(),
         super::pricing::Doc::openapi(),
         super::alerts::Doc::openapi(),
+        super::orgs::Doc::openapi(),
         super::ops::Doc::openapi(),
     ] {
         doc.merge(part);

@@ -10,6 +10,8 @@
 //! (docs/credits.md, "Idempotency").
 
 use common::events::{CreditConsume, CreditContext, Envelope, Event, IdempotencyRecord};
+use common::redis::keys::Keys;
+use common::redis::scripts::{scripts, UserKeys};
 use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
@@ -60,8 +62,9 @@ pub async fn store(
         effects.stored += settle_consumes(tx, &rows).await?;
         for r in &rows {
             let c = r.consume;
-            effects.settled.push((c.user_id.clone(), c.transaction_id));
-            effects.credit_users.insert(c.user_id.clone());
+            let owner = account(&c.user_id, &c.context);
+            effects.settled.push((owner.clone(), c.transaction_id));
+            effects.credit_users.insert(owner);
         }
     }
     for env in envs {
@@ -69,8 +72,8 @@ pub async fn store(
             Event::HoldOpened(h) => {
                 let n = sqlx::query(
                     // A deleted user's holds keep no free-form data, even ones still queued.
-                    "insert into credit_holds (id, user_id, amount, status, session_id, model, provider, metadata, expires_at, created_at) \
-                     select $1, $2, $3, 'open', $4, $5, $6, case when u.status = 'deleted' then null else $7::jsonb end, $8, $9 \
+                    "insert into credit_holds (id, user_id, amount, status, session_id, model, provider, metadata, expires_at, created_at, org_id) \
+                     select $1, $2, $3, 'open', $4, $5, $6, case when u.status = 'deleted' then null else $7::jsonb end, $8, $9, $10 \
                      from (select 1) one left join users u on u.id = $2 \
                      on conflict (id) do nothing",
                 )
@@ -83,6 +86,7 @@ pub async fn store(
                 .bind(&h.context.metadata)
                 .bind(h.expires_at)
                 .bind(env.occurred_at)
+                .bind(&h.context.org_id)
                 .execute(&mut **tx)
                 .await?
                 .rows_affected();
@@ -90,12 +94,12 @@ pub async fn store(
                 if let Some(rec) = &h.idempotency {
                     store_records(tx, &[(h.user_id.as_str(), rec, h.hold_id)]).await?;
                 }
-                effects.credit_users.insert(h.user_id.clone());
+                effects.credit_users.insert(account(&h.user_id, &h.context));
             }
             Event::HoldSettled(h) => {
                 sqlx::query(
-                    "insert into credit_holds (id, user_id, amount, status, settled_amount, transaction_id, expires_at, ended_at) \
-                     values ($1, $2, $3, 'settled', $4, $5, now(), now()) \
+                    "insert into credit_holds (id, user_id, amount, status, settled_amount, transaction_id, expires_at, ended_at, org_id) \
+                     values ($1, $2, $3, 'settled', $4, $5, now(), now(), $6) \
                      on conflict (id) do update set status = 'settled', settled_amount = excluded.settled_amount, \
                        transaction_id = excluded.transaction_id, ended_at = coalesce(credit_holds.ended_at, now())",
                 )
@@ -104,6 +108,7 @@ pub async fn store(
                 .bind(h.held)
                 .bind(h.amount)
                 .bind(h.transaction_id)
+                .bind(&h.context.org_id)
                 .execute(&mut **tx)
                 .await?;
                 if settle(
@@ -119,7 +124,20 @@ pub async fn store(
                 {
                     effects.stored += 1;
                 }
-                effects.settled.push((h.user_id.clone(), h.transaction_id));
+                let owner = account(&h.user_id, &h.context);
+                effects.settled.push((owner.clone(), h.transaction_id));
+                effects.credit_users.insert(owner);
+            }
+            // A hold a gateway found expired on a pool names the pool's account,
+            // not the member: only its row (once its open landed) is marked.
+            Event::HoldReleased(h) if Keys::org_of_account(&h.user_id).is_some() => {
+                sqlx::query(
+                    "update credit_holds set status = 'expired', ended_at = coalesce(ended_at, now()) \
+                     where id = $1 and status = 'open'",
+                )
+                .bind(h.hold_id)
+                .execute(&mut **tx)
+                .await?;
                 effects.credit_users.insert(h.user_id.clone());
             }
             Event::HoldReleased(h) => {
@@ -129,8 +147,8 @@ pub async fn store(
                     "released"
                 };
                 sqlx::query(
-                    "insert into credit_holds (id, user_id, amount, status, expires_at, ended_at) \
-                     values ($1, $2, $3, $4, now(), now()) \
+                    "insert into credit_holds (id, user_id, amount, status, expires_at, ended_at, org_id) \
+                     values ($1, $2, $3, $4, now(), now(), $5) \
                      on conflict (id) do update set \
                        status = case when credit_holds.status = 'open' then excluded.status else credit_holds.status end, \
                        ended_at = coalesce(credit_holds.ended_at, now())",
@@ -139,9 +157,13 @@ pub async fn store(
                 .bind(&h.user_id)
                 .bind(h.held.max(1))
                 .bind(status)
+                .bind(&h.org_id)
                 .execute(&mut **tx)
                 .await?;
-                effects.credit_users.insert(h.user_id.clone());
+                effects.credit_users.insert(match &h.org_id {
+                    Some(org) => Keys::org_account(org),
+                    None => h.user_id.clone(),
+                });
             }
             _ => {}
         }
@@ -178,7 +200,7 @@ async fn settle_consumes(
         .map(|r| r.consume.context.completion_tokens)
         .collect();
     let n: i64 = sqlx::query_scalar(
-        "select settle_consumes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        "select settle_consumes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(&ids)
     .bind(&events)
@@ -200,6 +222,7 @@ async fn settle_consumes(
             .map(|r| ledger_metadata(&r.consume.context, r.request_id).map(|m| m.to_string()))
             .collect::<Vec<_>>(),
     )
+    .bind(col(|c| c.context.org_id.clone()))
     .fetch_one(&mut **tx)
     .await?;
     let receipts: Vec<(Uuid, &CreditContext)> = rows
@@ -332,6 +355,31 @@ async fn settle(
     if amount == 0 {
         return Ok(false);
     }
+    if let Some(org_id) = &c.org_id {
+        // A member's settle draws from the pool (migration 0009).
+        let applied: bool = sqlx::query_scalar(
+            "select settle_member_charge($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(id)
+        .bind(user_id)
+        .bind(org_id)
+        .bind(amount)
+        .bind(&c.session_id)
+        .bind(&c.model)
+        .bind(&c.provider)
+        .bind(c.prompt_tokens)
+        .bind(c.completion_tokens)
+        .bind(&c.feature)
+        .bind(&c.description)
+        .bind(ledger_metadata(c, request_id))
+        .bind(hold_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        if applied {
+            store_receipts(tx, &[(id, c)]).await?;
+        }
+        return Ok(applied);
+    }
     // Deleted users' ledger rows keep no free-form data.
     let (applied,): (bool,) = sqlx::query_as(
         "select r.applied from users u, lateral consume_credits_with_session($1, $2, $3, 'settle', $4, $5, $6, $7, $8, $9, \
@@ -358,16 +406,42 @@ async fn settle(
     Ok(applied)
 }
 
-/// After commit: the settled reservations leave the user's pending set, and
-/// the balance's `as_of` advances.
+/// The account a movement's Redis reservation lives on: the user's, or the
+/// pool's (`org:ORG_ID`) for an organization member's.
+fn account(user_id: &str, c: &CreditContext) -> String {
+    match &c.org_id {
+        Some(org) => Keys::org_account(org),
+        None => user_id.to_string(),
+    }
+}
+
+/// After commit: the settled reservations leave the account's pending set, and
+/// the balance's `as_of` advances. On a pool, `drop_settled.lua` removes them,
+/// so a member's amount counts as settled against their cap in the same step.
 pub async fn after_commit(ctx: &Ctx, effects: &Effects) -> anyhow::Result<()> {
     if effects.settled.is_empty() && effects.credit_users.is_empty() {
         return Ok(());
     }
     let mut conn = ctx.redis.get().await?;
+    let mut pools: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
     let mut pipe = redis::pipe();
-    for (user, id) in &effects.settled {
-        pipe.hdel(ctx.keys.pending(user), id.to_string()).ignore();
+    for (owner, id) in &effects.settled {
+        if Keys::org_of_account(owner).is_some() {
+            pools
+                .entry(owner.as_str())
+                .or_default()
+                .push(id.to_string());
+        } else {
+            pipe.hdel(ctx.keys.pending(owner), id.to_string()).ignore();
+        }
+    }
+    for (owner, ids) in pools {
+        let keys = UserKeys::new(&ctx.keys, owner);
+        let mut inv = keys.invoke(&scripts().drop_settled, crate::jobs::ttl_ms(ctx));
+        for id in &ids {
+            inv.arg(id);
+        }
+        inv.invoke_async::<Vec<String>>(&mut *conn).await?;
     }
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     for user in &effects.credit_users {

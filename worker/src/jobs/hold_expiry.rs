@@ -5,6 +5,7 @@
 //! and publish the event; this job covers users nobody calls and events that
 //! were never published, so no credit is ever stuck.
 
+use common::redis::keys::Keys;
 use common::redis::scripts::{scripts, Tag, UserKeys};
 use uuid::Uuid;
 
@@ -15,8 +16,8 @@ use crate::ctx::Ctx;
 /// Returns how many were marked.
 pub async fn expire_holds(ctx: &Ctx) -> anyhow::Result<usize> {
     let grace = ctx.settings.credits.hold_expiry_grace_secs as f64;
-    let due: Vec<(Uuid, String)> = sqlx::query_as(
-        "select id, user_id from credit_holds \
+    let due: Vec<(Uuid, String, Option<String>)> = sqlx::query_as(
+        "select id, user_id, org_id from credit_holds \
          where status = 'open' and expires_at < now() - make_interval(secs => $1) \
          order by expires_at limit 1000",
     )
@@ -24,8 +25,10 @@ pub async fn expire_holds(ctx: &Ctx) -> anyhow::Result<usize> {
     .fetch_all(&ctx.pg)
     .await?;
     let mut marked = 0;
-    for (hold_id, user_id) in due {
-        let keys = UserKeys::new(&ctx.keys, &user_id);
+    for (hold_id, user_id, org_id) in due {
+        // A member's hold is on the organization's pool (docs/credits.md "Organizations").
+        let owner = org_id.as_deref().map(Keys::org_account);
+        let keys = UserKeys::new(&ctx.keys, owner.as_deref().unwrap_or(&user_id));
         let mut inv = keys.invoke(&scripts().expire_hold, ttl_ms(ctx));
         inv.arg(hold_id.to_string());
         let r = call(ctx, inv).await?;
@@ -39,6 +42,19 @@ pub async fn expire_holds(ctx: &Ctx) -> anyhow::Result<usize> {
                     let Ok(id) = h.hold_id.parse::<Uuid>() else {
                         continue;
                     };
+                    // On a pool, the other holds it released are other members':
+                    // their rows are marked where they exist.
+                    if owner.is_some() {
+                        marked += sqlx::query(
+                            "update credit_holds set status = 'expired', ended_at = now() \
+                             where id = $1 and status = 'open'",
+                        )
+                        .bind(id)
+                        .execute(&ctx.pg)
+                        .await?
+                        .rows_affected() as usize;
+                        continue;
+                    }
                     // Upsert: a hold of this user whose open event has not landed
                     // yet gets its row in its final state (the late open is a no-op).
                     marked += sqlx::query(

@@ -283,17 +283,27 @@ pub async fn reconcile_user(ctx: &Ctx, user_id: &str) -> anyhow::Result<Option<R
             _ => return Ok(None),
         }
     }
-    let row: Option<(i64, i64, Vec<Uuid>)> = sqlx::query_as(
-        "select u.credits_balance, \
-                coalesce((select sum(amount) from credit_holds h where h.user_id = u.id and h.status = 'open'), 0)::bigint, \
-                array(select t.id from credit_transactions t where t.user_id = u.id and t.kind = 'grant' \
+    // A user's own balance is the ledger rows without an organization; an
+    // organization's pool (`org:ORG_ID`) those with it (docs/credits.md "Organizations").
+    let org = common::redis::keys::Keys::org_of_account(user_id);
+    let sql = if org.is_some() {
+        "select o.credits_balance, \
+                coalesce((select sum(amount) from credit_holds h where h.org_id = o.id and h.status = 'open'), 0)::bigint, \
+                array(select t.id from credit_transactions t where t.org_id = o.id and t.kind = 'grant' \
                       and t.created_at > now() - make_interval(secs => $2) order by t.created_at desc limit 1000) \
-         from users u where u.id = $1",
-    )
-    .bind(user_id)
-    .bind((ttl / 1000 + 3600) as f64)
-    .fetch_optional(&ctx.pg)
-    .await?;
+         from orgs o where o.id = $1"
+    } else {
+        "select u.credits_balance, \
+                coalesce((select sum(amount) from credit_holds h where h.user_id = u.id and h.org_id is null and h.status = 'open'), 0)::bigint, \
+                array(select t.id from credit_transactions t where t.user_id = u.id and t.org_id is null and t.kind = 'grant' \
+                      and t.created_at > now() - make_interval(secs => $2) order by t.created_at desc limit 1000) \
+         from users u where u.id = $1"
+    };
+    let row: Option<(i64, i64, Vec<Uuid>)> = sqlx::query_as(sql)
+        .bind(org.unwrap_or(user_id))
+        .bind((ttl / 1000 + 3600) as f64)
+        .fetch_optional(&ctx.pg)
+        .await?;
     let Some((ledger, open_held, grants)) = row else {
         return Ok(None);
     };

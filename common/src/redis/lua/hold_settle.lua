@@ -3,10 +3,13 @@
 -- reservation, and the answer is remembered in `hold_end:ID`. Replies LOST |
 -- ENDED remembered | MISSING | GONE | TOO_MUCH held | OK bal held hold_amount
 -- hold_json | LIMITED. KEYS[5], ARGV[6..7] (optional): the rate limit decided
--- first (rate_limit.lua).
+-- first (rate_limit.lua). ARGV[9..10] (optional, with '' for ARGV[6..8]): the
+-- organization member settling and the period (member.lua): a hold of another
+-- member is GONE; the settled amount stays pending under the hold's member.
 local limited = rate_limit(KEYS[5], ARGV[6], ARGV[7], ARGV[8])
 if limited then return limited end
 if lost() then return reply('LOST') end
+member_args(9)
 local id = ARGV[3]
 local ended = redis.call('GET', END_PREFIX .. id)
 if ended then return reply('ENDED', ended) end
@@ -20,12 +23,13 @@ end
 local raw = redis.call('HGET', HOLDS, id)
 if not raw then return reply('GONE') end
 local h = cjson.decode(raw)
+if h.m ~= MEMBER then return reply('GONE') end
 local amount = tonumber(ARGV[5])
 if amount > h.amount then return reply('TOO_MUCH', s(h.amount)) end
 redis.call('HDEL', HOLDS, id)
 held = held - h.amount
 bal = bal + h.amount - amount
-if amount > 0 then redis.call('HSET', PEND, ARGV[4], s(amount) .. ':' .. s(now)) end
+if amount > 0 then redis.call('HSET', PEND, ARGV[4], pending_value(amount, h.m)) end
 save()
 redis.call('SET', END_PREFIX .. id,
   string.format('{"state":"settled","transaction_id":"%s","amount":%d,"released":%d,"balance":%d}',
