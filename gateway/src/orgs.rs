@@ -110,6 +110,8 @@ pub struct OrgAnswer {
     pub name: String,
     pub plan: OrgPlan,
     pub created_at: DateTime<Utc>,
+    /// Whether this request created it (else it was there and took the name and plan).
+    pub created: bool,
 }
 
 /// A cap as read back.
@@ -155,13 +157,13 @@ pub struct MembershipAnswer {
     pub cap: Option<CapAnswer>,
 }
 
-/// Creates or renames an organization (admins); `true` when it is new.
+/// Creates or renames an organization (admins).
 pub async fn put_org(
     store: &CreditStore,
     by: Action<'_>,
     org_id: &str,
     body: &OrgBody,
-) -> Result<(OrgAnswer, bool)> {
+) -> Result<OrgAnswer> {
     let mut tx = store.pg.begin().await?;
     let row: (String, String, DateTime<Utc>, bool) = sqlx::query_as(
         "insert into orgs (id, name, plan) values ($1, $2, $3) \
@@ -181,15 +183,13 @@ pub async fn put_org(
     )
     .await?;
     tx.commit().await?;
-    Ok((
-        OrgAnswer {
-            org_id: org_id.to_string(),
-            name: row.0,
-            plan: OrgPlan::parse(&row.1),
-            created_at: row.2,
-        },
+    Ok(OrgAnswer {
+        org_id: org_id.to_string(),
+        name: row.0,
+        plan: OrgPlan::parse(&row.1),
+        created_at: row.2,
         created,
-    ))
+    })
 }
 
 /// May `caller` manage `org_id`'s members and read its pool: an admin, or an

@@ -8,7 +8,8 @@
 //! - [`idempotency`]: the key, the body hash, derived ids, remembered answers.
 //! - [`reserve`]: running a credit script in Redis and reading its replies.
 //! - [`store`]: Postgres reads and loading a user into Redis.
-//! - [`flows`]: consume, hold, settle, release, grant (what handlers call).
+//! - [`flows`]: consume, hold, settle, release (what handlers call).
+//! - [`grant`]: the admin grant to a user.
 //! - [`orgs`]: whose balance a request moves (a member's is the organization's pool).
 //! - [`recovery`]: the recovery after Redis lost its credit data.
 //!
@@ -19,6 +20,7 @@
 pub mod amount;
 pub mod answer;
 pub mod flows;
+pub mod grant;
 pub mod idempotency;
 pub mod orgs;
 pub mod pricing;
@@ -31,9 +33,8 @@ pub use amount::{
     ProviderName, Reason, SessionRef, SettleBody,
 };
 pub use answer::{ConsumeAnswer, GrantAnswer, HoldAnswer, SettleAnswer};
-pub use flows::{
-    consume, grant, open_hold, publish_surely_failed, release_hold, settle_hold, GrantRequest,
-};
+pub use flows::{consume, open_hold, publish_surely_failed, release_hold, settle_hold};
+pub use grant::{grant, GrantRequest};
 pub use idempotency::{
     body_hash, canonical_json, derived_id, idempotency_key, idempotency_key_value, settle_id,
     Answer, HoldEnd, Idem, Remembered, ID_NAMESPACE,

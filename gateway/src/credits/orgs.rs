@@ -454,16 +454,15 @@ pub async fn grant_pool(store: &CreditStore, g: super::GrantRequest) -> Result<s
         other => other?,
     };
     if applied {
-        crate::audit::insert(
-            &mut tx,
-            crate::audit::Action {
-                actor: &g.actor,
-                action: "org.credits.grant",
-                target: Some(org_id),
-                request_id: &g.request_id,
-            },
-            &serde_json::json!({"amount": g.amount, "reason": g.reason, "transaction_id": id.to_string()}),
+        sqlx::query(
+            "insert into audit_log (actor, action, target, request_id, details) \
+             values ($1, 'org.credits.grant', $2, $3, $4)",
         )
+        .bind(&g.actor)
+        .bind(org_id)
+        .bind(&g.request_id)
+        .bind(serde_json::json!({"amount": g.amount, "reason": g.reason, "transaction_id": id.to_string()}))
+        .execute(&mut *tx)
         .await?;
     } else {
         let (kind, amount, reason): (String, i64, Option<String>) = sqlx::query_as(
@@ -479,31 +478,8 @@ pub async fn grant_pool(store: &CreditStore, g: super::GrantRequest) -> Result<s
         }
     }
     tx.commit().await?;
-    let account = Keys::org_account(org_id);
-    let keys = UserKeys::new(&store.keys, &account);
-    let ttl = ttl_ms(store);
-    let mut spendable = None;
-    if !store.recovery.is_active() {
-        let applied_key = store.keys.grants_applied(&account);
-        let outcome = async {
-            let mut conn = store.redis().await?;
-            let mut inv = keys.invoke(&scripts().grant_apply, ttl);
-            inv.key(&applied_key)
-                .arg(id.to_string())
-                .arg(g.amount)
-                .arg(ttl + 3_600_000);
-            let raw: Vec<String> = inv.invoke_async(&mut *conn).await?;
-            anyhow::Ok(Reply::parse(raw)?)
-        }
-        .await;
-        match outcome {
-            Ok(r) if r.kind() == Tag::Ok => spendable = Some(r.int(0).map_err(bad_reply)?),
-            Ok(r) if r.kind() == Tag::Lost => store.recovery.enter(store).await,
-            // Not loaded: its next load reads the ledger, grant included.
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "pool grant committed but not added to Redis yet"),
-        }
-    }
+    let spendable =
+        super::grant::apply_in_redis(store, &Keys::org_account(org_id), id, g.amount).await?;
     let balance = match spendable {
         Some(b) => b,
         None => {

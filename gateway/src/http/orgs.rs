@@ -61,12 +61,12 @@ fn user_id(raw: &str) -> Result<&str> {
 
 /// Create or update an organization (admin)
 ///
-/// 201 when it is new, 200 when an existing one took the name and plan. Audited (`org.put`).
+/// Creates the organization, or gives an existing one the name and plan (`created` says
+/// which). Audited (`org.put`).
 #[utoipa::path(put, path = "/api/admin/orgs/{org_id}", tag = "admin",
     request_body = OrgBody,
     responses(
-        (status = 200, description = "Updated", body = OrgAnswer),
-        (status = 201, description = "Created", body = OrgAnswer),
+        (status = 200, description = "Created or updated", body = OrgAnswer),
         (status = 503, description = "A dependency is unavailable"),
     ))]
 pub(crate) async fn create_org(
@@ -85,13 +85,7 @@ pub(crate) async fn create_org(
         target: Some(id),
         request_id: &rid,
     };
-    let (answer, created) = put_org(&state.credits, by, id, &body).await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(answer)).into_response())
+    Ok(Json(put_org(&state.credits, by, id, &body).await?).into_response())
 }
 
 /// Grant credits to an organization's pool (admin)

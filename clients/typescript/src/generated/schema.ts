@@ -21,6 +21,47 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/admin/orgs/{org_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        /**
+         * Create or update an organization (admin)
+         * @description Creates the organization, or gives an existing one the name and plan (`created` says
+         *     which). Audited (`org.put`).
+         */
+        put: operations["put_api_admin_orgs__org_id_"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/admin/orgs/{org_id}/credits/grant": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Grant credits to an organization's pool (admin)
+         * @description A ledger row with the organization and no user; audited (`org.credits.grant`).
+         */
+        post: operations["post_api_admin_orgs__org_id__credits_grant"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/admin/pricing": {
         parameters: {
             query?: never;
@@ -144,6 +185,54 @@ export interface paths {
         put?: never;
         post?: never;
         delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/orgs/{org_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Read an organization's pool
+         * @description The pool's balance and holds, and each member's role, cap, and spend this period.
+         *     For the organization's admins and admins.
+         */
+        get: operations["get_api_orgs__org_id_"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/orgs/{org_id}/members/{user_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        /**
+         * Add a member, or change their role and cap
+         * @description A user belongs to at most one organization (another's member is 422 naming `user_id`).
+         *     Applies on every gateway within 5 s. Audited (`org.member.set`). For the organization's
+         *     admins and admins.
+         */
+        put: operations["put_api_orgs__org_id__members__user_id_"];
+        post?: never;
+        /**
+         * Remove a member
+         * @description From then on they spend their own balance; their open holds on the pool stay theirs to
+         *     settle or release. Audited (`org.member.remove`). For the organization's admins and admins.
+         */
+        delete: operations["delete_api_orgs__org_id__members__user_id_"];
         options?: never;
         head?: never;
         patch?: never;
@@ -862,6 +951,22 @@ export interface components {
          * @enum {string}
          */
         Bucket: "hour" | "day" | "week";
+        /** @description A member's cap: at most `amount` credits of the pool per `period`. */
+        Cap: {
+            amount: components["schemas"]["Credits1"];
+            period: components["schemas"]["CapPeriod"];
+        };
+        /** @description A cap as read back. */
+        CapAnswer: {
+            /** Format: int64 */
+            amount: number;
+            period: components["schemas"]["CapPeriod"];
+        };
+        /**
+         * @description The period a cap counts in.
+         * @enum {string}
+         */
+        CapPeriod: "month";
         /** @description `rate_limits` of the session answer: one member per endpoint class (docs/rate-limits.md). */
         ClassLimits: {
             /** @description The `admin` class. */
@@ -1379,6 +1484,34 @@ export interface components {
             plan: string;
             user_id: string;
         };
+        /** @description One member of a pool, this period. */
+        MemberAnswer: {
+            cap?: null | components["schemas"]["CapAnswer"];
+            /**
+             * Format: int64
+             * @description Credits the member holds now (open holds).
+             */
+            held: number;
+            role: components["schemas"]["Role"];
+            /**
+             * Format: int64
+             * @description Credits of the pool the member spent this period (settled charges).
+             */
+            spent: number;
+            user_id: string;
+        };
+        /** @description `PUT /api/orgs/:org_id/members/:user_id`. */
+        MemberBody: {
+            cap?: null | components["schemas"]["Cap"];
+            role: components["schemas"]["Role"];
+        };
+        /** @description A member as `PUT …/members/:user_id` answers it. */
+        MembershipAnswer: {
+            cap?: null | components["schemas"]["CapAnswer"];
+            org_id: string;
+            role: components["schemas"]["Role"];
+            user_id: string;
+        };
         /** @description at most 4096 bytes of JSON, nested at most 8 levels; keys of 1 to 128 characters without control characters, strings without control characters other than tab, CR and LF */
         Metadata: {
             [key: string]: unknown;
@@ -1470,6 +1603,26 @@ export interface components {
             provider?: string | null;
             session_id?: string | null;
         };
+        /** @description An organization, as its changes answer it. */
+        OrgAnswer: {
+            /** @description Whether this request created it (else it was there and took the name and plan). */
+            created: boolean;
+            /** Format: date-time */
+            created_at: string;
+            name: string;
+            org_id: string;
+            plan: components["schemas"]["OrgPlan"];
+        };
+        /** @description `PUT /api/admin/orgs/:org_id`. */
+        OrgBody: {
+            name: string;
+            plan: components["schemas"]["OrgPlan"];
+        };
+        /**
+         * @description An organization's plan.
+         * @enum {string}
+         */
+        OrgPlan: "team" | "enterprise";
         /** @description One entry of `recentTransactions`: a ledger row (snake_case, as the original sent it). */
         OriginalTransaction: {
             /**
@@ -1568,6 +1721,25 @@ export interface components {
             /** @description One of the configured plans (`plans.NAME`: by default free, pro, team, enterprise). */
             plan: string;
         };
+        /** @description `GET /api/orgs/:org_id`: the pool and its members' spend this period. */
+        PoolAnswer: {
+            /**
+             * Format: int64
+             * @description What the pool can spend now: the ledger's figure minus what is held.
+             */
+            balance: number;
+            /**
+             * Format: int64
+             * @description Credits held by open holds of members.
+             */
+            held: number;
+            members: components["schemas"]["MemberAnswer"][];
+            name: string;
+            org_id: string;
+            /** @description The period `spent` counts in (`YYYY-MM`, UTC). */
+            period: string;
+            plan: components["schemas"]["OrgPlan"];
+        };
         /** @description `PATCH /api/users/{id}/preferences`: the patch is queued (202). */
         PreferencesAnswer: {
             /** @description Always true: the broker confirmed the change. */
@@ -1663,6 +1835,8 @@ export interface components {
             error: string;
             /** @description 422: the path of the offending member (`events[3].model`). */
             field?: string | null;
+            /** @description 402 of an organization member: what refused it, `pool` or `member_cap`. */
+            limit?: string | null;
             /** @description The original backend's name for `detail`. */
             message: string;
             /** @description 426: the lowest extension version accepted. */
@@ -1848,6 +2022,11 @@ export interface components {
          * @enum {string}
          */
         ReadyStatus: "ready" | "unavailable";
+        /**
+         * @description A member's role in their organization.
+         * @enum {string}
+         */
+        Role: "member" | "admin";
         /**
          * @description What a key may do.
          * @enum {string}
@@ -2287,6 +2466,252 @@ export interface operations {
             };
             /** @description Forbidden, suspended or deleted account */
             403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    put_api_admin_orgs__org_id_: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                org_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["OrgBody"];
+            };
+        };
+        responses: {
+            /** @description Created or updated */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OrgAnswer"];
+                };
+            };
+            /** @description Body is not JSON */
+            400: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    post_api_admin_orgs__org_id__credits_grant: {
+        parameters: {
+            query?: never;
+            header?: {
+                /** @description The same key and body again answer the first answer (1..=255 visible ASCII characters). */
+                "Idempotency-Key"?: string;
+            };
+            path: {
+                org_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["GrantBody"];
+            };
+        };
+        responses: {
+            /** @description Granted (`Idempotent-Replayed: true` on a replay) */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["GrantAnswer"];
+                };
+            };
+            /** @description Body is not JSON */
+            400: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Idempotency conflict */
+            409: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Body is not application/json */
+            415: {
                 headers: {
                     /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
                     "X-Request-Id": string;
@@ -3120,6 +3545,302 @@ export interface operations {
             };
             /** @description Forbidden, suspended or deleted account */
             403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_api_orgs__org_id_: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                org_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The pool */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PoolAnswer"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    put_api_orgs__org_id__members__user_id_: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                org_id: string;
+                user_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["MemberBody"];
+            };
+        };
+        responses: {
+            /** @description The membership */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["MembershipAnswer"];
+                };
+            };
+            /** @description Body is not JSON */
+            400: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Body is not application/json */
+            415: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    delete_api_orgs__org_id__members__user_id_: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                org_id: string;
+                user_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Removed */
+            204: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
                 headers: {
                     /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
                     "X-Request-Id": string;
