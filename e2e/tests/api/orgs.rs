@@ -489,3 +489,68 @@ async fn a_pool_redis_no_longer_holds_is_rebuilt_with_its_caps_spend() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_members_export_shows_the_membership_and_erasure_ends_it() {
+    let app = spawn_app().await;
+    app.start_worker().await;
+    let org = org_id();
+    create_org(&app, &org).await;
+    grant_pool(&app, &org, 100).await;
+    let (user, token) = new_user();
+    let body = json!({"role": "member", "cap": {"amount": 40, "period": "month"}});
+    assert_eq!(
+        add_member(&app, &org, &user, &admin_token(), body).await.0,
+        200
+    );
+    assert_eq!(
+        consume(app.addr, &app.client, &user, &token, 7).await.0,
+        200
+    );
+    app.eventually(20 * SECS, || async {
+        (pool_ledger(&app, &org).await == (93, 93, 2)).then_some(())
+    })
+    .await;
+    let r = app.get(&format!("/api/users/{user}/export"), &token).await;
+    assert_eq!(r.status(), 200);
+    let export: Value = r.json().await.unwrap();
+    let memberships = export["org_memberships"]
+        .as_array()
+        .expect("org_memberships");
+    assert_eq!(memberships.len(), 1, "{export}");
+    assert_eq!(memberships[0]["org_id"], json!(org));
+    assert_eq!(memberships[0]["cap_amount"], 40);
+    let charges: Vec<&Value> = export["credit_transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["org_id"] == json!(org))
+        .collect();
+    assert_eq!(
+        charges.len(),
+        1,
+        "the member's charge on the pool is theirs to see"
+    );
+    let r = app
+        .client
+        .delete(app.url(&format!("/api/users/{user}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let members: i64 = sqlx::query_scalar("select count(*) from org_members where user_id = $1")
+        .bind(&user)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(members, 0);
+    // The pool keeps its ledger: the charge stays, its free text gone.
+    assert_eq!(pool_ledger(&app, &org).await, (93, 93, 2));
+    let (s, pool) = read_pool(&app, &org, &admin_token()).await;
+    assert_eq!(
+        (s, pool["members"].as_array().unwrap().len()),
+        (200, 0),
+        "{pool}"
+    );
+}

@@ -81,7 +81,7 @@ async fn audit(
 /// Sections of the export after `user`, in order: (member, rows as JSON text).
 /// Every table that holds rows of the user, oldest first. `usage_event_ids`
 /// is left out: it holds only the ids of the exported usage rows.
-const SECTIONS: [(&str, &str); 16] = [
+const SECTIONS: [(&str, &str); 17] = [
     ("subscriptions", "select to_jsonb(t)::text from subscriptions t where user_id = $1 order by created_at, id"),
     ("credit_transactions", "select to_jsonb(t)::text from credit_transactions t where user_id = $1 order by created_at, id"),
     ("credit_holds", "select to_jsonb(t)::text from credit_holds t where user_id = $1 order by created_at, id"),
@@ -104,6 +104,8 @@ const SECTIONS: [(&str, &str); 16] = [
     ("alerts", "select to_jsonb(a)::text from alerts a where owner_kind = 'user' and owner_id = $1 order by at, id"),
     // API keys as their metadata: never the key (not stored) nor its hash.
     ("api_keys", "select (to_jsonb(t) - 'key_hash')::text from api_keys t where user_id = $1 order by created_at, key_id"),
+    // The organization the user is a member of, with the role and cap (docs/credits.md "Organizations").
+    ("org_memberships", "select to_jsonb(t)::text from org_members t where user_id = $1 order by created_at"),
     ("credit_balance", "select jsonb_build_object('credits_balance', credits_balance)::text from users where id = $1"),
 ];
 
@@ -285,6 +287,7 @@ struct Scrubbed {
     alerts: u64,
     alert_configs: u64,
     api_keys: u64,
+    org_memberships: u64,
 }
 
 /// Erase a user's personal data
@@ -422,6 +425,17 @@ async fn erase_in_postgres(
     // API keys go whole (their names are the user's text); their Redis
     // records become tombstones before the commit.
     s.api_keys = state.api_keys.erase(&mut tx, id).await?;
+    // The membership goes (the member's charges stay in the pool's ledger,
+    // their free text nulled above); Redis follows before the commit.
+    let left: Option<String> =
+        sqlx::query_scalar("delete from org_members where user_id = $1 returning org_id")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if let Some(org) = &left {
+        s.org_memberships = 1;
+        crate::credits::orgs::apply_membership(&state.credits, id, None, Some(org)).await?;
+    }
     let by = if actor == id { "self" } else { "admin" };
     audit(
         &mut tx,
@@ -568,6 +582,9 @@ pub struct ExportAnswer {
     /// The API keys, revoked ones included, without their hashes.
     #[schema(value_type = Vec<Object>)]
     pub api_keys: Vec<serde_json::Value>,
+    /// The user's organization membership (role, cap), if any.
+    #[schema(value_type = Vec<Object>)]
+    pub org_memberships: Vec<serde_json::Value>,
     /// The settled balance; null if the user row is gone.
     pub credit_balance: Option<ExportBalance>,
 }

@@ -1254,6 +1254,8 @@ export interface components {
             idempotency_records: Record<string, never>[];
             /** @description `model_usage` rows, oldest first. */
             model_usage: Record<string, never>[];
+            /** @description The user's organization membership (role, cap), if any. */
+            org_memberships: Record<string, never>[];
             /** @description `rate_limit_windows` rows. */
             rate_limit_windows: Record<string, never>[];
             /** @description `subscriptions` rows, oldest first. */
