@@ -224,7 +224,25 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Stores `checked` as the user's whole configuration, in one transaction:
+/// Whose alerts: a user's, or an organization's pool (SPEC 5.11, "also per organization").
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    /// `user` or `org`, as `alert_configs.owner_kind`.
+    pub kind: &'static str,
+    pub id: &'a str,
+}
+
+impl<'a> Owner<'a> {
+    pub fn user(id: &'a str) -> Self {
+        Self { kind: "user", id }
+    }
+
+    pub fn org(id: &'a str) -> Self {
+        Self { kind: "org", id }
+    }
+}
+
+/// Stores `checked` as the owner's whole configuration, in one transaction:
 /// thresholds that stay keep their rows (and so their once-per-period keys),
 /// the others go.
 /// Audited (`alerts.set`, with the request id): the thresholds and what
@@ -232,15 +250,17 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 pub async fn put(
     pg: &PgPool,
     by: crate::audit::Action<'_>,
-    user: &str,
+    owner: Owner<'_>,
     checked: &Checked,
 ) -> Result<AlertConfig> {
+    let user = owner.id;
     let mut tx = pg.begin().await?;
     let old: Option<(Option<String>, Option<String>)> = sqlx::query_as(
         "select webhook_url, webhook_secret from alert_configs \
-         where owner_kind = 'user' and owner_id = $1 for update",
+         where owner_kind = $2 and owner_id = $1 for update",
     )
     .bind(user)
+    .bind(owner.kind)
     .fetch_optional(&mut *tx)
     .await?;
     let (old_url, old_secret) = old.unwrap_or_default();
@@ -256,7 +276,7 @@ pub async fn put(
         SecretPlan::New => Some(new_secret()),
     };
     let updated: DateTime<Utc> = sqlx::query_scalar(
-        "insert into alert_configs (owner_kind, owner_id, webhook_url, webhook_secret) values ('user', $1, $2, $3) \
+        "insert into alert_configs (owner_kind, owner_id, webhook_url, webhook_secret) values ($4, $1, $2, $3) \
          on conflict (owner_kind, owner_id) do update set webhook_url = excluded.webhook_url, \
            webhook_secret = excluded.webhook_secret, updated_at = now() \
          returning updated_at",
@@ -264,28 +284,31 @@ pub async fn put(
     .bind(user)
     .bind(&new_url)
     .bind(&secret)
+    .bind(owner.kind)
     .fetch_one(&mut *tx)
     .await?;
     let kinds: Vec<&str> = checked.thresholds.iter().map(|t| t.kind.as_str()).collect();
     let values: Vec<i64> = checked.thresholds.iter().map(|t| t.value).collect();
     sqlx::query(
-        "delete from alert_thresholds t where owner_kind = 'user' and owner_id = $1 \
+        "delete from alert_thresholds t where owner_kind = $4 and owner_id = $1 \
            and not exists (select 1 from unnest($2::text[], $3::bigint[]) n(kind, value) \
                            where n.kind = t.kind and n.value = t.value)",
     )
     .bind(user)
     .bind(&kinds)
     .bind(&values)
+    .bind(owner.kind)
     .execute(&mut *tx)
     .await?;
     sqlx::query(
         "insert into alert_thresholds (owner_kind, owner_id, kind, value) \
-         select 'user', $1, kind, value from unnest($2::text[], $3::bigint[]) n(kind, value) \
+         select $4, $1, kind, value from unnest($2::text[], $3::bigint[]) n(kind, value) \
          on conflict do nothing",
     )
     .bind(user)
     .bind(&kinds)
     .bind(&values)
+    .bind(owner.kind)
     .execute(&mut *tx)
     .await?;
     let webhook = match (old_url.as_deref(), new_url.as_deref()) {
@@ -304,10 +327,11 @@ pub async fn put(
     if plan == SecretPlan::Drop {
         // Nothing left to send them to.
         sqlx::query(
-            "update alerts set next_attempt_at = null where owner_kind = 'user' and owner_id = $1 \
+            "update alerts set next_attempt_at = null where owner_kind = $2 and owner_id = $1 \
                and next_attempt_at is not null and delivered_at is null and failed_at is null",
         )
         .bind(user)
+        .bind(owner.kind)
         .execute(&mut *tx)
         .await?;
     }
@@ -324,18 +348,20 @@ pub async fn put(
     })
 }
 
-/// The user's configuration without the secret (empty before the first PUT).
-pub async fn get(pg: &PgPool, user: &str) -> Result<AlertConfig> {
+/// The owner's configuration without the secret (empty before the first PUT).
+pub async fn get(pg: &PgPool, owner: Owner<'_>) -> Result<AlertConfig> {
     let config: Option<(Option<String>, DateTime<Utc>)> = sqlx::query_as(
-        "select webhook_url, updated_at from alert_configs where owner_kind = 'user' and owner_id = $1",
+        "select webhook_url, updated_at from alert_configs where owner_kind = $2 and owner_id = $1",
     )
-    .bind(user)
+    .bind(owner.id)
+    .bind(owner.kind)
     .fetch_optional(pg)
     .await?;
     let rows: Vec<(String, i64)> = sqlx::query_as(
-        "select kind, value from alert_thresholds where owner_kind = 'user' and owner_id = $1 order by kind, value",
+        "select kind, value from alert_thresholds where owner_kind = $2 and owner_id = $1 order by kind, value",
     )
-    .bind(user)
+    .bind(owner.id)
+    .bind(owner.kind)
     .fetch_all(pg)
     .await?;
     let thresholds = rows
@@ -354,15 +380,16 @@ pub async fn get(pg: &PgPool, user: &str) -> Result<AlertConfig> {
     })
 }
 
-/// The user's alerts of the last 30 days, newest first (at most [`MAX_LISTED`]).
-pub async fn recent(pg: &PgPool, user: &str) -> Result<AlertList> {
+/// The owner's alerts of the last 30 days, newest first (at most [`MAX_LISTED`]).
+pub async fn recent(pg: &PgPool, owner: Owner<'_>) -> Result<AlertList> {
     let rows: Vec<(Uuid, String, i64, DateTime<Utc>, bool)> = sqlx::query_as(
         "select id, kind, value, at, delivered_at is not null from alerts \
-         where owner_kind = 'user' and owner_id = $1 and at > now() - interval '30 days' \
+         where owner_kind = $3 and owner_id = $1 and at > now() - interval '30 days' \
          order by at desc, id desc limit $2",
     )
-    .bind(user)
+    .bind(owner.id)
     .bind(MAX_LISTED)
+    .bind(owner.kind)
     .fetch_all(pg)
     .await?;
     let alerts = rows

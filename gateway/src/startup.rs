@@ -43,6 +43,7 @@ pub fn app_state(settings: Arc<Settings>, publisher: Publisher) -> anyhow::Resul
         recovery: recovery.clone(),
         limits: CreditLimits::new(&settings),
         memberships: Default::default(),
+        once: Default::default(),
     };
     let sessions = SessionStore {
         redis_link: redis_link.clone(),

@@ -434,3 +434,81 @@ async fn production_refuses_plain_http_and_internal_webhook_addresses() {
         .unwrap();
     assert_eq!(stored, 0);
 }
+
+#[tokio::test]
+async fn an_organizations_alerts_watch_its_pool_and_name_it() {
+    let app = app().await;
+    let (receiver, url) = Receiver::start().await;
+    let org = format!("org_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let admin = admin_token();
+    let r = app
+        .put(
+            &format!("/api/admin/orgs/{org}"),
+            &admin,
+            &json!({"name": "Acme", "plan": "team"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = app
+        .post(
+            &format!("/api/admin/orgs/{org}/credits/grant"),
+            &admin,
+            &json!({"amount": 100, "reason": "pool"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let (user, token) = new_user();
+    let r = app
+        .put(
+            &format!("/api/orgs/{org}/members/{user}"),
+            &admin,
+            &json!({"role": "member"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    // A member may not set the organization's alerts; its admins (here an admin) may.
+    let body = json!({"thresholds": [{"kind": "balance_below", "value": 50}], "webhook_url": url});
+    let r = app
+        .put(&format!("/api/orgs/{org}/alerts"), &token, &body)
+        .await;
+    assert_eq!(r.status(), 403);
+    let r = app
+        .put(&format!("/api/orgs/{org}/alerts"), &admin, &body)
+        .await;
+    assert_eq!(r.status(), 200);
+    let config: Value = r.json().await.unwrap();
+    let secret = config["webhook_secret"]
+        .as_str()
+        .expect("the secret")
+        .to_string();
+
+    consume_landed(&app, &user, &token, 60).await; // pool 100 → 40: crosses 50
+    consume_landed(&app, &user, &token, 5).await; // 40 → 35: already below
+    let got = app
+        .eventually(WAIT, || async {
+            let got = receiver.got();
+            (!got.is_empty()).then_some(got)
+        })
+        .await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].signature, expected_signature(&secret, &got[0]));
+    let sent: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(sent["data"]["org_id"], json!(org), "{sent}");
+    assert_eq!(sent["data"]["balance"], 40, "{sent}");
+    let recent = app
+        .eventually(WAIT, || async {
+            let v = get_json(&app, &format!("/api/orgs/{org}/alerts/recent"), &admin).await;
+            (v["alerts"][0]["delivered"] == json!(true)).then_some(v)
+        })
+        .await;
+    assert_eq!(recent["alerts"].as_array().unwrap().len(), 1, "{recent}");
+    // The member's own alerts are the member's (none: their balance did not move).
+    let mine = get_json(&app, "/api/vscode/user/alerts", &token).await;
+    assert_eq!(mine["alerts"], json!([]), "{mine}");
+    let cfg = get_json(&app, &format!("/api/orgs/{org}/alerts"), &admin).await;
+    assert_eq!(cfg["thresholds"][0]["value"], 50, "{cfg}");
+    assert!(
+        cfg.get("webhook_secret").is_none_or(Value::is_null),
+        "{cfg}"
+    );
+}

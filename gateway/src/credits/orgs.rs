@@ -117,6 +117,47 @@ pub fn period_start(at: DateTime<Utc>) -> DateTime<Utc> {
         .unwrap_or(at)
 }
 
+/// Work done at most once at a time per key on this gateway: a caller that
+/// finds it running waits for that run to end instead of repeating it (the
+/// first requests of a pool's members all finding it unloaded would
+/// otherwise each read Postgres for it at once).
+#[derive(Default)]
+pub struct Once {
+    running: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Once {
+    /// Runs `work` unless another caller runs it for `key`: then waits for
+    /// that one to end and returns `None`.
+    pub async fn run<T, F>(&self, key: &str, work: impl FnOnce() -> F) -> Option<T>
+    where
+        F: std::future::Future<Output = T>,
+    {
+        let lock = {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            running.entry(key.to_string()).or_default().clone()
+        };
+        match lock.clone().try_lock_owned() {
+            Ok(guard) => {
+                let out = work().await;
+                let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                if running
+                    .get(key)
+                    .is_some_and(|l| std::sync::Arc::ptr_eq(l, &lock))
+                {
+                    running.remove(key);
+                }
+                drop(guard);
+                Some(out)
+            }
+            Err(_) => {
+                let _ = lock.lock().await;
+                None
+            }
+        }
+    }
+}
+
 /// What this gateway read of users' memberships, each for [`MEMBERSHIP_TTL`].
 #[derive(Default)]
 pub struct Memberships {
@@ -150,9 +191,27 @@ impl Memberships {
 
 /// Whose balance `user_id`'s credit requests move now: the `org` field of the
 /// user's credits hash, or Postgres when Redis does not hold the user (or
-/// cannot be reached).
+/// cannot be reached). Concurrent first requests of one user on this gateway
+/// read it once ([`Once`]).
 pub async fn account(store: &CreditStore, user_id: &str) -> Result<Account> {
-    let org = match store.memberships.get(user_id) {
+    let mut known = store.memberships.get(user_id);
+    if known.is_none() {
+        let key = format!("membership:{user_id}");
+        let read = store
+            .once
+            .run(&key, || read_membership(store, user_id))
+            .await;
+        known = match read {
+            Some(org) => {
+                let org = org?;
+                store.memberships.put(user_id, org.clone());
+                Some(org)
+            }
+            // Another request read it meanwhile (or failed to: then read here).
+            None => store.memberships.get(user_id),
+        };
+    }
+    let org = match known {
         Some(org) => org,
         None => {
             let org = read_membership(store, user_id).await?;
@@ -538,6 +597,34 @@ mod tests {
         assert_eq!(member.org_id(), Some("acme"));
         assert_eq!(Account::Own.owner("user_1"), "user_1");
         assert_eq!(Account::Own.org_id(), None);
+    }
+
+    #[tokio::test]
+    async fn once_runs_one_of_concurrent_callers_and_the_others_wait_for_it() {
+        let once = std::sync::Arc::new(Once::default());
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let (once, runs) = (once.clone(), runs.clone());
+            tasks.push(tokio::spawn(async move {
+                once.run("k", || async {
+                    runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                })
+                .await
+                .is_some()
+            }));
+        }
+        let mut ran = 0;
+        for t in tasks {
+            ran += usize::from(t.await.unwrap());
+        }
+        assert_eq!(
+            (ran, runs.load(std::sync::atomic::Ordering::SeqCst)),
+            (1, 1)
+        );
+        // Once ended, the next caller runs it again.
+        assert_eq!(once.run("k", || async { 7 }).await, Some(7));
     }
 
     #[test]

@@ -63,7 +63,17 @@ pub(super) async fn run(
                 store.recovery.enter(store).await;
                 return Err(recovering());
             }
-            Tag::Missing => load_into_redis(store, user_id).await?,
+            // One load per account at a time on this gateway: the others wait for it.
+            Tag::Missing => {
+                let key = format!("load:{user_id}");
+                if let Some(loaded) = store
+                    .once
+                    .run(&key, || load_into_redis(store, user_id))
+                    .await
+                {
+                    loaded?;
+                }
+            }
             _ => return Ok(reply),
         }
     }

@@ -271,6 +271,8 @@ pub struct CreditStore {
     pub limits: CreditLimits,
     /// What this gateway read of users' memberships (`super::orgs`).
     pub memberships: std::sync::Arc<super::orgs::Memberships>,
+    /// Loads into Redis and membership reads running on this gateway, one per account.
+    pub once: std::sync::Arc<super::orgs::Once>,
 }
 
 /// The settings the credit flows read, copied once at start.

@@ -13,7 +13,7 @@ use super::extract::ApiJson;
 use super::guard::CurrentUser;
 use super::target::{provision_other, Target};
 use super::{guarded, Class};
-use crate::alerts::{AlertConfig, AlertList, AlertsBody};
+use crate::alerts::{AlertConfig, AlertList, AlertsBody, Owner};
 use crate::audit::{Action, RequestId};
 use crate::state::AppState;
 
@@ -58,7 +58,7 @@ pub(crate) async fn put_alerts(
         request_id: &rid,
     };
     Ok(Json(
-        crate::alerts::put(&state.pg, by, &id, &checked).await?,
+        crate::alerts::put(&state.pg, by, Owner::user(&id), &checked).await?,
     ))
 }
 
@@ -76,7 +76,7 @@ pub(crate) async fn get_alerts(
     Target(id): Target,
 ) -> Result<Json<AlertConfig>> {
     provision_other(&state, &caller, &id).await?;
-    Ok(Json(crate::alerts::get(&state.pg, &id).await?))
+    Ok(Json(crate::alerts::get(&state.pg, Owner::user(&id)).await?))
 }
 
 /// The caller's recent alerts
@@ -92,7 +92,9 @@ pub(crate) async fn recent_alerts(
     State(state): State<AppState>,
     user: CurrentUser,
 ) -> Result<Json<AlertList>> {
-    Ok(Json(crate::alerts::recent(&state.pg, user.id()).await?))
+    Ok(Json(
+        crate::alerts::recent(&state.pg, Owner::user(user.id())).await?,
+    ))
 }
 
 /// The operations of this module.

@@ -18,6 +18,7 @@ use super::extract::ApiJson;
 use super::guard::CurrentUser;
 use super::{guarded, Class};
 use crate::admin::{self, Unknown};
+use crate::alerts::{AlertConfig, AlertList, AlertsBody, Owner};
 use crate::audit::{Action, RequestId};
 use crate::credits::{self, GrantAnswer, GrantBody, GrantRequest};
 use crate::orgs::{
@@ -25,6 +26,7 @@ use crate::orgs::{
     OrgAnswer, OrgBody, PoolAnswer,
 };
 use crate::state::AppState;
+use common::settings::AppEnv;
 
 pub fn router(state: &AppState) -> Router<AppState> {
     let admin_routes = Router::new()
@@ -35,7 +37,12 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route(
             "/api/orgs/{org_id}/members/{user_id}",
             put(set_member).delete(delete_member),
-        );
+        )
+        .route(
+            "/api/orgs/{org_id}/alerts",
+            get(get_org_alerts).put(put_org_alerts),
+        )
+        .route("/api/orgs/{org_id}/alerts/recent", get(recent_org_alerts));
     Router::new()
         .merge(guarded(state, Class::Admin, admin_routes))
         .merge(guarded(state, Class::Profile, org_routes))
@@ -209,7 +216,92 @@ pub(crate) async fn delete_member(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Set an organization's spend alerts
+///
+/// As a user's (`PUT /api/users/{id}/alerts`), on the pool: `balance_below` its balance,
+/// `spent_pct` of its month's allowance. For the organization's admins and admins.
+/// Audited (`alerts.set`).
+#[utoipa::path(put, path = "/api/orgs/{org_id}/alerts", tag = "profile",
+    request_body = AlertsBody,
+    responses(
+        (status = 200, description = "The configuration as stored", body = AlertConfig),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn put_org_alerts(
+    State(state): State<AppState>,
+    caller: CurrentUser,
+    Path(raw): Path<String>,
+    RequestId(rid): RequestId,
+    deadline: Deadline,
+    ApiJson(body): ApiJson<AlertsBody>,
+) -> Result<Json<AlertConfig>> {
+    let id = org_id(&raw)?;
+    authorize(&state.credits, id, caller.id(), caller.is_admin()).await?;
+    let production = state.settings.app_env == AppEnv::Production;
+    let checked = crate::alerts::check(body, production)?;
+    if let (true, Some(url)) = (production, &checked.webhook) {
+        crate::alerts::check_resolution(url).await?;
+    }
+    deadline.commit()?;
+    let by = Action {
+        actor: caller.id(),
+        action: "alerts.set",
+        target: Some(id),
+        request_id: &rid,
+    };
+    Ok(Json(
+        crate::alerts::put(&state.pg, by, Owner::org(id), &checked).await?,
+    ))
+}
+
+/// Read an organization's spend alerts
+///
+/// The thresholds and webhook URL, without the secret.
+#[utoipa::path(get, path = "/api/orgs/{org_id}/alerts", tag = "profile",
+    responses(
+        (status = 200, description = "The configuration", body = AlertConfig),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn get_org_alerts(
+    State(state): State<AppState>,
+    caller: CurrentUser,
+    Path(raw): Path<String>,
+) -> Result<Json<AlertConfig>> {
+    let id = org_id(&raw)?;
+    authorize(&state.credits, id, caller.id(), caller.is_admin()).await?;
+    Ok(Json(crate::alerts::get(&state.pg, Owner::org(id)).await?))
+}
+
+/// An organization's recent alerts
+///
+/// The last 30 days, newest first (at most 200), whether or not a webhook took them.
+#[utoipa::path(get, path = "/api/orgs/{org_id}/alerts/recent", tag = "profile",
+    responses(
+        (status = 200, description = "The alerts", body = AlertList),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn recent_org_alerts(
+    State(state): State<AppState>,
+    caller: CurrentUser,
+    Path(raw): Path<String>,
+) -> Result<Json<AlertList>> {
+    let id = org_id(&raw)?;
+    authorize(&state.credits, id, caller.id(), caller.is_admin()).await?;
+    Ok(Json(
+        crate::alerts::recent(&state.pg, Owner::org(id)).await?,
+    ))
+}
+
 /// The operations of this module.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(create_org, grant_pool, read_org, set_member, delete_member))]
+#[openapi(paths(
+    create_org,
+    grant_pool,
+    read_org,
+    set_member,
+    delete_member,
+    put_org_alerts,
+    get_org_alerts,
+    recent_org_alerts
+))]
 pub(crate) struct Doc;

@@ -161,11 +161,22 @@ pub fn crossings(
     out
 }
 
+/// An owner of alerts as the credit handler names the account of a settled
+/// row: a user id, or an organization's pool `org:ORG_ID` (kind `org`).
+fn owner_of(account: &str) -> (&'static str, &str) {
+    match account.strip_prefix("org:") {
+        Some(org) => ("org", org),
+        None => ("user", account),
+    }
+}
+
 /// Records the crossings of a batch's settled ledger rows, `settled` being
-/// (user, transaction id) as the credit handler collected them. In the
-/// batch's transaction, after its rows are written (the users' rows are
-/// locked by then). One indexed read of the batch users' thresholds; users
-/// without any cost nothing more.
+/// (account, transaction id) as the credit handler collected them: a user's
+/// own rows count for the user's thresholds, a member's charges on a pool for
+/// the organization's (its balance is the pool's). In the batch's
+/// transaction, after its rows are written (the users' and organizations'
+/// rows are locked by then). One indexed read of the owners' thresholds;
+/// owners without any cost nothing more.
 pub async fn record(
     tx: &mut Transaction<'_, Postgres>,
     settled: &[(String, Uuid)],
@@ -173,74 +184,96 @@ pub async fn record(
     if settled.is_empty() {
         return Ok(0);
     }
-    let users: Vec<&str> = settled
-        .iter()
-        .map(|(u, _)| u.as_str())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    let rows: Vec<(String, String, i64, DateTime<Utc>)> = sqlx::query_as(
-        "select owner_id, kind, value, created_at from alert_thresholds \
-         where owner_kind = 'user' and owner_id = any($1)",
+    let owners: HashSet<(&str, &str)> = settled.iter().map(|(a, _)| owner_of(a)).collect();
+    let (kinds, ids): (Vec<&str>, Vec<&str>) = owners.into_iter().unzip();
+    let rows: Vec<(String, String, String, i64, DateTime<Utc>)> = sqlx::query_as(
+        "select t.owner_kind, t.owner_id, t.kind, t.value, t.created_at from alert_thresholds t \
+         join unnest($1::text[], $2::text[]) o(kind, id) on t.owner_kind = o.kind and t.owner_id = o.id",
     )
-    .bind(&users)
+    .bind(&kinds)
+    .bind(&ids)
     .fetch_all(&mut **tx)
     .await?;
     if rows.is_empty() {
         return Ok(0);
     }
-    let mut thresholds: HashMap<String, Vec<Threshold>> = HashMap::new();
-    for (owner, kind, value, since) in rows {
+    let mut thresholds: HashMap<(String, String), Vec<Threshold>> = HashMap::new();
+    for (owner_kind, owner, kind, value, since) in rows {
         if let Some(kind) = Kind::parse(&kind) {
             thresholds
-                .entry(owner)
+                .entry((owner_kind, owner))
                 .or_default()
                 .push(Threshold { kind, value, since });
         }
     }
-    let ids: Vec<Uuid> = settled
+    let key = |account: &str| {
+        let (k, id) = owner_of(account);
+        (k.to_string(), id.to_string())
+    };
+    let of_tx: HashMap<Uuid, (String, String)> = settled
         .iter()
-        .filter(|(u, _)| thresholds.contains_key(u))
-        .map(|(_, id)| *id)
+        .map(|(a, id)| (*id, key(a)))
+        .filter(|(_, o)| thresholds.contains_key(o))
         .collect();
-    let ledger: Vec<(Uuid, String, i64, i64, DateTime<Utc>)> = sqlx::query_as(
-        "select id, user_id, amount, balance_after, created_at from credit_transactions where id = any($1)",
+    let tx_ids: Vec<Uuid> = of_tx.keys().copied().collect();
+    let ledger: Vec<(Uuid, i64, i64, DateTime<Utc>)> = sqlx::query_as(
+        "select id, amount, balance_after, created_at from credit_transactions where id = any($1)",
     )
-    .bind(&ids)
+    .bind(&tx_ids)
     .fetch_all(&mut **tx)
     .await?;
-    let mut moves: HashMap<String, Vec<Move>> = HashMap::new();
-    for (transaction_id, user, amount, balance_after, at) in ledger {
-        moves.entry(user).or_default().push(Move {
+    let mut moves: HashMap<(String, String), Vec<Move>> = HashMap::new();
+    for (transaction_id, amount, balance_after, at) in ledger {
+        let Some(owner) = of_tx.get(&transaction_id) else {
+            continue;
+        };
+        moves.entry(owner.clone()).or_default().push(Move {
             transaction_id,
             amount,
             balance_after,
             at,
         });
     }
-    let (key, start) = period_of(Utc::now());
-    let pct_users: Vec<&str> = thresholds
-        .iter()
-        .filter(|(u, ts)| moves.contains_key(*u) && ts.iter().any(|t| t.kind == Kind::SpentPct))
-        .map(|(u, _)| u.as_str())
-        .collect();
-    let mut periods: HashMap<String, Period> = HashMap::new();
-    if !pct_users.is_empty() {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+    let (period_key, start) = period_of(Utc::now());
+    let mut periods: HashMap<(String, String), Period> = HashMap::new();
+    for (owner_kind, sql) in [
+        (
+            "user",
             "select u.id, u.credits_balance, \
                coalesce((select -sum(t.amount) from credit_transactions t \
-                         where t.user_id = u.id and t.created_at >= $2 and t.amount < 0), 0)::bigint \
+                         where t.user_id = u.id and t.org_id is null and t.created_at >= $2 and t.amount < 0), 0)::bigint \
              from users u where u.id = any($1)",
-        )
-        .bind(&pct_users)
-        .bind(start)
-        .fetch_all(&mut **tx)
-        .await?;
-        for (user, balance, spent) in rows {
+        ),
+        (
+            "org",
+            "select o.id, o.credits_balance, \
+               coalesce((select -sum(t.amount) from credit_transactions t \
+                         where t.org_id = o.id and t.created_at >= $2 and t.amount < 0), 0)::bigint \
+             from orgs o where o.id = any($1)",
+        ),
+    ] {
+        let pct: Vec<&str> = thresholds
+            .iter()
+            .filter(|((k, o), ts)| {
+                k == owner_kind
+                    && moves.contains_key(&(k.clone(), o.clone()))
+                    && ts.iter().any(|t| t.kind == Kind::SpentPct)
+            })
+            .map(|((_, o), _)| o.as_str())
+            .collect();
+        if pct.is_empty() {
+            continue;
+        }
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(sql)
+            .bind(&pct)
+            .bind(start)
+            .fetch_all(&mut **tx)
+            .await?;
+        for (owner, balance, spent) in rows {
             periods.insert(
-                user,
+                (owner_kind.to_string(), owner),
                 Period {
-                    key: key.clone(),
+                    key: period_key.clone(),
                     start,
                     spent,
                     balance,
@@ -248,11 +281,11 @@ pub async fn record(
             );
         }
     }
-    let mut found: Vec<(String, Crossing)> = Vec::new();
-    for (user, ts) in &thresholds {
-        let Some(ms) = moves.get(user) else { continue };
-        for c in crossings(ts, ms, periods.get(user)) {
-            found.push((user.clone(), c));
+    let mut found: Vec<((String, String), Crossing)> = Vec::new();
+    for (owner, ts) in &thresholds {
+        let Some(ms) = moves.get(owner) else { continue };
+        for c in crossings(ts, ms, periods.get(owner)) {
+            found.push((owner.clone(), c));
         }
     }
     insert(tx, &found).await
@@ -262,12 +295,13 @@ pub async fn record(
 /// gets them due now. Deleted users raise nothing.
 async fn insert(
     tx: &mut Transaction<'_, Postgres>,
-    found: &[(String, Crossing)],
+    found: &[((String, String), Crossing)],
 ) -> Result<u64, sqlx::Error> {
     if found.is_empty() {
         return Ok(0);
     }
-    let owners: Vec<&str> = found.iter().map(|(u, _)| u.as_str()).collect();
+    let owner_kinds: Vec<&str> = found.iter().map(|((k, _), _)| k.as_str()).collect();
+    let owners: Vec<&str> = found.iter().map(|((_, o), _)| o.as_str()).collect();
     let kinds: Vec<&str> = found.iter().map(|(_, c)| c.kind.as_str()).collect();
     let values: Vec<i64> = found.iter().map(|(_, c)| c.value).collect();
     let keys: Vec<&str> = found.iter().map(|(_, c)| c.crossing.as_str()).collect();
@@ -278,12 +312,14 @@ async fn insert(
     let n = sqlx::query(
         "insert into alerts (owner_kind, owner_id, kind, value, crossing, balance, spent, allowance, transaction_id, \
                              next_attempt_at) \
-         select 'user', r.owner, r.kind, r.value, r.crossing, r.balance, r.spent, r.allowance, r.txid, \
+         select r.owner_kind, r.owner, r.kind, r.value, r.crossing, r.balance, r.spent, r.allowance, r.txid, \
                 case when c.webhook_url is not null then now() end \
-         from unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::uuid[]) \
-              as r(owner, kind, value, crossing, balance, spent, allowance, txid) \
-         join users u on u.id = r.owner and u.status <> 'deleted' \
-         left join alert_configs c on c.owner_kind = 'user' and c.owner_id = r.owner \
+         from unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[], $8::uuid[], \
+                     $9::text[]) \
+              as r(owner, kind, value, crossing, balance, spent, allowance, txid, owner_kind) \
+         left join users u on r.owner_kind = 'user' and u.id = r.owner \
+         left join alert_configs c on c.owner_kind = r.owner_kind and c.owner_id = r.owner \
+         where r.owner_kind = 'org' or u.status <> 'deleted' \
          on conflict (owner_kind, owner_id, kind, value, crossing) do nothing",
     )
     .bind(&owners)
@@ -294,6 +330,7 @@ async fn insert(
     .bind(&spent)
     .bind(&allowance)
     .bind(&txids)
+    .bind(&owner_kinds)
     .execute(&mut **tx)
     .await?
     .rows_affected();

@@ -62,6 +62,8 @@ pub fn next_delay(attempts: u32, s: &AlertSettings) -> Option<Duration> {
 #[derive(Debug, sqlx::FromRow)]
 struct Due {
     id: Uuid,
+    /// `user` or `org` (an organization's pool).
+    owner_kind: String,
     owner_id: String,
     kind: String,
     value: i64,
@@ -80,12 +82,18 @@ struct Due {
 fn body(d: &Due) -> String {
     let mut data = json!({
         "alert_id": d.id,
-        "user_id": d.owner_id,
         "kind": d.kind,
         "value": d.value,
         "balance": d.balance,
         "transaction_id": d.transaction_id,
     });
+    // An organization's alert names the organization (its pool's balance).
+    let owner = if d.owner_kind == "org" {
+        "org_id"
+    } else {
+        "user_id"
+    };
+    data[owner] = json!(d.owner_id);
     if d.kind == "spent_pct" {
         data["period"] = json!(d.crossing);
         data["spent"] = json!(d.spent);
@@ -103,7 +111,7 @@ fn body(d: &Due) -> String {
 /// were acknowledged.
 pub async fn deliver_due(ctx: &Ctx) -> anyhow::Result<usize> {
     let due: Vec<Due> = sqlx::query_as(
-        "select a.id, a.owner_id, a.kind, a.value, a.crossing, a.balance, a.spent, a.allowance, a.transaction_id, \
+        "select a.id, a.owner_kind, a.owner_id, a.kind, a.value, a.crossing, a.balance, a.spent, a.allowance, a.transaction_id, \
                 a.at, a.attempts, c.webhook_url, c.webhook_secret \
          from alerts a \
          join alert_configs c on c.owner_kind = a.owner_kind and c.owner_id = a.owner_id \
@@ -267,8 +275,9 @@ mod tests {
 
     #[test]
     fn the_body_carries_the_type_the_event_time_and_the_alert() {
-        let d = Due {
+        let mut d = Due {
             id: Uuid::from_u128(7),
+            owner_kind: "user".into(),
             owner_id: "user_1".into(),
             kind: "spent_pct".into(),
             value: 80,
@@ -288,5 +297,12 @@ mod tests {
         assert_eq!(v["data"]["period"], "2026-12");
         assert_eq!(v["data"]["allowance"], 100);
         assert_eq!(v["data"]["user_id"], "user_1");
+        d.owner_kind = "org".into();
+        d.owner_id = "acme".into();
+        let v: serde_json::Value = serde_json::from_str(&body(&d)).unwrap();
+        assert_eq!(
+            (&v["data"]["org_id"], v["data"].get("user_id")),
+            (&serde_json::json!("acme"), None)
+        );
     }
 }
