@@ -367,6 +367,126 @@ pub async fn read_pool(store: &CreditStore, org_id: &str) -> Result<PoolAnswer> 
     })
 }
 
+/// One member's charges on the pool over an analytics window.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct MemberSpend {
+    pub user_id: String,
+    pub credits: i64,
+    pub charges: i64,
+}
+
+/// One day's charges on the pool (UTC).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DaySpend {
+    /// `YYYY-MM-DD`.
+    pub date: String,
+    pub credits: i64,
+    pub charges: i64,
+}
+
+/// One model's charges on the pool (`model` and `provider` null for charges without them).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelSpend {
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub credits: i64,
+    pub charges: i64,
+}
+
+/// `GET /api/orgs/:org_id/analytics?days=N`: what the pool paid for over the
+/// window, by member, day and model, from the ledger.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PoolAnalytics {
+    pub org_id: String,
+    pub days: u32,
+    /// Credits the members spent from the pool in the window.
+    pub credits: i64,
+    pub charges: i64,
+    /// Credits granted to the pool in the window.
+    pub granted: i64,
+    pub by_member: Vec<MemberSpend>,
+    pub by_day: Vec<DaySpend>,
+    pub by_model: Vec<ModelSpend>,
+}
+
+/// The pool's analytics over the last `days` days (today included, UTC), in
+/// one repeatable-read snapshot so the parts add up.
+pub async fn pool_analytics(store: &CreditStore, org_id: &str, days: u32) -> Result<PoolAnalytics> {
+    let today = Utc::now().date_naive();
+    let first = today - chrono::Days::new(u64::from(days.max(1)) - 1);
+    let since = first.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+    let mut tx = store.pg.begin().await?;
+    sqlx::query("set transaction isolation level repeatable read, read only")
+        .execute(&mut *tx)
+        .await?;
+    let rows = "from credit_transactions t where t.org_id = $1 and t.created_at >= $2";
+    let members: Vec<(Option<String>, i64, i64)> = sqlx::query_as(&format!(
+        "select t.user_id, (-sum(t.amount))::int8, count(*) {rows} and t.kind = 'consume' \
+         group by t.user_id order by 2 desc, 1"
+    ))
+    .bind(org_id)
+    .bind(since)
+    .fetch_all(&mut *tx)
+    .await?;
+    let by_day: Vec<(String, i64, i64)> = sqlx::query_as(&format!(
+        "select to_char((t.created_at at time zone 'UTC')::date, 'YYYY-MM-DD'), (-sum(t.amount))::int8, count(*) \
+         {rows} and t.kind = 'consume' group by 1 order by 1"
+    ))
+    .bind(org_id)
+    .bind(since)
+    .fetch_all(&mut *tx)
+    .await?;
+    let by_model: Vec<(Option<String>, Option<String>, i64, i64)> = sqlx::query_as(&format!(
+        "select t.model, t.provider, (-sum(t.amount))::int8, count(*) {rows} and t.kind = 'consume' \
+         group by 1, 2 order by 3 desc, 1, 2"
+    ))
+    .bind(org_id)
+    .bind(since)
+    .fetch_all(&mut *tx)
+    .await?;
+    let granted: i64 = sqlx::query_scalar(&format!(
+        "select coalesce(sum(t.amount), 0)::int8 {rows} and t.kind = 'grant'"
+    ))
+    .bind(org_id)
+    .bind(since)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let by_member: Vec<MemberSpend> = members
+        .into_iter()
+        .map(|(user, credits, charges)| MemberSpend {
+            user_id: user.unwrap_or_default(),
+            credits,
+            charges,
+        })
+        .collect();
+    Ok(PoolAnalytics {
+        org_id: org_id.to_string(),
+        days,
+        credits: by_member.iter().map(|m| m.credits).sum(),
+        charges: by_member.iter().map(|m| m.charges).sum(),
+        granted,
+        by_member,
+        by_day: by_day
+            .into_iter()
+            .map(|(date, credits, charges)| DaySpend {
+                date,
+                credits,
+                charges,
+            })
+            .collect(),
+        by_model: by_model
+            .into_iter()
+            .map(|(model, provider, credits, charges)| ModelSpend {
+                model,
+                provider,
+                credits,
+                charges,
+            })
+            .collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -203,6 +203,39 @@ async fn members_consume_at_once_never_past_the_pool_or_their_caps() {
         );
         assert_eq!(api_balance(&app, token).await["balance"], 0);
     }
+    // The organization's analytics add up with the ledger; members may not read them.
+    let r = app
+        .get(&format!("/api/orgs/{org}/analytics?days=7"), &admin_token())
+        .await;
+    assert_eq!(r.status(), 200);
+    let a: Value = r.json().await.unwrap();
+    assert_eq!(
+        (&a["credits"], &a["charges"], &a["granted"]),
+        (&json!(1000), &json!(200), &json!(1000)),
+        "{a}"
+    );
+    let per_member: Vec<i64> = a["by_member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["credits"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        (per_member.len(), per_member.iter().sum::<i64>()),
+        (8, 1000),
+        "{a}"
+    );
+    let per_day: i64 = a["by_day"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["credits"].as_i64().unwrap())
+        .sum();
+    assert_eq!(per_day, 1000, "{a}");
+    let r = app
+        .get(&format!("/api/orgs/{org}/analytics"), &members[0].1)
+        .await;
+    assert_eq!(r.status(), 403);
     println!(
         "pool: 8 members × 40 consumes of 5 at once through two gateways: spent {spent:?} = 1000 of 1000, \
          caps of 60 held, refused {refused:?}; pool = ledger = API = 0; overspend 0"

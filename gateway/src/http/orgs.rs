@@ -14,16 +14,17 @@ use super::admin::AdminUser;
 use super::credits::{idempotency_header, respond, IdempotencyHeader};
 use super::deadline::Deadline;
 use super::error::{ApiError, Result};
-use super::extract::ApiJson;
+use super::extract::{ApiJson, ApiQuery};
 use super::guard::CurrentUser;
 use super::{guarded, Class};
 use crate::admin::{self, Unknown};
 use crate::alerts::{AlertConfig, AlertList, AlertsBody, Owner};
+use crate::analytics::AnalyticsQuery;
 use crate::audit::{Action, RequestId};
 use crate::credits::{self, GrantAnswer, GrantBody, GrantRequest};
 use crate::orgs::{
     authorize, put_member, put_org, read_pool, remove_member, MemberBody, MembershipAnswer,
-    OrgAnswer, OrgBody, PoolAnswer,
+    OrgAnswer, OrgBody, PoolAnalytics, PoolAnswer,
 };
 use crate::state::AppState;
 use common::settings::AppEnv;
@@ -42,7 +43,8 @@ pub fn router(state: &AppState) -> Router<AppState> {
             "/api/orgs/{org_id}/alerts",
             get(get_org_alerts).put(put_org_alerts),
         )
-        .route("/api/orgs/{org_id}/alerts/recent", get(recent_org_alerts));
+        .route("/api/orgs/{org_id}/alerts/recent", get(recent_org_alerts))
+        .route("/api/orgs/{org_id}/analytics", get(org_analytics));
     Router::new()
         .merge(guarded(state, Class::Admin, admin_routes))
         .merge(guarded(state, Class::Profile, org_routes))
@@ -292,6 +294,31 @@ pub(crate) async fn recent_org_alerts(
     ))
 }
 
+/// An organization's analytics
+///
+/// What the pool paid for over the last `days` days (today included, UTC): by member, by day
+/// and by model, from the ledger, with what was granted to it. For the organization's admins
+/// and admins.
+#[utoipa::path(get, path = "/api/orgs/{org_id}/analytics", tag = "analytics",
+    params(AnalyticsQuery),
+    responses(
+        (status = 200, description = "The pool's figures over the window", body = PoolAnalytics),
+        (status = 503, description = "A dependency is unavailable"),
+    ))]
+pub(crate) async fn org_analytics(
+    State(state): State<AppState>,
+    caller: CurrentUser,
+    Path(raw): Path<String>,
+    ApiQuery(q): ApiQuery<AnalyticsQuery>,
+) -> Result<Json<PoolAnalytics>> {
+    let id = org_id(&raw)?;
+    let days = q.days()?;
+    authorize(&state.credits, id, caller.id(), caller.is_admin()).await?;
+    Ok(Json(
+        crate::orgs::pool_analytics(&state.credits, id, days).await?,
+    ))
+}
+
 /// The operations of this module.
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(
@@ -302,6 +329,7 @@ pub(crate) async fn recent_org_alerts(
     delete_member,
     put_org_alerts,
     get_org_alerts,
-    recent_org_alerts
+    recent_org_alerts,
+    org_analytics
 ))]
 pub(crate) struct Doc;

@@ -257,6 +257,28 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/orgs/{org_id}/analytics": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * An organization's analytics
+         * @description What the pool paid for over the last `days` days (today included, UTC): by member, by day
+         *     and by model, from the ledger, with what was granted to it. For the organization's admins
+         *     and admins.
+         */
+        get: operations["get_api_orgs__org_id__analytics"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/orgs/{org_id}/members/{user_id}": {
         parameters: {
             query?: never;
@@ -1196,6 +1218,15 @@ export interface components {
              */
             total_tokens: number;
         };
+        /** @description One day's charges on the pool (UTC). */
+        DaySpend: {
+            /** Format: int64 */
+            charges: number;
+            /** Format: int64 */
+            credits: number;
+            /** @description `YYYY-MM-DD`. */
+            date: string;
+        };
         /** @description The dependencies `readyz` checks. */
         Dependencies: {
             /** @description `select 1` answered within 2 seconds. */
@@ -1553,6 +1584,14 @@ export interface components {
             cap?: null | components["schemas"]["Cap"];
             role: components["schemas"]["Role"];
         };
+        /** @description One member's charges on the pool over an analytics window. */
+        MemberSpend: {
+            /** Format: int64 */
+            charges: number;
+            /** Format: int64 */
+            credits: number;
+            user_id: string;
+        };
         /** @description A member as `PUT …/members/:user_id` answers it. */
         MembershipAnswer: {
             cap?: null | components["schemas"]["CapAnswer"];
@@ -1585,6 +1624,15 @@ export interface components {
              * @description Requests to this model.
              */
             requests: number;
+        };
+        /** @description One model's charges on the pool (`model` and `provider` null for charges without them). */
+        ModelSpend: {
+            /** Format: int64 */
+            charges: number;
+            /** Format: int64 */
+            credits: number;
+            model?: string | null;
+            provider?: string | null;
         };
         /** @description One entry of `byModel`. */
         ModelStats: {
@@ -1768,6 +1816,30 @@ export interface components {
         PlanBody: {
             /** @description One of the configured plans (`plans.NAME`: by default free, pro, team, enterprise). */
             plan: string;
+        };
+        /**
+         * @description `GET /api/orgs/:org_id/analytics?days=N`: what the pool paid for over the
+         *     window, by member, day and model, from the ledger.
+         */
+        PoolAnalytics: {
+            by_day: components["schemas"]["DaySpend"][];
+            by_member: components["schemas"]["MemberSpend"][];
+            by_model: components["schemas"]["ModelSpend"][];
+            /** Format: int64 */
+            charges: number;
+            /**
+             * Format: int64
+             * @description Credits the members spent from the pool in the window.
+             */
+            credits: number;
+            /** Format: int32 */
+            days: number;
+            /**
+             * Format: int64
+             * @description Credits granted to the pool in the window.
+             */
+            granted: number;
+            org_id: string;
         };
         /** @description `GET /api/orgs/:org_id`: the pool and its members' spend this period. */
         PoolAnswer: {
@@ -3953,6 +4025,99 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["AlertList"];
+                };
+            };
+            /** @description Missing or invalid token */
+            401: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Forbidden, suspended or deleted account */
+            403: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Not found */
+            404: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Validation failed (detail names the field) */
+            422: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description Rate limited */
+            429: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description A dependency is unavailable */
+            503: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_api_orgs__org_id__analytics: {
+        parameters: {
+            query?: {
+                days?: number;
+                timeframe?: "1d" | "7d" | "30d";
+            };
+            header?: never;
+            path: {
+                org_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The pool's figures over the window */
+            200: {
+                headers: {
+                    /** @description The caller's id when 1..=128 of [A-Za-z0-9._:-], else a new one. */
+                    "X-Request-Id": string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PoolAnalytics"];
                 };
             };
             /** @description Missing or invalid token */
