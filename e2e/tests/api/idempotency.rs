@@ -60,7 +60,7 @@ async fn hold_keyed(
 
 /// A Redis data loss of this test's keys only (the shared Redis serves other
 /// tests): every key under the prefix, the slot sentinels included.
-async fn lose_redis_data(app: &TestApp) {
+pub(crate) async fn lose_redis_data(app: &TestApp) {
     let mut c = app.redis.get().await.unwrap();
     let pattern = format!("{}:*", app.settings.redis.key_prefix);
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -78,7 +78,7 @@ fn short_ttl(v: &mut std::collections::HashMap<String, String>) {
     v.insert("APP__CREDITS__IDEMPOTENCY_TTL_SECS".into(), "2".into());
 }
 
-fn fast_recovery(v: &mut std::collections::HashMap<String, String>) {
+pub(crate) fn fast_recovery(v: &mut std::collections::HashMap<String, String>) {
     v.insert("APP__AMQP__CONFIRM_TIMEOUT_MS".into(), "2000".into());
     v.insert("APP__CREDITS__RECOVERY_GRACE_MS".into(), "500".into());
 }

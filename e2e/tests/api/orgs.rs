@@ -2,8 +2,9 @@
 //! members of one organization spend its pool at once, through two gateways,
 //! never past the pool or their caps, and the pool = Σ its ledger rows = the
 //! API; the routes and who may call them; a membership change reaches a second
-//! gateway within 5 s; a pool Redis no longer holds is rebuilt from Postgres
-//! with its caps' spend.
+//! gateway within 5 s; a pool Redis no longer holds, or after a Redis data
+//! loss, is rebuilt from Postgres with its caps' spend, its holds and its
+//! members' idempotency records; export and erasure; the pool's analytics.
 
 use std::time::{Duration, Instant};
 
@@ -586,4 +587,88 @@ async fn a_members_export_shows_the_membership_and_erasure_ends_it() {
         (200, 0),
         "{pool}"
     );
+}
+
+#[tokio::test]
+async fn after_a_redis_data_loss_the_pool_its_caps_and_a_members_keyed_consume_are_rebuilt() {
+    let app = spawn_app_with(crate::idempotency::fast_recovery).await;
+    app.start_worker().await;
+    let org = org_id();
+    create_org(&app, &org).await;
+    grant_pool(&app, &org, 300).await;
+    let (user, token) = new_user();
+    let body = json!({"role": "member", "cap": {"amount": 50, "period": "month"}});
+    assert_eq!(
+        add_member(&app, &org, &user, &admin_token(), body).await.0,
+        200
+    );
+    let path = format!("/api/users/{user}/credits/consume");
+    let keyed = |amount: i64| {
+        let (client, url, token) = (app.client.clone(), app.url(&path), token.clone());
+        async move {
+            let r = client
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "K")
+                .json(&json!({"amount": amount}))
+                .send()
+                .await
+                .unwrap();
+            read(r).await
+        }
+    };
+    let (s, first, _) = keyed(30).await;
+    assert_eq!(s, 200, "{first}");
+    let holds = format!("/api/users/{user}/credits/holds");
+    let (s, hold, _) = read(app.post(&holds, &token, &json!({"amount": 10})).await).await;
+    assert_eq!(s, 200, "{hold}");
+    app.eventually(20 * SECS, || async {
+        let open: i64 = sqlx::query_scalar(
+            "select count(*) from credit_holds where org_id = $1 and status = 'open'",
+        )
+        .bind(&org)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+        let records: i64 =
+            sqlx::query_scalar("select count(*) from idempotency_records where user_id = $1")
+                .bind(&user)
+                .fetch_one(&app.pg)
+                .await
+                .unwrap();
+        (pool_ledger(&app, &org).await.0 == 270 && open == 1 && records == 1).then_some(())
+    })
+    .await;
+
+    crate::idempotency::lose_redis_data(&app).await;
+    // 503 until the recovery completes; then the key replays the first answer, charged once.
+    let (s, again, replayed) = app
+        .eventually(30 * SECS, || async {
+            let r = keyed(30).await;
+            (r.0 != 503).then_some(r)
+        })
+        .await;
+    assert_eq!((s, replayed), (200, true), "{again}");
+    assert_eq!(again["transaction_id"], first["transaction_id"]);
+    // The cap counts the 30 settled and the 10 held, rebuilt from Postgres: 11 more pass it.
+    let (s, v) = consume(app.addr, &app.client, &user, &token, 11).await;
+    assert_eq!((s, v["limit"].as_str()), (402, Some("member_cap")), "{v}");
+    let (s, v) = consume(app.addr, &app.client, &user, &token, 10).await;
+    assert_eq!((s, &v["balance"]), (200, &json!(0)), "{v}");
+    let release = format!("{holds}/{}", hold["hold_id"].as_str().unwrap());
+    let r = app
+        .client
+        .delete(app.url(&release))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (s, v) = consume(app.addr, &app.client, &user, &token, 10).await;
+    assert_eq!((s, &v["balance"]), (200, &json!(0)), "{v}");
+    app.eventually(20 * SECS, || async {
+        let (bal, sum, rows) = pool_ledger(&app, &org).await;
+        (bal == 250 && sum == 250 && rows == 4).then_some(())
+    })
+    .await;
 }
