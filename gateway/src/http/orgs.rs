@@ -299,7 +299,7 @@ pub(crate) async fn recent_org_alerts(
 /// What the pool paid for over the last `days` days (today included, UTC): by member, by day
 /// and by model, from the ledger, with what was granted to it. For the organization's admins
 /// and admins.
-#[utoipa::path(get, path = "/api/orgs/{org_id}/analytics", tag = "analytics",
+#[utoipa::path(get, path = "/api/orgs/{org_id}/analytics", tag = "profile",
     params(AnalyticsQuery),
     responses(
         (status = 200, description = "The pool's figures over the window", body = PoolAnalytics),
