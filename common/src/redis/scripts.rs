@@ -102,6 +102,9 @@ pub struct Scripts {
     /// `user_org.lua`: a committed membership change on the user's account.
     /// LOST | MISSING | OK.
     pub user_org: ::redis::Script,
+    /// `idem_adopt.lua`: a user's durable idempotency records onto the account
+    /// they spend from after a membership change. LOST | OK.
+    pub idem_adopt: ::redis::Script,
     /// `grant_apply.lua`: add a committed admin grant once. LOST | MISSING | OK.
     pub grant_apply: ::redis::Script,
     /// `snapshot.lua`: the reconciler's view. LOST | MISSING | OK.
@@ -145,6 +148,7 @@ pub fn scripts() -> &'static Scripts {
             org_init: Script::new(with_prelude!("org_init.lua")),
             member_set: Script::new(with_prelude!("member_set.lua")),
             user_org: Script::new(with_prelude!("user_org.lua")),
+            idem_adopt: Script::new(with_prelude!("idem_adopt.lua")),
             grant_apply: Script::new(with_prelude!("grant_apply.lua")),
             snapshot: Script::new(with_prelude!("snapshot.lua")),
             drop_settled: Script::new(with_prelude!("drop_settled.lua")),

@@ -602,22 +602,7 @@ async fn after_a_redis_data_loss_the_pool_its_caps_and_a_members_keyed_consume_a
         add_member(&app, &org, &user, &admin_token(), body).await.0,
         200
     );
-    let path = format!("/api/users/{user}/credits/consume");
-    let keyed = |amount: i64| {
-        let (client, url, token) = (app.client.clone(), app.url(&path), token.clone());
-        async move {
-            let r = client
-                .post(url)
-                .bearer_auth(token)
-                .header("Idempotency-Key", "K")
-                .json(&json!({"amount": amount}))
-                .send()
-                .await
-                .unwrap();
-            read(r).await
-        }
-    };
-    let (s, first, _) = keyed(30).await;
+    let (s, first, _) = keyed_consume(&app, &user, &token, "K", 30).await;
     assert_eq!(s, 200, "{first}");
     let holds = format!("/api/users/{user}/credits/holds");
     let (s, hold, _) = read(app.post(&holds, &token, &json!({"amount": 10})).await).await;
@@ -644,7 +629,7 @@ async fn after_a_redis_data_loss_the_pool_its_caps_and_a_members_keyed_consume_a
     // 503 until the recovery completes; then the key replays the first answer, charged once.
     let (s, again, replayed) = app
         .eventually(30 * SECS, || async {
-            let r = keyed(30).await;
+            let r = keyed_consume(&app, &user, &token, "K", 30).await;
             (r.0 != 503).then_some(r)
         })
         .await;
@@ -671,4 +656,108 @@ async fn after_a_redis_data_loss_the_pool_its_caps_and_a_members_keyed_consume_a
         (bal == 250 && sum == 250 && rows == 4).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_keyed_consume_retried_across_a_membership_change_replays_and_charges_once() {
+    let app = spawn_app().await;
+    app.start_worker().await;
+    let org = org_id();
+    create_org(&app, &org).await;
+    grant_pool(&app, &org, 500).await;
+    let (user, token) = new_user();
+    // The pool is loaded (another member spent from it), so the load's restore cannot help.
+    let (other, other_token) = new_user();
+    assert_eq!(
+        add_member(
+            &app,
+            &org,
+            &other,
+            &admin_token(),
+            json!({"role": "member"})
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        consume(app.addr, &app.client, &other, &other_token, 1)
+            .await
+            .0,
+        200
+    );
+    // On the user's own balance, then the user joins: the retry replays, the pool is not charged.
+    let (s, own, _) = keyed_consume(&app, &user, &token, "A", 10).await;
+    assert_eq!(s, 200, "{own}");
+    records_landed(&app, &user, 1).await;
+    assert_eq!(
+        add_member(&app, &org, &user, &admin_token(), json!({"role": "member"}))
+            .await
+            .0,
+        200
+    );
+    let (s, again, replayed) = keyed_consume(&app, &user, &token, "A", 10).await;
+    assert_eq!(
+        (s, replayed, &again["transaction_id"]),
+        (200, true, &own["transaction_id"]),
+        "{again}"
+    );
+    // On the pool, then the user leaves: the retry replays, their own balance is not charged.
+    let (s, pooled, _) = keyed_consume(&app, &user, &token, "B", 20).await;
+    assert_eq!((s, &pooled["balance"]), (200, &json!(479)), "{pooled}");
+    records_landed(&app, &user, 2).await;
+    let r = app
+        .client
+        .delete(app.url(&format!("/api/orgs/{org}/members/{user}")))
+        .bearer_auth(admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (s, again, replayed) = keyed_consume(&app, &user, &token, "B", 20).await;
+    assert_eq!(
+        (s, replayed, &again["transaction_id"]),
+        (200, true, &pooled["transaction_id"]),
+        "{again}"
+    );
+    app.eventually(20 * SECS, || async {
+        (pool_ledger(&app, &org).await == (479, 479, 3)
+            && own_ledger(&app, &user).await == (90, 90))
+            .then_some(())
+    })
+    .await;
+}
+
+/// Waits until the user has `n` durable idempotency records.
+async fn records_landed(app: &TestApp, user: &str, n: i64) {
+    app.eventually(20 * SECS, || async {
+        let got: i64 =
+            sqlx::query_scalar("select count(*) from idempotency_records where user_id = $1")
+                .bind(user)
+                .fetch_one(&app.pg)
+                .await
+                .unwrap();
+        (got == n).then_some(())
+    })
+    .await;
+}
+
+/// A consume of `amount` under `Idempotency-Key: key`: status, answer, replayed.
+async fn keyed_consume(
+    app: &TestApp,
+    user: &str,
+    token: &str,
+    key: &str,
+    amount: i64,
+) -> (u16, Value, bool) {
+    let r = app
+        .client
+        .post(app.url(&format!("/api/users/{user}/credits/consume")))
+        .bearer_auth(token)
+        .header("Idempotency-Key", key)
+        .json(&json!({"amount": amount}))
+        .send()
+        .await
+        .unwrap();
+    read(r).await
 }

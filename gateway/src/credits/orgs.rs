@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use super::idempotency::{ttl_ms, Idem};
 use super::reserve::{bad_reply, recovering};
-use super::store::{restore_records_as, CreditStore};
+use super::store::{copy_records, restore_records_as, CreditStore};
 use crate::error::{Error, Result};
 use crate::rate_limit::Deferred;
 
@@ -475,6 +475,33 @@ pub async fn apply_membership(
     let mut inv = keys.invoke(&scripts().user_org, ttl);
     inv.arg(joined.map(|j| j.0).unwrap_or(""));
     check(inv.invoke_async::<Vec<String>>(&mut *conn).await?)?;
+    drop(conn);
+    // The user's answered keyed requests follow them to the account they
+    // spend from now, so a retry of one answered on the other replays
+    // instead of charging again (one ledger row per answered charge).
+    match joined {
+        Some((org, _)) => {
+            let pool = UserKeys::new(&store.keys, &Keys::org_account(org));
+            copy_records(
+                store,
+                &pool,
+                &[user_id],
+                |u, route, key| member_record(store, org, u, route, key),
+                &scripts().idem_adopt,
+            )
+            .await?;
+        }
+        None => {
+            copy_records(
+                store,
+                &keys,
+                &[user_id],
+                |u, route, key| store.keys.idempotency(u, route, key),
+                &scripts().idem_adopt,
+            )
+            .await?;
+        }
+    }
     store.memberships.forget(user_id);
     Ok(())
 }

@@ -111,6 +111,19 @@ pub(super) async fn restore_records_as(
     users: &[&str],
     name: impl Fn(&str, &str, &str) -> String,
 ) -> Result<()> {
+    copy_records(store, keys, users, name, &scripts().idem_restore).await
+}
+
+/// [`restore_records_as`] with `script`: `idem_restore` (only while the
+/// account is being loaded) or `idem_adopt` (onto a loaded account, each key
+/// only where Redis holds none).
+pub(super) async fn copy_records(
+    store: &CreditStore,
+    keys: &UserKeys,
+    users: &[&str],
+    name: impl Fn(&str, &str, &str) -> String,
+    script: &redis::Script,
+) -> Result<()> {
     if users.is_empty() {
         return Ok(());
     }
@@ -122,7 +135,7 @@ pub(super) async fn restore_records_as(
     .fetch_all(&store.pg)
     .await?;
     for chunk in rows.chunks(200) {
-        let mut inv = keys.invoke(&scripts().idem_restore, ttl_ms(store));
+        let mut inv = keys.invoke(script, ttl_ms(store));
         for (user, route, key, hash, answer, expires_at) in chunk {
             inv.key(name(user, route, key))
                 .arg(hash)

@@ -35,3 +35,18 @@ local function idem_undo(key, hash, id, forget)
   if rec[1] ~= hash or rec[2] ~= 'run' or rec[3] ~= id then return end
   if forget == '1' then redis.call('DEL', key) else redis.call('HSET', key, 't', '0') end
 end
+-- Stores durable records as `done` (idem_restore, idem_adopt): KEYS[5..] record
+-- keys, ARGV[3..] per key body hash, answer, expiry (epoch ms); a key Redis
+-- holds, or an expired record, is skipped. Returns how many were stored.
+local function idem_put_records()
+  local n = 0
+  for i = 5, #KEYS do
+    local j = 3 + (i - 5) * 3
+    if redis.call('EXISTS', KEYS[i]) == 0 and tonumber(ARGV[j + 2]) > now then
+      redis.call('HSET', KEYS[i], 'h', ARGV[j], 'st', 'done', 'ans', ARGV[j + 1])
+      redis.call('PEXPIREAT', KEYS[i], ARGV[j + 2])
+      n = n + 1
+    end
+  end
+  return n
+end
