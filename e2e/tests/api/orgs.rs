@@ -336,6 +336,8 @@ async fn who_may_manage_an_organization_and_what_its_routes_refuse() {
     let (s, _) = add_member(&app, &org, &boss, &admin_token(), json!({"role": "admin"})).await;
     assert_eq!(s, 200);
     let (member, member_token) = new_user();
+    // Signed in once, so the account exists for the organization's admin to add.
+    api_balance(&app, &member_token).await;
     let (s, v) = add_member(
         &app,
         &org,
@@ -359,7 +361,20 @@ async fn who_may_manage_an_organization_and_what_its_routes_refuse() {
     assert_eq!(read_pool(&app, &org, &stranger_token).await.0, 403);
     assert_eq!(read_pool(&app, &org, &boss_token).await.0, 200);
     assert_eq!(read_pool(&app, "org_nope", &admin_token()).await.0, 404);
+    // An organization's admin cannot create accounts: a user never seen is 404, nothing written.
+    let (ghost, _) = new_user();
+    let (s, _) = add_member(&app, &org, &ghost, &boss_token, json!({"role": "member"})).await;
+    assert_eq!(s, 404);
+    let ghosts: i64 = sqlx::query_scalar("select count(*) from users where id = $1")
+        .bind(&ghost)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(ghosts, 0);
     for bad in [
+        json!({"role": "member", "cap": {"amount": 9_223_372_036_854_775_808u64, "period": "month"}}),
+        json!({"role": "member", "cap": {"amount": 9_007_199_254_740_992u64, "period": "month"}}),
+        json!({"role": "member", "cap": {"amount": 5.0, "period": "month"}}),
         json!({"role": "owner"}),
         json!({"role": "member", "cap": {"amount": 0, "period": "month"}}),
         json!({"role": "member", "cap": {"amount": 5, "period": "week"}}),

@@ -157,7 +157,8 @@ pub(crate) async fn read_org(
 
 /// Add a member, or change their role and cap
 ///
-/// A user belongs to at most one organization (another's member is 422 naming `user_id`).
+/// A user belongs to at most one organization (another's member is 422 naming `user_id`). An
+/// organization's admin adds users who exist (an unknown one is 404); an admin may add any.
 /// Applies on every gateway within 5 s. Audited (`org.member.set`). For the organization's
 /// admins and admins.
 #[utoipa::path(put, path = "/api/orgs/{org_id}/members/{user_id}", tag = "profile",
@@ -176,7 +177,14 @@ pub(crate) async fn set_member(
 ) -> Result<Json<MembershipAnswer>> {
     let (org, user) = (org_id(&raw_org)?, user_id(&raw_user)?);
     authorize(&state.credits, org, caller.id(), caller.is_admin()).await?;
-    admin::target(&state.user_store, user, Unknown::Provision).await?;
+    // Only admins create an account that was never seen; an organization's
+    // admin adds users who exist (404 otherwise).
+    let unknown = if caller.is_admin() {
+        Unknown::Provision
+    } else {
+        Unknown::Refuse
+    };
+    admin::target(&state.user_store, user, unknown).await?;
     deadline.commit()?;
     let by = Action {
         actor: caller.id(),

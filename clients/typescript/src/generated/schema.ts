@@ -289,7 +289,8 @@ export interface paths {
         get?: never;
         /**
          * Add a member, or change their role and cap
-         * @description A user belongs to at most one organization (another's member is 422 naming `user_id`).
+         * @description A user belongs to at most one organization (another's member is 422 naming `user_id`). An
+         *     organization's admin adds users who exist (an unknown one is 404); an admin may add any.
          *     Applies on every gateway within 5 s. Audited (`org.member.set`). For the organization's
          *     admins and admins.
          */
